@@ -1,0 +1,386 @@
+"""Who goes where: pure routers for Mixture-of-Experts layers.
+
+Arrays in, arrays out: no Flax state, no global state, an explicit PRNG key wherever noise is drawn.
+Every router returns one `RoutingResult`; dispatch backends (`moe_jax.dispatch`) only read that.
+
+Axis legend (used in names and shape comments throughout the package):
+  G groups · S tokens per group · E experts · C capacity per expert · K choices per token ·
+  M d_model · F d_ff · B batch · L sequence length.
+
+Routers
+  * `switch_route`       Switch Transformer top-1 (Fedus et al. 2021, arXiv:2101.03961).
+  * `top_k_route`        token-choice top-k: GShard top-2 (Lepikhin et al. 2020, arXiv:2006.16668) and
+                         Mixtral top-k with renormalised weights (Jiang et al. 2024, arXiv:2401.04088).
+  * `expert_choice_route` each expert picks its top-C tokens (Zhou et al. 2022, arXiv:2202.09368).
+                         NON-CAUSAL: a token's assignment depends on every other token of its group,
+                         later ones included, so it leaks the future in an autoregressive decoder.
+
+Capacity convention (the one place it is defined: `compute_capacity`)
+  C = min(S, max(1, ceil(capacity_factor * K * S / E)))
+  i.e. the expected number of (token, choice) assignments per expert under uniform routing, scaled by
+  the capacity factor, rounded up, at least one slot, and never more than S (no expert can receive a token
+  twice, so S slots already guarantee no drops). Expert choice uses K = 1, making capacity_factor its
+  "average experts per token" c of Zhou et al. (k = n * c / e). Dropless routing sets C = S.
+
+Precision: router math runs in float32 whatever the input dtype ("selective precision", Switch Sec. 2.4).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+SecondExpertPolicy = Literal["all", "random"]
+
+
+@flax.struct.dataclass
+class RoutingMetrics:
+  """Diagnostics of one routing call, averaged over groups. Not differentiated through."""
+
+  dropped_token_fraction: jax.Array  # [] tokens whose every choice was dropped by capacity
+  dropped_assignment_fraction: jax.Array  # [] (token, choice) pairs dropped by capacity
+  expert_load: jax.Array  # [E] kept assignments per expert / capacity (1.0 = buffer full)
+  router_entropy: jax.Array  # [] mean over tokens of -sum_e p_e log p_e (nats)
+  mean_top_gate: jax.Array  # [] mean over tokens of max_e p_e
+
+
+@flax.struct.dataclass
+class RoutingResult:
+  """Where each (token, choice) goes. Shapes use the module legend; K = E for expert choice."""
+
+  expert_index: jax.Array  # [G, S, K] int32
+  slot: jax.Array  # [G, S, K] int32, position inside the expert's buffer (meaningful where kept)
+  combine_weight: jax.Array  # [G, S, K] float32, 0 where dropped
+  kept: jax.Array  # [G, S, K] bool
+  router_probs: jax.Array  # [G, S, E] float32 softmax over experts
+  load_balancing_loss: jax.Array  # [] Switch eq. 4: E * sum_i f_i * P_i, 1.0 when uniform
+  router_z_loss: jax.Array  # [] ST-MoE eq. 5: mean_s logsumexp(logits_s)^2
+  metrics: RoutingMetrics
+  num_experts: int = flax.struct.field(pytree_node=False)
+  capacity: int = flax.struct.field(pytree_node=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation: plain Python on static values, so bad input fails at trace time, before anything compiles.
+
+
+def _check_logits(logits: jax.Array) -> None:
+  if logits.ndim != 3:
+    raise ValueError(
+        f"router logits must have rank 3 [groups, tokens_per_group, num_experts]; got shape {logits.shape}"
+    )
+  validate_num_experts(logits.shape[-1])
+  if logits.shape[1] < 1:
+    raise ValueError(f"tokens_per_group must be >= 1; got logits shape {logits.shape}")
+
+
+def validate_num_experts(num_experts: int) -> None:
+  if num_experts < 1:
+    raise ValueError(f"num_experts={num_experts} must be >= 1")
+
+
+def validate_top_k(top_k: int, num_experts: int) -> None:
+  if not 1 <= top_k <= num_experts:
+    raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+
+
+def validate_capacity_factor(capacity_factor: float | None, dropless: bool) -> None:
+  if dropless:
+    return
+  if capacity_factor is None or not capacity_factor > 0:
+    raise ValueError(f"capacity_factor={capacity_factor} must be > 0 (or set dropless=True)")
+
+
+def validate_jitter_eps(jitter_eps: float) -> None:
+  if not 0.0 <= jitter_eps < 1.0:
+    raise ValueError(f"jitter_eps={jitter_eps} must be in [0, 1)")
+
+
+def compute_capacity(
+    tokens_per_group: int, num_experts: int, capacity_factor: float, top_k: int = 1
+) -> int:
+  """Slots per expert per group: min(S, max(1, ceil(capacity_factor * K * S / E))).
+
+  The single capacity convention of moe_jax (see the module docstring). The product is rounded to 9
+  decimals before the ceiling so that e.g. 1.1 * 10 (= 11.000000000000002 in floating point) gives 11.
+  """
+  validate_num_experts(num_experts)
+  validate_top_k(top_k, num_experts)
+  validate_capacity_factor(capacity_factor, dropless=False)
+  expected = round(capacity_factor * top_k * tokens_per_group / num_experts, 9)
+  return int(min(tokens_per_group, max(1, math.ceil(expected))))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Router inputs.
+
+
+def router_logits(
+    tokens: jax.Array,  # [G, S, M]
+    kernel: jax.Array,  # [M, E]
+    *,
+    jitter_eps: float = 0.0,
+    key: jax.Array | None = None,
+) -> jax.Array:  # [G, S, E] float32
+  """Router logits x W in float32, with Switch's multiplicative jitter on the inputs.
+
+  Jitter (Switch Sec. 2.4, "selective precision" table): during training the router input is multiplied
+  by noise drawn from U[1 - eps, 1 + eps], elementwise. Pass `key=None` or `jitter_eps=0` at evaluation.
+  """
+  validate_jitter_eps(jitter_eps)
+  x = tokens.astype(jnp.float32)
+  if jitter_eps > 0.0:
+    if key is None:
+      raise ValueError(f"jitter_eps={jitter_eps} > 0 needs a PRNG key (pass key=None only with jitter_eps=0)")
+    x = x * jax.random.uniform(key, x.shape, jnp.float32, 1.0 - jitter_eps, 1.0 + jitter_eps)
+  return jnp.einsum("gsm,me->gse", x, kernel.astype(jnp.float32))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Losses and metrics shared by all routers.
+
+
+def load_balancing_loss(
+    router_probs: jax.Array,  # [G, S, E] float32
+    assignment_mask: jax.Array,  # [G, S, K, E] 1 where (token, choice) picks expert e, before capacity drops
+) -> jax.Array:  # []
+  """Switch eqs. 4-6: E * sum_i f_i * P_i, averaged over groups.
+
+  f_i is the fraction of (token, choice) assignments routed to expert i (counted before capacity drops,
+  as in Switch, and normalised over the K choices so that sum_i f_i = 1); P_i is the mean router
+  probability of expert i. Gradients flow through P only. Uniform routing gives exactly 1.
+  """
+  num_experts = router_probs.shape[-1]
+  counts = jnp.sum(assignment_mask.astype(jnp.float32), axis=(1, 2))  # [G, E]
+  f = jax.lax.stop_gradient(counts / jnp.sum(counts, axis=-1, keepdims=True))  # [G, E]
+  p = jnp.mean(router_probs, axis=1)  # [G, E]
+  return jnp.mean(num_experts * jnp.sum(f * p, axis=-1))
+
+
+def router_z_loss(logits: jax.Array) -> jax.Array:  # [G, S, E] -> []
+  """ST-MoE eq. 5 (Zoph et al. 2022): mean over tokens of logsumexp(logits)^2; keeps logits small."""
+  return jnp.mean(jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)))
+
+
+def _metrics(
+    router_probs: jax.Array,  # [G, S, E]
+    expert_index: jax.Array,  # [G, S, K]
+    kept: jax.Array,  # [G, S, K]
+    wanted: jax.Array,  # [G, S, K] the router meant to dispatch this choice (policy kept it)
+    capacity: int,
+) -> RoutingMetrics:
+  probs = jax.lax.stop_gradient(router_probs)
+  num_experts = probs.shape[-1]
+  dropped = wanted & ~kept
+  token_wanted = jnp.any(wanted, axis=-1)
+  token_dropped = token_wanted & ~jnp.any(kept, axis=-1)
+  kept_per_expert = jnp.sum(
+      jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32) * kept[..., None], axis=(1, 2)
+  )  # [G, E]
+  entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
+  return RoutingMetrics(
+      dropped_token_fraction=jnp.sum(token_dropped) / jnp.maximum(jnp.sum(token_wanted), 1),
+      dropped_assignment_fraction=jnp.sum(dropped) / jnp.maximum(jnp.sum(wanted), 1),
+      expert_load=jnp.mean(kept_per_expert, axis=0) / capacity,
+      router_entropy=jnp.mean(entropy),
+      mean_top_gate=jnp.mean(jnp.max(probs, axis=-1)),
+  )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Token-choice routers.
+
+
+def _priority_order(top_gate: jax.Array) -> jax.Array:  # [G, S] -> [G, S]
+  """Batch-prioritised routing (V-MoE, Riquelme et al. 2021, Sec. 3.1): tokens claim slots in order of
+  decreasing top gate instead of position. Stable sort, so ties keep positional order."""
+  return jnp.argsort(-top_gate, axis=1, stable=True)
+
+
+def top_k_route(
+    logits: jax.Array,  # [G, S, E]
+    *,
+    k: int,
+    capacity_factor: float | None = 1.0,
+    dropless: bool = False,
+    renormalize: bool = False,
+    batch_prioritized: bool = False,
+    second_expert_policy: SecondExpertPolicy = "all",
+    second_expert_threshold: float = 0.2,
+    key: jax.Array | None = None,
+) -> RoutingResult:
+  """Token-choice top-k routing with capacity (GShard Algorithm 1 generalised to k >= 1).
+
+  Each token picks its k most probable experts. Capacity is claimed choice by choice: every token's first
+  choice before any token's second choice (GShard), and within a choice in token order, or in order of
+  decreasing top gate with `batch_prioritized`. An assignment beyond the expert's capacity is dropped
+  (combine weight 0; the residual connection carries the token).
+
+  Combine weights are the router probabilities p_e (GShard, Switch eq. 2) or, with `renormalize`, the
+  probabilities renormalised over the k chosen experts, softmax over the top-k logits (Mixtral).
+
+  `second_expert_policy='random'` (GShard Sec. 2.2): choices after the first are dispatched only with
+  probability min(1, w / threshold), w being the choice's weight normalised over the k choices; needs `key`.
+  A choice not dispatched by the policy claims no capacity and does not count as dropped.
+  """
+  _check_logits(logits)
+  num_groups, tokens_per_group, num_experts = logits.shape
+  validate_top_k(k, num_experts)
+  validate_capacity_factor(capacity_factor, dropless)
+  if second_expert_policy not in ("all", "random"):
+    raise ValueError(f"second_expert_policy={second_expert_policy!r} must be one of 'all', 'random'")
+  if second_expert_policy == "random":
+    if not 0.0 < second_expert_threshold <= 1.0:
+      raise ValueError(f"second_expert_threshold={second_expert_threshold} must be in (0, 1]")
+    if key is None and k > 1:
+      raise ValueError("second_expert_policy='random' needs a PRNG key")
+  capacity = (
+      tokens_per_group if dropless else compute_capacity(tokens_per_group, num_experts, capacity_factor, k)
+  )
+
+  logits = logits.astype(jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1)  # [G, S, E]
+  gates, expert_index = jax.lax.top_k(probs, k)  # [G, S, K], sorted by decreasing probability
+  expert_index = expert_index.astype(jnp.int32)
+  normalised = gates / jnp.sum(gates, axis=-1, keepdims=True)
+  weights = normalised if renormalize else gates
+
+  wanted = jnp.ones(gates.shape, bool)
+  if second_expert_policy == "random" and k > 1:
+    draw = jax.random.uniform(key, gates.shape, jnp.float32)
+    follow_up = jax.lax.stop_gradient(normalised) / second_expert_threshold > draw
+    wanted = wanted.at[..., 1:].set(follow_up[..., 1:])
+
+  # Slots: running count per expert over (choice, token) in priority order.
+  assignment = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32) * wanted[..., None]  # [G,S,K,E]
+  if batch_prioritized:
+    order = _priority_order(gates[..., 0])  # [G, S]
+    assignment_in_order = jnp.take_along_axis(assignment, order[:, :, None, None], axis=1)
+  else:
+    assignment_in_order = assignment
+  by_choice = jnp.swapaxes(assignment_in_order, 1, 2).reshape(num_groups, k * tokens_per_group, num_experts)
+  position = jnp.cumsum(by_choice, axis=1) * by_choice  # 1-based position where assigned, else 0
+  slot_in_order = jnp.sum(position, axis=-1).reshape(num_groups, k, tokens_per_group) - 1  # [G, K, S]
+  slot_in_order = jnp.swapaxes(slot_in_order, 1, 2)  # [G, S, K]
+  if batch_prioritized:
+    inverse = jnp.argsort(order, axis=1)
+    slot = jnp.take_along_axis(slot_in_order, inverse[:, :, None], axis=1)
+  else:
+    slot = slot_in_order
+  slot = slot.astype(jnp.int32)
+  kept = wanted & (slot >= 0) & (slot < capacity)
+  slot = jnp.where(kept, slot, 0)
+
+  return RoutingResult(
+      expert_index=expert_index,
+      slot=slot,
+      combine_weight=jnp.where(kept, weights, 0.0),
+      kept=kept,
+      router_probs=probs,
+      load_balancing_loss=load_balancing_loss(probs, assignment),
+      router_z_loss=router_z_loss(logits),
+      metrics=_metrics(probs, expert_index, kept, wanted, capacity),
+      num_experts=num_experts,
+      capacity=capacity,
+  )
+
+
+def switch_route(
+    logits: jax.Array,  # [G, S, E]
+    *,
+    capacity_factor: float | None = 1.0,
+    dropless: bool = False,
+    batch_prioritized: bool = False,
+) -> RoutingResult:
+  """Switch Transformer top-1 routing (Fedus et al. 2021, eqs. 1-3).
+
+  Each token goes to its argmax expert i while the expert has room; the combine weight is p_i(x), the
+  router probability of that expert (eq. 2), so the router is trained through the output scaling.
+  Tokens over capacity are dropped and pass through the layer's residual connection.
+  """
+  return top_k_route(
+      logits, k=1, capacity_factor=capacity_factor, dropless=dropless, batch_prioritized=batch_prioritized
+  )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Expert-choice router.
+
+
+def expert_choice_route(
+    logits: jax.Array,  # [G, S, E]
+    *,
+    capacity_factor: float = 1.0,
+) -> RoutingResult:
+  """Expert-choice routing (Zhou et al. 2022, eq. 1): each expert takes its top-C tokens by probability.
+
+  S = softmax(X W_g) over experts; I, G = TopK(S^T, C) per expert. Perfect load balance by construction,
+  a variable number of experts per token (0 to E), so the per-token "choices" axis is K = E: choice e is
+  expert e, kept when expert e picked the token, with slot = its rank among the expert's picks.
+
+  NON-CAUSAL: selection compares a token with all tokens of its group, future ones included. Fine for an
+  encoder or for evaluation-free probing; an autoregressive decoder must not use it (the config validator
+  of the training loop refuses it there).
+  """
+  _check_logits(logits)
+  num_groups, tokens_per_group, num_experts = logits.shape
+  capacity = compute_capacity(tokens_per_group, num_experts, capacity_factor, top_k=1)
+
+  logits = logits.astype(jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1)  # [G, S, E]
+  _, picked = jax.lax.top_k(jnp.swapaxes(probs, 1, 2), capacity)  # [G, E, C] token indices
+  rank = jnp.full((num_groups, num_experts, tokens_per_group), capacity, jnp.int32)
+  g = jnp.arange(num_groups)[:, None, None]
+  e = jnp.arange(num_experts)[None, :, None]
+  rank = rank.at[g, e, picked].set(jnp.arange(capacity, dtype=jnp.int32)[None, None, :])
+  slot_full = jnp.swapaxes(rank, 1, 2)  # [G, S, E]
+  kept = slot_full < capacity
+  expert_index = jnp.broadcast_to(jnp.arange(num_experts, dtype=jnp.int32), probs.shape)
+
+  return RoutingResult(
+      expert_index=expert_index,
+      slot=jnp.where(kept, slot_full, 0),
+      combine_weight=jnp.where(kept, probs, 0.0),
+      kept=kept,
+      router_probs=probs,
+      # Balanced by construction (f_i = 1/E), so this is the constant 1 with zero gradient; kept for a
+      # uniform training loop.
+      load_balancing_loss=load_balancing_loss(probs, jax.nn.one_hot(expert_index, num_experts) * kept[..., None]),
+      router_z_loss=router_z_loss(logits),
+      metrics=_expert_choice_metrics(probs, expert_index, kept, capacity),
+      num_experts=num_experts,
+      capacity=capacity,
+  )
+
+
+def _expert_choice_metrics(
+    probs: jax.Array, expert_index: jax.Array, kept: jax.Array, capacity: int
+) -> RoutingMetrics:
+  """Expert choice drops a token when no expert picks it; every expert fills exactly C slots."""
+  base = _metrics(probs, expert_index, kept, kept, capacity)
+  unpicked = jnp.mean(~jnp.any(kept, axis=-1))
+  return base.replace(dropped_token_fraction=unpicked, dropped_assignment_fraction=unpicked)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Dense one-hot form for einsum dispatch.
+
+
+def dispatch_and_combine_tensors(
+    result: RoutingResult,
+) -> tuple[jax.Array, jax.Array]:  # [G, S, E, C] bool, [G, S, E, C] float32
+  """One-hot dispatch mask and combine tensor of GShard/Switch einsum dispatch.
+
+  dispatch[g, s, e, c] = 1 iff token s of group g sits in slot c of expert e; combine holds its weight.
+  Memory is G*S*E*C: fine for small groups on TPU, quadratic in S otherwise (see the gather backend).
+  """
+  expert_onehot = jax.nn.one_hot(result.expert_index, result.num_experts, dtype=jnp.float32)  # [G,S,K,E]
+  slot_onehot = jax.nn.one_hot(result.slot, result.capacity, dtype=jnp.float32)  # [G,S,K,C]
+  slot_onehot = slot_onehot * result.kept[..., None]
+  combine = jnp.einsum("gske,gskc,gsk->gsec", expert_onehot, slot_onehot, result.combine_weight)
+  dispatch = jnp.einsum("gske,gskc->gsec", expert_onehot, slot_onehot) > 0
+  return dispatch, combine
