@@ -1,0 +1,193 @@
+"""Text <-> token ids: a byte-level tokenizer (the default) and SentencePiece models.
+
+Both satisfy the small `Tokenizer` protocol the pipeline needs: `encode(str) -> int32 [T]`,
+`decode(ids) -> str`, and the three ids that shape the model and the loss (`vocab_size`, `pad_id`,
+`eos_id`).
+
+Id layout shared by both (the T5 / ByT5 convention, Xue et al. 2022, arXiv:2105.13626):
+  0          pad: filler after the end of a finite stream; always carries loss weight 0
+  1          eos: appended to every document, so it doubles as the document separator (and BOS)
+  2          unk: never produced by the byte tokenizer (every byte has an id); SentencePiece's <unk>
+  3 .. 258   byte b -> id b + 3                            (byte tokenizer: vocab_size = 259)
+  3 .. V-1   learned pieces, and the 256 byte-fallback pieces (SentencePiece models we train)
+
+A SentencePiece model trained elsewhere may use another layout (its default is unk=0, bos=1,
+eos=2, no pad); `SentencePieceTokenizer` then reports the model's own ids, and pad_id falls back
+to 0, which is harmless because padded positions carry weight 0.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable, Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+PAD_ID = 0
+EOS_ID = 1
+UNK_ID = 2
+BYTE_OFFSET = 3  # id of byte 0x00; ids below are the specials above
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+  """What the pipeline and the model need from a tokenizer."""
+
+  @property
+  def vocab_size(self) -> int:
+    """Number of ids, specials included: the embedding table has this many rows."""
+    ...
+
+  @property
+  def pad_id(self) -> int:
+    ...
+
+  @property
+  def eos_id(self) -> int:
+    ...
+
+  def encode(self, text: str) -> np.ndarray:
+    """int32 [T] ids of `text`, with no EOS appended (the pipeline appends it)."""
+    ...
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    """Text of `ids`; special ids (pad, eos, unk) are dropped."""
+    ...
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as tokens: no training, no file, lossless for any text.
+
+  Byte b has id b + 3; ids 0, 1, 2 are pad, eos, unk (see the module docstring). The vocabulary
+  is tiny (259), at the price of sequences several times longer than a learned vocabulary gives.
+  """
+
+  vocab_size = BYTE_OFFSET + 256
+  pad_id = PAD_ID
+  eos_id = EOS_ID
+  unk_id = UNK_ID
+
+  def encode(self, text: str) -> np.ndarray:
+    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)  # [T]
+    return data.astype(np.int32) + BYTE_OFFSET
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    ids = ids[(ids >= BYTE_OFFSET) & (ids < self.vocab_size)]
+    # A chunk boundary can cut a multi-byte character; "replace" keeps decode total.
+    return (ids - BYTE_OFFSET).astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+  def __repr__(self) -> str:
+    return "ByteTokenizer(vocab_size=259)"
+
+
+class SentencePieceTokenizer:
+  """A trained SentencePiece model (Kudo & Richardson 2018, arXiv:1808.06226), loaded by path."""
+
+  def __init__(self, model_path: str | os.PathLike[str]):
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+
+    model_path = os.fspath(model_path)
+    if not os.path.isfile(model_path):
+      raise FileNotFoundError(f"SentencePiece model {model_path!r} does not exist")
+    self.model_path = model_path
+    self._sp = spm.SentencePieceProcessor(model_file=model_path)
+    if self._sp.eos_id() < 0:
+      raise ValueError(
+          f"SentencePiece model {model_path!r} defines no EOS piece (eos_id=-1); the pipeline needs one to "
+          "separate documents. Train with eos_id set (experiments/train_tokenizer.py does).")
+
+  @property
+  def vocab_size(self) -> int:
+    return int(self._sp.vocab_size())
+
+  @property
+  def pad_id(self) -> int:
+    pad = int(self._sp.pad_id())
+    return pad if pad >= 0 else 0
+
+  @property
+  def eos_id(self) -> int:
+    return int(self._sp.eos_id())
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self._sp.encode(text), dtype=np.int32)  # [T]
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    ids = ids[(ids >= 0) & (ids < self.vocab_size)]
+    return self._sp.decode(ids.tolist())
+
+  def __repr__(self) -> str:
+    return f"SentencePieceTokenizer({self.model_path!r}, vocab_size={self.vocab_size})"
+
+
+def tokenizer_from_name(name: str) -> Tokenizer:
+  """'byte' -> ByteTokenizer(); anything else is the path of a SentencePiece .model file."""
+  if name == "byte":
+    return ByteTokenizer()
+  return SentencePieceTokenizer(os.path.expanduser(name))
+
+
+def train_sentencepiece(
+    sentences: Iterable[str],
+    *,
+    model_path: str | os.PathLike[str],
+    vocab_size: int,
+    model_type: str = "unigram",
+    max_sentences: int = 1_000_000,
+    character_coverage: float = 0.9995,
+    num_threads: int | None = None,
+) -> SentencePieceTokenizer:
+  """Trains a SentencePiece model on `sentences` and writes it to `model_path` (a .model file).
+
+  Settings chosen for code as much as prose, and so that decode(encode(text)) == text:
+    * identity normalisation and no whitespace folding: indentation is syntax in Python;
+    * byte fallback: any character missing from the vocabulary becomes its UTF-8 bytes, not <unk>;
+    * "\\n" as a user-defined piece: training sentences are lines, so newlines would otherwise
+      only ever be byte-fallback tokens;
+    * the id layout of the byte tokenizer: pad=0, eos=1, unk=2, no bos (EOS separates documents).
+  `max_sentences` caps how many sentences SentencePiece samples (its `input_sentence_size`); it
+  also draws at most 10x that many from `sentences`, so an endless iterator is fine.
+  """
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+
+  model_path = os.fspath(model_path)
+  if not model_path.endswith(".model"):
+    raise ValueError(f"model_path={model_path!r} must end with '.model'")
+  min_vocab = BYTE_OFFSET + 256 + 1  # specials + byte-fallback pieces + "\n"
+  if vocab_size <= min_vocab:
+    raise ValueError(f"vocab_size={vocab_size} must be > {min_vocab} (3 specials, 256 byte pieces, newline)")
+
+  def capped(limit: int) -> Iterable[str]:
+    for i, sentence in enumerate(sentences):
+      if i >= limit:
+        return
+      yield sentence
+
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(capped(10 * max_sentences)),
+      model_writer=model,
+      vocab_size=vocab_size,
+      model_type=model_type,
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False,
+      allow_whitespace_only_pieces=True,
+      split_digits=True,
+      byte_fallback=True,
+      user_defined_symbols=["\n"],
+      pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
+      character_coverage=character_coverage,
+      input_sentence_size=max_sentences,
+      shuffle_input_sentence=True,
+      max_sentence_length=1 << 16,
+      num_threads=num_threads or os.cpu_count() or 1,
+      minloglevel=2,
+  )
+  os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
+  with open(model_path, "wb") as f:
+    f.write(model.getvalue())
+  return SentencePieceTokenizer(model_path)
