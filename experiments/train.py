@@ -1,0 +1,45 @@
+"""Train a dense or MoE language model from a config file.
+
+  python experiments/train.py --config=configs/lm.py:switch-cpu --workdir=/tmp/switch \
+      [--config.train.num_steps=400 --config.moe.num_experts=16 ...]
+
+Resumes automatically from the latest checkpoint in --workdir. Exit status: 0 done (or preempted and saved),
+1 non-finite loss or failed checkpoint, 2 invalid config.
+"""
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/lm.py:switch-cpu.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  import jax
+
+  from moe_jax import config_lib, train
+  from moe_jax.checkpoint import CheckpointError
+
+  try:
+    config = config_lib.resolve(_CONFIG.value, jax.device_count())
+    config_lib.validate(config, device_count=jax.device_count())
+  except ValueError as error:
+    print(f"invalid configuration: {error}", file=sys.stderr)
+    sys.exit(2)
+  try:
+    result = train.train_and_evaluate(config, _WORKDIR.value)
+  except (train.NonFiniteLossError, CheckpointError) as error:
+    print(f"training stopped: {error}", file=sys.stderr)
+    sys.exit(1)
+  evaluated = f"; eval cross-entropy {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+  print(f"{result.status} at step {result.step}{evaluated}; wall time {result.wall_time_s:.0f} s; "
+        f"workdir {result.workdir}")
+
+
+if __name__ == "__main__":
+  app.run(main)

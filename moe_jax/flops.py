@@ -1,0 +1,100 @@
+"""FLOPs and parameter counts of a `ModelConfig`, analytic (a multiply-add counts 2 FLOPs).
+
+Conventions
+  * Per token, forward pass, sequence length L; training = 3 x forward (backward = 2 x forward,
+    Kaplan et al. 2020, Sec. 2.1).
+  * Attention scores QK^T and AV are counted over the full L x L square, not the causal half: that is what a
+    masked dense attention executes (and what XLA's cost analysis counts).
+  * "Active" FLOPs are the paper's notion (Switch Sec. 2): each token pays for the k experts it uses. The
+    capacity-padded buffers of einsum/gather dispatch execute capacity_factor x that in the expert FFN;
+    `executed=True` counts those (expert choice: capacity_factor = average experts per token).
+  * Norms, softmax, activations, embedding look-ups are left out (O(M) per token, under 1% at these sizes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from moe_jax.model import ModelConfig
+
+TRAIN_FLOPS_MULTIPLIER = 3
+
+GATED_ACTIVATIONS = ("geglu", "swiglu")
+
+
+@dataclasses.dataclass(frozen=True)
+class FlopsBreakdown:
+  """Forward FLOPs per token, by component, summed over layers."""
+
+  attention_projections: float
+  attention_scores: float  # QK^T and AV
+  dense_ffn: float
+  expert_ffn: float
+  router: float
+  logits: float
+
+  @property
+  def forward(self) -> float:
+    return sum(dataclasses.astuple(self))
+
+  @property
+  def train(self) -> float:
+    return TRAIN_FLOPS_MULTIPLIER * self.forward
+
+
+def ffn_flops(d_model: int, d_ff: int, activation: str) -> float:
+  """One token through one FFN: two matmuls, three for gated units (GeGLU/SwiGLU have wi_0 and wi_1)."""
+  matmuls = 3 if activation in GATED_ACTIVATIONS else 2
+  return 2.0 * matmuls * d_model * d_ff
+
+
+def experts_per_token(cfg: ModelConfig, *, executed: bool) -> float:
+  """How many expert FFNs one token costs: k (active); capacity_factor * k with padded buffers."""
+  moe = cfg.moe
+  k = 1 if moe.router == "expert_choice" else moe.top_k
+  if executed and not moe.dropless:
+    return moe.capacity_factor * k
+  if moe.router == "expert_choice":
+    return moe.capacity_factor  # Zhou et al.: c experts per token on average
+  return float(k)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, *, executed: bool = False) -> FlopsBreakdown:
+  """Forward FLOPs per token of the decoder LM at sequence length `seq_len`."""
+  attn_dim = cfg.num_heads * cfg.head_dim
+  num_moe = len(cfg.moe_layers)
+  num_dense = cfg.num_layers - num_moe
+  one_ffn = ffn_flops(cfg.d_model, cfg.d_ff, cfg.activation)
+  return FlopsBreakdown(
+      attention_projections=cfg.num_layers * 2.0 * 4 * cfg.d_model * attn_dim,
+      attention_scores=cfg.num_layers * 2.0 * 2 * seq_len * attn_dim,
+      dense_ffn=num_dense * one_ffn,
+      expert_ffn=num_moe * one_ffn * experts_per_token(cfg, executed=executed) if num_moe else 0.0,
+      router=num_moe * 2.0 * cfg.d_model * cfg.moe.num_experts if num_moe else 0.0,
+      logits=2.0 * cfg.d_model * cfg.vocab_size,
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCount:
+  total: int  # every parameter
+  active: int  # parameters one token touches: its k experts instead of all E
+
+
+def param_count(cfg: ModelConfig) -> ParamCount:
+  """Total vs active parameters (Switch Table 9 reports total; FLOPs follow active)."""
+  m, f = cfg.d_model, cfg.d_ff
+  norm = m if cfg.norm == "rmsnorm" else 2 * m
+  ffn = (3 if cfg.activation in GATED_ACTIVATIONS else 2) * m * f
+  attention = 4 * m * cfg.num_heads * cfg.head_dim
+  embeddings = cfg.vocab_size * m * (1 if cfg.tie_embeddings else 2)
+  num_moe = len(cfg.moe_layers)
+  num_dense = cfg.num_layers - num_moe
+  shared = embeddings + cfg.num_layers * (attention + 2 * norm) + norm + num_dense * ffn
+  if not num_moe:
+    return ParamCount(total=shared, active=shared)
+  e = cfg.moe.num_experts
+  router = m * e
+  total = shared + num_moe * (router + e * ffn)
+  active = shared + num_moe * (router + experts_per_token(cfg, executed=False) * ffn)
+  return ParamCount(total=total, active=int(active))

@@ -1,0 +1,96 @@
+"""Transformer building blocks other than feed-forward layers: norms, rotary attention, embeddings.
+
+Axis legend: B batch · L sequence length · M d_model · H heads · D head dim · V vocabulary.
+Parameters carry logical axis names; `moe_jax.parallel.LOGICAL_AXIS_RULES` maps them to the mesh.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax.init import switch_init
+
+NORMS = ("rmsnorm", "layernorm")
+
+
+def make_norm(kind: str, d_model: int, *, rngs: nnx.Rngs) -> nnx.Module:
+  """Pre-norm layer: RMSNorm (T5, Switch) or LayerNorm (GPT-2), float32 statistics."""
+  scale_init = nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",))
+  if kind == "rmsnorm":
+    return nnx.RMSNorm(d_model, epsilon=1e-6, scale_init=scale_init, rngs=rngs)
+  if kind == "layernorm":
+    bias_init = nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",))
+    return nnx.LayerNorm(d_model, epsilon=1e-6, scale_init=scale_init, bias_init=bias_init, rngs=rngs)
+  raise ValueError(f"model.norm={kind!r} must be one of {NORMS}")
+
+
+def rotary_embedding(
+    x: jax.Array,  # [B, L, H, D]
+    positions: jax.Array,  # [B, L] int
+    *,
+    max_wavelength: float = 10_000.0,
+) -> jax.Array:  # [B, L, H, D]
+  """Rotary position embedding (Su et al. 2021, eq. 34): rotate feature pairs by position-dependent angles,
+  so that q.k depends on relative position only. Computed in float32, returned in x.dtype."""
+  half = x.shape[-1] // 2
+  freq = max_wavelength ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [D/2]
+  angle = positions.astype(jnp.float32)[:, :, None, None] * freq  # [B, L, 1, D/2]
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class CausalSelfAttention(nnx.Module):
+  """Multi-head causal self-attention with rotary positions (no bias terms, as in T5)."""
+
+  def __init__(
+      self,
+      d_model: int,
+      num_heads: int,
+      head_dim: int,
+      *,
+      init_scale: float,
+      dropout: float = 0.0,
+      dtype: jnp.dtype = jnp.float32,
+      rngs: nnx.Rngs,
+  ):
+    if head_dim % 2:
+      raise ValueError(f"model.head_dim={head_dim} must be even (rotary embedding rotates feature pairs)")
+    qkv_init = switch_init(init_scale, in_axis=0, out_axis=(1, 2, 3))
+    out_init = switch_init(init_scale, in_axis=(0, 1), out_axis=2)
+    self.qkv = nnx.Param(
+        nnx.with_partitioning(qkv_init, ("embed", None, "heads", "kv"))(rngs.params(), (d_model, 3, num_heads, head_dim))
+    )
+    self.out = nnx.Param(
+        nnx.with_partitioning(out_init, ("heads", "kv", "embed"))(rngs.params(), (num_heads, head_dim, d_model))
+    )
+    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:  # [B, L, M] -> [B, L, M]
+    x = x.astype(self.dtype)
+    qkv = jnp.einsum("blm,mthd->tblhd", x, self.qkv[...].astype(self.dtype))
+    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    q, k = rotary_embedding(qkv[0], positions), rotary_embedding(qkv[1], positions)
+    attended = jax.nn.dot_product_attention(q, k, qkv[2], is_causal=True)  # [B, L, H, D]
+    y = jnp.einsum("blhd,hdm->blm", attended, self.out[...].astype(self.dtype))
+    return self.dropout(y, deterministic=deterministic)
+
+
+class Embedding(nnx.Module):
+  """Token embedding [V, M]; with `tied`, also the output projection (scaled by M^-1/2, as in T5)."""
+
+  def __init__(self, vocab_size: int, d_model: int, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+    # Unit-variance embeddings (T5/Mesh TF): the first pre-norm rescales them anyway.
+    init = nnx.with_partitioning(nnx.initializers.normal(stddev=1.0), ("vocab", "embed"))
+    self.embedding = nnx.Param(init(rngs.params(), (vocab_size, d_model)))
+    self.dtype = dtype
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, L] int -> [B, L, M]
+    return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+
+  def attend(self, x: jax.Array) -> jax.Array:  # [B, L, M] -> [B, L, V] float32
+    scaled = x.astype(jnp.float32) * x.shape[-1] ** -0.5
+    return jnp.einsum("blm,vm->blv", scaled, self.embedding[...])

@@ -1,0 +1,137 @@
+"""Decoder-only transformer language model with Switch (or any MoE) feed-forward layers.
+
+Axis legend: B batch · L sequence length · M d_model · F d_ff · V vocabulary.
+
+Architecture (Fedus et al. 2021, Sec. 2; a decoder-only variant of T5 as in their LM experiments):
+pre-norm blocks x + Attn(Norm(x)), x + FFN(Norm(x)), where FFN is a `MoeFeedForward` on every
+`moe_layer_interval`-th block (Switch: every other block) and a dense `FeedForward` elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax import layers
+from moe_jax.init import switch_init
+from moe_jax.moe_layer import FeedForward, MoeConfig, MoeFeedForward
+from moe_jax.routing import RoutingMetrics
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Static model hyper-parameters. Built from the ml_collections config by `moe_jax.config_lib`."""
+
+  vocab_size: int
+  d_model: int
+  num_heads: int
+  head_dim: int
+  d_ff: int
+  num_layers: int
+  max_seq_len: int
+  moe_layer_interval: int = 0  # 0: dense model; N: blocks N-1, 2N-1, ... are MoE (Switch: 2)
+  moe: MoeConfig | None = None
+  norm: str = "rmsnorm"
+  activation: str = "gelu"
+  tie_embeddings: bool = False
+  dropout: float = 0.0
+  init_scale: float = 0.1
+  dtype: str = "float32"
+
+  @property
+  def moe_layers(self) -> tuple[int, ...]:
+    """Indices of the blocks whose FFN is a mixture of experts."""
+    if self.moe_layer_interval == 0 or self.moe is None:
+      return ()
+    return tuple(i for i in range(self.num_layers) if (i + 1) % self.moe_layer_interval == 0)
+
+
+@flax.struct.dataclass
+class LmAux:
+  """Auxiliary outputs of the MoE layers, summed (losses) or stacked per MoE layer (metrics)."""
+
+  load_balancing_loss: jax.Array  # [] sum over MoE layers
+  router_z_loss: jax.Array  # [] sum over MoE layers
+  metrics: RoutingMetrics | None  # fields stacked over MoE layers: [num_moe_layers, ...]
+
+
+class Block(nnx.Module):
+  """One pre-norm transformer block; the FFN is dense or a mixture of experts."""
+
+  def __init__(self, cfg: ModelConfig, *, use_moe: bool, rngs: nnx.Rngs):
+    dtype = DTYPES[cfg.dtype]
+    self.attention_norm = layers.make_norm(cfg.norm, cfg.d_model, rngs=rngs)
+    self.attention = layers.CausalSelfAttention(
+        cfg.d_model, cfg.num_heads, cfg.head_dim, init_scale=cfg.init_scale, dropout=cfg.dropout, dtype=dtype,
+        rngs=rngs,
+    )
+    self.ffn_norm = layers.make_norm(cfg.norm, cfg.d_model, rngs=rngs)
+    self.use_moe = use_moe
+    if use_moe:
+      self.ffn = MoeFeedForward(
+          cfg.d_model, cfg.d_ff, cfg.moe, activation=cfg.activation, init_scale=cfg.init_scale, dtype=dtype,
+          rngs=rngs,
+      )
+    else:
+      self.ffn = FeedForward(
+          cfg.d_model, cfg.d_ff, activation=cfg.activation, dropout=cfg.dropout, init_scale=cfg.init_scale,
+          dtype=dtype, rngs=rngs,
+      )
+    self.residual_dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+
+  def __call__(self, x: jax.Array, *, deterministic: bool):  # [B, L, M] -> ([B, L, M], aux | None)
+    x = x + self.attention(self.attention_norm(x), deterministic=deterministic)
+    h = self.ffn_norm(x)
+    if self.use_moe:
+      y, aux = self.ffn(h, deterministic=deterministic)
+    else:
+      y, aux = self.ffn(h, deterministic=deterministic), None
+    return x + self.residual_dropout(y, deterministic=deterministic), aux
+
+
+class TransformerLM(nnx.Module):
+  """Decoder-only LM: tokens [B, L] -> logits [B, L, V] (float32) and the MoE auxiliary outputs."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    self.embed = layers.Embedding(cfg.vocab_size, cfg.d_model, dtype=DTYPES[cfg.dtype], rngs=rngs)
+    moe_layers = set(cfg.moe_layers)
+    self.blocks = nnx.List([Block(cfg, use_moe=i in moe_layers, rngs=rngs) for i in range(cfg.num_layers)])
+    self.final_norm = layers.make_norm(cfg.norm, cfg.d_model, rngs=rngs)
+    self.input_dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+    if not cfg.tie_embeddings:
+      init = nnx.with_partitioning(switch_init(cfg.init_scale), ("embed", "vocab"))
+      self.unembed = nnx.Param(init(rngs.params(), (cfg.d_model, cfg.vocab_size)))
+
+  def __call__(self, tokens: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, LmAux]:
+    if tokens.shape[1] > self.config.max_seq_len:
+      raise ValueError(f"sequence length {tokens.shape[1]} exceeds model.max_seq_len={self.config.max_seq_len}")
+    x = self.input_dropout(self.embed(tokens), deterministic=deterministic)
+    auxes = []
+    for block in self.blocks:
+      x, aux = block(x, deterministic=deterministic)
+      if aux is not None:
+        auxes.append(aux)
+    x = self.final_norm(x)
+    if self.config.tie_embeddings:
+      logits = self.embed.attend(x)
+    else:
+      logits = jnp.einsum("blm,mv->blv", x.astype(jnp.float32), self.unembed[...])
+    return logits, _sum_aux(auxes)
+
+
+def _sum_aux(auxes: list) -> LmAux:
+  if not auxes:
+    zero = jnp.zeros((), jnp.float32)
+    return LmAux(load_balancing_loss=zero, router_z_loss=zero, metrics=None)
+  return LmAux(
+      load_balancing_loss=sum(a.load_balancing_loss for a in auxes),
+      router_z_loss=sum(a.router_z_loss for a in auxes),
+      metrics=jax.tree.map(lambda *m: jnp.stack(m), *[a.metrics for a in auxes]),
+  )

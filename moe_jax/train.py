@@ -1,0 +1,330 @@
+"""Train and evaluate a decoder LM (dense or MoE) from one config: the main loop of moe_jax.
+
+loss = cross-entropy + alpha * sum_layers load-balancing loss (Switch eq. 4) + beta * sum_layers z-loss (ST-MoE eq. 5)
+
+The run is resumable at any point: model, optimizer, step and data-iterator position are checkpointed, and all
+randomness (dropout, router jitter) is a pure function of (seed, step), so a resumed run reproduces the losses
+of an uninterrupted one bit for bit on CPU. SIGTERM (TPU preemption) saves a checkpoint and returns; a
+non-finite loss stops the run with the step named and the last good checkpoint kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from moe_jax import config_lib, data as data_lib, flops, parallel
+from moe_jax.checkpoint import Checkpointer
+from moe_jax.metrics import MetricWriter, Progress
+from moe_jax.model import TransformerLM
+
+log = logging.getLogger(__name__)
+
+BATCH_SPEC = P(("data", "expert"))  # sequences split over every device
+# RNG streams reseeded from (seed, step) before every step; 'params' is only used at initialisation.
+RUNTIME_STREAMS = ("dropout", "jitter")
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss became NaN or infinite; the run stopped without saving the bad state."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  status: str  # 'completed' | 'preempted' | 'stopped'
+  step: int
+  eval_loss: float | None
+  wall_time_s: float
+  workdir: str
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Optimizer.
+
+
+def make_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup to train.learning_rate, then cosine / linear / inverse-sqrt (T5, Switch) / constant."""
+  peak, warmup, total = train.learning_rate, train.warmup_steps, train.num_steps
+  decay_steps = max(total - warmup, 1)
+  end = peak * train.min_lr_ratio
+  if train.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=train.min_lr_ratio)
+  elif train.schedule == "linear":
+    decay = optax.linear_schedule(peak, end, decay_steps)
+  elif train.schedule == "rsqrt":
+    decay = lambda count: peak * jnp.sqrt(max(warmup, 1) / (count + max(warmup, 1)))
+  else:
+    decay = optax.constant_schedule(peak)
+  if warmup == 0:
+    return decay
+  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  schedule = make_schedule(train)
+  if train.optimizer == "adamw":
+    tx = optax.adamw(schedule, b1=train.b1, b2=train.b2, weight_decay=train.weight_decay)
+  else:  # Adafactor, factored second moments (Shazeer & Stern 2018), as used by Switch.
+    tx = optax.adafactor(schedule, decay_rate=train.b2, weight_decay_rate=train.weight_decay or None)
+  if train.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(train.grad_clip_norm), tx)
+  return tx
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Steps.
+
+
+def lm_loss(model: TransformerLM, batch: dict, *, deterministic: bool, aux_loss_weight: float,
+            z_loss_weight: float):
+  """Weighted token cross-entropy plus the router losses; returns (loss, (cross_entropy, aux))."""
+  logits, aux = model(batch["inputs"], deterministic=deterministic)
+  token_ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  weights = batch["weights"]
+  ce = jnp.sum(token_ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  loss = ce + aux_loss_weight * aux.load_balancing_loss + z_loss_weight * aux.router_z_loss
+  return loss, (ce, aux)
+
+
+def _moe_step_metrics(aux, moe_layers: tuple[int, ...]) -> dict[str, jax.Array]:
+  if aux.metrics is None:
+    return {}
+  m = aux.metrics
+  out = {}
+  for i, layer in enumerate(moe_layers):
+    out[f"layer{layer}/dropped_token_fraction"] = m.dropped_token_fraction[i]
+    out[f"layer{layer}/max_expert_load"] = jnp.max(m.expert_load[i])
+    out[f"layer{layer}/mean_expert_load"] = jnp.mean(m.expert_load[i])
+    out[f"layer{layer}/router_entropy"] = m.router_entropy[i]
+    out[f"layer{layer}/mean_top_gate"] = m.mean_top_gate[i]
+  return out
+
+
+def make_train_step(train: ml_collections.ConfigDict, seed: int, moe_layers: tuple[int, ...]):
+  base_key = jax.random.key(seed)
+
+  @nnx.jit
+  def train_step(model: TransformerLM, optimizer: nnx.Optimizer, batch: dict, step: jax.Array):
+    step_key = jax.random.fold_in(base_key, step)
+    nnx.reseed(model, **{name: jax.random.fold_in(step_key, i) for i, name in enumerate(RUNTIME_STREAMS)})
+    grad_fn = nnx.value_and_grad(
+        lambda m: lm_loss(m, batch, deterministic=False, aux_loss_weight=train.aux_loss_weight,
+                          z_loss_weight=train.z_loss_weight),
+        has_aux=True,
+    )
+    (loss, (ce, aux)), grads = grad_fn(model)
+    optimizer.update(model, grads)
+    metrics = {
+        "loss": loss,
+        "cross_entropy": ce,
+        "load_balancing_loss": aux.load_balancing_loss,
+        "router_z_loss": aux.router_z_loss,
+        "grad_norm": optax.tree.norm(grads),
+    }
+    metrics.update(_moe_step_metrics(aux, moe_layers))
+    return metrics
+
+  return train_step
+
+
+@nnx.jit
+def eval_step(model: TransformerLM, batch: dict) -> tuple[jax.Array, jax.Array]:
+  """Sum of weighted token cross-entropies and of weights (deterministic: no dropout, no jitter)."""
+  logits, _ = model(batch["inputs"], deterministic=True)
+  token_ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  return jnp.sum(token_ce * batch["weights"]), jnp.sum(batch["weights"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers.
+
+
+def measure_peak_flops(size: int = 1024, repeats: int = 5) -> float:
+  """Float32 matmul FLOP/s of one device, measured now: the denominator of MFU when none is configured."""
+  x = jax.device_put(jnp.ones((size, size), jnp.float32), jax.devices()[0])
+  matmul = jax.jit(lambda a: a @ a)
+  matmul(x).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(repeats):
+    matmul(x).block_until_ready()
+  return 2.0 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
+  """Process-local numpy batch -> one global array per field, split over the mesh."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def _checkpoint_tree(model: TransformerLM, optimizer: nnx.Optimizer) -> dict:
+  return {"params": nnx.state(model, nnx.Param), "optimizer": nnx.state(optimizer)}
+
+
+class _SigtermFlag:
+  """Turns SIGTERM into a flag the loop polls between steps, so the step in flight completes first."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: preemption handling is the caller's business
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def evaluate(model: TransformerLM, config: ml_collections.ConfigDict, sharding: NamedSharding) -> float:
+  """Mean token cross-entropy (nats) over the first `train.eval_batches` validation batches.
+
+  The same batches every time (fixed seed), so evaluations are comparable across steps and runs.
+  """
+  iterator = data_lib.create_iterator(
+      config.data, split="validation", batch_size=config.train.batch_size // jax.process_count(),
+      seq_len=config.train.seq_len, seed=config.seed, shard_index=jax.process_index(),
+      shard_count=jax.process_count(), repeat=False, num_batches=config.train.eval_batches,
+  )
+  total = count = 0.0
+  for batch in iterator:
+    ce_sum, weight_sum = eval_step(model, _global_batch(batch, sharding))
+    total += float(ce_sum)
+    count += float(weight_sum)
+  return total / max(count, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loop.
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None
+) -> TrainResult:
+  """Train `config` in `workdir`, resuming from its latest checkpoint if there is one.
+
+  `stop_at_step` ends this invocation early at that step with a checkpoint (status 'stopped'), e.g. to fit
+  a scheduler's time slot; the learning-rate schedule still follows train.num_steps, and a later call
+  continues exactly where this one stopped.
+  """
+  wall_start = time.perf_counter()
+  config = config_lib.resolve(config, jax.device_count())
+  config_lib.validate(config, device_count=jax.device_count())
+  train = config.train
+  tokenizer = data_lib.get_tokenizer(config.data)
+  model_cfg = config_lib.model_config(config, tokenizer.vocab_size)
+  is_lead = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_lead:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=2))
+
+  mesh = parallel.create_mesh(config.mesh.data, config.mesh.expert)
+  batch_sharding = NamedSharding(mesh, BATCH_SPEC)
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=train.keep_checkpoints)
+  writer = MetricWriter(workdir, enabled=is_lead)
+
+  with parallel.mesh_context(mesh):
+    model = TransformerLM(
+        model_cfg, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1, jitter=config.seed + 2)
+    )
+    optimizer = nnx.Optimizer(model, make_optimizer(train), wrt=nnx.Param)
+    data_iter = data_lib.create_iterator(
+        config.data, split="train", batch_size=train.batch_size // jax.process_count(),
+        seq_len=train.seq_len, seed=config.seed, shard_index=jax.process_index(),
+        shard_count=jax.process_count(), repeat=True,
+    )
+
+    step = 0
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _checkpoint_tree(model, optimizer)
+    )
+    restored = checkpointer.restore_latest(abstract)
+    if restored is not None:
+      step, tree, meta = restored
+      nnx.update(model, tree["params"])
+      nnx.update(optimizer, tree["optimizer"])
+      data_iter.set_state(json.loads(meta["data_state"]))
+      print(f"resumed from checkpoint at step {step} in {checkpointer.directory}", flush=True)
+
+    train_step = make_train_step(train, config.seed, model_cfg.moe_layers)
+    tokens_per_step = train.batch_size * train.seq_len
+    train_flops_per_token = flops.flops_per_token(model_cfg, train.seq_len).train
+    peak = train.peak_tflops * 1e12 if train.peak_tflops else measure_peak_flops()
+    schedule = make_schedule(train)
+    progress = Progress(train.num_steps, step)
+    eval_loss = None
+    status = "completed"
+
+    saved_steps = set(checkpointer.all_steps())
+
+    def save(at_step: int) -> None:
+      if at_step in saved_steps:
+        return
+      meta = {"data_state": json.dumps(data_iter.get_state()), "step": at_step}
+      checkpointer.save(at_step, _checkpoint_tree(model, optimizer), meta)
+      saved_steps.add(at_step)
+
+    with _SigtermFlag() as sigterm:
+      last = time.perf_counter()
+      while step < train.num_steps:
+        if sigterm.raised or step == stop_at_step:
+          save(step)
+          checkpointer.wait()
+          status = "preempted" if sigterm.raised else "stopped"
+          print(f"{'SIGTERM' if sigterm.raised else 'stop_at_step'}: checkpoint at step {step} saved; exiting",
+                flush=True)
+          break
+        batch = _global_batch(next(data_iter), batch_sharding)
+        metrics = jax.device_get(train_step(model, optimizer, batch, jnp.asarray(step, jnp.int32)))
+        step += 1
+        now = time.perf_counter()
+        step_time, last = now - last, now
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss):
+          checkpointer.wait()
+          kept = checkpointer.all_steps()
+          raise NonFiniteLossError(
+              f"non-finite loss ({loss}) at step {step}; stopped without saving. Last good checkpoint: "
+              f"{f'step {kept[-1]}' if kept else 'none'} in {checkpointer.directory}"
+          )
+        metrics["learning_rate"] = float(schedule(step - 1))
+        metrics["tokens_per_s"] = tokens_per_step / step_time
+        metrics["mfu"] = train_flops_per_token * metrics["tokens_per_s"] / (peak * jax.device_count())
+        writer.write(step, "train", metrics)
+        if step % train.log_every == 0 or step == train.num_steps:
+          print(progress.line(step, {"loss": loss, "ce": float(metrics["cross_entropy"]),
+                                     "mfu": metrics["mfu"]}), flush=True)
+        if (train.eval_every and step % train.eval_every == 0) or step == train.num_steps:
+          eval_loss = evaluate(model, config, batch_sharding)
+          writer.write(step, "eval", {"cross_entropy": eval_loss})
+          print(f"step {step:>6}  eval cross-entropy {eval_loss:.4f}", flush=True)
+          last = time.perf_counter()  # evaluation time is not training time
+        if (train.checkpoint_every and step % train.checkpoint_every == 0) or step == train.num_steps:
+          save(step)
+    if eval_loss is None and status == "completed":  # resumed a finished run
+      eval_loss = evaluate(model, config, batch_sharding)
+    checkpointer.wait()
+  checkpointer.close()
+  writer.close()
+  return TrainResult(status=status, step=step, eval_loss=eval_loss,
+                     wall_time_s=time.perf_counter() - wall_start, workdir=workdir)
