@@ -3,6 +3,10 @@
   python experiments/train.py --config=configs/lm.py:switch-cpu --workdir=/tmp/switch \
       [--config.train.num_steps=400 --config.moe.num_experts=16 ...]
 
+Multi-process (TPU pod, GPU cluster): add --distributed on every process; on a plain set of hosts also
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I. Each process reads its slice of the data;
+process 0 writes metrics; checkpoints are written collectively.
+
 Resumes automatically from the latest checkpoint in --workdir. Exit status: 0 done (or preempted and saved),
 1 non-finite loss or failed checkpoint, 2 invalid config.
 """
@@ -14,6 +18,13 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/lm.py:switch-cpu.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False,
+    "Initialise jax.distributed for a multi-process run. Without the three flags below, JAX detects the "
+    "cluster itself (TPU pods, SLURM, Open MPI, Kubernetes).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, e.g. 10.0.0.1:1234.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -22,6 +33,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import jax
 
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize(
+        coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
+    )
+  elif _COORDINATOR.value or _NUM_PROCESSES.value or _PROCESS_ID.value is not None:
+    raise app.UsageError("--coordinator_address/--num_processes/--process_id need --distributed")
   from moe_jax import config_lib, train
   from moe_jax.checkpoint import CheckpointError
 

@@ -17,7 +17,10 @@ import shutil
 import time
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +29,13 @@ CORRUPT_DIR = "corrupt"
 
 class CheckpointError(RuntimeError):
   """A save failed; the checkpoints written before it are intact."""
+
+
+def _all_processes_agree(ok: bool) -> bool:
+  """True only if `ok` on every process (one process's unreadable shard makes the step unusable)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
 class Checkpointer:
@@ -72,6 +82,7 @@ class Checkpointer:
     `abstract_state` gives shapes, dtypes and shardings (jax.ShapeDtypeStruct leaves).
     """
     for step in reversed(self.all_steps()):
+      restored, error = None, None
       try:
         restored = self._manager.restore(
             step,
@@ -79,24 +90,26 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
             ),
         )
+      except Exception as e:  # truncated files surface as OSError, ValueError, tensorstore errors, ...
+        error = e
+      if _all_processes_agree(error is None):
         return step, restored["state"], dict(restored["meta"])
-      except Exception as error:
-        moved = self._quarantine(step)
-        log.error(
-            "checkpoint at step %d cannot be restored (%s: %s); moved it to %s and trying the previous one",
-            step, type(error).__name__, error, moved,
-        )
-        print(f"WARNING: checkpoint step {step} is corrupt ({type(error).__name__}); kept at {moved}; "
-              "falling back to the previous checkpoint", flush=True)
+      moved = self._quarantine(step)
+      reason = f"{type(error).__name__}: {error}" if error else "another process could not read it"
+      log.error("checkpoint at step %d cannot be restored (%s); moved it to %s", step, reason, moved)
+      print(f"WARNING: checkpoint step {step} is corrupt ({reason[:200]}); kept at {moved}; "
+            "falling back to the previous checkpoint", flush=True)
     return None
 
   def _quarantine(self, step: int) -> str:
     """Move a bad step out of orbax's view so that a new save of that step can succeed; never delete it."""
     source = os.path.join(self.directory, str(step))
-    target_dir = os.path.join(self.directory, CORRUPT_DIR)
-    os.makedirs(target_dir, exist_ok=True)
-    target = os.path.join(target_dir, f"{step}-{int(time.time())}")
-    shutil.move(source, target)
+    target = os.path.join(self.directory, CORRUPT_DIR, f"{step}-{int(time.time())}")
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.move(source, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"quarantine-{step}")
     self._manager.reload()
     return target
 

@@ -422,3 +422,18 @@ def test_stdlib_corpus_prepares_once_and_yields_python(tmp_path):
   mtimes = [p.stat().st_mtime_ns for p in prepared]
   next(data.create_iterator(config, split="validation", batch_size=4, seq_len=64, seed=0, repeat=False))
   assert [p.stat().st_mtime_ns for p in prepared] == mtimes  # reused, not prepared again
+
+
+def test_process_shards_of_training_rebuild_the_single_process_batch(cfg):
+  """Two processes with B/2 rows each see exactly the rows of one process with B rows, in order."""
+  def batches(shard_index, shard_count, batch_size):
+    it = pipeline.create_iterator(cfg, split="train", batch_size=batch_size, seq_len=16, seed=3,
+                                  shard_index=shard_index, shard_count=shard_count)
+    return [next(it) for _ in range(5)]
+
+  single = batches(0, 1, 4)
+  halves = [batches(0, 2, 2), batches(1, 2, 2)]
+  for step in range(5):
+    for key in ("inputs", "targets", "weights"):
+      np.testing.assert_array_equal(
+          np.concatenate([halves[0][step][key], halves[1][step][key]]), single[step][key])

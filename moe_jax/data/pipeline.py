@@ -4,9 +4,11 @@ Axis legend: B batch (per process) · L sequence length (seq_len) · T tokens of
 
 The path of one batch:
   source      random-access TFDS records (`builders`), one document each
-  shard       documents [shard_index::shard_count]: processes read disjoint documents, together all
   shuffle     document order = grain index_shuffle(seed, epoch): a pure function of the seed,
               reshuffled every epoch when repeating
+  shard       training: each process owns a block of the global packing streams, so the global
+              batch does not depend on the number of processes; evaluation: documents
+              [shard_index::shard_count]. Either way processes read disjoint documents.
   tokenize    ids + EOS, lazily per document (`MapDataset.map`: still random access)
   pack        `PackedStreamsIterDataset`: concatenate documents and cut chunks of L + 1 tokens with
               no padding except the very end of a finite pass (weight 0 there)
@@ -137,21 +139,57 @@ def _tokenize(record: Mapping[str, Any], *, text_key: str, tokenizer: tokenizers
 
 def tokenized_documents(
     source: Any, *, text_key: str, tokenizer: tokenizers.Tokenizer, seed: int,
-    shard_index: int = 0, shard_count: int = 1, repeat: bool = True,
+    shard_index: int = 0, shard_count: int = 1, repeat: bool = True, streams_per_shard: int = 1,
 ) -> grain.MapDataset:
-  """Random-access documents {'tokens': int32 [T + 1]} (EOS last) of one process, in seed order."""
+  """Random-access documents {'tokens': int32 [T + 1]} (EOS last) of one process, in seed order.
+
+  repeat=True (training): endless epochs of the global order, this process's block of
+  `streams_per_shard` packing streams (see `_StreamBlock`). repeat=False: one pass over the
+  documents [shard_index::shard_count].
+  """
   docs = grain.MapDataset.source(source)
   if len(docs) == 0:
     raise ValueError(f"the source {source} has no documents")
-  docs = docs[shard_index::shard_count]
-  if len(docs) == 0:
-    raise ValueError(
-        f"shard_index={shard_index} of shard_count={shard_count} gets no documents: the split has only "
-        f"{len(grain.MapDataset.source(source))}")
-  docs = docs.shuffle(seed=seed)
   if repeat:
-    docs = docs.repeat()  # the shuffle sees epoch = index // len and reseeds, so epochs differ
+    # One document order for every process (the shuffle sees epoch = index // len and reseeds, so
+    # epochs differ); the process keeps its block of the global packing streams.
+    docs = _StreamBlock(docs.shuffle(seed=seed).repeat(), block=streams_per_shard, num_blocks=shard_count,
+                        index=shard_index)
+  else:
+    docs = docs[shard_index::shard_count]
+    if len(docs) == 0:
+      raise ValueError(
+          f"shard_index={shard_index} of shard_count={shard_count} gets no documents: the split has only "
+          f"{len(grain.MapDataset.source(source))}")
+    docs = docs.shuffle(seed=seed)
   return docs.map(functools.partial(_tokenize, text_key=text_key, tokenizer=tokenizer))
+
+
+class _StreamBlock(grain.MapDataset):
+  """Process `index`'s documents when `block * num_blocks` global streams share one document order.
+
+  Global stream r takes documents r, r + S, r + 2S, ... (S = block * num_blocks); process p owns streams
+  [p * block, (p + 1) * block). Its local document k * block + s is global document k * S + p * block + s,
+  which the packer (local document i -> local stream i % block) hands to local stream s = global stream
+  p * block + s. So the global batch is the same for any number of processes, and multi-process training
+  reproduces a single-process run.
+  """
+
+  def __init__(self, parent: grain.MapDataset, *, block: int, num_blocks: int, index: int):
+    super().__init__(parent)
+    self._block, self._num_blocks, self._index = block, num_blocks, index
+
+  def __len__(self) -> int:
+    return len(self._parent) // self._num_blocks
+
+  def __getitem__(self, local: int):
+    if isinstance(local, slice):
+      return self.slice(local)
+    round_, stream = divmod(local, self._block)
+    return self._parent[(round_ * self._num_blocks + self._index) * self._block + stream]
+
+  def __str__(self) -> str:
+    return f"_StreamBlock(block={self._block}, num_blocks={self._num_blocks}, index={self._index})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,7 +327,9 @@ def create_iterator(
     batch_size: rows per batch in this process (B).
     seq_len: L; each row is a packed chunk of L + 1 tokens, inputs = chunk[:-1], targets = chunk[1:].
     seed: document order (and each epoch's reshuffle), in [0, 2**32).
-    shard_index, shard_count: this process reads documents [shard_index::shard_count].
+    shard_index, shard_count: this process's part: rows [shard_index * B, (shard_index + 1) * B) of
+      the global training batch of shard_count * B rows; documents [shard_index::shard_count] of an
+      evaluation pass.
     repeat: True: endless epochs with B packing streams (training). False: one pass with one stream;
       its last batch is padded to B rows with weight 0 (evaluation).
     num_batches: exactly this many batches; a finite pass that runs out first continues with
@@ -312,7 +352,8 @@ def create_iterator(
   tokenizer = get_tokenizer(cfg)
   source, text_key = document_source(cfg, split)
   docs = tokenized_documents(source, text_key=text_key, tokenizer=tokenizer, seed=seed,
-                             shard_index=shard_index, shard_count=shard_count, repeat=repeat)
+                             shard_index=shard_index, shard_count=shard_count, repeat=repeat,
+                             streams_per_shard=batch_size)
   ds = PackedStreamsIterDataset(docs, length=seq_len + 1, num_streams=batch_size if repeat else 1,
                                 pad_id=tokenizer.pad_id, pad_forever=num_batches is not None)
   ds = ds.batch(batch_size, drop_remainder=False)

@@ -1,0 +1,65 @@
+"""Multi-process training: 2 processes x 4 CPU devices on 127.0.0.1 reproduce a 1-process 8-device run."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 6
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _command(workdir, data_dir, *extra):
+  return [
+      sys.executable, os.path.join(REPO, "experiments", "train.py"), f"--config={REPO}/configs/lm.py:switch-cpu",
+      f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", f"--config.train.num_steps={STEPS}",
+      "--config.train.batch_size=8", "--config.train.seq_len=32", "--config.model.d_model=32",
+      "--config.model.num_layers=2", "--config.model.d_ff=64", "--config.train.eval_batches=2",
+      "--config.train.checkpoint_every=3", "--config.train.peak_tflops=1.0", "--config.mesh.data=2",
+      "--config.mesh.expert=4", "--config.moe.jitter_eps=0.01", *extra,
+  ]
+
+
+def _env(devices: int) -> dict:
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+
+
+def _losses(workdir) -> list[float]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  return [r["loss"] for r in sorted(records, key=lambda r: r["step"]) if r["kind"] == "train"]
+
+
+def test_two_processes_reproduce_the_single_process_losses(tmp_path):
+  data_dir = tmp_path / "tfds"
+  single = subprocess.run(_command(tmp_path / "single", data_dir), env=_env(8), capture_output=True, text=True,
+                          timeout=300)
+  assert single.returncode == 0, single.stderr[-3000:]
+
+  port = _free_port()
+  processes = [
+      subprocess.Popen(
+          _command(tmp_path / "multi", data_dir, "--distributed", f"--coordinator_address=127.0.0.1:{port}",
+                   "--num_processes=2", f"--process_id={i}"),
+          env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)
+  ]
+  outputs = [p.communicate(timeout=300) for p in processes]
+  for process, (_, stderr) in zip(processes, outputs):
+    assert process.returncode == 0, stderr[-3000:]
+
+  single_losses, multi_losses = _losses(tmp_path / "single"), _losses(tmp_path / "multi")
+  assert len(single_losses) == len(multi_losses) == STEPS
+  # Same data, parameters and randomness; only the collectives' summation order may differ.
+  np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
+  assert sorted(d for d in os.listdir(tmp_path / "multi" / "checkpoints") if d.isdigit()) == ["3", "6"]
