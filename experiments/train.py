@@ -58,5 +58,19 @@ def main(argv):
         f"workdir {result.workdir}")
 
 
+def parse_flags(argv):
+  """absl's parser, but an unknown --config.x field is a one-line error rather than a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as error:
+    field = str(error).strip("\"'")
+    print(f"invalid configuration: unknown config field {field!r} (fields are listed in docs/config.md)",
+          file=sys.stderr)
+    sys.exit(2)
+  except flags.Error as error:  # a value of the wrong type, a missing required flag, ...
+    print(f"invalid configuration: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

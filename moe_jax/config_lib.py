@@ -68,7 +68,9 @@ FIELDS: dict[str, Field] = {
     "model.vocab_size": _f(_int_at_least(0), "vocabulary size; 0 takes the tokenizer's"),
     "model.d_model": _f(_int_at_least(1), "residual width M"),
     "model.num_heads": _f(_int_at_least(1), "attention heads H"),
-    "model.head_dim": _f(_int_at_least(2), "attention head dimension D (even: rotary embedding)"),
+    "model.head_dim": _f(
+        (int, lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2"), "attention head dimension D (rotary pairs)"
+    ),
     "model.d_ff": _f(_int_at_least(1), "hidden width F of every FFN and expert"),
     "model.num_layers": _f(_int_at_least(1), "transformer blocks"),
     "model.max_seq_len": _f(_int_at_least(1), "longest sequence the model accepts"),
@@ -205,13 +207,14 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
   if mesh.data == 0:
     raise ValueError("mesh.data=0 must be resolved against the device count first (config_lib.resolve)")
   devices = mesh.data * mesh.expert
+  if device_count is not None and devices != device_count:
+    raise ValueError(
+        f"mesh.data * mesh.expert = {mesh.data} * {mesh.expert} = {devices} must equal the number of devices "
+        f"({device_count})"
+    )
   if train.batch_size % devices:
     raise ValueError(
         f"train.batch_size={train.batch_size} must be divisible by mesh.data * mesh.expert = {devices}"
-    )
-  if device_count is not None and devices != device_count:
-    raise ValueError(
-        f"mesh.data * mesh.expert = {devices} must equal the number of devices ({device_count})"
     )
   if model.moe_layer_interval > 0:
     if moe.num_experts % mesh.expert:
@@ -278,3 +281,7 @@ def config_docs() -> str:
   for path, field in FIELDS.items():
     rows.append(f"| `{path}` | {field.allowed} | `{_get(defaults, path)!r}` | {field.doc} |")
   return "\n".join(rows)
+
+
+if __name__ == "__main__":
+  print(config_docs())

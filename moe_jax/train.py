@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe_jax import config_lib, data as data_lib, flops, parallel
@@ -195,6 +196,13 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
+def _any_process(flag: bool) -> bool:
+  """True on every process if `flag` is True on any: processes must stop at the same step."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+
+
 def evaluate(model: TransformerLM, config: ml_collections.ConfigDict, sharding: NamedSharding) -> float:
   """Mean token cross-entropy (nats) over the first `train.eval_batches` validation batches.
 
@@ -274,57 +282,59 @@ def train_and_evaluate(
     progress = Progress(train.num_steps, step)
     eval_loss = None
     status = "completed"
-
     saved_steps = set(checkpointer.all_steps())
 
     def save(at_step: int) -> None:
-      if at_step in saved_steps:
-        return
-      meta = {"data_state": json.dumps(data_iter.get_state()), "step": at_step}
-      checkpointer.save(at_step, _checkpoint_tree(model, optimizer), meta)
-      saved_steps.add(at_step)
+      if at_step not in saved_steps:
+        meta = {"data_state": json.dumps(data_iter.get_state()), "step": at_step}
+        checkpointer.save(at_step, _checkpoint_tree(model, optimizer), meta)
+        saved_steps.add(at_step)
 
-    with _SigtermFlag() as sigterm:
-      last = time.perf_counter()
-      while step < train.num_steps:
-        if sigterm.raised or step == stop_at_step:
-          save(step)
-          checkpointer.wait()
-          status = "preempted" if sigterm.raised else "stopped"
-          print(f"{'SIGTERM' if sigterm.raised else 'stop_at_step'}: checkpoint at step {step} saved; exiting",
-                flush=True)
-          break
-        batch = _global_batch(next(data_iter), batch_sharding)
-        metrics = jax.device_get(train_step(model, optimizer, batch, jnp.asarray(step, jnp.int32)))
-        step += 1
-        now = time.perf_counter()
-        step_time, last = now - last, now
-        loss = float(metrics["loss"])
-        if not math.isfinite(loss):
-          checkpointer.wait()
-          kept = checkpointer.all_steps()
-          raise NonFiniteLossError(
-              f"non-finite loss ({loss}) at step {step}; stopped without saving. Last good checkpoint: "
-              f"{f'step {kept[-1]}' if kept else 'none'} in {checkpointer.directory}"
-          )
-        metrics["learning_rate"] = float(schedule(step - 1))
-        metrics["tokens_per_s"] = tokens_per_step / step_time
-        metrics["mfu"] = train_flops_per_token * metrics["tokens_per_s"] / (peak * jax.device_count())
-        writer.write(step, "train", metrics)
-        if step % train.log_every == 0 or step == train.num_steps:
-          print(progress.line(step, {"loss": loss, "ce": float(metrics["cross_entropy"]),
-                                     "mfu": metrics["mfu"]}), flush=True)
-        if (train.eval_every and step % train.eval_every == 0) or step == train.num_steps:
-          eval_loss = evaluate(model, config, batch_sharding)
-          writer.write(step, "eval", {"cross_entropy": eval_loss})
-          print(f"step {step:>6}  eval cross-entropy {eval_loss:.4f}", flush=True)
-          last = time.perf_counter()  # evaluation time is not training time
-        if (train.checkpoint_every and step % train.checkpoint_every == 0) or step == train.num_steps:
-          save(step)
-    if eval_loss is None and status == "completed":  # resumed a finished run
-      eval_loss = evaluate(model, config, batch_sharding)
-    checkpointer.wait()
-  checkpointer.close()
-  writer.close()
+    try:
+      with _SigtermFlag() as sigterm:
+        last = time.perf_counter()
+        while step < train.num_steps:
+          preempted = _any_process(sigterm.raised)
+          if preempted or step == stop_at_step:
+            save(step)
+            checkpointer.wait()
+            status = "preempted" if preempted else "stopped"
+            print(f"{'SIGTERM' if preempted else 'stop_at_step'}: checkpoint at step {step} saved; exiting",
+                  flush=True)
+            break
+          batch = _global_batch(next(data_iter), batch_sharding)
+          metrics = jax.device_get(train_step(model, optimizer, batch, jnp.asarray(step, jnp.int32)))
+          step += 1
+          now = time.perf_counter()
+          step_time, last = now - last, now
+          loss = float(metrics["loss"])
+          if not math.isfinite(loss):
+            checkpointer.wait()
+            kept = checkpointer.all_steps()
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss}) at step {step}; stopped without saving. Last good checkpoint: "
+                f"{f'step {kept[-1]}' if kept else 'none'} in {checkpointer.directory}"
+            )
+          metrics["learning_rate"] = float(schedule(step - 1))
+          metrics["tokens_per_s"] = tokens_per_step / step_time
+          metrics["mfu"] = train_flops_per_token * metrics["tokens_per_s"] / (peak * jax.device_count())
+          writer.write(step, "train", metrics)
+          if step % train.log_every == 0 or step == train.num_steps:
+            print(progress.line(step, {"loss": loss, "ce": float(metrics["cross_entropy"]),
+                                       "mfu": metrics["mfu"]}), flush=True)
+          if (train.eval_every and step % train.eval_every == 0) or step == train.num_steps:
+            eval_loss = evaluate(model, config, batch_sharding)
+            writer.write(step, "eval", {"cross_entropy": eval_loss})
+            print(f"step {step:>6}  eval cross-entropy {eval_loss:.4f}", flush=True)
+            last = time.perf_counter()  # evaluation time is not training time
+          if (train.checkpoint_every and step % train.checkpoint_every == 0) or step == train.num_steps:
+            save(step)
+      if eval_loss is None and status == "completed":  # resumed a finished run
+        eval_loss = evaluate(model, config, batch_sharding)
+      checkpointer.wait()
+    finally:
+      # Whatever stopped the run, saves already started must reach the disk intact.
+      checkpointer.close()
+      writer.close()
   return TrainResult(status=status, step=step, eval_loss=eval_loss,
                      wall_time_s=time.perf_counter() - wall_start, workdir=workdir)
