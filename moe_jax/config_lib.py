@@ -237,7 +237,10 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
 
 
 def moe_config(config: ml_collections.ConfigDict) -> MoeConfig:
-  return MoeConfig(**config.moe.to_dict())
+  try:
+    return MoeConfig(**config.moe.to_dict())
+  except ValueError as error:  # MoeConfig names its own fields; say where they sit in the experiment config
+    raise ValueError(f"moe.{error}") from None
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:

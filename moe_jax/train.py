@@ -36,8 +36,9 @@ from moe_jax.model import TransformerLM
 log = logging.getLogger(__name__)
 
 BATCH_SPEC = P(("data", "expert"))  # sequences split over every device
-# RNG streams reseeded from (seed, step) before every step; 'params' is only used at initialisation.
-RUNTIME_STREAMS = ("dropout", "jitter")
+# RNG streams reseeded from (seed, step) before every step ('params' is only used at initialisation): dropout,
+# router jitter and expert dropout all draw from forks of the 'dropout' stream.
+RUNTIME_STREAMS = ("dropout",)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -253,7 +254,7 @@ def train_and_evaluate(
 
   with parallel.mesh_context(mesh):
     model = TransformerLM(
-        model_cfg, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1, jitter=config.seed + 2)
+        model_cfg, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1)
     )
     optimizer = nnx.Optimizer(model, make_optimizer(train), wrt=nnx.Param)
     data_iter = data_lib.create_iterator(

@@ -1,0 +1,73 @@
+"""Shared pieces of the sweep configs: sizes, run specs, and how a run's config is built.
+
+A sweep is a ConfigDict {name, size, runs: [ {name, group, base, seed, flop_matched, overrides} ]}; each run's
+config is `configs/lm.py:<base>-<size>` with `overrides` (dotted field paths) applied. The runner
+`experiments/sweep.py` trains them, skips finished ones, and aggregates results/<sweep>/.
+"""
+
+import ml_collections
+
+# Per-size training settings shared by every run of a sweep (on top of configs/lm.py:<kind>-<size>).
+SIZE_SETTINGS = {
+    # 2 CPU cores: 300 steps of 32 x 128 bytes (1.2M fresh tokens of the 31 MB stdlib corpus, < 1/25 epoch).
+    "cpu": {"train.num_steps": 300, "train.warmup_steps": 30, "train.eval_every": 25, "train.eval_batches": 16,
+            "train.checkpoint_every": 100, "train.log_every": 50},
+    # One GPU: lm1b bytes, 10k steps of 32 x 512 (164M fresh tokens).
+    "gpu": {"train.eval_every": 500, "train.eval_batches": 50, "train.checkpoint_every": 1000},
+    # Switch-Base on a pod: the paper's step count is in configs/lm.py.
+    "paper": {},
+}
+
+
+def new_sweep(name: str, size: str) -> ml_collections.ConfigDict:
+  if size not in SIZE_SETTINGS:
+    raise ValueError(f"sweep size {size!r} must be one of {tuple(SIZE_SETTINGS)}")
+  return ml_collections.ConfigDict({"name": f"{name}-{size}", "size": size, "runs": []})
+
+
+def add_run(sweep: ml_collections.ConfigDict, name: str, *, group: str, base: str, seed: int,
+            overrides: dict | None = None, flop_matched: bool = True) -> None:
+  """Append a run: `base` is 'switch' or 'dense'; `group` gathers the seeds of one setting."""
+  size = sweep.size
+  nested: dict = {}
+  for path, value in dict(SIZE_SETTINGS[size], seed=seed, **(overrides or {})).items():
+    *parents, leaf = path.split(".")
+    node = nested
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  sweep.runs.append(ml_collections.ConfigDict({
+      "name": name, "group": group, "base": f"{base}-{size}", "seed": seed, "flop_matched": flop_matched,
+      "overrides": nested,
+  }))
+
+
+def flat_overrides(run: ml_collections.ConfigDict) -> dict:
+  """The run's overrides as {'dotted.path': value}."""
+  flat = {}
+
+  def walk(node, prefix):
+    for key, value in node.items():
+      if isinstance(value, (dict, ml_collections.ConfigDict)):
+        walk(value, f"{prefix}{key}.")
+      else:
+        flat[f"{prefix}{key}"] = value
+
+  walk(run.overrides, "")
+  return flat
+
+
+def build_config(run: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The full experiment config of one run."""
+  from configs import lm
+
+  config = lm.get_config(run.base)
+  for path, value in flat_overrides(run).items():
+    *parents, leaf = path.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    if leaf not in node:
+      raise ValueError(f"sweep run {run.name!r} overrides unknown config field {path!r}")
+    node[leaf] = value
+  return config

@@ -1,0 +1,183 @@
+"""Run a sweep of training runs and aggregate them into results/<sweep>/ for notebooks and papers' tables.
+
+A sweep config (configs/sweeps/) lists runs; each run is a full training config. Runs execute in sequence in
+one process (or as printed commands on a cluster), each in `<workdir_root>/<sweep>/<run>`; a run whose
+`result.json` says completed is skipped, an interrupted one resumes from its checkpoint.
+
+results/<sweep>/
+  summary.json, summary.csv   one row per run: config, seed, final eval loss, steps/tokens to the dense
+                              model's final loss, wall time, FLOPs, parameters
+  curves.json                 per run: eval loss by step; training loss and routing metrics every few steps
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import shlex
+from typing import Any, Callable
+
+import ml_collections
+import numpy as np
+
+from moe_jax import config_lib, flops
+
+RESULT_FILE = "result.json"
+CURVE_STRIDE = 5  # keep every 5th training record in curves.json (the full JSONL stays in the workdir)
+ROUTING_KEYS = ("dropped_token_fraction", "max_expert_load", "mean_expert_load", "router_entropy")
+
+
+def run_workdir(workdir_root: str, sweep: ml_collections.ConfigDict, run: ml_collections.ConfigDict) -> str:
+  return os.path.join(workdir_root, sweep.name, run.name)
+
+
+def is_finished(workdir: str) -> bool:
+  path = os.path.join(workdir, RESULT_FILE)
+  if not os.path.exists(path):
+    return False
+  with open(path) as f:
+    return json.load(f).get("status") == "completed"
+
+
+def commands(sweep: ml_collections.ConfigDict, sweep_arg: str, workdir_root: str) -> list[str]:
+  """One shell command per run, for a cluster scheduler (each resumes if restarted)."""
+  lines = []
+  for run in sweep.runs:
+    args = ["python", "experiments/sweep.py", f"--sweep={sweep_arg}", f"--workdir_root={workdir_root}",
+            f"--only={run.name}"]
+    lines.append(" ".join(shlex.quote(a) for a in args))
+  return lines
+
+
+def run_sweep(
+    sweep: ml_collections.ConfigDict,
+    build_config: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict],
+    workdir_root: str,
+    *,
+    only: tuple[str, ...] = (),
+) -> None:
+  """Train every run (or those named in `only`) in sequence, skipping finished ones."""
+  from moe_jax import train  # heavy: not needed to print commands or aggregate
+
+  unknown = set(only) - {run.name for run in sweep.runs}
+  if unknown:
+    raise ValueError(f"--only names runs not in sweep {sweep.name}: {sorted(unknown)}")
+  selected = [run for run in sweep.runs if not only or run.name in only]
+  for index, run in enumerate(selected, 1):
+    workdir = run_workdir(workdir_root, sweep, run)
+    if is_finished(workdir):
+      print(f"[{index}/{len(selected)}] {run.name}: finished earlier, skipped", flush=True)
+      continue
+    print(f"[{index}/{len(selected)}] {run.name} -> {workdir}", flush=True)
+    result = train.train_and_evaluate(build_config(run), workdir)
+    with open(os.path.join(workdir, RESULT_FILE), "w") as f:
+      json.dump(dataclasses.asdict(result), f)
+
+
+def _read_metrics(workdir: str) -> tuple[dict[int, dict], dict[int, float]]:
+  """(train records by step, eval cross-entropy by step); a step repeated after a resume: last record wins."""
+  train, evals = {}, {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      record = json.loads(line)
+      if record["kind"] == "train":
+        train[record["step"]] = record
+      else:
+        evals[record["step"]] = record["cross_entropy"]
+  return train, evals
+
+
+def steps_to_reach(evals: dict[int, float], target: float) -> float | None:
+  """First step at which the eval loss reaches `target`, interpolating linearly between evaluations."""
+  steps = sorted(evals)
+  previous_step, previous_loss = 0, None
+  for step in steps:
+    loss = evals[step]
+    if loss <= target:
+      if previous_loss is None or previous_loss == loss:
+        return float(step)
+      return previous_step + (previous_loss - target) / (previous_loss - loss) * (step - previous_step)
+    previous_step, previous_loss = step, loss
+  return None
+
+
+def _routing_curve(train: dict[int, dict], steps: list[int]) -> dict[str, Any]:
+  """Per MoE layer routing metrics over training: {layer: {metric: [values at steps]}}."""
+  layers = sorted({key.split("/")[0] for key in train[steps[0]] if key.startswith("layer")},
+                  key=lambda name: int(name[len("layer"):]))
+  return {layer: {m: [train[s][f"{layer}/{m}"] for s in steps] for m in ROUTING_KEYS} for layer in layers}
+
+
+def aggregate(
+    sweep: ml_collections.ConfigDict,
+    build_config: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict],
+    workdir_root: str,
+    results_root: str,
+) -> list[dict]:
+  """Write summary.json/.csv and curves.json for every finished run; returns the summary rows."""
+  rows, curves = [], {}
+  for run in sweep.runs:
+    workdir = run_workdir(workdir_root, sweep, run)
+    if not is_finished(workdir):
+      continue
+    config = build_config(run)
+    with open(os.path.join(workdir, RESULT_FILE)) as f:
+      result = json.load(f)
+    train, evals = _read_metrics(workdir)
+    model_cfg = config_lib.model_config(config, vocab_size=_vocab_size(config))
+    per_token = flops.flops_per_token(model_cfg, config.train.seq_len).train
+    params = flops.param_count(model_cfg)
+    rows.append({
+        "run": run.name, "group": run.group, "seed": run.seed, "base": run.base,
+        "flop_matched": run.flop_matched,
+        "num_experts": config.moe.num_experts if model_cfg.moe_layers else 0,
+        "overrides": json.dumps(run.overrides.to_dict()),
+        "steps": result["step"], "final_eval_loss": evals[max(evals)],
+        "wall_time_s": result["wall_time_s"],
+        "train_flops_per_token": per_token,
+        "total_train_flops": per_token * config.train.batch_size * config.train.seq_len * result["step"],
+        "params_total": params.total, "params_active": params.active,
+        "tokens_per_step": config.train.batch_size * config.train.seq_len,
+    })
+    stride_steps = sorted(train)[::CURVE_STRIDE]
+    curves[run.name] = {
+        "eval": [[step, evals[step]] for step in sorted(evals)],
+        "train_steps": stride_steps,
+        "train_loss": [train[s]["loss"] for s in stride_steps],
+        "cross_entropy": [train[s]["cross_entropy"] for s in stride_steps],
+        "load_balancing_loss": [train[s]["load_balancing_loss"] for s in stride_steps],
+        "routing": _routing_curve(train, stride_steps) if model_cfg.moe_layers else {},
+    }
+  _add_steps_to_dense(rows, curves)
+  out = os.path.join(results_root, sweep.name)
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "summary.json"), "w") as f:
+    json.dump({"sweep": sweep.name, "runs": rows}, f, indent=1)
+  with open(os.path.join(out, "curves.json"), "w") as f:
+    json.dump(curves, f)
+  if rows:
+    with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+      writer.writeheader()
+      writer.writerows(rows)
+  return rows
+
+
+def _add_steps_to_dense(rows: list[dict], curves: dict) -> None:
+  """Steps and tokens each run needs to reach the dense runs' mean final eval loss (None: never / no dense)."""
+  dense = [row["final_eval_loss"] for row in rows if row["num_experts"] == 0]
+  target = float(np.mean(dense)) if dense else None
+  for row in rows:
+    steps = steps_to_reach(dict(curves[row["run"]]["eval"]), target) if target is not None else None
+    row["dense_final_eval_loss"] = target
+    row["steps_to_dense_loss"] = steps
+    row["tokens_to_dense_loss"] = steps * row["tokens_per_step"] if steps is not None else None
+    row["speedup_to_dense_loss"] = row["steps"] / steps if steps else None
+
+
+def _vocab_size(config: ml_collections.ConfigDict) -> int:
+  from moe_jax import data as data_lib
+
+  return data_lib.get_tokenizer(config.data).vocab_size
