@@ -1,0 +1,81 @@
+"""The sweep runner: runs in sequence, skips finished runs, prints commands, aggregates honest summaries."""
+
+import json
+import os
+
+import pytest
+
+from configs.sweeps import ablations, common, scaling
+from moe_jax import sweep as sweep_lib
+
+TINY = {"model.d_model": 16, "model.num_heads": 2, "model.head_dim": 8, "model.num_layers": 2, "model.d_ff": 32,
+        "train.seq_len": 16, "train.num_steps": 6, "train.eval_every": 2,
+        "train.eval_batches": 1, "train.checkpoint_every": 0, "train.peak_tflops": 1.0, "train.batch_size": 8,
+        "mesh.data": 2, "mesh.expert": 4}
+
+
+def test_steps_to_reach_interpolates_between_evaluations():
+  evals = {10: 3.0, 20: 2.0, 30: 1.5}
+  assert sweep_lib.steps_to_reach(evals, 2.5) == pytest.approx(15.0)
+  assert sweep_lib.steps_to_reach(evals, 3.0) == 10.0
+  assert sweep_lib.steps_to_reach(evals, 1.0) is None
+
+
+def test_scaling_sweep_lists_dense_and_every_expert_count_per_seed():
+  sweep = scaling.get_config("cpu")
+  groups = {run.group for run in sweep.runs}
+  assert groups == {"dense"} | {f"switch-e{e}" for e in (2, 4, 8, 16, 32, 64)}
+  assert len(sweep.runs) == 2 * 7
+  for run in sweep.runs:
+    config = common.build_config(run)
+    assert config.seed == run.seed
+    assert config.model.moe_layer_interval == (0 if run.group == "dense" else 2)
+
+
+def test_top2_capacity_runs_are_marked_not_flop_matched():
+  sweep = ablations.get_config("capacity-cpu")
+  for run in sweep.runs:
+    assert run.flop_matched == run.name.startswith("top1"), run.name
+
+
+def test_unknown_ablation_and_size_are_refused():
+  with pytest.raises(ValueError, match="ablation"):
+    ablations.get_config("dropout-cpu")
+  with pytest.raises(ValueError, match="size"):
+    scaling.get_config("tpu")
+
+
+def test_print_commands_gives_one_resumable_command_per_run():
+  sweep = scaling.get_config("gpu")
+  lines = sweep_lib.commands(sweep, "configs/sweeps/scaling.py:gpu", "/scratch/runs")
+  assert len(lines) == len(sweep.runs)
+  assert all(f"--only={run.name}" in line for run, line in zip(sweep.runs, lines))
+
+
+def test_sweep_runs_skips_finished_runs_and_aggregates(tmp_path, capsys):
+  sweep = common.new_sweep("unit", "cpu")
+  overrides = dict(TINY, **{"data.data_dir": str(tmp_path / "tfds")})
+  common.add_run(sweep, "dense-s0", group="dense", base="dense", seed=0, overrides=overrides)
+  common.add_run(sweep, "switch-e4-s0", group="switch-e4", base="switch", seed=0,
+                 overrides=dict(overrides, **{"moe.num_experts": 4}))
+  workdirs, results = str(tmp_path / "work"), str(tmp_path / "results")
+
+  sweep_lib.run_sweep(sweep, common.build_config, workdirs)
+  sweep_lib.run_sweep(sweep, common.build_config, workdirs)
+  assert capsys.readouterr().out.count("finished earlier, skipped") == 2
+
+  rows = sweep_lib.aggregate(sweep, common.build_config, workdirs, results)
+  by_run = {row["run"]: row for row in rows}
+  assert by_run["dense-s0"]["num_experts"] == 0 and by_run["switch-e4-s0"]["num_experts"] == 4
+  dense_loss = by_run["dense-s0"]["final_eval_loss"]
+  assert by_run["switch-e4-s0"]["dense_final_eval_loss"] == dense_loss
+  assert by_run["dense-s0"]["steps_to_dense_loss"] == pytest.approx(6.0)
+  # Equal FLOPs per token up to the router's 2 * d_model * E per MoE layer.
+  dense_flops, switch_flops = by_run["dense-s0"]["train_flops_per_token"], by_run["switch-e4-s0"]["train_flops_per_token"]
+  assert switch_flops - dense_flops == pytest.approx(3 * 2 * 16 * 4)
+  assert by_run["switch-e4-s0"]["params_total"] > by_run["dense-s0"]["params_total"]
+  for name in ("summary.json", "summary.csv", "curves.json"):
+    assert os.path.exists(os.path.join(results, "unit-cpu", name))
+  curves = json.load(open(os.path.join(results, "unit-cpu", "curves.json")))
+  assert [step for step, _ in curves["dense-s0"]["eval"]] == [2, 4, 6]
+  assert set(curves["switch-e4-s0"]["routing"]) == {"layer1"}
