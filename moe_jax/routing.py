@@ -91,8 +91,8 @@ def validate_top_k(top_k: int, num_experts: int) -> None:
 def validate_capacity_factor(capacity_factor: float | None, dropless: bool) -> None:
   if dropless:
     return
-  if capacity_factor is None or not capacity_factor > 0:
-    raise ValueError(f"capacity_factor={capacity_factor} must be > 0 (or set dropless=True)")
+  if capacity_factor is None or not (capacity_factor > 0 and math.isfinite(capacity_factor)):
+    raise ValueError(f"capacity_factor={capacity_factor} must be finite and > 0 (or set dropless=True)")
 
 
 def validate_jitter_eps(jitter_eps: float) -> None:
@@ -185,7 +185,9 @@ def _metrics(
   return RoutingMetrics(
       dropped_token_fraction=jnp.sum(token_dropped) / jnp.maximum(jnp.sum(token_wanted), 1),
       dropped_assignment_fraction=jnp.sum(dropped) / jnp.maximum(jnp.sum(wanted), 1),
-      expert_load=jnp.mean(kept_per_expert, axis=0) / capacity,
+      # One division of exact integer counts: jnp.mean multiplies by 1/G, which can round a full buffer
+      # to 1.0000001.
+      expert_load=jnp.sum(kept_per_expert, axis=0) / (kept_per_expert.shape[0] * capacity),
       router_entropy=jnp.mean(entropy),
       mean_top_gate=jnp.mean(jnp.max(probs, axis=-1)),
   )
