@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from configs.sweeps import common  # noqa: E402
@@ -29,6 +29,8 @@ flags.mark_flag_as_required("sweep")
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:  # orbax and tfds log every step at INFO; keep the progress readable
+    logging.set_verbosity(logging.WARNING)
   sweep = _SWEEP.value
   if _PRINT.value:
     sweep_arg = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--sweep="))

@@ -13,7 +13,7 @@ Resumes automatically from the latest checkpoint in --workdir. Exit status: 0 do
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/lm.py:switch-cpu.")
@@ -31,6 +31,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # orbax and tfds log every step at INFO; keep the progress readable
+    logging.set_verbosity(logging.WARNING)
   import jax
 
   if _DISTRIBUTED.value:

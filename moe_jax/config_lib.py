@@ -255,7 +255,8 @@ def dense_twin(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The dense model with the FLOPs per token of a top-1 Switch config: same widths, every FFN dense.
 
   Switch top-1 sends each token through exactly one expert of the same d_ff as the dense FFN, so the two
-  match in FLOPs per token up to the router (2 * d_model * E per MoE layer, < 1% here).
+  match in FLOPs per token up to the router (2 * d_model * E per MoE layer: 0.2% of the cpu model at E = 8,
+  1.7% at E = 64).
   """
   twin = copy.deepcopy(config)
   twin.model.moe_layer_interval = 0

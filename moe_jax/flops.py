@@ -48,19 +48,24 @@ def ffn_flops(d_model: int, d_ff: int, activation: str) -> float:
   return 2.0 * matmuls * d_model * d_ff
 
 
-def experts_per_token(cfg: ModelConfig, *, executed: bool) -> float:
-  """How many expert FFNs one token costs: k (active); capacity_factor * k with padded buffers."""
+def experts_per_token(cfg: ModelConfig, *, executed: bool, capacity_factor: float | None = None) -> float:
+  """How many expert FFNs one token costs: k (active); capacity_factor * k with padded buffers.
+
+  `capacity_factor` defaults to the training one (pass moe.eval_capacity_factor for evaluation passes).
+  """
   moe = cfg.moe
   k = 1 if moe.router == "expert_choice" else moe.top_k
   if executed and not moe.dropless:
-    return moe.capacity_factor * k
+    return (capacity_factor or moe.capacity_factor) * k
   if moe.router == "expert_choice":
     return moe.capacity_factor  # Zhou et al.: c experts per token on average
   return float(k)
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, *, executed: bool = False) -> FlopsBreakdown:
-  """Forward FLOPs per token of the decoder LM at sequence length `seq_len`."""
+def flops_per_token(
+    cfg: ModelConfig, seq_len: int, *, executed: bool = False, capacity_factor: float | None = None
+) -> FlopsBreakdown:
+  """Forward FLOPs per token of the decoder LM at sequence length `seq_len` (see the module conventions)."""
   attn_dim = cfg.num_heads * cfg.head_dim
   num_moe = len(cfg.moe_layers)
   num_dense = cfg.num_layers - num_moe
@@ -69,7 +74,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, executed: bool = False) -
       attention_projections=cfg.num_layers * 2.0 * 4 * cfg.d_model * attn_dim,
       attention_scores=cfg.num_layers * 2.0 * 2 * seq_len * attn_dim,
       dense_ffn=num_dense * one_ffn,
-      expert_ffn=num_moe * one_ffn * experts_per_token(cfg, executed=executed) if num_moe else 0.0,
+      expert_ffn=(num_moe * one_ffn * experts_per_token(cfg, executed=executed, capacity_factor=capacity_factor)
+                  if num_moe else 0.0),
       router=num_moe * 2.0 * cfg.d_model * cfg.moe.num_experts if num_moe else 0.0,
       logits=2.0 * cfg.d_model * cfg.vocab_size,
   )

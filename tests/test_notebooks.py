@@ -1,0 +1,150 @@
+"""The notebooks execute top to bottom and write their figures, on the committed results and on a fixture.
+
+Each notebook runs in a fresh 'python3' kernel with cwd notebooks/ (as Jupyter runs it). Figures go to a
+temporary folder through MOE_JAX_FIGURES_DIR, so the tests never touch results/figures/. The fixture is made
+by the real aggregator (moe_jax/sweep.py) from fake run folders, so its schema is the committed one; it covers
+what the committed results may not: one seed only, a Switch run that never reaches the dense loss, and
+ablation sweeps present (the branches the CPU results alone would leave unexecuted).
+"""
+
+import json
+import math
+import pathlib
+import sys
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from configs.sweeps import ablations, common, scaling
+from moe_jax import sweep as sweep_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+SCALING_SUMMARY = ROOT / "results" / "scaling-cpu" / "summary.json"
+CELL_TIMEOUT_S = 120
+
+sys.path.insert(0, str(NOTEBOOKS))
+import plotting  # noqa: E402
+
+FIGURES_ON_REAL_RESULTS = {
+    "scaling": ["scaling-cpu_eval_vs_step", "scaling-cpu_eval_vs_flops", "scaling-cpu_final_vs_experts",
+                "scaling-cpu_speedup", "scaling-cpu_gap_vs_paper"],
+    "routing": ["scaling-cpu_expert_load", "scaling-cpu_drop_rate", "scaling-cpu_router_entropy",
+                "scaling-cpu_capacity_tradeoff"],
+    "ablations": [],  # only for the ablation sweeps present; none need be
+}
+
+
+def execute(name: str, figures: pathlib.Path, monkeypatch, results: pathlib.Path | None = None) -> set[str]:
+  """Run notebooks/<name>.ipynb in a fresh kernel; returns the names of the PNGs it wrote."""
+  monkeypatch.setenv("MOE_JAX_FIGURES_DIR", str(figures))
+  if results is None:
+    monkeypatch.delenv("MOE_JAX_RESULTS_DIR", raising=False)
+  else:
+    monkeypatch.setenv("MOE_JAX_RESULTS_DIR", str(results))
+  notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+  NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3",
+                 resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()  # raises CellExecutionError
+  return {path.stem for path in figures.glob("*.png")}
+
+
+@pytest.mark.parametrize("name", ["scaling", "routing", "ablations"])
+def test_notebooks_are_stored_without_outputs(name):
+  notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+  nbformat.validate(notebook)
+  for cell in notebook.cells:
+    if cell.cell_type == "code":
+      assert not cell.outputs and cell.execution_count is None, f"{name}.ipynb has stored outputs"
+
+
+def test_kernel_runs_this_python(tmp_path):
+  """The 'python3' kernelspec says `python`; jupyter_client must start it as the interpreter running pytest."""
+  notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import sys; print(sys.executable)")])
+  NotebookClient(notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3").execute()
+  assert notebook.cells[0].outputs[0]["text"].strip() == sys.executable
+
+
+@pytest.mark.parametrize("name", ["scaling", "routing", "ablations"])
+def test_notebook_runs_on_committed_results(name, tmp_path, monkeypatch):
+  if name != "ablations":  # CI commits results/scaling-cpu/: missing is an error, not a skip
+    assert SCALING_SUMMARY.exists(), (
+        f"{SCALING_SUMMARY} is missing: run `{plotting.sweep_command('scaling-cpu')}` (or add --aggregate_only "
+        "when its runs have finished) and commit results/scaling-cpu/")
+  expected = set(FIGURES_ON_REAL_RESULTS[name])
+  if name == "ablations":
+    expected |= {f"{sweep}-cpu_{kind}" for sweep in ablations.ABLATIONS for kind in ("final_loss", "eval_curves")
+                 if (ROOT / "results" / f"{sweep}-cpu" / "summary.json").exists()}
+  assert expected <= execute(name, tmp_path, monkeypatch)
+
+
+def test_missing_sweep_names_the_command_to_run(tmp_path, monkeypatch):
+  monkeypatch.setenv("MOE_JAX_RESULTS_DIR", str(tmp_path))
+  with pytest.raises(FileNotFoundError, match=r"python experiments/sweep.py --sweep=configs/sweeps/scaling.py:cpu"):
+    plotting.load_sweep("scaling-cpu")
+  assert plotting.load_sweep("capacity-cpu", required=False) is None
+  assert plotting.sweep_command("capacity-cpu") == (
+      "python experiments/sweep.py --sweep=configs/sweeps/ablations.py:capacity-cpu")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fixture: fake finished runs aggregated by moe_jax/sweep.py.
+
+FIXTURE_STEPS, FIXTURE_EVAL_EVERY = 40, 10
+
+
+def _fake_run(workdir: pathlib.Path, floor: float, num_experts: int, drop: float) -> None:
+  """A finished run whose eval loss decays to `floor`; MoE layers 1 and 3 log routing metrics."""
+  workdir.mkdir(parents=True)
+  with open(workdir / "metrics.jsonl", "w") as f:
+    for step in range(1, FIXTURE_STEPS + 1):
+      ce = floor + 3.0 * math.exp(-step / 8)
+      record = {"step": step, "kind": "train", "loss": ce, "cross_entropy": ce, "load_balancing_loss": 1.0}
+      for layer in ((1, 3) if num_experts else ()):
+        dropped = drop * (1 + math.exp(-step / 10))
+        record.update({f"layer{layer}/dropped_token_fraction": dropped,
+                       f"layer{layer}/max_expert_load": min(1.0, 0.9 + dropped),
+                       f"layer{layer}/mean_expert_load": 0.8 * (1 - dropped),
+                       f"layer{layer}/router_entropy": math.log(num_experts) * (1 - 0.3 * math.exp(-step / 10))})
+      f.write(json.dumps(record) + "\n")
+      if step % FIXTURE_EVAL_EVERY == 0:
+        f.write(json.dumps({"step": step, "kind": "eval", "cross_entropy": ce + 0.05}) + "\n")
+  with open(workdir / sweep_lib.RESULT_FILE, "w") as f:
+    json.dump({"status": "completed", "step": FIXTURE_STEPS, "eval_loss": floor, "wall_time_s": 1.0,
+               "workdir": str(workdir)}, f)
+
+
+def _aggregate(sweep, floors: dict[str, float], root: pathlib.Path) -> None:
+  """Fake the runs named in `floors` (the rest stay unfinished) and aggregate the sweep into root/results."""
+  for run in sweep.runs:
+    if run.name in floors:
+      num_experts = common.build_config(run).moe.num_experts if run.group != "dense" else 0
+      capacity_factor = common.flat_overrides(run).get("moe.capacity_factor", 1.25)
+      _fake_run(root / "work" / sweep.name / run.name, floors[run.name], num_experts,
+                drop=0.1 / capacity_factor ** 4)
+  sweep_lib.aggregate(sweep, common.build_config, str(root / "work"), str(root / "results"))
+
+
+@pytest.fixture(scope="module")
+def fixture_results(tmp_path_factory) -> pathlib.Path:
+  root = tmp_path_factory.mktemp("notebook_fixture")
+  _aggregate(scaling.get_config("cpu"), {
+      "dense-s0": 2.0, "dense-s1": 2.02,
+      "switch-e2-s0": 1.97, "switch-e2-s1": 1.99,
+      "switch-e8-s0": 1.9,                          # one seed only
+      "switch-e64-s0": 2.1, "switch-e64-s1": 2.12,  # never reaches the dense loss
+  }, root)
+  _aggregate(ablations.get_config("capacity-cpu"),
+             {run.name: 2.0 - 0.01 * i for i, run in enumerate(ablations.get_config("capacity-cpu").runs)}, root)
+  _aggregate(ablations.get_config("init_scale-cpu"),
+             {run.name: 2.0 + ("init1-" in run.name) * 0.3 * run.seed for run in
+              ablations.get_config("init_scale-cpu").runs}, root)
+  return root / "results"
+
+
+@pytest.mark.parametrize("name", ["scaling", "routing", "ablations"])
+def test_notebook_runs_on_fixture(name, fixture_results, tmp_path, monkeypatch):
+  expected = set(FIGURES_ON_REAL_RESULTS[name])
+  if name == "ablations":
+    expected = {f"{sweep}-cpu_{kind}" for sweep in ("capacity", "init_scale") for kind in ("final_loss", "eval_curves")}
+  assert expected <= execute(name, tmp_path, monkeypatch, results=fixture_results)
