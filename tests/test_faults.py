@@ -36,6 +36,7 @@ def _cli(workdir, data_dir, steps):
 ONE_DEVICE = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
 
 
+@pytest.mark.slow  # three training processes: ~1 min on 2 cores; .ci/run runs the slow tier
 def test_kill_9_at_a_random_step_then_restart_reproduces_the_uninterrupted_losses(data_dir, tmp_path):
   steps = 14
   straight = subprocess.run(_cli(tmp_path / "straight", data_dir, steps), env=ONE_DEVICE, capture_output=True,

@@ -40,6 +40,7 @@ def _losses(workdir) -> list[float]:
   return [r["loss"] for r in sorted(records, key=lambda r: r["step"]) if r["kind"] == "train"]
 
 
+@pytest.mark.slow  # three training processes: ~1.5 min on 2 cores; .ci/run runs the slow tier
 def test_two_processes_reproduce_the_single_process_losses(tmp_path):
   data_dir = tmp_path / "tfds"
   single = subprocess.run(_command(tmp_path / "single", data_dir), env=_env(8), capture_output=True, text=True,
