@@ -6,7 +6,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import chex
@@ -14,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from moe_jax import checkpoint, train
-from tests.test_train import REPO, tiny_config, train_losses
+from tests.helpers import cpu_env, tiny_config, train_command, train_losses
 
 
 @pytest.fixture(scope="module")
@@ -23,17 +22,13 @@ def data_dir(tmp_path_factory):
 
 
 def _cli(workdir, data_dir, steps):
-  return [
-      sys.executable, os.path.join(REPO, "experiments", "train.py"), f"--config={REPO}/configs/lm.py:switch-cpu",
-      f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", f"--config.train.num_steps={steps}",
-      "--config.train.batch_size=4", "--config.train.seq_len=16", "--config.model.d_model=16",
-      "--config.model.num_heads=2", "--config.model.head_dim=8", "--config.model.num_layers=2",
-      "--config.model.d_ff=32", "--config.moe.num_experts=4", "--config.train.checkpoint_every=2",
-      "--config.train.eval_batches=1", "--config.train.peak_tflops=1.0",
-  ]
+  return train_command("switch-cpu", workdir, data_dir, train__num_steps=steps, train__batch_size=4,
+                       train__seq_len=16, model__d_model=16, model__num_heads=2, model__head_dim=8,
+                       model__num_layers=2, model__d_ff=32, moe__num_experts=4, train__checkpoint_every=2,
+                       train__eval_batches=1)
 
 
-ONE_DEVICE = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
+ONE_DEVICE = cpu_env(1)
 
 
 @pytest.mark.slow  # three training processes: ~1 min on 2 cores; .ci/run runs the slow tier

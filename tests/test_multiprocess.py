@@ -4,12 +4,12 @@ import json
 import os
 import socket
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import cpu_env, train_command
+
 STEPS = 6
 
 
@@ -20,18 +20,10 @@ def _free_port() -> int:
 
 
 def _command(workdir, data_dir, *extra):
-  return [
-      sys.executable, os.path.join(REPO, "experiments", "train.py"), f"--config={REPO}/configs/lm.py:switch-cpu",
-      f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", f"--config.train.num_steps={STEPS}",
-      "--config.train.batch_size=8", "--config.train.seq_len=32", "--config.model.d_model=32",
-      "--config.model.num_layers=2", "--config.model.d_ff=64", "--config.train.eval_batches=2",
-      "--config.train.checkpoint_every=3", "--config.train.peak_tflops=1.0", "--config.mesh.data=2",
-      "--config.mesh.expert=4", "--config.moe.jitter_eps=0.01", *extra,
-  ]
-
-
-def _env(devices: int) -> dict:
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  return train_command(
+      "switch-cpu", workdir, data_dir, train__num_steps=STEPS, train__batch_size=8, train__seq_len=32,
+      model__d_model=32, model__num_layers=2, model__d_ff=64, train__eval_batches=2, train__checkpoint_every=3,
+      mesh__data=2, mesh__expert=4, moe__jitter_eps=0.01) + list(extra)
 
 
 def _losses(workdir) -> list[float]:
@@ -43,7 +35,7 @@ def _losses(workdir) -> list[float]:
 @pytest.mark.slow  # three training processes: ~1.5 min on 2 cores; .ci/run runs the slow tier
 def test_two_processes_reproduce_the_single_process_losses(tmp_path):
   data_dir = tmp_path / "tfds"
-  single = subprocess.run(_command(tmp_path / "single", data_dir), env=_env(8), capture_output=True, text=True,
+  single = subprocess.run(_command(tmp_path / "single", data_dir), env=cpu_env(8), capture_output=True, text=True,
                           timeout=300)
   assert single.returncode == 0, single.stderr[-3000:]
 
@@ -52,7 +44,7 @@ def test_two_processes_reproduce_the_single_process_losses(tmp_path):
       subprocess.Popen(
           _command(tmp_path / "multi", data_dir, "--distributed", f"--coordinator_address=127.0.0.1:{port}",
                    "--num_processes=2", f"--process_id={i}"),
-          env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          env=cpu_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)
   ]
   outputs = [p.communicate(timeout=300) for p in processes]

@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import chex
@@ -15,38 +14,12 @@ import pytest
 
 from moe_jax import config_lib, train
 from moe_jax import data as data_lib
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import cpu_env, tiny_config, train_command, train_losses
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
-
-
-def tiny_config(data_dir: str, *, steps: int = 8, mesh=(2, 4), experts: int = 8):
-  config = config_lib.default_config()
-  config.model.update(dict(d_model=32, num_heads=2, head_dim=16, d_ff=64, num_layers=2, max_seq_len=32))
-  config.moe.num_experts = experts
-  config.moe.jitter_eps = 0.01  # exercise the jitter RNG stream in resume tests
-  config.data.data_dir = data_dir
-  config.train.update(dict(
-      batch_size=8, seq_len=32, num_steps=steps, warmup_steps=2, learning_rate=1e-2, eval_every=0,
-      eval_batches=2, log_every=4, checkpoint_every=4, peak_tflops=1.0,
-  ))
-  config.mesh.data, config.mesh.expert = mesh
-  return config
-
-
-def train_losses(workdir: str) -> dict[int, float]:
-  """Step -> training loss from metrics.jsonl (a resumed step's later record wins)."""
-  losses = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      record = json.loads(line)
-      if record["kind"] == "train":
-        losses[record["step"]] = record["loss"]
-  return losses
 
 
 def test_loss_decreases_on_eight_devices_with_expert_parallelism(data_dir, tmp_path):
@@ -59,14 +32,10 @@ def test_loss_decreases_on_eight_devices_with_expert_parallelism(data_dir, tmp_p
 
 
 def test_cli_trains_on_one_device_with_decreasing_loss(data_dir, tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-  args = [
-      sys.executable, os.path.join(REPO, "experiments", "train.py"), f"--config={REPO}/configs/lm.py:switch-cpu",
-      f"--workdir={tmp_path}", f"--config.data.data_dir={data_dir}", "--config.train.num_steps=12",
-      "--config.train.batch_size=8", "--config.train.seq_len=32", "--config.model.d_model=32",
-      "--config.model.num_layers=2", "--config.model.d_ff=64", "--config.train.eval_batches=2",
-      "--config.train.peak_tflops=1.0", "--config.train.log_every=4",
-  ]
+  env = cpu_env(1)
+  args = train_command("switch-cpu", tmp_path, data_dir, train__num_steps=12, train__batch_size=8, train__seq_len=32,
+                       model__d_model=32, model__num_layers=2, model__d_ff=64, train__eval_batches=2,
+                       train__log_every=4)
   run = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
   assert "completed at step 12" in run.stdout
@@ -99,14 +68,10 @@ def test_metrics_include_moe_load_and_throughput(data_dir, tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu")
-  args = [
-      sys.executable, os.path.join(REPO, "experiments", "train.py"), f"--config={REPO}/configs/lm.py:dense-cpu",
-      f"--workdir={tmp_path}", f"--config.data.data_dir={data_dir}", "--config.train.num_steps=100000",
-      "--config.train.batch_size=4", "--config.train.seq_len=16", "--config.model.d_model=16",
-      "--config.model.num_layers=1", "--config.model.d_ff=32", "--config.train.checkpoint_every=0",
-      "--config.train.peak_tflops=1.0",
-  ]
+  env = cpu_env(1)
+  args = train_command("dense-cpu", tmp_path, data_dir, train__num_steps=100000, train__batch_size=4,
+                       train__seq_len=16, model__d_model=16, model__num_layers=1, model__d_ff=32,
+                       train__checkpoint_every=0)
   process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = tmp_path / "metrics.jsonl"
   deadline = time.monotonic() + 240

@@ -1,0 +1,49 @@
+"""Helpers shared by the training tests: a tiny config, the CLI command, and losses read back from a run."""
+
+import json
+import os
+import sys
+
+from moe_jax import config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(data_dir: str, *, steps: int = 8, mesh=(2, 4), experts: int = 8):
+  config = config_lib.default_config()
+  config.model.update(dict(d_model=32, num_heads=2, head_dim=16, d_ff=64, num_layers=2, max_seq_len=32))
+  config.moe.num_experts = experts
+  config.moe.jitter_eps = 0.01  # exercise the noise RNG stream in resume tests
+  config.data.data_dir = data_dir
+  config.train.update(dict(
+      batch_size=8, seq_len=32, num_steps=steps, warmup_steps=2, learning_rate=1e-2, eval_every=0,
+      eval_batches=2, log_every=4, checkpoint_every=4, peak_tflops=1.0,
+  ))
+  config.mesh.data, config.mesh.expert = mesh
+  return config
+
+
+def train_command(variant: str, workdir, data_dir, **overrides) -> list[str]:
+  """`python experiments/train.py` for configs/lm.py:<variant> with --config.<field>=<value> overrides
+  (keys use '__' for '.', e.g. train__num_steps=12)."""
+  return [
+      sys.executable, os.path.join(REPO, "experiments", "train.py"), f"--config={REPO}/configs/lm.py:{variant}",
+      f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", "--config.train.peak_tflops=1.0",
+      *(f"--config.{key.replace('__', '.')}={value}" for key, value in overrides.items()),
+  ]
+
+
+def cpu_env(devices: int) -> dict:
+  """The environment of a training subprocess with `devices` emulated CPU devices."""
+  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+
+
+def train_losses(workdir) -> dict[int, float]:
+  """Step -> training loss from metrics.jsonl (a resumed step's later record wins)."""
+  losses = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      record = json.loads(line)
+      if record["kind"] == "train":
+        losses[record["step"]] = record["loss"]
+  return losses
