@@ -18,7 +18,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 run: setup
-	$(PY) experiments/routing_demo.py
+	$(PY) experiments/main.py
 
 test: setup
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

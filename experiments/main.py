@@ -37,11 +37,15 @@ def main() -> None:
           flush=True)
     results[name] = train.train_and_evaluate(config, os.path.join(args.workdir, name))
 
+    if results[name].status != "completed":
+      print(f"{name} {results[name].status} at step {results[name].step}; run again to continue")
+      return
+
   print("\nvalidation cross-entropy (nats per byte) after", args.steps, "steps")
   for name, result in results.items():
     print(f"  {name:<12} {result.eval_loss:.4f}   ({result.wall_time_s:.0f} s)")
-  gap = results["dense-cpu"].eval_loss - results["switch-cpu"].eval_loss
-  print(f"  Switch - dense: {-gap:+.4f} nats  (negative = Switch better)")
+  gap = results["switch-cpu"].eval_loss - results["dense-cpu"].eval_loss
+  print(f"  Switch - dense: {gap:+.4f} nats  (negative = Switch better)")
   print(f"total wall time {time.perf_counter() - start:.0f} s")
 
 

@@ -33,8 +33,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   sweep = _SWEEP.value
   if _PRINT.value:
-    sweep_arg = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("--sweep="))
-    print("\n".join(sweep_lib.commands(sweep, sweep_arg, _WORKDIR_ROOT.value)))
+    sweep_arg = config_flags.get_config_filename(flags.FLAGS["sweep"])
+    print("\n".join(sweep_lib.commands(sweep, sweep_arg, _WORKDIR_ROOT.value, _RESULTS_ROOT.value)))
     return
   if not _AGGREGATE_ONLY.value:
     sweep_lib.run_sweep(sweep, common.build_config, _WORKDIR_ROOT.value, only=tuple(_ONLY.value))

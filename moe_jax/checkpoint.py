@@ -15,12 +15,13 @@ import logging
 import os
 import shutil
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from moe_jax import parallel
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +30,6 @@ CORRUPT_DIR = "corrupt"
 
 class CheckpointError(RuntimeError):
   """A save failed; the checkpoints written before it are intact."""
-
-
-def _all_processes_agree(ok: bool) -> bool:
-  """True only if `ok` on every process (one process's unreadable shard makes the step unusable)."""
-  if jax.process_count() == 1:
-    return ok
-  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
 class Checkpointer:
@@ -76,24 +70,32 @@ class Checkpointer:
     except Exception as error:
       raise CheckpointError(f"an asynchronous checkpoint save to {self.directory} failed: {error}") from error
 
-  def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+  def restore_latest(
+      self, abstract_state: Any, check_meta: Callable[[dict], None] = lambda meta: None
+  ) -> tuple[int, Any, dict] | None:
     """The newest restorable (step, state, meta), or None when there is no checkpoint at all.
 
-    `abstract_state` gives shapes, dtypes and shardings (jax.ShapeDtypeStruct leaves).
+    `abstract_state` gives shapes, dtypes and shardings (jax.ShapeDtypeStruct leaves). `check_meta` sees each
+    step's metadata before its arrays are read: a ValueError it raises (say, the checkpoint belongs to another
+    config) propagates, since that is a user error, not a corrupt file.
     """
     for step in reversed(self.all_steps()):
-      restored, error = None, None
+      state, meta, error = None, None, None
       try:
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-            ),
-        )
+        meta = dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
       except Exception as e:  # truncated files surface as OSError, ValueError, tensorstore errors, ...
         error = e
-      if _all_processes_agree(error is None):
-        return step, restored["state"], dict(restored["meta"])
+      if meta is not None:
+        check_meta(meta)
+        try:
+          state = self._manager.restore(
+              step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+          )["state"]
+        except Exception as e:
+          error = e
+      # One process's unreadable shard makes the step unusable for all.
+      if parallel.all_processes(error is None):
+        return step, state, meta
       moved = self._quarantine(step)
       reason = f"{type(error).__name__}: {error}" if error else "another process could not read it"
       log.error("checkpoint at step %d cannot be restored (%s); moved it to %s", step, reason, moved)

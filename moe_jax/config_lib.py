@@ -15,7 +15,8 @@ from typing import Any, Callable
 import ml_collections
 
 from moe_jax import data as data_lib
-from moe_jax.moe_layer import MoeConfig
+from moe_jax import experts
+from moe_jax.moe_layer import ROUTERS, MoeConfig
 from moe_jax.model import DTYPES, ModelConfig
 from moe_jax.layers import NORMS
 
@@ -58,12 +59,11 @@ def _f(spec: tuple, doc: str) -> Field:
   return Field(*spec, doc=doc)
 
 
-ACTIVATIONS = ("relu", "gelu", "geglu", "swiglu")
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
 
 FIELDS: dict[str, Field] = {
-    "seed": _f(_int_at_least(0), "PRNG seed for parameters, dropout, jitter and data order"),
+    "seed": _f((int, lambda v: 0 <= v < 2**32, "in [0, 2**32)"), "PRNG seed for parameters, dropout, jitter and data order"),
     # Model.
     "model.vocab_size": _f(_int_at_least(0), "vocabulary size; 0 takes the tokenizer's"),
     "model.d_model": _f(_int_at_least(1), "residual width M"),
@@ -78,14 +78,14 @@ FIELDS: dict[str, Field] = {
         _int_at_least(0), "0: dense model; N: every N-th block's FFN is a MoE layer (Switch: 2)"
     ),
     "model.norm": _f(_choice(*NORMS), "pre-norm layer"),
-    "model.activation": _f(_choice(*ACTIVATIONS), "FFN activation; geglu/swiglu are gated (T5.1.1)"),
+    "model.activation": _f(_choice(*experts.ACTIVATIONS), "FFN activation; geglu/swiglu are gated (T5.1.1)"),
     "model.tie_embeddings": _f(_bool(), "share input embedding and output projection"),
     "model.dropout": _f(_unit_interval(), "dropout on residual branches and dense FFNs"),
     "model.init_scale": _f(_positive(), "Switch init: truncated normal with variance init_scale / fan_in"),
     "model.dtype": _f(_choice(*DTYPES), "activation dtype (params and router stay float32)"),
     # Mixture of experts (used when model.moe_layer_interval > 0).
     "moe.num_experts": _f(_int_at_least(1), "experts E per MoE layer"),
-    "moe.router": _f(_choice("switch", "top_k", "expert_choice"), "routing algorithm"),
+    "moe.router": _f(_choice(*ROUTERS), "routing algorithm"),
     "moe.top_k": _f(_int_at_least(1), "experts per token K (1 for switch; <= num_experts)"),
     "moe.capacity_factor": _f(_positive(), "training capacity factor (ignored when dropless)"),
     "moe.eval_capacity_factor": _f(_positive(), "evaluation capacity factor"),
@@ -112,7 +112,10 @@ FIELDS: dict[str, Field] = {
     "train.min_lr_ratio": _f(_unit_interval(closed_high=True), "final learning rate / peak (cosine, linear)"),
     "train.weight_decay": _f(_non_negative(), "decoupled weight decay"),
     "train.b1": _f(_unit_interval(), "Adam beta1"),
-    "train.b2": _f(_unit_interval(), "Adam beta2 / Adafactor decay"),
+    "train.b2": _f(_unit_interval(), "Adam beta2"),
+    "train.adafactor_decay_rate": _f(
+        _unit_interval(closed_high=True), "Adafactor second-moment decay exponent: beta2_t = 1 - t^-rate (0.8)"
+    ),
     "train.grad_clip_norm": _f(_non_negative(), "global gradient-norm clip; 0 = off"),
     "train.aux_loss_weight": _f(_non_negative(), "alpha: load-balancing loss weight (Switch: 1e-2)"),
     "train.z_loss_weight": _f(_non_negative(), "beta: router z-loss weight (ST-MoE: 1e-3); 0 = off"),
@@ -141,7 +144,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.data = data_lib.default_data_config()
   config.train = ml_collections.ConfigDict(dict(
       batch_size=32, seq_len=128, num_steps=200, optimizer="adamw", learning_rate=3e-3, warmup_steps=20,
-      schedule="cosine", min_lr_ratio=0.1, weight_decay=0.01, b1=0.9, b2=0.99, grad_clip_norm=1.0,
+      schedule="cosine", min_lr_ratio=0.1, weight_decay=0.01, b1=0.9, b2=0.99, adafactor_decay_rate=0.8,
+      grad_clip_norm=1.0,
       aux_loss_weight=1e-2, z_loss_weight=0.0, eval_every=100, eval_batches=8, log_every=20,
       checkpoint_every=100, keep_checkpoints=2, peak_tflops=0.0,
   ))
@@ -227,6 +231,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
           "ones included) and cannot train an autoregressive decoder; use 'switch' or 'top_k'"
       )
     moe_config(config)  # MoeConfig's own cross-field checks (top_k vs num_experts, ...)
+    _check_routing_groups(config, devices)
   vocab = config.model.vocab_size
   if vocab:
     tokenizer_vocab = data_lib.get_tokenizer(config.data).vocab_size
@@ -234,6 +239,21 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
       raise ValueError(
           f"model.vocab_size={vocab} must be >= the tokenizer's vocabulary ({tokenizer_vocab}), or 0 to use it"
       )
+
+
+def _check_routing_groups(config: ml_collections.ConfigDict, devices: int) -> None:
+  """Routing groups must tile the batch and split evenly over the devices (moe_layer.group_tokens)."""
+  tokens = config.train.batch_size * config.train.seq_len
+  group = config.moe.group_size or config.train.seq_len
+  if tokens % group:
+    raise ValueError(
+        f"moe.group_size={config.moe.group_size} must divide train.batch_size * train.seq_len = {tokens}"
+    )
+  if (tokens // group) % devices:
+    raise ValueError(
+        f"moe.group_size={config.moe.group_size} gives {tokens // group} routing groups, which must be a multiple "
+        f"of mesh.data * mesh.expert = {devices}"
+    )
 
 
 def moe_config(config: ml_collections.ConfigDict) -> MoeConfig:

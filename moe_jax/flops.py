@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from moe_jax import experts
 from moe_jax.model import ModelConfig
 
 TRAIN_FLOPS_MULTIPLIER = 3
 
-GATED_ACTIVATIONS = ("geglu", "swiglu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +44,7 @@ class FlopsBreakdown:
 
 def ffn_flops(d_model: int, d_ff: int, activation: str) -> float:
   """One token through one FFN: two matmuls, three for gated units (GeGLU/SwiGLU have wi_0 and wi_1)."""
-  matmuls = 3 if activation in GATED_ACTIVATIONS else 2
+  matmuls = 3 if experts.is_gated(activation) else 2
   return 2.0 * matmuls * d_model * d_ff
 
 
@@ -91,7 +91,7 @@ def param_count(cfg: ModelConfig) -> ParamCount:
   """Total vs active parameters (Switch Table 9 reports total; FLOPs follow active)."""
   m, f = cfg.d_model, cfg.d_ff
   norm = m if cfg.norm == "rmsnorm" else 2 * m
-  ffn = (3 if cfg.activation in GATED_ACTIVATIONS else 2) * m * f
+  ffn = (3 if experts.is_gated(cfg.activation) else 2) * m * f
   attention = 4 * m * cfg.num_heads * cfg.head_dim
   embeddings = cfg.vocab_size * m * (1 if cfg.tie_embeddings else 2)
   num_moe = len(cfg.moe_layers)

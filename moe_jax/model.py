@@ -18,10 +18,8 @@ from flax import nnx
 
 from moe_jax import layers
 from moe_jax.init import switch_init
-from moe_jax.moe_layer import FeedForward, MoeConfig, MoeFeedForward
+from moe_jax.moe_layer import DTYPES, FeedForward, MoeConfig, MoeFeedForward
 from moe_jax.routing import RoutingMetrics
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -50,7 +50,7 @@ from moe_jax import experts as experts_lib
 from moe_jax.init import switch_init
 
 ROUTERS = ("switch", "top_k", "expert_choice")
-ROUTER_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +112,8 @@ class MoeConfig:
     experts_lib.validate_dropout("expert_dropout", self.expert_dropout)
     if not isinstance(self.group_size, int) or self.group_size < 0:
       raise ValueError(f"group_size={self.group_size!r} must be an integer >= 0 (0 = one group per sequence)")
-    if self.router_dtype not in ROUTER_DTYPES:
-      raise ValueError(f"router_dtype={self.router_dtype!r} must be one of {tuple(ROUTER_DTYPES)}")
+    if self.router_dtype not in DTYPES:
+      raise ValueError(f"router_dtype={self.router_dtype!r} must be one of {tuple(DTYPES)}")
 
   @property
   def needs_rng(self) -> bool:
@@ -253,7 +253,7 @@ def moe_block(
       key = jax.random.fold_in(key, parallel.device_index())
     jitter_key, policy_key, dropout_key = jax.random.split(key, 3)
 
-  router_dtype = ROUTER_DTYPES[config.router_dtype]
+  router_dtype = DTYPES[config.router_dtype]
   # bfloat16 ablation: bf16 inputs and kernel with f32 accumulation, logits rounded to bf16 (a TPU bf16 matmul).
   logits = routing.router_logits(
       groups.astype(router_dtype),

@@ -25,7 +25,9 @@ from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AbstractMesh, AxisType, Mesh
 from jax.sharding import PartitionSpec as P
 
@@ -73,6 +75,30 @@ def create_mesh(data: int, expert: int) -> Mesh:
       (data, expert), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
       devices=jax.devices()[: data * expert],
   )
+
+
+def any_process(flag: bool) -> bool:
+  """True on every process if `flag` is True on any (e.g. one process was told to stop)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+
+
+def all_processes(flag: bool) -> bool:
+  """True on every process only if `flag` is True on all."""
+  return not any_process(not flag)
+
+
+def gather_strings(text: str) -> list[str]:
+  """Every process's `text`, indexed by process (e.g. per-process data-iterator states for a checkpoint)."""
+  if jax.process_count() == 1:
+    return [text]
+  data = np.frombuffer(text.encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.array(len(data)))
+  padded = np.zeros(int(np.max(lengths)), np.uint8)
+  padded[: len(data)] = data
+  gathered = multihost_utils.process_allgather(padded)
+  return [bytes(row[:n]).decode() for row, n in zip(gathered, lengths)]
 
 
 @contextlib.contextmanager

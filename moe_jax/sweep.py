@@ -6,7 +6,8 @@ one process (or as printed commands on a cluster), each in `<workdir_root>/<swee
 
 results/<sweep>/
   summary.json, summary.csv   one row per run: config, seed, final eval loss, steps/tokens to the dense
-                              model's final loss, wall time, FLOPs, parameters
+                              model's final loss, wall time, FLOPs, parameters; diverged runs listed
+                              apart in summary.json ("diverged"), never silently left out
   curves.json                 per run: eval loss by step; training loss and routing metrics every few steps
 """
 
@@ -33,20 +34,29 @@ def run_workdir(workdir_root: str, sweep: ml_collections.ConfigDict, run: ml_col
   return os.path.join(workdir_root, sweep.name, run.name)
 
 
-def is_finished(workdir: str) -> bool:
+FINAL_STATUSES = ("completed", "diverged")
+
+
+def run_status(workdir: str) -> str | None:
+  """'completed', 'diverged', 'preempted', 'stopped', or None when the run never finished a call."""
   path = os.path.join(workdir, RESULT_FILE)
   if not os.path.exists(path):
-    return False
+    return None
   with open(path) as f:
-    return json.load(f).get("status") == "completed"
+    return json.load(f).get("status")
 
 
-def commands(sweep: ml_collections.ConfigDict, sweep_arg: str, workdir_root: str) -> list[str]:
+def is_finished(workdir: str) -> bool:
+  return run_status(workdir) in FINAL_STATUSES
+
+
+def commands(sweep: ml_collections.ConfigDict, sweep_arg: str, workdir_root: str,
+             results_root: str = "results") -> list[str]:
   """One shell command per run, for a cluster scheduler (each resumes if restarted)."""
   lines = []
   for run in sweep.runs:
     args = ["python", "experiments/sweep.py", f"--sweep={sweep_arg}", f"--workdir_root={workdir_root}",
-            f"--only={run.name}"]
+            f"--results_root={results_root}", f"--only={run.name}"]
     lines.append(" ".join(shlex.quote(a) for a in args))
   return lines
 
@@ -71,9 +81,16 @@ def run_sweep(
       print(f"[{index}/{len(selected)}] {run.name}: finished earlier, skipped", flush=True)
       continue
     print(f"[{index}/{len(selected)}] {run.name} -> {workdir}", flush=True)
-    result = train.train_and_evaluate(build_config(run), workdir)
+    try:
+      outcome = dataclasses.asdict(train.train_and_evaluate(build_config(run), workdir))
+    except train.NonFiniteLossError as error:  # a diverged run is a result (Switch Table 3), not a crash
+      print(f"  {run.name} diverged: {error}", flush=True)
+      outcome = {"status": "diverged", "error": str(error)}
     with open(os.path.join(workdir, RESULT_FILE), "w") as f:
-      json.dump(dataclasses.asdict(result), f)
+      json.dump(outcome, f)
+    if outcome["status"] == "preempted":
+      print("preempted: stopping the sweep; run the same command again to continue", flush=True)
+      return
 
 
 def _read_metrics(workdir: str) -> tuple[dict[int, dict], dict[int, float]]:
@@ -125,12 +142,16 @@ def aggregate(
     config = build_config(run)
     with open(os.path.join(workdir, RESULT_FILE)) as f:
       result = json.load(f)
+    if result["status"] == "diverged":
+      rows.append({"run": run.name, "group": run.group, "seed": run.seed, "base": run.base, "status": "diverged",
+                   "error": result["error"]})
+      continue
     train, evals = _read_metrics(workdir)
     model_cfg = config_lib.model_config(config, vocab_size=_vocab_size(config))
     per_token = flops.flops_per_token(model_cfg, config.train.seq_len).train
     params = flops.param_count(model_cfg)
     rows.append({
-        "run": run.name, "group": run.group, "seed": run.seed, "base": run.base,
+        "run": run.name, "group": run.group, "seed": run.seed, "base": run.base, "status": "completed",
         "flop_matched": run.flop_matched,
         "num_experts": config.moe.num_experts if model_cfg.moe_layers else 0,
         "overrides": json.dumps(run.overrides.to_dict()),
@@ -150,11 +171,13 @@ def aggregate(
         "load_balancing_loss": [train[s]["load_balancing_loss"] for s in stride_steps],
         "routing": _routing_curve(train, stride_steps) if model_cfg.moe_layers else {},
     }
+  diverged = [row for row in rows if row["status"] == "diverged"]
+  rows = [row for row in rows if row["status"] == "completed"]
   _add_steps_to_dense(rows, curves)
   out = os.path.join(results_root, sweep.name)
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "summary.json"), "w") as f:
-    json.dump({"sweep": sweep.name, "runs": rows}, f, indent=1)
+    json.dump({"sweep": sweep.name, "runs": rows, "diverged": diverged}, f, indent=1)
   with open(os.path.join(out, "curves.json"), "w") as f:
     json.dump(curves, f)
   if rows:
@@ -166,10 +189,16 @@ def aggregate(
 
 
 def _add_steps_to_dense(rows: list[dict], curves: dict) -> None:
-  """Steps and tokens each run needs to reach the dense runs' mean final eval loss (None: never / no dense)."""
-  dense = [row["final_eval_loss"] for row in rows if row["num_experts"] == 0]
-  target = float(np.mean(dense)) if dense else None
+  """Steps and tokens each run needs to reach the final eval loss of the dense run with the same seed (the
+  mean over dense runs when that seed has none; None: never reached, or no dense run in the sweep).
+
+  Pairing by seed compares runs that saw the same data order and, in results made before the evaluation set
+  was fixed, the same evaluation documents.
+  """
+  dense = {row["seed"]: row["final_eval_loss"] for row in rows if row["num_experts"] == 0}
+  fallback = float(np.mean(list(dense.values()))) if dense else None
   for row in rows:
+    target = dense.get(row["seed"], fallback)
     steps = steps_to_reach(dict(curves[row["run"]]["eval"]), target) if target is not None else None
     row["dense_final_eval_loss"] = target
     row["steps_to_dense_loss"] = steps

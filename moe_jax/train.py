@@ -25,7 +25,6 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe_jax import config_lib, data as data_lib, flops, parallel
@@ -39,6 +38,9 @@ BATCH_SPEC = P(("data", "expert"))  # sequences split over every device
 # RNG streams reseeded from (seed, step) before every step ('params' is only used at initialisation): dropout,
 # router jitter and expert dropout all draw from forks of the 'dropout' stream.
 RUNTIME_STREAMS = ("dropout",)
+
+
+EVAL_SEED = 0  # the validation order: fixed, so every run and seed is scored on the same documents
 
 
 class NonFiniteLossError(RuntimeError):
@@ -59,16 +61,17 @@ class TrainResult:
 
 
 def make_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warmup to train.learning_rate, then cosine / linear / inverse-sqrt (T5, Switch) / constant."""
+  """Linear warmup to train.learning_rate, then cosine / linear / constant decay; or 'rsqrt', T5's and
+  Switch's lr * sqrt(warmup / max(step, warmup)): constant for `warmup` steps, then inverse square root."""
   peak, warmup, total = train.learning_rate, train.warmup_steps, train.num_steps
+  if train.schedule == "rsqrt":
+    return lambda count: peak * jnp.sqrt(max(warmup, 1) / jnp.maximum(count, max(warmup, 1)))
   decay_steps = max(total - warmup, 1)
   end = peak * train.min_lr_ratio
   if train.schedule == "cosine":
     decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=train.min_lr_ratio)
   elif train.schedule == "linear":
     decay = optax.linear_schedule(peak, end, decay_steps)
-  elif train.schedule == "rsqrt":
-    decay = lambda count: peak * jnp.sqrt(max(warmup, 1) / (count + max(warmup, 1)))
   else:
     decay = optax.constant_schedule(peak)
   if warmup == 0:
@@ -81,7 +84,8 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
   if train.optimizer == "adamw":
     tx = optax.adamw(schedule, b1=train.b1, b2=train.b2, weight_decay=train.weight_decay)
   else:  # Adafactor, factored second moments (Shazeer & Stern 2018), as used by Switch.
-    tx = optax.adafactor(schedule, decay_rate=train.b2, weight_decay_rate=train.weight_decay or None)
+    tx = optax.adafactor(schedule, decay_rate=train.adafactor_decay_rate,
+                         weight_decay_rate=train.weight_decay or None)
   if train.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(train.grad_clip_norm), tx)
   return tx
@@ -197,21 +201,35 @@ class _SigtermFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _any_process(flag: bool) -> bool:
-  """True on every process if `flag` is True on any: processes must stop at the same step."""
-  if jax.process_count() == 1:
-    return flag
-  return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+# Fields a checkpoint's run must share with the config that resumes it (num_steps, logging, mesh may change).
+RESUME_INVARIANT_FIELDS = ("seed", "model", "moe", "data.dataset", "data.tokenizer", "train.batch_size",
+                           "train.seq_len", "train.optimizer")
+
+
+def check_resumable(saved: dict, config: ml_collections.ConfigDict) -> None:
+  """ValueError naming the fields that differ between a checkpoint's config and this run's."""
+  current = json.loads(config.to_json())
+  differ = []
+  for path in RESUME_INVARIANT_FIELDS:
+    old, new = saved, current
+    for part in path.split("."):
+      old, new = old.get(part), new.get(part)
+    if old != new:
+      differ.append(f"{path}: checkpoint {old!r} vs config {new!r}")
+  if differ:
+    raise ValueError("the workdir holds a checkpoint of a different run; use a new --workdir or the same "
+                     "config. Differences: " + "; ".join(differ))
 
 
 def evaluate(model: TransformerLM, config: ml_collections.ConfigDict, sharding: NamedSharding) -> float:
   """Mean token cross-entropy (nats) over the first `train.eval_batches` validation batches.
 
-  The same batches every time (fixed seed), so evaluations are comparable across steps and runs.
+  The same batches every time, whatever config.seed (EVAL_SEED), so evaluations are comparable across
+  steps, runs and seeds.
   """
   iterator = data_lib.create_iterator(
       config.data, split="validation", batch_size=config.train.batch_size // jax.process_count(),
-      seq_len=config.train.seq_len, seed=config.seed, shard_index=jax.process_index(),
+      seq_len=config.train.seq_len, seed=EVAL_SEED, shard_index=jax.process_index(),
       shard_count=jax.process_count(), repeat=False, num_batches=config.train.eval_batches,
   )
   total = count = 0.0
@@ -267,12 +285,16 @@ def train_and_evaluate(
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _checkpoint_tree(model, optimizer)
     )
-    restored = checkpointer.restore_latest(abstract)
+    restored = checkpointer.restore_latest(abstract, check_meta=lambda meta: check_resumable(meta["config"], config))
     if restored is not None:
       step, tree, meta = restored
       nnx.update(model, tree["params"])
       nnx.update(optimizer, tree["optimizer"])
-      data_iter.set_state(json.loads(meta["data_state"]))
+      data_states = meta["data_state"]  # one JSON state per process
+      if len(data_states) != jax.process_count():
+        raise ValueError(f"the checkpoint at step {step} was written by {len(data_states)} processes; resume it "
+                         f"with that many (this run has {jax.process_count()})")
+      data_iter.set_state(json.loads(data_states[jax.process_index()]))
       print(f"resumed from checkpoint at step {step} in {checkpointer.directory}", flush=True)
 
     train_step = make_train_step(train, config.seed, model_cfg.moe_layers)
@@ -287,7 +309,8 @@ def train_and_evaluate(
 
     def save(at_step: int) -> None:
       if at_step not in saved_steps:
-        meta = {"data_state": json.dumps(data_iter.get_state()), "step": at_step}
+        meta = {"data_state": parallel.gather_strings(json.dumps(data_iter.get_state())), "step": at_step,
+                "config": json.loads(config.to_json())}
         checkpointer.save(at_step, _checkpoint_tree(model, optimizer), meta)
         saved_steps.add(at_step)
 
@@ -295,7 +318,7 @@ def train_and_evaluate(
       with _SigtermFlag() as sigterm:
         last = time.perf_counter()
         while step < train.num_steps:
-          preempted = _any_process(sigterm.raised)
+          preempted = parallel.any_process(sigterm.raised)
           if preempted or step == stop_at_step:
             save(step)
             checkpointer.wait()

@@ -77,6 +77,9 @@ INVALID = {
     "moe interval beyond the depth": (_set("model.moe_layer_interval", 9), "model.moe_layer_interval=9"),
     "init scale of zero": (_set("model.init_scale", 0.0), "model.init_scale=0.0 must be > 0"),
     "validation fraction out of range": (_set("data.validation_fraction", 0.9), "data.validation_fraction"),
+    "routing group not dividing the batch": (_set("moe.group_size", 100), r"moe.group_size=100 must divide"),
+    "fewer routing groups than devices": (_set("moe.group_size", 1024), r"gives 4 routing groups"),
+    "seed beyond 32 bits": (_set("seed", 2**32), r"seed=4294967296 must be in \[0, 2\*\*32\)"),
 }
 
 

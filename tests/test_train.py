@@ -55,6 +55,15 @@ def test_resumed_run_reproduces_uninterrupted_losses_bitwise(data_dir, tmp_path)
   assert second.eval_loss == pytest.approx(first.eval_loss if first.eval_loss else second.eval_loss)
 
 
+def test_resuming_a_workdir_with_a_different_model_is_refused(data_dir, tmp_path):
+  config = tiny_config(data_dir, steps=4)
+  train.train_and_evaluate(config, str(tmp_path), stop_at_step=2)
+  config.moe.num_experts = 4
+  with pytest.raises(ValueError, match="moe: checkpoint"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # nothing was set aside as corrupt
+
+
 def test_metrics_include_moe_load_and_throughput(data_dir, tmp_path):
   config = tiny_config(data_dir, steps=2)
   train.train_and_evaluate(config, str(tmp_path))

@@ -4,7 +4,8 @@
   ablations: capacity, aux_loss, z_loss, precision, init_scale, jitter;  sizes: cpu, gpu, paper
 
 capacity    capacity factor 1.0 / 1.25 / 2.0 for top-1 and top-2 (Table 1: within ~0.01 nats for Switch-Base).
-            Top-2 sends each token through two experts: NOT FLOP-matched to the dense twin (flop_matched=False).
+            Top-2 sends each token through two experts: NOT FLOP-matched to the dense twin (flop_matched=False);
+            its two gates are renormalised to sum to 1, as in GShard Algorithm 1.
 aux_loss    load-balancing weight alpha 0 / 1e-3 / 1e-2 / 1e-1 (1e-2 chosen from a 1e-1..1e-5 sweep, Sec. 2.2).
 z_loss      router z-loss off / beta = 1e-3 (ST-MoE, Sec. 3.1).
 precision   router in float32 vs bfloat16 (Table 2, "selective precision": bf16 routers can diverge).
@@ -20,7 +21,8 @@ from configs.sweeps import common
 ABLATIONS = {
     "capacity": [
         (f"top{k}-cf{cf}", f"top{k}-cf{cf}",
-         {"moe.capacity_factor": cf, "moe.router": "switch" if k == 1 else "top_k", "moe.top_k": k}, k == 1)
+         {"moe.capacity_factor": cf, "moe.router": "switch" if k == 1 else "top_k", "moe.top_k": k,
+          "moe.renormalize": k == 2}, k == 1)
         for k in (1, 2) for cf in (1.0, 1.25, 2.0)
     ],
     "aux_loss": [(f"alpha{a:g}", f"alpha={a:g}", {"train.aux_loss_weight": a}, True) for a in (0.0, 1e-3, 1e-2, 1e-1)],
