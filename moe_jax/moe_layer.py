@@ -29,8 +29,8 @@ dropless routing's capacity C = S, which still drops nothing and gives the same 
 buffers sized for the worst case (E*S rows per group).
 
 Randomness (router jitter, the random second-expert policy, expert dropout) is drawn only when
-deterministic=False, from an nnx RNG stream kept in the module state (checkpointed with it, so a resumed
-run draws the same noise). Under a mesh each device folds its index into the key: noisy outputs depend on
+deterministic=False, from an nnx RNG stream kept in the module state (a fork of the 'dropout' stream, which
+the training loop reseeds from (seed, step) before every step, so a resumed run draws the same noise). Under a mesh each device folds its index into the key: noisy outputs depend on
 the mesh layout, deterministic ones do not.
 """
 

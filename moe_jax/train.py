@@ -95,13 +95,18 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
 # Steps.
 
 
+def summed_cross_entropy(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax.Array]:
+  """(sum of weighted token cross-entropies, sum of weights); padding has weight 0."""
+  token_ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B, L]
+  return jnp.sum(token_ce * batch["weights"]), jnp.sum(batch["weights"])
+
+
 def lm_loss(model: TransformerLM, batch: dict, *, deterministic: bool, aux_loss_weight: float,
             z_loss_weight: float):
   """Weighted token cross-entropy plus the router losses; returns (loss, (cross_entropy, aux))."""
   logits, aux = model(batch["inputs"], deterministic=deterministic)
-  token_ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-  weights = batch["weights"]
-  ce = jnp.sum(token_ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  ce_sum, weight_sum = summed_cross_entropy(logits, batch)
+  ce = ce_sum / jnp.maximum(weight_sum, 1.0)
   loss = ce + aux_loss_weight * aux.load_balancing_loss + z_loss_weight * aux.router_z_loss
   return loss, (ce, aux)
 
@@ -151,8 +156,7 @@ def make_train_step(train: ml_collections.ConfigDict, seed: int, moe_layers: tup
 def eval_step(model: TransformerLM, batch: dict) -> tuple[jax.Array, jax.Array]:
   """Sum of weighted token cross-entropies and of weights (deterministic: no dropout, no jitter)."""
   logits, _ = model(batch["inputs"], deterministic=True)
-  token_ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-  return jnp.sum(token_ce * batch["weights"]), jnp.sum(batch["weights"])
+  return summed_cross_entropy(logits, batch)
 
 
 # ----------------------------------------------------------------------------------------------------------
