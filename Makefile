@@ -4,8 +4,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
-# 8 emulated CPU devices so mesh tests run anywhere; must be set before jax is imported.
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+# Tests run on 8 emulated CPU devices so mesh tests run anywhere (tests/conftest.py sets the same flag).
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
 .PHONY: run test test-slow setup clean
 
@@ -21,11 +21,11 @@ run: setup
 	$(PY) experiments/main.py
 
 test: setup
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # pytest exits 5 when no test is marked slow: not a failure.
 test-slow: setup
-	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(TEST_ENV) $(PY) -m pytest -q -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 clean:
 	rm -rf $(VENV) .pytest_cache
