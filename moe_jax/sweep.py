@@ -86,6 +86,7 @@ def run_sweep(
     except train.NonFiniteLossError as error:  # a diverged run is a result (Switch Table 3), not a crash
       print(f"  {run.name} diverged: {error}", flush=True)
       outcome = {"status": "diverged", "error": str(error)}
+    os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, RESULT_FILE), "w") as f:
       json.dump(outcome, f)
     if outcome["status"] == "preempted":

@@ -79,3 +79,23 @@ def test_sweep_runs_skips_finished_runs_and_aggregates(tmp_path, capsys):
   curves = json.load(open(os.path.join(results, "unit-cpu", "curves.json")))
   assert [step for step, _ in curves["dense-s0"]["eval"]] == [2, 4, 6]
   assert set(curves["switch-e4-s0"]["routing"]) == {"layer1"}
+
+
+def test_a_diverged_run_is_recorded_and_listed_not_dropped(tmp_path, monkeypatch):
+  from moe_jax import train
+
+  sweep = common.new_sweep("unit", "cpu")
+  common.add_run(sweep, "init1-s0", group="init scale 1", base="switch", seed=0)
+
+  def diverge(config, workdir):
+    raise train.NonFiniteLossError("non-finite loss (nan) at step 7")
+
+  monkeypatch.setattr(train, "train_and_evaluate", diverge)
+  workdirs, results = str(tmp_path / "work"), str(tmp_path / "results")
+  sweep_lib.run_sweep(sweep, common.build_config, workdirs)
+  assert sweep_lib.is_finished(sweep_lib.run_workdir(workdirs, sweep, sweep.runs[0]))
+  sweep_lib.aggregate(sweep, common.build_config, workdirs, results)
+  summary = json.load(open(os.path.join(results, "unit-cpu", "summary.json")))
+  assert summary["runs"] == []
+  assert [row["run"] for row in summary["diverged"]] == ["init1-s0"]
+  assert "step 7" in summary["diverged"][0]["error"]
