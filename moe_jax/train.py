@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import os
 import signal
 import time
-from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +29,6 @@ from moe_jax import config_lib, data as data_lib, flops, parallel
 from moe_jax.checkpoint import Checkpointer
 from moe_jax.metrics import MetricWriter, Progress
 from moe_jax.model import TransformerLM
-
-log = logging.getLogger(__name__)
 
 BATCH_SPEC = P(("data", "expert"))  # sequences split over every device
 # RNG streams reseeded from (seed, step) before every step ('params' is only used at initialisation): dropout,

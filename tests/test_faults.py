@@ -1,7 +1,6 @@
 """Faults a pod or cluster run meets: kill -9, a corrupted checkpoint, a full disk. No data may be lost."""
 
 import errno
-import json
 import os
 import random
 import signal
