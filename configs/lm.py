@@ -3,9 +3,9 @@
   python experiments/train.py --config=configs/lm.py:switch-cpu --workdir=/tmp/switch
   variants: {switch,dense}-{cpu,gpu,base,large}
 
-cpu    4 blocks, d_model 128, 8 experts on blocks 2 and 4: 200 steps in about 2 minutes on 2 CPU cores, on the
-       embedded stdlib corpus with the byte tokenizer (32 x 128 tokens a step, under one epoch).
-gpu    8 blocks, d_model 512, d_ff 2048, 8 experts, 32 x 512 bytes of lm1b a step, 10k steps: hours on one GPU.
+cpu    4 blocks, d_model 128, 8 experts on blocks 2 and 4, 200 steps on the embedded stdlib corpus with the
+       byte tokenizer (32 x 128 tokens a step, under one epoch); step times are in benchmarks/README.md.
+gpu    8 blocks, d_model 512, d_ff 2048, 8 experts, 32 x 512 bytes of lm1b a step, 10k steps.
 base   Switch-Base (Fedus et al. 2021, Table 9): d_model 768, d_ff 2048, 12 heads of 64, 12 blocks, 128 experts
        on every other block, GEGLU, capacity factor 1.25, dropout 0.1; T5's 32k SentencePiece vocabulary on C4,
        Adafactor with inverse-sqrt decay (lr 1e-2, 10k warmup). Decoder-only here (the paper uses T5's

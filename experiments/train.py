@@ -41,12 +41,12 @@ def main(argv):
     )
   elif _COORDINATOR.value or _NUM_PROCESSES.value or _PROCESS_ID.value is not None:
     raise app.UsageError("--coordinator_address/--num_processes/--process_id need --distributed")
-  from moe_jax import config_lib, train
+  from moe_jax import resolve, train
   from moe_jax.checkpoint import CheckpointError
 
+  config = _CONFIG.value
   try:
-    config = config_lib.resolve(_CONFIG.value, jax.device_count())
-    config_lib.validate(config, device_count=jax.device_count())
+    resolve.resolve(config, jax.device_count())  # every bad field fails here, before anything is built
   except ValueError as error:
     print(f"invalid configuration: {error}", file=sys.stderr)
     sys.exit(2)

@@ -1,282 +1,439 @@
-"""The experiment config: its fields, their valid ranges, and conversion to the typed model configs.
+"""The experiment config schema: every field declared once, with its type, default, valid range and meaning.
 
-Every config file in `configs/` starts from `default_config()` and changes fields. `validate(config)` checks
-every field against `FIELDS` (the one table of names, types and ranges; `docs/config.md` is generated from
-it) and the cross-field rules, raising `ValueError` naming the field before anything is built or compiled.
+A config has a `seed` and five sections, each a frozen dataclass below: `model`, `moe`, `data`, `train`, `mesh`.
+Each field is declared once, with `field(default, rule, doc)`. From that one declaration come:
+  * `default_config()`: the `ml_collections.ConfigDict` that every file in `configs/` starts from and that
+    `--config.section.field=value` overrides;
+  * validation: building a section (`MoeConfig(...)`) or `typed(config)` raises `ValueError` naming
+    `section.field`, its value and its valid range;
+  * the typed objects that the model and the trainer receive (`typed`, `model_config`);
+  * `docs/config.md` (`config_docs()`; tests/test_config.py checks that it is current).
+Rules that relate several fields of a section are its `_check` method, next to the fields; rules across
+sections are `ExperimentConfig._check`. Rules that need the machine (device count) or the tokenizer are applied
+where those are known, in `moe_jax.resolve`. Modules deeper down receive already-valid typed configs and do not
+check the same ranges again.
+
+Fields that choose an implementation (router, dispatch backend, activation, norm, ...) name a registry kind;
+`moe_jax.registry` looks the valid names up in the module that implements them, so this module imports no
+model code.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
-from typing import Any, Callable
+import os
+from typing import Any, Callable, ClassVar
 
 import ml_collections
 
-from moe_jax import data as data_lib
-from moe_jax import experts
-from moe_jax.moe_layer import ROUTERS, MoeConfig
-from moe_jax.model import DTYPES, ModelConfig
-from moe_jax.layers import NORMS
+from moe_jax import registry
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rules: a field's type and valid range, checked in one function.
 
 
 @dataclasses.dataclass(frozen=True)
-class Field:
-  kind: type | tuple[type, ...]
-  check: Callable[[Any], bool]
-  allowed: str  # the valid range, in words, for messages and docs
-  doc: str
+class Rule:
+  kinds: tuple[type, ...]  # accepted Python types (bool is accepted only where listed)
+  ok: Callable[[Any], bool]
+  allowed: Callable[[], str]  # the valid range in words; a callable because registry names load lazily
+  nullable: bool = False  # None is valid (e.g. an optional path)
 
 
-def _int_at_least(n: int) -> tuple[type, Callable[[Any], bool], str]:
-  return int, lambda v: v >= n, f">= {n}"
+def at_least(n: int) -> Rule:
+  return Rule((int,), lambda v: v >= n, lambda: f">= {n}")
 
 
-def _choice(*options: str) -> tuple[type, Callable[[Any], bool], str]:
-  return str, lambda v: v in options, "one of " + ", ".join(repr(o) for o in options)
+def in_range(low: float, high: float, *, closed_low: bool = True, closed_high: bool = False) -> Rule:
+  def ok(v):
+    return (low <= v if closed_low else low < v) and (v <= high if closed_high else v < high)
+
+  text = f"in {'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
+  return Rule((int, float), lambda v: math.isfinite(v) and ok(v), lambda: text)
 
 
-def _unit_interval(closed_high: bool = False) -> tuple[type, Callable[[Any], bool], str]:
-  if closed_high:
-    return (int, float), lambda v: 0.0 <= v <= 1.0, "in [0, 1]"
-  return (int, float), lambda v: 0.0 <= v < 1.0, "in [0, 1)"
+def positive() -> Rule:
+  return Rule((int, float), lambda v: math.isfinite(v) and v > 0, lambda: "> 0")
 
 
-def _positive() -> tuple[type, Callable[[Any], bool], str]:
-  return (int, float), lambda v: v > 0 and math.isfinite(v), "> 0"
+def non_negative() -> Rule:
+  return Rule((int, float), lambda v: math.isfinite(v) and v >= 0, lambda: ">= 0")
 
 
-def _non_negative() -> tuple[type, Callable[[Any], bool], str]:
-  return (int, float), lambda v: v >= 0 and math.isfinite(v), ">= 0"
+def finite() -> Rule:
+  return Rule((int, float), math.isfinite, lambda: "a finite number")
 
 
-def _bool() -> tuple[type, Callable[[Any], bool], str]:
-  return bool, lambda v: True, "True or False"
+def boolean() -> Rule:
+  return Rule((bool,), lambda v: True, lambda: "True or False")
 
 
-def _f(spec: tuple, doc: str) -> Field:
-  return Field(*spec, doc=doc)
+def choice(kind: str) -> Rule:
+  """One of the names registered for `kind` (moe_jax.registry)."""
+  return Rule((str,), lambda v: v in registry.names(kind),
+              lambda: "one of " + ", ".join(repr(n) for n in registry.names(kind)))
 
 
-OPTIMIZERS = ("adamw", "adafactor")
-SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
+def text(*, nullable: bool = False) -> Rule:
+  return Rule((str,), lambda v: bool(v), lambda: "a non-empty string" + (" or None" if nullable else ""),
+              nullable=nullable)
 
-FIELDS: dict[str, Field] = {
-    "seed": _f((int, lambda v: 0 <= v < 2**32, "in [0, 2**32)"), "PRNG seed for parameters, dropout, jitter and data order"),
-    # Model.
-    "model.vocab_size": _f(_int_at_least(0), "vocabulary size; 0 takes the tokenizer's"),
-    "model.d_model": _f(_int_at_least(1), "residual width M"),
-    "model.num_heads": _f(_int_at_least(1), "attention heads H"),
-    "model.head_dim": _f(
-        (int, lambda v: v >= 2 and v % 2 == 0, "an even integer >= 2"), "attention head dimension D (rotary pairs)"
-    ),
-    "model.d_ff": _f(_int_at_least(1), "hidden width F of every FFN and expert"),
-    "model.num_layers": _f(_int_at_least(1), "transformer blocks"),
-    "model.max_seq_len": _f(_int_at_least(1), "longest sequence the model accepts"),
-    "model.moe_layer_interval": _f(
-        _int_at_least(0), "0: dense model; N: every N-th block's FFN is a MoE layer (Switch: 2)"
-    ),
-    "model.norm": _f(_choice(*NORMS), "pre-norm layer"),
-    "model.activation": _f(_choice(*experts.ACTIVATIONS), "FFN activation; geglu/swiglu are gated (T5.1.1)"),
-    "model.tie_embeddings": _f(_bool(), "share input embedding and output projection"),
-    "model.dropout": _f(_unit_interval(), "dropout on residual branches and dense FFNs"),
-    "model.init_scale": _f(_positive(), "Switch init: truncated normal with variance init_scale / fan_in"),
-    "model.dtype": _f(_choice(*DTYPES), "activation dtype (params and router stay float32)"),
-    # Mixture of experts (used when model.moe_layer_interval > 0).
-    "moe.num_experts": _f(_int_at_least(1), "experts E per MoE layer"),
-    "moe.router": _f(_choice(*ROUTERS), "routing algorithm"),
-    "moe.top_k": _f(_int_at_least(1), "experts per token K (1 for switch; <= num_experts)"),
-    "moe.capacity_factor": _f(_positive(), "training capacity factor (ignored when dropless)"),
-    "moe.eval_capacity_factor": _f(_positive(), "evaluation capacity factor"),
-    "moe.dropless": _f(_bool(), "no capacity limit: no token is ever dropped"),
-    "moe.renormalize": _f(_bool(), "renormalise the top-k weights to sum to 1 (Mixtral)"),
-    "moe.batch_prioritized": _f(_bool(), "tokens with higher top gate claim capacity first (V-MoE BPR)"),
-    "moe.second_expert_policy": _f(_choice("all", "random"), "GShard policy for choices after the first"),
-    "moe.second_expert_threshold": _f(
-        ((int, float), lambda v: 0.0 < v <= 1.0, "in (0, 1]"), "GShard 'random' policy threshold"
-    ),
-    "moe.jitter_eps": _f(_unit_interval(), "multiplicative router-input noise U[1-eps, 1+eps] in training"),
-    "moe.dispatch": _f(_choice("einsum", "gather", "dropless"), "token dispatch backend"),
-    "moe.expert_dropout": _f(_unit_interval(), "dropout inside experts (Switch Table 4)"),
-    "moe.group_size": _f(_int_at_least(0), "tokens per routing group; 0: see MoeConfig"),
-    "moe.router_dtype": _f(_choice("float32", "bfloat16"), "router precision (Switch selective precision)"),
-    # Training.
-    "train.batch_size": _f(_int_at_least(1), "global batch size in sequences"),
-    "train.seq_len": _f(_int_at_least(1), "training sequence length L (<= model.max_seq_len)"),
-    "train.num_steps": _f(_int_at_least(1), "optimizer steps"),
-    "train.optimizer": _f(_choice(*OPTIMIZERS), "AdamW, or Adafactor as in Switch"),
-    "train.learning_rate": _f(_positive(), "peak learning rate"),
-    "train.warmup_steps": _f(_int_at_least(0), "linear warmup steps"),
-    "train.schedule": _f(_choice(*SCHEDULES), "decay after warmup (rsqrt: T5/Switch inverse square root)"),
-    "train.min_lr_ratio": _f(_unit_interval(closed_high=True), "final learning rate / peak (cosine, linear)"),
-    "train.weight_decay": _f(_non_negative(), "decoupled weight decay"),
-    "train.b1": _f(_unit_interval(), "Adam beta1"),
-    "train.b2": _f(_unit_interval(), "Adam beta2"),
-    "train.adafactor_decay_rate": _f(
-        _unit_interval(closed_high=True), "Adafactor second-moment decay exponent: beta2_t = 1 - t^-rate (0.8)"
-    ),
-    "train.grad_clip_norm": _f(_non_negative(), "global gradient-norm clip; 0 = off"),
-    "train.aux_loss_weight": _f(_non_negative(), "alpha: load-balancing loss weight (Switch: 1e-2)"),
-    "train.z_loss_weight": _f(_non_negative(), "beta: router z-loss weight (ST-MoE: 1e-3); 0 = off"),
-    "train.eval_every": _f(_int_at_least(0), "evaluate every N steps and at the end; 0 = only at the end"),
-    "train.eval_batches": _f(_int_at_least(1), "validation batches per evaluation"),
-    "train.log_every": _f(_int_at_least(1), "progress line every N steps (metrics are written every step)"),
-    "train.checkpoint_every": _f(_int_at_least(0), "save every N steps and at the end; 0 = only at the end"),
-    "train.keep_checkpoints": _f(_int_at_least(1), "checkpoints kept on disk"),
-    "train.peak_tflops": _f(_non_negative(), "per-device peak for MFU; 0 = measure a matmul at start-up"),
-    # Mesh.
-    "mesh.data": _f(_int_at_least(0), "data-parallel mesh axis size; 0 = all devices / mesh.expert"),
-    "mesh.expert": _f(_int_at_least(1), "expert-parallel mesh axis size (experts split over it)"),
-}
+
+def check_value(path: str, value: Any, rule: Rule) -> None:
+  """ValueError naming `path`, the value and the rule's range, unless value satisfies the rule."""
+  if value is None and rule.nullable:
+    return
+  # bool is an int in Python: accept it only where a bool is asked for.
+  if isinstance(value, bool) and bool not in rule.kinds:
+    raise ValueError(f"{path}={value!r} has type bool; expected {rule.allowed()}")
+  if not isinstance(value, rule.kinds):
+    names = "/".join(k.__name__ for k in rule.kinds)
+    raise ValueError(f"{path}={value!r} has type {type(value).__name__}; expected {names} {rule.allowed()}")
+  if not rule.ok(value):
+    raise ValueError(f"{path}={value!r} must be {rule.allowed()}")
+
+
+def field(default: Any, rule: Rule, doc: str) -> Any:
+  """Declare a config field: its default, valid range and one-line meaning."""
+  return dataclasses.field(default=default, metadata={"rule": rule, "doc": doc})
+
+
+class Section:
+  """A config section: a frozen dataclass whose `field`s are checked on construction."""
+
+  NAME: ClassVar[str]
+
+  def __post_init__(self):
+    for f in config_fields(type(self)):
+      check_value(self.path(f.name), getattr(self, f.name), f.metadata["rule"])
+    self._check()
+
+  def _check(self) -> None:
+    """Rules relating several fields of the section."""
+
+  @classmethod
+  def path(cls, name: str) -> str:
+    return f"{cls.NAME}.{name}" if cls.NAME else name
+
+
+def config_fields(section: type) -> list[dataclasses.Field]:
+  """The declared config fields of a section (fields without a rule are derived, not configured)."""
+  return [f for f in dataclasses.fields(section) if "rule" in f.metadata]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sections.
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeConfig(Section):
+  """An MoE feed-forward layer (used where model.moe_layer_interval > 0).
+
+  Combinations that would be silently ignored are refused: `top_k` > 1 outside router='top_k', `renormalize`
+  and the random second-expert policy outside 'top_k', `batch_prioritized` or `dropless` with expert choice
+  (whose capacity is its definition), dispatch='dropless' without dropless=True.
+  """
+
+  NAME: ClassVar[str] = "moe"
+  num_experts: int = field(8, at_least(1), "experts E per MoE layer")
+  router: str = field("switch", choice("router"), "routing algorithm")
+  top_k: int = field(1, at_least(1), "experts per token K (1 for switch; <= num_experts)")
+  capacity_factor: float = field(1.25, finite(), "training capacity factor; > 0 unless dropless")
+  # Mesh-TensorFlow MoE: 1.25 in training, 2.0 in evaluation.
+  eval_capacity_factor: float = field(2.0, finite(), "evaluation capacity factor; > 0 unless dropless")
+  dropless: bool = field(False, boolean(), "no capacity limit: no token is ever dropped")
+  renormalize: bool = field(False, boolean(), "renormalise the top-k weights to sum to 1 (Mixtral)")
+  batch_prioritized: bool = field(False, boolean(), "tokens with higher top gate claim capacity first (V-MoE BPR)")
+  second_expert_policy: str = field("all", choice("second_expert_policy"),
+                                    "GShard policy for choices after the first ('all' when deterministic)")
+  second_expert_threshold: float = field(0.2, in_range(0, 1, closed_low=False, closed_high=True),
+                                         "GShard 'random' policy threshold")
+  jitter_eps: float = field(0.0, in_range(0, 1), "multiplicative router-input noise U[1-eps, 1+eps] in training")
+  dispatch: str = field("gather", choice("dispatch"), "token dispatch backend requested (resolve picks the one run)")
+  expert_dropout: float = field(0.0, in_range(0, 1), "dropout inside experts (Switch Table 4), training only")
+  group_size: int = field(0, at_least(0), "tokens per routing group; 0: one group per sequence")
+  # Ablation of Switch "selective precision" (Sec. 2.4): bfloat16 rounds the router inputs, kernel and logits.
+  router_dtype: str = field("float32", choice("dtype"), "router precision (Switch selective precision)")
+  check_router_inputs: bool = field(False, boolean(), "debug: report NaN/inf router inputs on stderr (host callback)")
+
+  def _check(self) -> None:
+    """`top_k <= num_experts`, and `top_k = 1` unless router='top_k'; dropless, batch_prioritized are token-choice
+    options (not for 'expert_choice'); capacity factors > 0 unless dropless; dispatch='dropless' needs
+    dropless=True; renormalize and second_expert_policy='random' need router='top_k'."""
+    if self.top_k > self.num_experts:
+      raise ValueError(f"moe.top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+    if self.router != "top_k" and self.top_k != 1:
+      raise ValueError(f"moe.top_k={self.top_k} must be 1 for router={self.router!r} (use router='top_k')")
+    if self.dropless and self.router == "expert_choice":
+      raise ValueError("moe.dropless=True is not available for router='expert_choice' (its capacity is its "
+                       "definition)")
+    if not self.dropless:
+      for name in ("capacity_factor", "eval_capacity_factor"):
+        value = getattr(self, name)
+        if not value > 0:
+          raise ValueError(f"moe.{name}={value} must be > 0 (or set moe.dropless=True)")
+    if self.dispatch == "dropless" and not self.dropless:
+      raise ValueError("moe.dispatch='dropless' needs dropless=True (capacity routing drops; use 'gather' "
+                       "or 'einsum')")
+    if self.renormalize and self.router != "top_k":
+      raise ValueError(f"moe.renormalize=True needs router='top_k'; got router={self.router!r}")
+    if self.batch_prioritized and self.router == "expert_choice":
+      raise ValueError("moe.batch_prioritized=True is a token-choice option; moe.router='expert_choice' has no "
+                       "use for it")
+    if self.second_expert_policy == "random" and self.router != "top_k":
+      raise ValueError(f"moe.second_expert_policy='random' needs router='top_k'; got router={self.router!r}")
+
+  @property
+  def needs_rng(self) -> bool:
+    """Whether a training call draws noise."""
+    return self.jitter_eps > 0 or self.expert_dropout > 0 or self.second_expert_policy == "random"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(Section):
+  """The decoder LM's hyper-parameters; `moe` is attached by `model_config` when the model has MoE blocks."""
+
+  NAME: ClassVar[str] = "model"
+  vocab_size: int = field(0, at_least(0), "vocabulary size; 0 takes the tokenizer's")
+  # The defaults are the cpu size of configs/lm.py: 4 blocks of width 128 on bytes; paper sizes live there.
+  d_model: int = field(128, at_least(1), "residual width M")
+  num_heads: int = field(4, at_least(1), "attention heads H")
+  head_dim: int = field(32, Rule((int,), lambda v: v >= 2 and v % 2 == 0, lambda: "an even integer >= 2"),
+                        "attention head dimension D (rotary embedding rotates feature pairs)")
+  d_ff: int = field(512, at_least(1), "hidden width F of every FFN and expert")
+  num_layers: int = field(4, at_least(1), "transformer blocks")
+  max_seq_len: int = field(256, at_least(1), "longest sequence the model accepts")
+  moe_layer_interval: int = field(2, at_least(0), "0: dense model; N: every N-th block's FFN is a MoE layer (Switch: 2)")
+  norm: str = field("rmsnorm", choice("norm"), "pre-norm layer")
+  activation: str = field("gelu", choice("activation"), "FFN activation; geglu/swiglu are gated (T5.1.1)")
+  tie_embeddings: bool = field(False, boolean(), "share input embedding and output projection")
+  dropout: float = field(0.0, in_range(0, 1), "dropout on residual branches and dense FFNs")
+  init_scale: float = field(0.1, positive(), "Switch init: truncated normal with variance init_scale / fan_in")
+  dtype: str = field("float32", choice("dtype"), "activation dtype (params and router stay float32)")
+  moe: MoeConfig | None = None  # derived: the moe section when moe_layer_interval > 0
+
+  def _check(self) -> None:
+    """`moe_layer_interval <= num_layers`."""
+    if self.moe_layer_interval > self.num_layers:
+      raise ValueError(f"model.moe_layer_interval={self.moe_layer_interval} must be <= "
+                       f"model.num_layers={self.num_layers}")
+
+  @property
+  def moe_layers(self) -> tuple[int, ...]:
+    """Indices of the blocks whose FFN is a mixture of experts: N-1, 2N-1, ..."""
+    if self.moe_layer_interval == 0 or self.moe is None:
+      return ()
+    return tuple(i for i in range(self.num_layers) if (i + 1) % self.moe_layer_interval == 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(Section):
+  """Where training text comes from and how it becomes tokens (moe_jax.data)."""
+
+  NAME: ClassVar[str] = "data"
+  dataset: str = field("stdlib", choice("dataset"), "corpus: the embedded stdlib, a text_dir, or a registered TFDS set")
+  data_dir: str | None = field(None, text(nullable=True),
+                               "cache of prepared TFDS data; None: $MOE_JAX_DATA_DIR, else ~/.cache/moe_jax/tfds "
+                               "(stdlib, text_dir), TFDS's default for registered sets")
+  text_dir: str | None = field(None, text(nullable=True), "directory of text files (dataset 'text_dir')")
+  text_glob: str = field("**/*.txt", text(), "glob of text files under text_dir ('**' recurses)")
+  tokenizer: str = field("byte", text(), "'byte', or the path of a SentencePiece .model file")
+  download: bool = field(False, boolean(), "registered sets only: may this run download and prepare them?")
+  validation_fraction: float = field(0.02, in_range(0, 0.5, closed_low=False, closed_high=True),
+                                     "stdlib/text_dir: share of files held out for evaluation")
+
+  def _check(self) -> None:
+    """`tokenizer` is 'byte' or an existing file; dataset='text_dir' needs an existing `text_dir`."""
+    # These read the file system, so that a missing path fails here rather than minutes into a run.
+    if self.tokenizer != "byte" and not os.path.isfile(os.path.expanduser(self.tokenizer)):
+      raise ValueError(f"data.tokenizer={self.tokenizer!r} is neither 'byte' nor an existing SentencePiece "
+                       ".model file (train one with experiments/train_tokenizer.py)")
+    if self.dataset == "text_dir":
+      if self.text_dir is None:
+        raise ValueError("data.text_dir=None must be set to a directory when data.dataset='text_dir'")
+      if not os.path.isdir(os.path.expanduser(self.text_dir)):
+        raise ValueError(f"data.text_dir={self.text_dir!r} is not an existing directory")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(Section):
+  """Optimisation, evaluation, logging and checkpointing of a run (moe_jax.train).
+
+  loss = cross-entropy + aux_loss_weight * load-balancing loss + z_loss_weight * router z-loss, summed over the
+  MoE blocks (Switch eq. 4, ST-MoE eq. 5).
+  """
+
+  NAME: ClassVar[str] = "train"
+  batch_size: int = field(32, at_least(1), "global batch size in sequences")
+  seq_len: int = field(128, at_least(1), "training sequence length L (<= model.max_seq_len)")
+  num_steps: int = field(200, at_least(1), "optimizer steps")
+  # AdamW for the cpu size; the paper-size configs use Adafactor with rsqrt decay as Switch/T5 did.
+  optimizer: str = field("adamw", choice("optimizer"), "AdamW, or Adafactor as in Switch")
+  learning_rate: float = field(3e-3, positive(), "peak learning rate")
+  warmup_steps: int = field(20, at_least(0), "linear warmup steps")
+  schedule: str = field("cosine", choice("schedule"), "decay after warmup (rsqrt: T5/Switch inverse square root)")
+  min_lr_ratio: float = field(0.1, in_range(0, 1, closed_high=True), "final learning rate / peak (cosine, linear)")
+  weight_decay: float = field(0.01, non_negative(), "decoupled weight decay")
+  b1: float = field(0.9, in_range(0, 1), "Adam beta1")
+  b2: float = field(0.99, in_range(0, 1), "Adam beta2")
+  adafactor_decay_rate: float = field(0.8, in_range(0, 1, closed_high=True),
+                                      "Adafactor second-moment decay exponent: beta2_t = 1 - t^-rate")
+  grad_clip_norm: float = field(1.0, non_negative(), "global gradient-norm clip; 0 = off")
+  aux_loss_weight: float = field(1e-2, non_negative(), "alpha: load-balancing loss weight (Switch: 1e-2)")
+  z_loss_weight: float = field(0.0, non_negative(), "beta: router z-loss weight (ST-MoE: 1e-3); 0 = off")
+  eval_every: int = field(100, at_least(0), "evaluate every N steps and at the end; 0 = only at the end")
+  eval_batches: int = field(8, at_least(1), "validation batches per evaluation")
+  log_every: int = field(20, at_least(1), "progress line every N steps (metrics are written every step)")
+  checkpoint_every: int = field(100, at_least(0), "save every N steps and at the end; 0 = only at the end")
+  keep_checkpoints: int = field(2, at_least(1), "checkpoints kept on disk")
+  peak_tflops: float = field(0.0, non_negative(), "per-device peak for MFU; 0 = measure a matmul at start-up")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig(Section):
+  """The device mesh ('data', 'expert'): batches split over both axes, experts over 'expert'."""
+
+  NAME: ClassVar[str] = "mesh"
+  data: int = field(1, at_least(0), "data-parallel mesh axis size; 0 = all devices / mesh.expert")
+  expert: int = field(1, at_least(1), "expert-parallel mesh axis size (experts split over it)")
+
+  @property
+  def devices(self) -> int | None:
+    """Devices the mesh spans; None until resolve() fills mesh.data = 0."""
+    return self.data * self.expert if self.data else None
+
+
+SECTIONS: tuple[type[Section], ...] = (ModelConfig, MoeConfig, DataConfig, TrainConfig, MeshConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig(Section):
+  """A whole run: the seed and the five sections, with the rules that relate sections."""
+
+  NAME: ClassVar[str] = ""
+  seed: int = field(0, Rule((int,), lambda v: 0 <= v < 2**32, lambda: "in [0, 2**32)"),
+                    "PRNG seed for parameters, dropout, jitter and data order")
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  moe: MoeConfig = dataclasses.field(default_factory=MoeConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+  def _check(self) -> None:
+    """`train.seq_len <= model.max_seq_len`; `train.batch_size` divisible by the mesh's devices; with MoE blocks:
+    `moe.num_experts` divisible by `mesh.expert`, `moe.router='expert_choice'` refused (non-causal in a
+    decoder), and routing groups (`moe.group_size`, 0: one per sequence) tiling the batch into a multiple of
+    the mesh's devices."""
+    model, moe, train, mesh = self.model, self.moe, self.train, self.mesh
+    if train.seq_len > model.max_seq_len:
+      raise ValueError(f"train.seq_len={train.seq_len} must be <= model.max_seq_len={model.max_seq_len}")
+    devices = mesh.devices
+    if devices is not None and train.batch_size % devices:
+      raise ValueError(f"train.batch_size={train.batch_size} must be divisible by mesh.data * mesh.expert = "
+                       f"{devices}")
+    if model.moe_layer_interval == 0:
+      return
+    if moe.num_experts % mesh.expert:
+      raise ValueError(f"moe.num_experts={moe.num_experts} must be divisible by mesh.expert={mesh.expert}")
+    if moe.router == "expert_choice":
+      raise ValueError("moe.router='expert_choice' is non-causal (each expert picks among all tokens of a group, "
+                       "future ones included) and cannot train an autoregressive decoder; use 'switch' or 'top_k'")
+    # Routing groups tile the batch and never straddle devices (moe_layer.group_tokens, parallel).
+    tokens = train.batch_size * train.seq_len
+    if tokens % self.tokens_per_group:
+      raise ValueError(f"moe.group_size={moe.group_size} must divide train.batch_size * train.seq_len = {tokens}")
+    groups = tokens // self.tokens_per_group
+    if devices is not None and groups % devices:
+      raise ValueError(f"moe.group_size={moe.group_size} gives {groups} routing groups, which must be a multiple "
+                       f"of mesh.data * mesh.expert = {devices}")
+
+  @property
+  def tokens_per_group(self) -> int:
+    """S: tokens per routing group in training (group_size 0: one group per sequence)."""
+    return self.moe.group_size or self.train.seq_len
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ConfigDict <-> typed.
+
+
+def _section_defaults(section: type[Section]) -> ml_collections.ConfigDict:
+  values = {}
+  for f in config_fields(section):
+    rule = f.metadata["rule"]
+    # A None default needs its type declared, so that --config.data.text_dir=/path can override it.
+    values[f.name] = ml_collections.FieldReference(None, field_type=rule.kinds[0]) if f.default is None else f.default
+  return ml_collections.ConfigDict(values)
 
 
 def default_config() -> ml_collections.ConfigDict:
   """Every field with its default: a small Switch LM on the embedded stdlib corpus."""
   config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.model = ml_collections.ConfigDict(dict(
-      vocab_size=0, d_model=128, num_heads=4, head_dim=32, d_ff=512, num_layers=4, max_seq_len=256,
-      moe_layer_interval=2, norm="rmsnorm", activation="gelu", tie_embeddings=False, dropout=0.0,
-      init_scale=0.1, dtype="float32",
-  ))
-  config.moe = ml_collections.ConfigDict(dataclasses.asdict(MoeConfig()))
-  config.data = data_lib.default_data_config()
-  config.train = ml_collections.ConfigDict(dict(
-      batch_size=32, seq_len=128, num_steps=200, optimizer="adamw", learning_rate=3e-3, warmup_steps=20,
-      schedule="cosine", min_lr_ratio=0.1, weight_decay=0.01, b1=0.9, b2=0.99, adafactor_decay_rate=0.8,
-      grad_clip_norm=1.0,
-      aux_loss_weight=1e-2, z_loss_weight=0.0, eval_every=100, eval_batches=8, log_every=20,
-      checkpoint_every=100, keep_checkpoints=2, peak_tflops=0.0,
-  ))
-  config.mesh = ml_collections.ConfigDict(dict(data=1, expert=1))
+  config.seed = ExperimentConfig.__dataclass_fields__["seed"].default
+  for section in SECTIONS:
+    config[section.NAME] = _section_defaults(section)
   return config
 
 
-def _get(config: ml_collections.ConfigDict, path: str) -> Any:
-  node = config
-  for part in path.split("."):
-    node = node[part]
-  return node
+def section_from_config(section: type[Section], values: Any) -> Section:
+  """A typed section (e.g. `DataConfig`) from its part of a ConfigDict (or a dict), refusing unknown and missing
+  fields and checking each value."""
+  values = values.to_dict() if isinstance(values, ml_collections.ConfigDict) else dict(values)
+  known = {f.name: f for f in config_fields(section)}
+  for name in values:
+    if name not in known:
+      raise ValueError(f"unknown config field {section.path(name)!r}; known fields are listed in docs/config.md")
+  for name, f in known.items():
+    if name not in values:
+      raise ValueError(f"config field {section.path(name)!r} is missing ({f.metadata['doc']})")
+  return section(**values)
 
 
-def _leaf_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-  paths = []
-  for key, value in config.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, ml_collections.ConfigDict):
-      paths.extend(_leaf_paths(value, path + "."))
-    else:
-      paths.append(path)
-  return paths
+def typed(config: ml_collections.ConfigDict) -> ExperimentConfig:
+  """The checked, typed form of `config`; ValueError naming the first bad field. No array is created."""
+  names = {section.NAME for section in SECTIONS}
+  for key in config.keys():
+    if key != "seed" and key not in names:
+      raise ValueError(f"unknown config field {key!r}; known fields are listed in docs/config.md")
+  if "seed" not in config:
+    raise ValueError("config field 'seed' is missing")
+  sections = {}
+  for section in SECTIONS:
+    if section.NAME not in config:
+      raise ValueError(f"config section {section.NAME!r} is missing")
+    sections[section.NAME] = section_from_config(section, config[section.NAME])
+  return ExperimentConfig(seed=config.seed, **sections)
 
 
-def _check_field(path: str, value: Any, field: Field) -> None:
-  kinds = field.kind if isinstance(field.kind, tuple) else (field.kind,)
-  # bool is an int in Python: only accept it where a bool is asked for.
-  if isinstance(value, bool) and bool not in kinds:
-    raise ValueError(f"{path}={value!r} has type bool; expected {field.allowed}")
-  if not isinstance(value, kinds):
-    names = "/".join(k.__name__ for k in kinds)
-    raise ValueError(f"{path}={value!r} has type {type(value).__name__}; expected {names} {field.allowed}")
-  if not field.check(value):
-    raise ValueError(f"{path}={value!r} must be {field.allowed}")
+def validate(config: ml_collections.ConfigDict) -> ExperimentConfig:
+  """Check every field and cross-field rule that needs no devices or tokenizer (see moe_jax.resolve)."""
+  return typed(config)
 
 
-def validate(config: ml_collections.ConfigDict, *, device_count: int | None = None) -> None:
-  """Raise ValueError naming the first bad field. Cheap: runs before any array is created.
-
-  `device_count` (default: none checked) verifies that the mesh fits the devices.
-  """
-  for path in _leaf_paths(config):
-    if path.startswith("data."):
-      continue  # the data package owns its fields
-    if path not in FIELDS:
-      raise ValueError(f"unknown config field {path!r}; known fields are listed in docs/config.md")
-  for path, field in FIELDS.items():
-    try:
-      value = _get(config, path)
-    except (KeyError, AttributeError):
-      raise ValueError(f"config field {path!r} is missing ({field.doc})") from None
-    _check_field(path, value, field)
-  data_lib.validate_data_config(config.data)
-
-  model, moe, train, mesh = config.model, config.moe, config.train, config.mesh
-  if train.seq_len > model.max_seq_len:
-    raise ValueError(f"train.seq_len={train.seq_len} must be <= model.max_seq_len={model.max_seq_len}")
-  if model.moe_layer_interval > model.num_layers:
-    raise ValueError(
-        f"model.moe_layer_interval={model.moe_layer_interval} must be <= model.num_layers={model.num_layers}"
-    )
-  if mesh.data == 0:
-    raise ValueError("mesh.data=0 must be resolved against the device count first (config_lib.resolve)")
-  devices = mesh.data * mesh.expert
-  if device_count is not None and devices != device_count:
-    raise ValueError(
-        f"mesh.data * mesh.expert = {mesh.data} * {mesh.expert} = {devices} must equal the number of devices "
-        f"({device_count})"
-    )
-  if train.batch_size % devices:
-    raise ValueError(
-        f"train.batch_size={train.batch_size} must be divisible by mesh.data * mesh.expert = {devices}"
-    )
-  if model.moe_layer_interval > 0:
-    if moe.num_experts % mesh.expert:
-      raise ValueError(
-          f"moe.num_experts={moe.num_experts} must be divisible by mesh.expert={mesh.expert}"
-      )
-    if moe.router == "expert_choice":
-      raise ValueError(
-          "moe.router='expert_choice' is non-causal (each expert picks among all tokens of a group, future "
-          "ones included) and cannot train an autoregressive decoder; use 'switch' or 'top_k'"
-      )
-    moe_config(config)  # MoeConfig's own cross-field checks (top_k vs num_experts, ...)
-    _check_routing_groups(config, devices)
-  vocab = config.model.vocab_size
-  if vocab:
-    tokenizer_vocab = data_lib.get_tokenizer(config.data).vocab_size
-    if tokenizer_vocab > vocab:
-      raise ValueError(
-          f"model.vocab_size={vocab} must be >= the tokenizer's vocabulary ({tokenizer_vocab}), or 0 to use it"
-      )
-
-
-def _check_routing_groups(config: ml_collections.ConfigDict, devices: int) -> None:
-  """Routing groups must tile the batch and split evenly over the devices (moe_layer.group_tokens)."""
-  tokens = config.train.batch_size * config.train.seq_len
-  group = config.moe.group_size or config.train.seq_len
-  if tokens % group:
-    raise ValueError(
-        f"moe.group_size={config.moe.group_size} must divide train.batch_size * train.seq_len = {tokens}"
-    )
-  if (tokens // group) % devices:
-    raise ValueError(
-        f"moe.group_size={config.moe.group_size} gives {tokens // group} routing groups, which must be a multiple "
-        f"of mesh.data * mesh.expert = {devices}"
-    )
-
-
-def moe_config(config: ml_collections.ConfigDict) -> MoeConfig:
-  try:
-    return MoeConfig(**config.moe.to_dict())
-  except ValueError as error:  # MoeConfig names its own fields; say where they sit in the experiment config
-    raise ValueError(f"moe.{error}") from None
-
-
-def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+def model_config(config: ml_collections.ConfigDict | ExperimentConfig, vocab_size: int) -> ModelConfig:
   """The typed model config; `vocab_size` is the tokenizer's, used when model.vocab_size is 0."""
-  fields = config.model.to_dict()
-  fields["vocab_size"] = fields["vocab_size"] or vocab_size
-  use_moe = fields["moe_layer_interval"] > 0
-  return ModelConfig(**fields, moe=moe_config(config) if use_moe else None)
+  if isinstance(config, ExperimentConfig):
+    model, moe = config.model, config.moe
+  else:  # only the model's sections: e.g. a pod config's data paths need not exist here to count its FLOPs
+    model, moe = section_from_config(ModelConfig, config.model), section_from_config(MoeConfig, config.moe)
+  return dataclasses.replace(model, vocab_size=model.vocab_size or vocab_size,
+                             moe=moe if model.moe_layer_interval > 0 else None)
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+  """The config as plain JSON-safe data (what config.json and checkpoints record)."""
+  return json.loads(config.to_json())
 
 
 def dense_twin(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The dense model with the FLOPs per token of a top-1 Switch config: same widths, every FFN dense.
 
   Switch top-1 sends each token through exactly one expert of the same d_ff as the dense FFN, so the two
-  match in FLOPs per token up to the router (2 * d_model * E per MoE layer: 0.2% of the cpu model at E = 8,
-  1.7% at E = 64).
+  match in FLOPs per token up to the router (2 * d_model * E multiply-adds per token per MoE layer).
   """
   twin = copy.deepcopy(config)
   twin.model.moe_layer_interval = 0
@@ -286,26 +443,35 @@ def dense_twin(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return twin
 
 
-def resolve(config: ml_collections.ConfigDict, device_count: int) -> ml_collections.ConfigDict:
-  """A copy with run-time defaults filled in: mesh.data = 0 becomes device_count / mesh.expert."""
-  resolved = copy.deepcopy(config)
-  if resolved.mesh.data == 0 and resolved.mesh.expert >= 1:
-    if device_count % resolved.mesh.expert:
-      raise ValueError(
-          f"mesh.expert={resolved.mesh.expert} must divide the number of devices ({device_count})"
-      )
-    resolved.mesh.data = device_count // resolved.mesh.expert
-  return resolved
+DOCS_PATH = "docs/config.md"  # relative to the repository root
 
 
 def config_docs() -> str:
-  """Markdown table of every field, its range and meaning (written to docs/config.md)."""
-  rows = ["| field | valid values | default | meaning |", "| --- | --- | --- | --- |"]
-  defaults = default_config()
-  for path, field in FIELDS.items():
-    rows.append(f"| `{path}` | {field.allowed} | `{_get(defaults, path)!r}` | {field.doc} |")
-  return "\n".join(rows)
+  """docs/config.md: every field, its valid values, default and meaning, and each section's cross-field rules."""
+  lines = [
+      "# Config fields",
+      "",
+      "Generated from the schema in `moe_jax/config_lib.py` by `python -m moe_jax.config_lib` (a test checks that",
+      "it is current). Every config in `configs/` starts from `config_lib.default_config()` and the command line",
+      "overrides fields (`--config.train.num_steps=400`). A bad value raises `ValueError` naming the field and its",
+      "valid range before anything is built; an unknown field is refused. `moe_jax.resolve` then makes the",
+      "\"auto\" values concrete (`mesh.data = 0`, `model.vocab_size = 0`, the dispatch backend that runs) and",
+      "checks what needs the machine: `mesh.data * mesh.expert` must equal the number of devices and a non-zero",
+      "`model.vocab_size` must cover the tokenizer's vocabulary. Each run's `config.json` records the requested",
+      "config, the resolved one and every decision.",
+  ]
+  for section in (ExperimentConfig, *SECTIONS):
+    lines += ["", f"## {section.NAME or 'run'}", "", "| field | valid values | default | meaning |",
+              "| --- | --- | --- | --- |"]
+    for f in config_fields(section):
+      lines.append(f"| `{section.path(f.name)}` | {f.metadata['rule'].allowed()} | `{f.default!r}` | "
+                   f"{f.metadata['doc']} |")
+    rules = section._check.__doc__
+    if section._check is not Section._check and rules:
+      lines += ["", "Rules: " + " ".join(rules.split())]
+  return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-  print(config_docs())
+  with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), DOCS_PATH), "w") as out:
+    out.write(config_docs())

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 
 from moe_jax import experts
-from moe_jax.model import ModelConfig
+from moe_jax.config_lib import ModelConfig
 
 TRAIN_FLOPS_MULTIPLIER = 3
 

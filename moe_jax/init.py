@@ -13,8 +13,6 @@ def switch_init(scale: float, *, in_axis: int = -2, out_axis: int = -1, batch_ax
   The paper recommends scale 0.1 (10x below the usual 1.0) for stable MoE training (Table 3). `batch_axis`
   names axes that are not part of the fan-in, such as the expert axis of stacked expert weights [E, M, F].
   """
-  if not scale > 0:
-    raise ValueError(f"init_scale={scale} must be > 0")
   return nnx.initializers.variance_scaling(
       scale, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis, batch_axis=tuple(batch_axis)
   )

@@ -12,18 +12,19 @@ from flax import nnx
 
 from moe_jax.init import switch_init
 
-NORMS = ("rmsnorm", "layernorm")
+_SCALE_INIT = nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",))
+_BIAS_INIT = nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",))
+
+# Pre-norm layers by config name (model.norm), float32 statistics: RMSNorm (T5, Switch) or LayerNorm (GPT-2).
+NORMS = {
+    "rmsnorm": lambda d_model, rngs: nnx.RMSNorm(d_model, epsilon=1e-6, scale_init=_SCALE_INIT, rngs=rngs),
+    "layernorm": lambda d_model, rngs: nnx.LayerNorm(
+        d_model, epsilon=1e-6, scale_init=_SCALE_INIT, bias_init=_BIAS_INIT, rngs=rngs),
+}
 
 
 def make_norm(kind: str, d_model: int, *, rngs: nnx.Rngs) -> nnx.Module:
-  """Pre-norm layer: RMSNorm (T5, Switch) or LayerNorm (GPT-2), float32 statistics."""
-  scale_init = nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",))
-  if kind == "rmsnorm":
-    return nnx.RMSNorm(d_model, epsilon=1e-6, scale_init=scale_init, rngs=rngs)
-  if kind == "layernorm":
-    bias_init = nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",))
-    return nnx.LayerNorm(d_model, epsilon=1e-6, scale_init=scale_init, bias_init=bias_init, rngs=rngs)
-  raise ValueError(f"model.norm={kind!r} must be one of {NORMS}")
+  return NORMS[kind](d_model, rngs)
 
 
 def rotary_embedding(
@@ -56,8 +57,6 @@ class CausalSelfAttention(nnx.Module):
       dtype: jnp.dtype = jnp.float32,
       rngs: nnx.Rngs,
   ):
-    if head_dim % 2:
-      raise ValueError(f"model.head_dim={head_dim} must be even (rotary embedding rotates feature pairs)")
     qkv_init = switch_init(init_scale, in_axis=0, out_axis=(1, 2, 3))
     out_init = switch_init(init_scale, in_axis=(0, 1), out_axis=2)
     self.qkv = nnx.Param(

@@ -1,7 +1,18 @@
-"""Where training metrics go: a JSONL file per run, TensorBoard event files, and a progress line."""
+"""Where training metrics go and how they are read back: one JSONL file per run, TensorBoard, a progress line.
+
+A record of `<workdir>/metrics.jsonl` is one JSON object per step and kind:
+  {"step": 12, "kind": "train", "time": ..., "loss": ..., "cross_entropy": ..., ...,
+   "moe": [{"block": 1, "load_balancing_loss": ..., "dropped_token_fraction": ..., "expert_load": [...],
+            "max_expert_load": ..., ...}, ...]}
+`moe` holds one entry per MoE block (`model.LmAux.blocks`), with the block index as a number: readers never
+parse metric names. Names are made in one place, here: `block_stats` (the per-block statistics) and
+`tensorboard_name` (the TensorBoard tags). `read_metrics` is the one reader, used by the sweep, the notebooks
+and the tests.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -10,11 +21,29 @@ from typing import Any, Mapping
 
 import numpy as np
 
+METRICS_FILE = "metrics.jsonl"
+
 
 def _scalar(value: Any) -> Any:
   if isinstance(value, (np.ndarray, np.generic)):
     return value.item() if value.size == 1 else value.tolist()
   return value
+
+
+def block_stats(aux: Any) -> dict[str, Any]:
+  """One MoE block's record from its `MoeAux` (fetched to host): every loss and routing metric by its field
+  name, plus the max and mean of the per-expert load."""
+  stats = {"load_balancing_loss": _scalar(aux.load_balancing_loss), "router_z_loss": _scalar(aux.router_z_loss)}
+  for f in dataclasses.fields(aux.metrics):
+    stats[f.name] = _scalar(np.asarray(getattr(aux.metrics, f.name)))
+  load = np.asarray(aux.metrics.expert_load)
+  stats["max_expert_load"] = float(load.max())
+  stats["mean_expert_load"] = float(load.mean())
+  return stats
+
+
+def tensorboard_name(kind: str, key: str, block: int | None = None) -> str:
+  return f"{kind}/{key}" if block is None else f"{kind}/moe/block{block}/{key}"
 
 
 class MetricWriter:
@@ -29,26 +58,69 @@ class MetricWriter:
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+    self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", buffering=1)
     from tensorboardX import SummaryWriter  # heavy import, only where used
 
     self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
-  def write(self, step: int, kind: str, values: Mapping[str, Any]) -> None:
-    """`kind` is 'train' or 'eval'; arrays are written to JSONL, scalars also to TensorBoard."""
+  def write(self, step: int, kind: str, values: Mapping[str, Any], moe: Mapping[int, Any] | None = None) -> None:
+    """`kind` is 'train' or 'eval'; `values` are scalars or arrays, `moe` maps block index -> MoeAux (host
+    arrays). Arrays are written to JSONL, finite scalars also to TensorBoard."""
     if not self.enabled:
       return
     record = {"step": step, "kind": kind, "time": time.time()}
     record.update({k: _scalar(v) for k, v in values.items()})
+    blocks = {block: block_stats(aux) for block, aux in sorted((moe or {}).items())}
+    if blocks:
+      record["moe"] = [{"block": block, **stats} for block, stats in blocks.items()]
     self._jsonl.write(json.dumps(record) + "\n")
-    for key, value in record.items():
-      if key not in ("step", "kind", "time") and isinstance(value, (int, float)) and math.isfinite(value):
-        self._tensorboard.add_scalar(f"{kind}/{key}", value, step)
+    tags = [(tensorboard_name(kind, k), v) for k, v in record.items() if k not in ("step", "kind", "time", "moe")]
+    tags += [(tensorboard_name(kind, k, block), v) for block, stats in blocks.items() for k, v in stats.items()]
+    for tag, value in tags:
+      if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        self._tensorboard.add_scalar(tag, value, step)
 
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()
       self._tensorboard.close()
+
+
+@dataclasses.dataclass
+class RunMetrics:
+  """A run's metrics.jsonl, by kind and step; a step repeated after a resume keeps its later record."""
+
+  train: dict[int, dict]
+  eval: dict[int, dict]
+
+  def series(self, key: str, kind: str = "train") -> dict[int, Any]:
+    """step -> value of `key` for every record of `kind` that has it."""
+    records = self.train if kind == "train" else self.eval
+    return {step: r[key] for step, r in sorted(records.items()) if key in r}
+
+  def moe_blocks(self) -> list[int]:
+    """Indices of the MoE blocks that logged routing statistics."""
+    first = next(iter(self.train.values()), {})
+    return [entry["block"] for entry in first.get("moe", [])]
+
+  def block_series(self, block: int, stat: str) -> dict[int, Any]:
+    """step -> one MoE block's statistic over training."""
+    out = {}
+    for step, record in sorted(self.train.items()):
+      for entry in record.get("moe", []):
+        if entry["block"] == block:
+          out[step] = entry[stat]
+    return out
+
+
+def read_metrics(workdir: str) -> RunMetrics:
+  """The one reader of `<workdir>/metrics.jsonl`."""
+  by_kind: dict[str, dict[int, dict]] = {"train": {}, "eval": {}}
+  with open(os.path.join(workdir, METRICS_FILE)) as f:
+    for line in f:
+      record = json.loads(line)
+      by_kind[record["kind"]][record["step"]] = record
+  return RunMetrics(train=by_kind["train"], eval=by_kind["eval"])
 
 
 class Progress:

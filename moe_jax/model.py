@@ -9,54 +9,24 @@ pre-norm blocks x + Attn(Norm(x)), x + FFN(Norm(x)), where FFN is a `MoeFeedForw
 
 from __future__ import annotations
 
-import dataclasses
-
 import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax import layers
+from moe_jax.config_lib import ModelConfig
 from moe_jax.init import switch_init
-from moe_jax.moe_layer import DTYPES, FeedForward, MoeConfig, MoeFeedForward
-from moe_jax.routing import RoutingMetrics
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Static model hyper-parameters. Built from the ml_collections config by `moe_jax.config_lib`."""
-
-  vocab_size: int
-  d_model: int
-  num_heads: int
-  head_dim: int
-  d_ff: int
-  num_layers: int
-  max_seq_len: int
-  moe_layer_interval: int = 0  # 0: dense model; N: blocks N-1, 2N-1, ... are MoE (Switch: 2)
-  moe: MoeConfig | None = None
-  norm: str = "rmsnorm"
-  activation: str = "gelu"
-  tie_embeddings: bool = False
-  dropout: float = 0.0
-  init_scale: float = 0.1
-  dtype: str = "float32"
-
-  @property
-  def moe_layers(self) -> tuple[int, ...]:
-    """Indices of the blocks whose FFN is a mixture of experts."""
-    if self.moe_layer_interval == 0 or self.moe is None:
-      return ()
-    return tuple(i for i in range(self.num_layers) if (i + 1) % self.moe_layer_interval == 0)
+from moe_jax.moe_layer import DTYPES, FeedForward, MoeAux, MoeFeedForward
 
 
 @flax.struct.dataclass
 class LmAux:
-  """Auxiliary outputs of the MoE layers, summed (losses) or stacked per MoE layer (metrics)."""
+  """Auxiliary outputs of the MoE blocks: the summed losses the training loss adds, and each block's own."""
 
-  load_balancing_loss: jax.Array  # [] sum over MoE layers
-  router_z_loss: jax.Array  # [] sum over MoE layers
-  metrics: RoutingMetrics | None  # fields stacked over MoE layers: [num_moe_layers, ...]
+  load_balancing_loss: jax.Array  # [] sum over MoE blocks (Switch eq. 4 per block)
+  router_z_loss: jax.Array  # [] sum over MoE blocks (ST-MoE eq. 5 per block)
+  blocks: dict[int, MoeAux]  # block index -> that block's losses and routing metrics; {} for a dense model
 
 
 class Block(nnx.Module):
@@ -111,11 +81,11 @@ class TransformerLM(nnx.Module):
     if tokens.shape[1] > self.config.max_seq_len:
       raise ValueError(f"sequence length {tokens.shape[1]} exceeds model.max_seq_len={self.config.max_seq_len}")
     x = self.input_dropout(self.embed(tokens), deterministic=deterministic)
-    auxes = []
-    for block in self.blocks:
+    auxes = {}
+    for index, block in enumerate(self.blocks):
       x, aux = block(x, deterministic=deterministic)
       if aux is not None:
-        auxes.append(aux)
+        auxes[index] = aux
     x = self.final_norm(x)
     if self.config.tie_embeddings:
       logits = self.embed.attend(x)
@@ -124,12 +94,10 @@ class TransformerLM(nnx.Module):
     return logits, _sum_aux(auxes)
 
 
-def _sum_aux(auxes: list) -> LmAux:
-  if not auxes:
-    zero = jnp.zeros((), jnp.float32)
-    return LmAux(load_balancing_loss=zero, router_z_loss=zero, metrics=None)
+def _sum_aux(auxes: dict[int, MoeAux]) -> LmAux:
+  zero = jnp.zeros((), jnp.float32)
   return LmAux(
-      load_balancing_loss=sum(a.load_balancing_loss for a in auxes),
-      router_z_loss=sum(a.router_z_loss for a in auxes),
-      metrics=jax.tree.map(lambda *m: jnp.stack(m), *[a.metrics for a in auxes]),
+      load_balancing_loss=sum((a.load_balancing_loss for a in auxes.values()), zero),
+      router_z_loss=sum((a.router_z_loss for a in auxes.values()), zero),
+      blocks=auxes,
   )

@@ -36,9 +36,8 @@ the mesh layout, deterministic ones do not.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
+import sys
 
 import flax.struct
 import jax
@@ -47,78 +46,10 @@ from flax import nnx
 
 from moe_jax import dispatch, parallel, routing
 from moe_jax import experts as experts_lib
+from moe_jax.config_lib import MoeConfig
 from moe_jax.init import switch_init
 
-ROUTERS = ("switch", "top_k", "expert_choice")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-@dataclasses.dataclass(frozen=True)
-class MoeConfig:
-  """An MoE feed-forward layer. Every field is checked on construction (ValueError naming the field).
-
-  Combinations that would be silently ignored are refused instead: `top_k` > 1 outside router='top_k',
-  `renormalize` and the random second-expert policy outside 'top_k', `batch_prioritized` or `dropless` with
-  expert choice (whose capacity is its definition), dispatch='dropless' without dropless=True.
-  """
-
-  num_experts: int = 8
-  router: str = "switch"  # 'switch' | 'top_k' | 'expert_choice'
-  top_k: int = 1  # must be 1 for 'switch' and 'expert_choice'; 1 <= top_k <= num_experts
-  capacity_factor: float = 1.25  # > 0 unless dropless; expert choice: average experts per token
-  eval_capacity_factor: float = 2.0  # when deterministic=True (Mesh-TensorFlow MoE: 1.25 train, 2.0 eval)
-  dropless: bool = False  # capacity = S: nothing is ever dropped
-  renormalize: bool = False  # combine weights renormalised over the k choices (Mixtral)
-  batch_prioritized: bool = False  # V-MoE batch prioritised routing
-  second_expert_policy: str = "all"  # 'all' | 'random' (GShard Sec. 2.2; 'all' when deterministic)
-  second_expert_threshold: float = 0.2  # (0, 1]
-  jitter_eps: float = 0.0  # [0, 1) Switch multiplicative router jitter, training only
-  dispatch: str = "gather"  # 'einsum' | 'gather' | 'dropless' (under a mesh: gather with C = S, still dropless)
-  expert_dropout: float = 0.0  # [0, 1) on the experts' hidden activations (Switch Table 4), training only
-  group_size: int = 0  # tokens per routing group; 0 = one group per sequence (module docstring)
-  # 'float32' | 'bfloat16': ablation of Switch "selective precision" (Sec. 2.4). bfloat16 rounds the router
-  # inputs, kernel and logits to bf16 (a TPU bf16 matmul); the softmax stays float32 (routing.py casts).
-  router_dtype: str = "float32"
-
-  def __post_init__(self):
-    if not isinstance(self.num_experts, int) or self.num_experts < 1:
-      raise ValueError(f"num_experts={self.num_experts!r} must be an integer >= 1")
-    if self.router not in ROUTERS:
-      raise ValueError(f"router={self.router!r} must be one of {ROUTERS}")
-    routing.validate_top_k(self.top_k, self.num_experts)
-    if self.router != "top_k" and self.top_k != 1:
-      raise ValueError(f"top_k={self.top_k} must be 1 for router={self.router!r} (use router='top_k')")
-    if self.dropless and self.router == "expert_choice":
-      raise ValueError("dropless=True is not available for router='expert_choice' (its capacity is its definition)")
-    for name in ("capacity_factor", "eval_capacity_factor"):
-      value = getattr(self, name)
-      if not self.dropless and not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name}={value} must be finite and > 0 (or set dropless=True)")
-    if self.dispatch not in dispatch.BACKENDS:
-      raise ValueError(f"dispatch={self.dispatch!r} must be one of {sorted(dispatch.BACKENDS)}")
-    if self.dispatch == "dropless" and not self.dropless:
-      raise ValueError("dispatch='dropless' needs dropless=True (capacity routing drops; use 'gather' or 'einsum')")
-    if self.renormalize and self.router != "top_k":
-      raise ValueError(f"renormalize=True needs router='top_k'; got router={self.router!r}")
-    if self.batch_prioritized and self.router == "expert_choice":
-      raise ValueError("batch_prioritized=True is a token-choice option; router='expert_choice' has no use for it")
-    if self.second_expert_policy not in ("all", "random"):
-      raise ValueError(f"second_expert_policy={self.second_expert_policy!r} must be one of ('all', 'random')")
-    if self.second_expert_policy == "random" and self.router != "top_k":
-      raise ValueError(f"second_expert_policy='random' needs router='top_k'; got router={self.router!r}")
-    if not 0.0 < self.second_expert_threshold <= 1.0:
-      raise ValueError(f"second_expert_threshold={self.second_expert_threshold} must be in (0, 1]")
-    routing.validate_jitter_eps(self.jitter_eps)
-    experts_lib.validate_dropout("expert_dropout", self.expert_dropout)
-    if not isinstance(self.group_size, int) or self.group_size < 0:
-      raise ValueError(f"group_size={self.group_size!r} must be an integer >= 0 (0 = one group per sequence)")
-    if self.router_dtype not in DTYPES:
-      raise ValueError(f"router_dtype={self.router_dtype!r} must be one of {tuple(DTYPES)}")
-
-  @property
-  def needs_rng(self) -> bool:
-    """Whether a training call draws noise."""
-    return self.jitter_eps > 0 or self.expert_dropout > 0 or self.second_expert_policy == "random"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # registry of compute dtypes (config "dtype")
 
 
 @flax.struct.dataclass
@@ -170,6 +101,16 @@ def _ffn_params(
   return wi_0, wi_1, wo
 
 
+def _weights(module: nnx.Module, *, expert_axis: bool) -> experts_lib.ExpertWeights:
+  """The module's wi_0 / wi_1 / wo as stacked expert weights; a dense FFN gets a leading E = 1 axis."""
+  def value(param):
+    if param is None:
+      return None
+    return param[...] if expert_axis else param[...][None]
+
+  return experts_lib.ExpertWeights(wi_0=value(module.wi_0), wo=value(module.wo), wi_1=value(module.wi_1))
+
+
 class FeedForward(nnx.Module):
   """The dense Transformer FFN (T5/Switch baseline): the experts' math with E = 1. x [B, L, M] -> [B, L, M]."""
 
@@ -185,7 +126,6 @@ class FeedForward(nnx.Module):
       rngs: nnx.Rngs,
   ):
     gated = experts_lib.is_gated(activation)
-    experts_lib.validate_dropout("dropout", dropout)
     self.activation = activation
     self.dropout = dropout
     self.dtype = dtype
@@ -196,14 +136,9 @@ class FeedForward(nnx.Module):
 
   def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
     batch, length, d_model = x.shape
-    weights = experts_lib.ExpertWeights(
-        wi_0=self.wi_0[...][None],
-        wo=self.wo[...][None],
-        wi_1=None if self.wi_1 is None else self.wi_1[...][None],
-    )
     key = None if deterministic or self.dropout == 0 else self.rngs()
     y = experts_lib.expert_ffn(
-        weights,
+        _weights(self, expert_axis=False),
         x.astype(self.dtype).reshape(1, batch * length, d_model),
         activation=self.activation,
         dropout_rate=self.dropout,
@@ -212,10 +147,11 @@ class FeedForward(nnx.Module):
     return y.reshape(batch, length, d_model)
 
 
-def _route(logits: jax.Array, config: MoeConfig, deterministic: bool, key: jax.Array | None):
-  capacity_factor = config.eval_capacity_factor if deterministic else config.capacity_factor
-  if config.router == "expert_choice":
-    return routing.expert_choice_route(logits, capacity_factor=capacity_factor)
+def _expert_choice(logits: jax.Array, config: MoeConfig, capacity_factor: float, deterministic: bool, key):
+  return routing.expert_choice_route(logits, capacity_factor=capacity_factor)
+
+
+def _token_choice(logits: jax.Array, config: MoeConfig, capacity_factor: float, deterministic: bool, key):
   random_policy = config.second_expert_policy == "random" and not deterministic
   return routing.top_k_route(
       logits,
@@ -228,6 +164,23 @@ def _route(logits: jax.Array, config: MoeConfig, deterministic: bool, key: jax.A
       second_expert_threshold=config.second_expert_threshold,
       key=key,
   )
+
+
+# The routers a config can name (moe.router), looked up by moe_jax.registry. Switch is top-k with k = 1.
+ROUTERS = {"switch": _token_choice, "top_k": _token_choice, "expert_choice": _expert_choice}
+
+
+def _route(logits: jax.Array, config: MoeConfig, deterministic: bool, key: jax.Array | None):
+  capacity_factor = config.eval_capacity_factor if deterministic else config.capacity_factor
+  return ROUTERS[config.router](logits, config, capacity_factor, deterministic, key)
+
+
+def report_nonfinite_router_inputs(bad_inputs, bad_logits) -> None:
+  """Host side of `moe.check_router_inputs`: the pure routers do no host checks, so a NaN or inf reaching the
+  router would otherwise only surface later as a NaN loss."""
+  if bad_inputs or bad_logits:
+    print(f"moe: non-finite router input: {int(bad_inputs)} token features, {int(bad_logits)} router logits",
+          file=sys.stderr, flush=True)
 
 
 def moe_block(
@@ -261,6 +214,8 @@ def moe_block(
       jitter_eps=0.0 if deterministic else config.jitter_eps,
       key=jitter_key,
   ).astype(router_dtype)
+  if config.check_router_inputs:  # debug only: a host callback per call
+    jax.debug.callback(report_nonfinite_router_inputs, jnp.sum(~jnp.isfinite(groups)), jnp.sum(~jnp.isfinite(logits)))
   route = _route(logits, config, deterministic, policy_key)
 
   experts: experts_lib.Experts = experts_lib.StackedExperts(weights, activation, config.expert_dropout, dropout_key)
@@ -285,9 +240,8 @@ class MoeFeedForward(nnx.Module):
     ('expert', 'embed', 'mlp'); wo [E, F, M] ('expert', 'mlp', 'embed').
   Create it inside `parallel.mesh_context(mesh)` to shard the experts over the 'expert' axis, and for large
   layers inside `nnx.jit` too (`nnx.jit(lambda: MoeFeedForward(...))()`): eagerly, every initialiser op under
-  a mesh runs replicated on all devices (measured with 8 emulated devices, 1.07 GB of expert weights: 17.6 GB
-  peak memory eagerly, 0.37 GB under nnx.jit). See the module docstring for routing groups, expert parallelism and
-  randomness.
+  a mesh runs replicated on all devices, so each device would briefly hold every expert's weights. See the
+  module docstring for routing groups, expert parallelism and randomness.
   """
 
   def __init__(
@@ -325,11 +279,11 @@ class MoeFeedForward(nnx.Module):
   def __call__(self, x: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, MoeAux]:
     if x.ndim != 3 or x.shape[-1] != self.router.shape[0]:
       raise ValueError(f"x must be [batch, length, d_model={self.router.shape[0]}]; got shape {x.shape}")
+    if x.shape[0] * x.shape[1] == 0:  # no routing group: every mean over groups would be NaN
+      raise ValueError(f"x must hold at least one token to route; got shape {x.shape}")
     groups = group_tokens(x.astype(self.dtype), self.config.group_size)  # [G, S, M]
     key = None if deterministic or not self.config.needs_rng else self.rngs()
-    weights = experts_lib.ExpertWeights(
-        wi_0=self.wi_0[...], wo=self.wo[...], wi_1=None if self.wi_1 is None else self.wi_1[...]
-    )
+    weights = _weights(self, expert_axis=True)
     mesh = parallel.moe_mesh()
     block = functools.partial(
         moe_block,

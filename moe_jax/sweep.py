@@ -8,7 +8,9 @@ results/<sweep>/
   summary.json, summary.csv   one row per run: config, seed, final eval loss, steps/tokens to the dense
                               model's final loss, wall time, FLOPs, parameters; diverged runs listed
                               apart in summary.json ("diverged"), never silently left out
-  curves.json                 per run: eval loss by step; training loss and routing metrics every few steps
+  curves.json                 per run: eval loss by step; training loss every few steps, and per MoE block
+                              ("routing": [{"block": 1, "dropped_token_fraction": [...], ...}, ...]) its
+                              routing metrics at the same steps
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import ml_collections
 import numpy as np
 
 from moe_jax import config_lib, flops
+from moe_jax import metrics as metrics_lib
 
 RESULT_FILE = "result.json"
 CURVE_STRIDE = 5  # keep every 5th training record in curves.json (the full JSONL stays in the workdir)
-ROUTING_KEYS = ("dropped_token_fraction", "max_expert_load", "mean_expert_load", "router_entropy")
+ROUTING_KEYS = ("dropped_token_fraction", "max_expert_load", "mean_expert_load", "router_entropy", "mean_top_gate")
 
 
 def run_workdir(workdir_root: str, sweep: ml_collections.ConfigDict, run: ml_collections.ConfigDict) -> str:
@@ -94,19 +97,6 @@ def run_sweep(
       return
 
 
-def _read_metrics(workdir: str) -> tuple[dict[int, dict], dict[int, float]]:
-  """(train records by step, eval cross-entropy by step); a step repeated after a resume: last record wins."""
-  train, evals = {}, {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      record = json.loads(line)
-      if record["kind"] == "train":
-        train[record["step"]] = record
-      else:
-        evals[record["step"]] = record["cross_entropy"]
-  return train, evals
-
-
 def steps_to_reach(evals: dict[int, float], target: float) -> float | None:
   """First step at which the eval loss reaches `target`, interpolating linearly between evaluations."""
   steps = sorted(evals)
@@ -121,11 +111,16 @@ def steps_to_reach(evals: dict[int, float], target: float) -> float | None:
   return None
 
 
-def _routing_curve(train: dict[int, dict], steps: list[int]) -> dict[str, Any]:
-  """Per MoE layer routing metrics over training: {layer: {metric: [values at steps]}}."""
-  layers = sorted({key.split("/")[0] for key in train[steps[0]] if key.startswith("layer")},
-                  key=lambda name: int(name[len("layer"):]))
-  return {layer: {m: [train[s][f"{layer}/{m}"] for s in steps] for m in ROUTING_KEYS} for layer in layers}
+def _routing_curve(run: metrics_lib.RunMetrics, steps: list[int]) -> list[dict[str, Any]]:
+  """Per MoE block, its routing metrics at `steps`: [{"block": b, metric: [values], ...}, ...]."""
+  curves = []
+  for block in run.moe_blocks():
+    entry: dict[str, Any] = {"block": block}
+    for metric in ROUTING_KEYS:
+      series = run.block_series(block, metric)
+      entry[metric] = [series[s] for s in steps]
+    curves.append(entry)
+  return curves
 
 
 def aggregate(
@@ -147,7 +142,8 @@ def aggregate(
       rows.append({"run": run.name, "group": run.group, "seed": run.seed, "base": run.base, "status": "diverged",
                    "error": result["error"]})
       continue
-    train, evals = _read_metrics(workdir)
+    run_metrics = metrics_lib.read_metrics(workdir)
+    train, evals = run_metrics.train, run_metrics.series("cross_entropy", kind="eval")
     model_cfg = config_lib.model_config(config, vocab_size=_vocab_size(config))
     per_token = flops.flops_per_token(model_cfg, config.train.seq_len).train
     params = flops.param_count(model_cfg)
@@ -170,7 +166,7 @@ def aggregate(
         "train_loss": [train[s]["loss"] for s in stride_steps],
         "cross_entropy": [train[s]["cross_entropy"] for s in stride_steps],
         "load_balancing_loss": [train[s]["load_balancing_loss"] for s in stride_steps],
-        "routing": _routing_curve(train, stride_steps) if model_cfg.moe_layers else {},
+        "routing": _routing_curve(run_metrics, stride_steps),
     }
   diverged = [row for row in rows if row["status"] == "diverged"]
   rows = [row for row in rows if row["status"] == "completed"]

@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moe_jax import config_lib, data as data_lib, flops, parallel
+from moe_jax import resolve as resolve_lib
 from moe_jax.checkpoint import Checkpointer
 from moe_jax.metrics import MetricWriter, Progress
 from moe_jax.model import TransformerLM
@@ -54,6 +55,10 @@ class TrainResult:
 
 # ----------------------------------------------------------------------------------------------------------
 # Optimizer.
+
+# The choices of train.optimizer and train.schedule (looked up by moe_jax.registry).
+OPTIMIZERS = ("adamw", "adafactor")
+SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
 
 
 def make_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
@@ -107,21 +112,8 @@ def lm_loss(model: TransformerLM, batch: dict, *, deterministic: bool, aux_loss_
   return loss, (ce, aux)
 
 
-def _moe_step_metrics(aux, moe_layers: tuple[int, ...]) -> dict[str, jax.Array]:
-  if aux.metrics is None:
-    return {}
-  m = aux.metrics
-  out = {}
-  for i, layer in enumerate(moe_layers):
-    out[f"layer{layer}/dropped_token_fraction"] = m.dropped_token_fraction[i]
-    out[f"layer{layer}/max_expert_load"] = jnp.max(m.expert_load[i])
-    out[f"layer{layer}/mean_expert_load"] = jnp.mean(m.expert_load[i])
-    out[f"layer{layer}/router_entropy"] = m.router_entropy[i]
-    out[f"layer{layer}/mean_top_gate"] = m.mean_top_gate[i]
-  return out
-
-
-def make_train_step(train: ml_collections.ConfigDict, seed: int, moe_layers: tuple[int, ...]):
+def make_train_step(train: ml_collections.ConfigDict, seed: int):
+  """A jitted step: (model, optimizer, batch, step) -> (scalar metrics, {MoE block index: MoeAux})."""
   base_key = jax.random.key(seed)
 
   @nnx.jit
@@ -142,8 +134,7 @@ def make_train_step(train: ml_collections.ConfigDict, seed: int, moe_layers: tup
         "router_z_loss": aux.router_z_loss,
         "grad_norm": optax.tree.norm(grads),
     }
-    metrics.update(_moe_step_metrics(aux, moe_layers))
-    return metrics
+    return metrics, aux.blocks
 
   return train_step
 
@@ -254,16 +245,15 @@ def train_and_evaluate(
   continues exactly where this one stopped.
   """
   wall_start = time.perf_counter()
-  config = config_lib.resolve(config, jax.device_count())
-  config_lib.validate(config, device_count=jax.device_count())
-  train = config.train
-  tokenizer = data_lib.get_tokenizer(config.data)
-  model_cfg = config_lib.model_config(config, tokenizer.vocab_size)
   is_lead = jax.process_index() == 0
+  run = resolve_lib.resolve(config, jax.device_count(), log=is_lead)
+  config = run.config
+  train = config.train
+  model_cfg = config_lib.model_config(run.typed, vocab_size=config.model.vocab_size)
   os.makedirs(workdir, exist_ok=True)
   if is_lead:
     with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json(indent=2))
+      json.dump(run.record(), f, indent=2)
 
   mesh = parallel.create_mesh(config.mesh.data, config.mesh.expert)
   batch_sharding = NamedSharding(mesh, BATCH_SPEC)
@@ -297,7 +287,7 @@ def train_and_evaluate(
       data_iter.set_state(json.loads(data_states[jax.process_index()]))
       print(f"resumed from checkpoint at step {step} in {checkpointer.directory}", flush=True)
 
-    train_step = make_train_step(train, config.seed, model_cfg.moe_layers)
+    train_step = make_train_step(train, config.seed)
     tokens_per_step = train.batch_size * train.seq_len
     train_flops_per_token = flops.flops_per_token(model_cfg, train.seq_len).train
     peak = train.peak_tflops * 1e12 if train.peak_tflops else measure_peak_flops()
@@ -327,7 +317,7 @@ def train_and_evaluate(
                   flush=True)
             break
           batch = _global_batch(next(data_iter), batch_sharding)
-          metrics = jax.device_get(train_step(model, optimizer, batch, jnp.asarray(step, jnp.int32)))
+          metrics, blocks = jax.device_get(train_step(model, optimizer, batch, jnp.asarray(step, jnp.int32)))
           step += 1
           now = time.perf_counter()
           step_time, last = now - last, now
@@ -342,7 +332,7 @@ def train_and_evaluate(
           metrics["learning_rate"] = float(schedule(step - 1))
           metrics["tokens_per_s"] = tokens_per_step / step_time
           metrics["mfu"] = train_flops_per_token * metrics["tokens_per_s"] / (peak * jax.device_count())
-          writer.write(step, "train", metrics)
+          writer.write(step, "train", metrics, moe=blocks)
           if step % train.log_every == 0 or step == train.num_steps:
             print(progress.line(step, {"loss": loss, "ce": float(metrics["cross_entropy"]),
                                        "mfu": metrics["mfu"]}), flush=True)

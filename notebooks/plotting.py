@@ -105,16 +105,17 @@ def eval_curve(sweep: Sweep, rows: list[dict]):
   return seed_curves([tuple(zip(*sweep.curves[row["run"]]["eval"])) for row in rows])
 
 
-def routing_curve(sweep: Sweep, rows: list[dict], layer: str, metric: str):
-  """Seed statistics of one routing metric of one MoE layer over training: (steps, mean, min, max)."""
-  return seed_curves([(sweep.curves[row["run"]]["train_steps"], sweep.curves[row["run"]]["routing"][layer][metric])
-                      for row in rows])
+def routing_curve(sweep: Sweep, rows: list[dict], block: int, metric: str):
+  """Seed statistics of one routing metric of one MoE block over training: (steps, mean, min, max)."""
+  def values(curve):
+    return next(entry[metric] for entry in curve["routing"] if entry["block"] == block)
+
+  return seed_curves([(sweep.curves[row["run"]]["train_steps"], values(sweep.curves[row["run"]])) for row in rows])
 
 
-def moe_layers(sweep: Sweep) -> list[str]:
-  """MoE layer names ('layer1', ...) logged by any run of the sweep."""
-  layers = {layer for curve in sweep.curves.values() for layer in curve["routing"]}
-  return sorted(layers, key=lambda name: int(name[len("layer"):]))
+def moe_blocks(sweep: Sweep) -> list[int]:
+  """Indices of the MoE blocks that logged routing metrics in any run of the sweep."""
+  return sorted({entry["block"] for curve in sweep.curves.values() for entry in curve["routing"]})
 
 
 def expert_color(num_experts: int):

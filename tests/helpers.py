@@ -1,10 +1,10 @@
 """Helpers shared by the training tests: a tiny config, the CLI command, and losses read back from a run."""
 
-import json
 import os
 import sys
 
 from moe_jax import config_lib
+from moe_jax.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,10 +40,4 @@ def cpu_env(devices: int) -> dict:
 
 def train_losses(workdir) -> dict[int, float]:
   """Step -> training loss from metrics.jsonl (a resumed step's later record wins)."""
-  losses = {}
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      record = json.loads(line)
-      if record["kind"] == "train":
-        losses[record["step"]] = record["loss"]
-  return losses
+  return read_metrics(str(workdir)).series("loss")

@@ -1,6 +1,7 @@
 """Bad input fails early and clearly: every invalid config gives a ValueError naming the problem, before any
 mesh, array or compilation exists; the CLI turns it into a one-line message, without a traceback."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,7 +9,8 @@ import sys
 import ml_collections
 import pytest
 
-from moe_jax import config_lib, parallel, train
+from moe_jax import config_lib, parallel, resolve, train
+from tests.helpers import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -104,15 +106,15 @@ def test_every_config_in_configs_validates():
 
   for variant in ("switch-cpu", "dense-cpu", "switch-base", "dense-base", "switch-large", "dense-large"):
     devices = 1 if variant.endswith("cpu") else 128
-    config = config_lib.resolve(lm.get_config(variant), device_count=devices)
+    config = lm.get_config(variant)
     config.data.tokenizer = "byte"  # the paper configs point at a pod's SentencePiece model
     config.data.dataset = "stdlib"
-    config_lib.validate(config, device_count=devices)
+    resolve.resolve(config, device_count=devices)
 
 
 def test_every_field_is_documented():
-  docs = open(os.path.join(REPO, "docs", "config.md")).read()
-  assert config_lib.config_docs() in docs, "docs/config.md is stale: run python -m moe_jax.config_lib"
+  docs = open(os.path.join(REPO, config_lib.DOCS_PATH)).read()
+  assert config_lib.config_docs() == docs, "docs/config.md is stale: run python -m moe_jax.config_lib"
   for field in config_lib.default_config().data:
     assert f"data.{field}" in docs
 
@@ -134,3 +136,55 @@ def test_cli_reports_bad_values_in_one_line_without_a_traceback(tmp_path):
     assert run.returncode != 0, flag
     assert message in run.stderr, (flag, run.stderr[-2000:])
     assert "Traceback" not in run.stderr and "jaxlib" not in run.stderr, (flag, run.stderr[-2000:])
+
+
+def test_schema_module_imports_no_model_code():
+  code = ("import sys, moe_jax.config_lib; "
+          "print(sorted(m for m in sys.modules if m.startswith('moe_jax.') and m not in "
+          "('moe_jax.config_lib', 'moe_jax.registry')))")
+  run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
+  assert run.returncode == 0, run.stderr
+  assert run.stdout.strip() == "[]"
+
+
+def test_every_registry_choice_is_valid_and_others_are_refused():
+  from moe_jax import registry
+
+  for kind in registry.PROVIDERS:
+    rule = config_lib.choice(kind)
+    for name in registry.names(kind):
+      config_lib.check_value("x", name, rule)
+    with pytest.raises(ValueError, match="x='no-such-choice' must be one of"):
+      config_lib.check_value("x", "no-such-choice", rule)
+
+
+def test_resolve_records_each_auto_value_it_makes_concrete(capsys):
+  config = config_lib.default_config()
+  config.mesh.data, config.mesh.expert = 0, 4
+  config.moe.dropless, config.moe.dispatch, config.moe.router, config.moe.top_k = True, "dropless", "top_k", 2
+  run = resolve.resolve(config, device_count=8, log=True)
+  decided = {d.field: (d.requested, d.resolved) for d in run.decisions}
+  assert decided == {"mesh.data": (0, 2), "model.vocab_size": (0, 259), "moe.dispatch": ("dropless", "gather")}
+  assert run.config.mesh.data == 2 and run.requested.mesh.data == 0  # the request is kept as it was
+  assert run.derived == {"moe.tokens_per_group": 128, "moe.capacity": 128, "moe.eval_capacity": 128}
+  printed = capsys.readouterr().out.splitlines()
+  assert len(printed) == 3 and all(line.startswith("resolve: ") for line in printed)
+  record = run.record()
+  assert record["requested"]["mesh"]["data"] == 0 and record["resolved"]["mesh"]["data"] == 2
+  assert [d["field"] for d in record["decisions"]] == ["mesh.data", "model.vocab_size", "moe.dispatch"]
+
+
+def test_resolve_computes_capacity_from_the_one_convention():
+  config = config_lib.default_config()  # 8 experts, groups of 128 tokens, capacity factors 1.25 / 2.0
+  run = resolve.resolve(config, device_count=1)
+  assert run.derived == {"moe.tokens_per_group": 128, "moe.capacity": 20, "moe.eval_capacity": 32}
+  assert run.decisions[0].field == "model.vocab_size" and len(run.decisions) == 1
+
+
+def test_config_json_records_requested_and_resolved_values(tmp_path):
+  config = tiny_config(str(tmp_path / "tfds"), steps=1, mesh=(0, 4))
+  train.train_and_evaluate(config, str(tmp_path))
+  record = json.load(open(tmp_path / "config.json"))
+  assert record["requested"]["mesh"]["data"] == 0
+  assert record["resolved"]["mesh"]["data"] == 2
+  assert {"field": "mesh.data", "requested": 0, "resolved": 2, "why": "8 devices / mesh.expert=4"} in record["decisions"]

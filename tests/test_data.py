@@ -364,7 +364,7 @@ def test_prepared_registered_dataset_is_read_without_its_builder_code(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("dataset", "foo", r"data.dataset='foo' must be one of \('stdlib', 'text_dir', 'c4/en', 'lm1b', 'wiki40b/en'\)"),
+    ("dataset", "foo", "data.dataset='foo' must be one of 'stdlib', 'text_dir', 'c4/en', 'lm1b', 'wiki40b/en'"),
     ("tokenizer", "/nonexistent/spm.model", "data.tokenizer='/nonexistent/spm.model'"),
     ("validation_fraction", 0.7, "data.validation_fraction=0.7"),
     ("validation_fraction", 0.0, "data.validation_fraction=0.0"),

@@ -1,6 +1,5 @@
 """Multi-process training: 2 processes x 4 CPU devices on 127.0.0.1 reproduce a 1-process 8-device run."""
 
-import json
 import os
 import socket
 import subprocess
@@ -8,7 +7,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from tests.helpers import cpu_env, train_command
+from tests.helpers import cpu_env, train_command, train_losses
 
 STEPS = 6
 
@@ -27,9 +26,7 @@ def _command(workdir, data_dir, *extra):
 
 
 def _losses(workdir) -> list[float]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    records = [json.loads(line) for line in f]
-  return [r["loss"] for r in sorted(records, key=lambda r: r["step"]) if r["kind"] == "train"]
+  return list(train_losses(workdir).values())
 
 
 @pytest.mark.slow  # three training processes: ~1.5 min on 2 cores; .ci/run runs the slow tier

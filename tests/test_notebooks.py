@@ -94,18 +94,18 @@ FIXTURE_STEPS, FIXTURE_EVAL_EVERY = 40, 10
 
 
 def _fake_run(workdir: pathlib.Path, floor: float, num_experts: int, drop: float) -> None:
-  """A finished run whose eval loss decays to `floor`; MoE layers 1 and 3 log routing metrics."""
+  """A finished run whose eval loss decays to `floor`; MoE blocks 1 and 3 log routing metrics."""
   workdir.mkdir(parents=True)
   with open(workdir / "metrics.jsonl", "w") as f:
     for step in range(1, FIXTURE_STEPS + 1):
       ce = floor + 3.0 * math.exp(-step / 8)
       record = {"step": step, "kind": "train", "loss": ce, "cross_entropy": ce, "load_balancing_loss": 1.0}
-      for layer in ((1, 3) if num_experts else ()):
+      if num_experts:  # the structured per-block records of moe_jax.metrics
         dropped = drop * (1 + math.exp(-step / 10))
-        record.update({f"layer{layer}/dropped_token_fraction": dropped,
-                       f"layer{layer}/max_expert_load": min(1.0, 0.9 + dropped),
-                       f"layer{layer}/mean_expert_load": 0.8 * (1 - dropped),
-                       f"layer{layer}/router_entropy": math.log(num_experts) * (1 - 0.3 * math.exp(-step / 10))})
+        record["moe"] = [{"block": block, "dropped_token_fraction": dropped,
+                          "max_expert_load": min(1.0, 0.9 + dropped), "mean_expert_load": 0.8 * (1 - dropped),
+                          "router_entropy": math.log(num_experts) * (1 - 0.3 * math.exp(-step / 10)),
+                          "mean_top_gate": 0.5} for block in (1, 3)]
       f.write(json.dumps(record) + "\n")
       if step % FIXTURE_EVAL_EVERY == 0:
         f.write(json.dumps({"step": step, "kind": "eval", "cross_entropy": ce + 0.05}) + "\n")

@@ -78,7 +78,8 @@ def test_sweep_runs_skips_finished_runs_and_aggregates(tmp_path, capsys):
     assert os.path.exists(os.path.join(results, "unit-cpu", name))
   curves = json.load(open(os.path.join(results, "unit-cpu", "curves.json")))
   assert [step for step, _ in curves["dense-s0"]["eval"]] == [2, 4, 6]
-  assert set(curves["switch-e4-s0"]["routing"]) == {"layer1"}
+  assert [entry["block"] for entry in curves["switch-e4-s0"]["routing"]] == [1]
+  assert curves["dense-s0"]["routing"] == []
 
 
 def test_a_diverged_run_is_recorded_and_listed_not_dropped(tmp_path, monkeypatch):

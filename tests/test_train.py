@@ -1,6 +1,5 @@
 """End-to-end training: loss goes down on 1 and 8 devices, resume is exact, preemption and faults are safe."""
 
-import json
 import os
 import signal
 import subprocess
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 
 from moe_jax import config_lib, train
+from moe_jax.metrics import read_metrics
 from moe_jax import data as data_lib
 from tests.helpers import cpu_env, tiny_config, train_command, train_losses
 
@@ -67,12 +67,15 @@ def test_resuming_a_workdir_with_a_different_model_is_refused(data_dir, tmp_path
 def test_metrics_include_moe_load_and_throughput(data_dir, tmp_path):
   config = tiny_config(data_dir, steps=2)
   train.train_and_evaluate(config, str(tmp_path))
-  with open(tmp_path / "metrics.jsonl") as f:
-    record = json.loads(f.readline())
+  record = read_metrics(str(tmp_path)).train[1]
   for key in ("loss", "cross_entropy", "load_balancing_loss", "router_z_loss", "learning_rate", "grad_norm",
-              "tokens_per_s", "mfu", "layer1/dropped_token_fraction", "layer1/max_expert_load",
-              "layer1/mean_expert_load", "layer1/router_entropy"):
+              "tokens_per_s", "mfu"):
     assert key in record, key
+  (block,) = record["moe"]  # tiny_config: 2 blocks, MoE on block 1, its statistics keyed by the block index
+  assert block["block"] == 1
+  for key in ("load_balancing_loss", "router_z_loss", "dropped_token_fraction", "max_expert_load",
+              "mean_expert_load", "router_entropy", "mean_top_gate", "expert_load"):
+    assert key in block, key
   assert os.listdir(tmp_path / "tensorboard")
 
 

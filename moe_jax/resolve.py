@@ -1,0 +1,118 @@
+"""From the config a user asked for to the config a run executes: every "auto" value made concrete, once.
+
+`resolve(config, device_count)` validates the config (moe_jax.config_lib), then decides, in this order:
+  * mesh.data = 0            -> device_count / mesh.expert (and the mesh must cover the devices);
+  * model.vocab_size = 0     -> the tokenizer's vocabulary (a smaller non-zero value is refused);
+  * moe.dispatch             -> the backend that actually runs on this mesh (see `dispatch_backend`);
+and derives the facts a reader of a run wants next to them: tokens per routing group and the expert capacity
+in training and evaluation (routing.compute_capacity). Each decision is a `Decision` (field, requested,
+resolved, why); `Resolved.record()` is what `config.json` stores: the requested config, the resolved one and
+the decisions, so a run says what ran, not only what was asked.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from moe_jax import config_lib, routing
+from moe_jax import data as data_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+  field: str
+  requested: Any
+  resolved: Any
+  why: str
+
+  def line(self) -> str:
+    return f"resolve: {self.field} {self.requested!r} -> {self.resolved!r} ({self.why})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+  requested: ml_collections.ConfigDict  # as the user wrote it
+  config: ml_collections.ConfigDict  # what the run executes: no "auto" value left
+  typed: config_lib.ExperimentConfig  # the same, typed and checked
+  decisions: tuple[Decision, ...]  # every value that differs between the two, and why
+  derived: dict[str, Any]  # facts implied by the resolved config (capacity, tokens per group)
+
+  def record(self) -> dict:
+    """JSON-safe: what config.json holds."""
+    return {"requested": config_lib.to_dict(self.requested), "resolved": config_lib.to_dict(self.config),
+            "decisions": [dataclasses.asdict(d) for d in self.decisions], "derived": self.derived}
+
+
+def dispatch_backend(moe: config_lib.MoeConfig, *, distributed: bool) -> tuple[str, str]:
+  """(backend that runs, why) for the requested `moe.dispatch`.
+
+  `ragged_all_to_all` does not exist on XLA:CPU, so the ragged dropless path cannot cross devices there: under
+  a mesh of more than one device dropless routing runs the gather backend with capacity C = S, which still
+  drops nothing and computes the same outputs with worst-case buffers.
+  """
+  if moe.dispatch == "dropless" and distributed:
+    return "gather", "no ragged all-to-all across devices: gather with capacity S, still dropless"
+  return moe.dispatch, "as requested"
+
+
+def resolve(config: ml_collections.ConfigDict, device_count: int, *, log: bool = False) -> Resolved:
+  """Validate `config` and make every "auto" value concrete for a run on `device_count` devices."""
+  resolved = copy.deepcopy(config)
+  decisions = []
+
+  def decide(path: str, value: Any, why: str) -> None:
+    section, name = path.split(".")
+    decisions.append(Decision(path, resolved[section][name], value, why))
+    resolved[section][name] = value
+
+  # The mesh first: a mesh that does not fit the machine is the most basic mistake, and the rules relating
+  # batch, experts and groups to the mesh need its size.
+  mesh = config_lib.section_from_config(config_lib.MeshConfig, config.mesh)
+  if mesh.data == 0:
+    if device_count % mesh.expert:
+      raise ValueError(f"mesh.expert={mesh.expert} must divide the number of devices ({device_count})")
+    decide("mesh.data", device_count // mesh.expert, f"{device_count} devices / mesh.expert={mesh.expert}")
+  data = resolved.mesh.data
+  if data * mesh.expert != device_count:
+    raise ValueError(f"mesh.data * mesh.expert = {data} * {mesh.expert} = {data * mesh.expert} must equal the "
+                     f"number of devices ({device_count})")
+  config_lib.validate(resolved)
+
+  tokenizer_vocab = data_lib.get_tokenizer(resolved.data).vocab_size
+  if resolved.model.vocab_size == 0:
+    decide("model.vocab_size", tokenizer_vocab, f"the {resolved.data.tokenizer!r} tokenizer's vocabulary")
+  elif resolved.model.vocab_size < tokenizer_vocab:
+    raise ValueError(f"model.vocab_size={resolved.model.vocab_size} must be >= the tokenizer's vocabulary "
+                     f"({tokenizer_vocab}), or 0 to use it")
+
+  typed = config_lib.typed(resolved)
+  derived: dict[str, Any] = {}
+  if typed.model.moe_layer_interval > 0:
+    moe = typed.moe
+    backend, why = dispatch_backend(moe, distributed=device_count > 1)
+    if backend != moe.dispatch:
+      decide("moe.dispatch", backend, why)
+      typed = config_lib.typed(resolved)
+    derived = _moe_facts(typed)
+
+  result = Resolved(requested=config, config=resolved, typed=typed, decisions=tuple(decisions), derived=derived)
+  if log:
+    for decision in result.decisions:
+      print(decision.line(), flush=True)
+  return result
+
+
+def _moe_facts(exp: config_lib.ExperimentConfig) -> dict[str, Any]:
+  """Tokens per routing group and expert capacity C (per group) in training and evaluation."""
+  moe, group = exp.moe, exp.tokens_per_group
+  k = moe.top_k if moe.router == "top_k" else 1
+
+  def capacity(factor: float) -> int:
+    return group if moe.dropless else routing.compute_capacity(group, moe.num_experts, factor, k)
+
+  return {"moe.tokens_per_group": group, "moe.capacity": capacity(moe.capacity_factor),
+          "moe.eval_capacity": capacity(moe.eval_capacity_factor)}
