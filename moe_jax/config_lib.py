@@ -158,6 +158,11 @@ class MoeConfig(Section):
   group_size: int = field(0, at_least(0), "tokens per routing group; 0: one group per sequence")
   # Ablation of Switch "selective precision" (Sec. 2.4): bfloat16 rounds the router inputs, kernel and logits.
   router_dtype: str = field("float32", choice("dtype"), "router precision (Switch selective precision)")
+  expert_d_ff: int = field(0, at_least(0), "hidden width of each routed expert; 0 = model.d_ff (fine-grained "
+                           "experts: narrower, DeepSeekMoE)")
+  num_shared_experts: int = field(0, at_least(0), "experts every token passes through beside the routed ones "
+                                  "(DeepSeekMoE shared experts)")
+  shared_expert_d_ff: int = field(0, at_least(0), "hidden width of each shared expert; 0 = the routed experts'")
   check_router_inputs: bool = field(False, boolean(), "debug: report NaN/inf router inputs on stderr (host callback)")
 
   def _check(self) -> None:
@@ -202,12 +207,16 @@ class ModelConfig(Section):
   # The defaults are the cpu size of configs/lm.py: 4 blocks of width 128 on bytes; paper sizes live there.
   d_model: int = field(128, at_least(1), "residual width M")
   num_heads: int = field(4, at_least(1), "attention heads H")
+  num_kv_heads: int = field(0, at_least(0), "key/value heads K of grouped-query attention; 0 = num_heads "
+                            "(multi-head), 1 = multi-query; must divide num_heads")
   head_dim: int = field(32, Rule((int,), lambda v: v >= 2 and v % 2 == 0, lambda: "an even integer >= 2"),
                         "attention head dimension D (rotary embedding rotates feature pairs)")
   d_ff: int = field(512, at_least(1), "hidden width F of every FFN and expert")
   num_layers: int = field(4, at_least(1), "transformer blocks")
   max_seq_len: int = field(256, at_least(1), "longest sequence the model accepts")
   moe_layer_interval: int = field(2, at_least(0), "0: dense model; N: every N-th block's FFN is a MoE layer (Switch: 2)")
+  moe_start_block: int = field(0, at_least(0), "blocks before this one stay dense; MoE every moe_layer_interval-th "
+                               "block from it on (DeepSeekMoE: 1, DeepSeek-V3: 3)")
   norm: str = field("rmsnorm", choice("norm"), "pre-norm layer")
   activation: str = field("gelu", choice("activation"), "FFN activation; geglu/swiglu are gated (T5.1.1)")
   tie_embeddings: bool = field(False, boolean(), "share input embedding and output projection")
@@ -217,17 +226,35 @@ class ModelConfig(Section):
   moe: MoeConfig | None = None  # derived: the moe section when moe_layer_interval > 0
 
   def _check(self) -> None:
-    """`moe_layer_interval <= num_layers`."""
-    if self.moe_layer_interval > self.num_layers:
-      raise ValueError(f"model.moe_layer_interval={self.moe_layer_interval} must be <= "
-                       f"model.num_layers={self.num_layers}")
+    """`num_kv_heads` divides `num_heads`; `moe_start_block + moe_layer_interval <= num_layers` (at least one
+    MoE block) when `moe_layer_interval > 0`."""
+    if self.num_kv_heads and self.num_heads % self.num_kv_heads:
+      raise ValueError(f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}")
+    if self.moe_layer_interval and self.moe_start_block + self.moe_layer_interval > self.num_layers:
+      raise ValueError(f"model.moe_layer_interval={self.moe_layer_interval} must be <= model.num_layers="
+                       f"{self.num_layers} - model.moe_start_block={self.moe_start_block}")
 
   @property
   def moe_layers(self) -> tuple[int, ...]:
-    """Indices of the blocks whose FFN is a mixture of experts: N-1, 2N-1, ..."""
+    """Indices of the blocks whose FFN is a mixture of experts: s+N-1, s+2N-1, ... from s = moe_start_block."""
     if self.moe_layer_interval == 0 or self.moe is None:
       return ()
-    return tuple(i for i in range(self.num_layers) if (i + 1) % self.moe_layer_interval == 0)
+    start, interval = self.moe_start_block, self.moe_layer_interval
+    return tuple(i for i in range(start, self.num_layers) if (i - start + 1) % interval == 0)
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def expert_d_ff(self) -> int:
+    """Hidden width of each routed expert (fine-grained experts are narrower than the dense FFN)."""
+    return self.moe.expert_d_ff or self.d_ff
+
+  @property
+  def shared_d_ff(self) -> int:
+    """Total hidden width of the shared experts: num_shared_experts x their width (0: none)."""
+    return self.moe.num_shared_experts * (self.moe.shared_expert_d_ff or self.expert_d_ff)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -66,19 +66,46 @@ def flops_per_token(
     cfg: ModelConfig, seq_len: int, *, executed: bool = False, capacity_factor: float | None = None
 ) -> FlopsBreakdown:
   """Forward FLOPs per token of the decoder LM at sequence length `seq_len` (see the module conventions)."""
-  attn_dim = cfg.num_heads * cfg.head_dim
+  q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
   num_moe = len(cfg.moe_layers)
   num_dense = cfg.num_layers - num_moe
-  one_ffn = ffn_flops(cfg.d_model, cfg.d_ff, cfg.activation)
+  moe_ffn = 0.0
+  if num_moe:
+    routed = ffn_flops(cfg.d_model, cfg.expert_d_ff, cfg.activation)
+    per_token = experts_per_token(cfg, executed=executed, capacity_factor=capacity_factor)
+    moe_ffn = num_moe * (routed * per_token + ffn_flops(cfg.d_model, cfg.shared_d_ff, cfg.activation))
   return FlopsBreakdown(
-      attention_projections=cfg.num_layers * 2.0 * 4 * cfg.d_model * attn_dim,
-      attention_scores=cfg.num_layers * 2.0 * 2 * seq_len * attn_dim,
-      dense_ffn=num_dense * one_ffn,
-      expert_ffn=(num_moe * one_ffn * experts_per_token(cfg, executed=executed, capacity_factor=capacity_factor)
-                  if num_moe else 0.0),
+      # q and output projections over H heads, k and v over the K key/value heads.
+      attention_projections=cfg.num_layers * 2.0 * cfg.d_model * (2 * q_dim + 2 * kv_dim),
+      attention_scores=cfg.num_layers * 2.0 * 2 * seq_len * q_dim,
+      dense_ffn=num_dense * ffn_flops(cfg.d_model, cfg.d_ff, cfg.activation),
+      expert_ffn=moe_ffn,
       router=num_moe * 2.0 * cfg.d_model * cfg.moe.num_experts if num_moe else 0.0,
       logits=2.0 * cfg.d_model * cfg.vocab_size,
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamBreakdown:
+  """Parameters by component, summed over blocks; routed experts counted in full (total) and per token."""
+
+  embeddings: int  # input embedding, and the output projection unless tied
+  attention: int
+  norms: int
+  dense_ffn: int
+  router: int
+  shared_experts: int  # always active (DeepSeekMoE)
+  routed_experts: int  # all E experts of every MoE block
+  routed_experts_active: float  # the experts one token uses (k; expert choice: c on average)
+
+  @property
+  def total(self) -> int:
+    return (self.embeddings + self.attention + self.norms + self.dense_ffn + self.router + self.shared_experts
+            + self.routed_experts)
+
+  @property
+  def active(self) -> int:
+    return int(self.total - self.routed_experts + self.routed_experts_active)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,20 +114,34 @@ class ParamCount:
   active: int  # parameters one token touches: its k experts instead of all E
 
 
-def param_count(cfg: ModelConfig) -> ParamCount:
-  """Total vs active parameters (Switch Table 9 reports total; FLOPs follow active)."""
-  m, f = cfg.d_model, cfg.d_ff
+def ffn_params(d_model: int, d_ff: int, activation: str) -> int:
+  return (3 if experts.is_gated(activation) else 2) * d_model * d_ff
+
+
+def param_breakdown(cfg: ModelConfig) -> ParamBreakdown:
+  """Every parameter of `model.TransformerLM(cfg)` by component (tests check it against the built model)."""
+  m = cfg.d_model
   norm = m if cfg.norm == "rmsnorm" else 2 * m
-  ffn = (3 if experts.is_gated(cfg.activation) else 2) * m * f
-  attention = 4 * m * cfg.num_heads * cfg.head_dim
-  embeddings = cfg.vocab_size * m * (1 if cfg.tie_embeddings else 2)
   num_moe = len(cfg.moe_layers)
   num_dense = cfg.num_layers - num_moe
-  shared = embeddings + cfg.num_layers * (attention + 2 * norm) + norm + num_dense * ffn
-  if not num_moe:
-    return ParamCount(total=shared, active=shared)
-  e = cfg.moe.num_experts
-  router = m * e
-  total = shared + num_moe * (router + e * ffn)
-  active = shared + num_moe * (router + experts_per_token(cfg, executed=False) * ffn)
-  return ParamCount(total=total, active=int(active))
+  routed = router = shared = 0
+  active = 0.0
+  if num_moe:
+    one_expert = ffn_params(m, cfg.expert_d_ff, cfg.activation)
+    routed = num_moe * cfg.moe.num_experts * one_expert
+    active = num_moe * experts_per_token(cfg, executed=False) * one_expert
+    router = num_moe * m * cfg.moe.num_experts
+    shared = num_moe * ffn_params(m, cfg.shared_d_ff, cfg.activation)
+  return ParamBreakdown(
+      embeddings=cfg.vocab_size * m * (1 if cfg.tie_embeddings else 2),
+      attention=cfg.num_layers * m * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.kv_heads),
+      norms=(2 * cfg.num_layers + 1) * norm,
+      dense_ffn=num_dense * ffn_params(m, cfg.d_ff, cfg.activation),
+      router=router, shared_experts=shared, routed_experts=routed, routed_experts_active=active,
+  )
+
+
+def param_count(cfg: ModelConfig) -> ParamCount:
+  """Total vs active parameters (Switch Table 9 reports total; FLOPs follow active)."""
+  breakdown = param_breakdown(cfg)
+  return ParamCount(total=breakdown.total, active=breakdown.active)

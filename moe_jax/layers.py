@@ -44,7 +44,12 @@ def rotary_embedding(
 
 
 class CausalSelfAttention(nnx.Module):
-  """Multi-head causal self-attention with rotary positions (no bias terms, as in T5)."""
+  """Causal self-attention with rotary positions and no bias terms (T5), multi-head or grouped-query.
+
+  `num_kv_heads` K key/value heads are shared by groups of H / K query heads (grouped-query attention,
+  Ainslie et al. 2023, arXiv:2305.13245; K = 1 is multi-query attention, Shazeer 2019; K = H is multi-head).
+  The projections are one parameter [M, H + 2K, D]: query heads, then key heads, then value heads.
+  """
 
   def __init__(
       self,
@@ -52,16 +57,18 @@ class CausalSelfAttention(nnx.Module):
       num_heads: int,
       head_dim: int,
       *,
+      num_kv_heads: int | None = None,
       init_scale: float,
       dropout: float = 0.0,
       dtype: jnp.dtype = jnp.float32,
       rngs: nnx.Rngs,
   ):
-    qkv_init = switch_init(init_scale, in_axis=0, out_axis=(1, 2, 3))
+    self.num_heads = num_heads
+    self.num_kv_heads = num_kv_heads or num_heads
+    qkv_init = switch_init(init_scale, in_axis=0, out_axis=(1, 2))
     out_init = switch_init(init_scale, in_axis=(0, 1), out_axis=2)
-    self.qkv = nnx.Param(
-        nnx.with_partitioning(qkv_init, ("embed", None, "heads", "kv"))(rngs.params(), (d_model, 3, num_heads, head_dim))
-    )
+    qkv_shape = (d_model, num_heads + 2 * self.num_kv_heads, head_dim)
+    self.qkv = nnx.Param(nnx.with_partitioning(qkv_init, ("embed", "heads", "kv"))(rngs.params(), qkv_shape))
     self.out = nnx.Param(
         nnx.with_partitioning(out_init, ("heads", "kv", "embed"))(rngs.params(), (num_heads, head_dim, d_model))
     )
@@ -70,10 +77,11 @@ class CausalSelfAttention(nnx.Module):
 
   def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:  # [B, L, M] -> [B, L, M]
     x = x.astype(self.dtype)
-    qkv = jnp.einsum("blm,mthd->tblhd", x, self.qkv[...].astype(self.dtype))
+    qkv = jnp.einsum("blm,mhd->blhd", x, self.qkv[...].astype(self.dtype))  # [B, L, H + 2K, D]
+    q, k, v = jnp.split(qkv, [self.num_heads, self.num_heads + self.num_kv_heads], axis=2)
     positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-    q, k = rotary_embedding(qkv[0], positions), rotary_embedding(qkv[1], positions)
-    attended = jax.nn.dot_product_attention(q, k, qkv[2], is_causal=True)  # [B, L, H, D]
+    q, k = rotary_embedding(q, positions), rotary_embedding(k, positions)
+    attended = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # [B, L, H, D]; K heads shared by groups
     y = jnp.einsum("blhd,hdm->blm", attended, self.out[...].astype(self.dtype))
     return self.dropout(y, deterministic=deterministic)
 

@@ -4,7 +4,8 @@ Axis legend: B batch · L sequence length · M d_model · F d_ff · V vocabulary
 
 Architecture (Fedus et al. 2021, Sec. 2; a decoder-only variant of T5 as in their LM experiments):
 pre-norm blocks x + Attn(Norm(x)), x + FFN(Norm(x)), where FFN is a `MoeFeedForward` on every
-`moe_layer_interval`-th block (Switch: every other block) and a dense `FeedForward` elsewhere.
+`moe_layer_interval`-th block from `moe_start_block` on (Switch: every other block; DeepSeekMoE: every block but
+the first) and a dense `FeedForward` elsewhere. Attention is multi-head or grouped-query (`num_kv_heads`).
 """
 
 from __future__ import annotations
@@ -36,15 +37,15 @@ class Block(nnx.Module):
     dtype = DTYPES[cfg.dtype]
     self.attention_norm = layers.make_norm(cfg.norm, cfg.d_model, rngs=rngs)
     self.attention = layers.CausalSelfAttention(
-        cfg.d_model, cfg.num_heads, cfg.head_dim, init_scale=cfg.init_scale, dropout=cfg.dropout, dtype=dtype,
-        rngs=rngs,
+        cfg.d_model, cfg.num_heads, cfg.head_dim, num_kv_heads=cfg.kv_heads, init_scale=cfg.init_scale,
+        dropout=cfg.dropout, dtype=dtype, rngs=rngs,
     )
     self.ffn_norm = layers.make_norm(cfg.norm, cfg.d_model, rngs=rngs)
     self.use_moe = use_moe
     if use_moe:
       self.ffn = MoeFeedForward(
-          cfg.d_model, cfg.d_ff, cfg.moe, activation=cfg.activation, init_scale=cfg.init_scale, dtype=dtype,
-          rngs=rngs,
+          cfg.d_model, cfg.expert_d_ff, cfg.moe, shared_d_ff=cfg.shared_d_ff, activation=cfg.activation,
+          init_scale=cfg.init_scale, dtype=dtype, rngs=rngs,
       )
     else:
       self.ffn = FeedForward(

@@ -238,6 +238,9 @@ class MoeFeedForward(nnx.Module):
   the router always computes in `moe.router_dtype`):
     router [M, E] ('embed', 'unmodeled'); wi_0, wi_1 (gated activations only) [E, M, F]
     ('expert', 'embed', 'mlp'); wo [E, F, M] ('expert', 'mlp', 'embed').
+  `shared_d_ff` > 0 adds DeepSeekMoE's shared experts (Dai et al. 2024, arXiv:2401.06066, eq. 9), which every
+  token passes through beside its routed ones: N_s shared experts of width f are one dense FFN of width N_s * f
+  (their outputs are summed, so their hidden units concatenate), held in `shared` and counted as active.
   Create it inside `parallel.mesh_context(mesh)` to shard the experts over the 'expert' axis, and for large
   layers inside `nnx.jit` too (`nnx.jit(lambda: MoeFeedForward(...))()`): eagerly, every initialiser op under
   a mesh runs replicated on all devices, so each device would briefly hold every expert's weights. See the
@@ -250,6 +253,7 @@ class MoeFeedForward(nnx.Module):
       d_ff: int,
       moe: MoeConfig,
       *,
+      shared_d_ff: int = 0,
       activation: str = "gelu",
       init_scale: float = 0.1,
       dtype=jnp.float32,
@@ -275,6 +279,8 @@ class MoeFeedForward(nnx.Module):
         rngs,
     )
     self.rngs = rngs["dropout"].fork()
+    self.shared = (FeedForward(d_model, shared_d_ff, activation=activation, init_scale=init_scale, dtype=dtype,
+                               rngs=rngs) if shared_d_ff else None)
 
   def __call__(self, x: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, MoeAux]:
     if x.ndim != 3 or x.shape[-1] != self.router.shape[0]:
@@ -297,4 +303,7 @@ class MoeFeedForward(nnx.Module):
       parallel.validate_group_sharding(groups.shape[0], mesh)
       block = parallel.shard_moe_block(block)
     out, aux = block(groups, (self.router[...], key), weights)
-    return out.reshape(x.shape), aux
+    out = out.reshape(x.shape)
+    if self.shared is not None:
+      out = out + self.shared(x, deterministic=deterministic)
+    return out, aux
