@@ -145,3 +145,64 @@ def param_count(cfg: ModelConfig) -> ParamCount:
   """Total vs active parameters (Switch Table 9 reports total; FLOPs follow active)."""
   breakdown = param_breakdown(cfg)
   return ParamCount(total=breakdown.total, active=breakdown.active)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory: what must sit on a device to train or serve a config.
+
+# Optimizer state per parameter, in float32 values: AdamW keeps two moments; Adafactor's factored second
+# moment is O(rows + cols) per matrix (counted as 0 here) and, as Switch used it, no first moment.
+OPTIMIZER_STATE_VALUES = {"adamw": 2, "adafactor": 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingMemory:
+  """Bytes per device for one training step (estimates; the compiled program's own figure is exact)."""
+
+  weights: float
+  gradients: float
+  optimizer: float
+  activations: float  # kept for the backward pass, for this device's share of the batch
+
+  @property
+  def total(self) -> float:
+    return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def _per_device_params(cfg: ModelConfig, expert_shards: int) -> float:
+  """Parameters on one device: experts split over the 'expert' mesh axis, everything else replicated."""
+  breakdown = param_breakdown(cfg)
+  return breakdown.total - breakdown.routed_experts + breakdown.routed_experts / expert_shards
+
+
+def activation_bytes_per_token(cfg: ModelConfig, seq_len: int, dtype_bytes: int) -> float:
+  """Activations one token keeps for the backward pass: per block the block input and norm output (2M), the
+  q/k/v projections ((H + 2K) D), the attention output (H D) and its softmax row (H L, materialised by a
+  dense attention), each FFN's input and hidden units (M + F, 2F gated) for every expert it executes; and the
+  float32 logits with their softmax (2 V)."""
+  gated = 2 if experts.is_gated(cfg.activation) else 1
+  attention = 2 * cfg.d_model + (2 * cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim + cfg.num_heads * seq_len
+  num_moe = len(cfg.moe_layers)
+  dense = (cfg.num_layers - num_moe) * (cfg.d_model + gated * cfg.d_ff)
+  moe = 0.0
+  if num_moe:
+    executed = experts_per_token(cfg, executed=True)
+    moe = num_moe * (executed * (cfg.d_model + gated * cfg.expert_d_ff) + gated * cfg.shared_d_ff)
+  return dtype_bytes * (cfg.num_layers * attention + dense + moe) + 4 * 2 * cfg.vocab_size
+
+
+def training_memory(cfg: ModelConfig, *, batch_size: int, seq_len: int, optimizer: str, devices: int,
+                    expert_shards: int, compute_dtype_bytes: int = 4) -> TrainingMemory:
+  """Per-device bytes of a training step: float32 weights, gradients and optimizer state of the parameters
+  this device holds, and the activations of its batch_size / devices sequences."""
+  params = _per_device_params(cfg, expert_shards)
+  tokens = batch_size * seq_len / devices
+  return TrainingMemory(
+      weights=4 * params, gradients=4 * params, optimizer=4 * OPTIMIZER_STATE_VALUES[optimizer] * params,
+      activations=tokens * activation_bytes_per_token(cfg, seq_len, compute_dtype_bytes))
+
+
+def kv_cache_bytes(cfg: ModelConfig, *, batch_size: int, context: int, dtype_bytes: int = 2) -> float:
+  """Keys and values of every block for `batch_size` sequences of `context` tokens (grouped-query attention
+  keeps K heads, not H)."""
+  return 2.0 * cfg.num_layers * cfg.kv_heads * cfg.head_dim * batch_size * context * dtype_bytes

@@ -1,0 +1,22 @@
+"""OLMoE-1B-7B (Muennighoff et al. 2024, arXiv:2409.02060, Table 1; model card allenai/OLMoE-1B-7B-0924).
+
+  variants: full | cpu
+
+d_model 2048, 16 blocks, 16 heads of 128, 64 SwiGLU experts of width 1024 on every block, top-8 without
+renormalisation, dropless, vocabulary 50304, untied embeddings, 4k context. Published: 6.9B parameters, 1.3B
+active per token. Not modelled: OLMoE's QK-norm (two RMSNorm scales of d_model per block, 65k parameters in all).
+"""
+
+from configs import moe_systems
+
+SYSTEM = moe_systems.System(
+    name="olmoe-1b-7b",
+    model=dict(vocab_size=50304, d_model=2048, num_heads=16, head_dim=128, d_ff=1024, num_layers=16,
+               max_seq_len=4096, moe_layer_interval=1, activation="swiglu"),
+    moe=dict(num_experts=64, router="top_k", top_k=8, dropless=True),
+    published_total=6.9e9, published_active=1.3e9, not_modelled="QK-norm",
+)
+
+
+def get_config(arg: str = "cpu"):
+  return moe_systems.get_config(SYSTEM, arg)

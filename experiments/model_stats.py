@@ -1,0 +1,94 @@
+"""What a config costs: parameters (total vs active, by component), FLOPs per token, and memory to train and serve.
+
+  python experiments/model_stats.py --config=configs/mixtral.py:full [--config.moe.num_experts=16 ...]
+      [--devices=256] [--serve_batch=1] [--serve_context=32768] [--json]
+
+Every figure comes from moe_jax.flops, the same code the FLOPs of training runs and the tests use, applied to
+the typed model config that the model is built from. Memory is per device for the config's batch, sequence
+length, optimizer, compute dtype and mesh (`mesh.data = 0`: all --devices over mesh.expert), experts split over
+the 'expert' axis and everything else replicated, as moe_jax trains today.
+"""
+
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from moe_jax import config_lib, flops  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mixtral.py:full.")
+_DEVICES = flags.DEFINE_integer("devices", 0, "devices for mesh.data = 0 (default: mesh.expert)")
+_SERVE_BATCH = flags.DEFINE_integer("serve_batch", 1, "sequences served at once, for the KV cache")
+_SERVE_CONTEXT = flags.DEFINE_integer("serve_context", 0, "tokens per served sequence (default: max_seq_len)")
+_JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of the table")
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+def stats(config, *, devices: int = 0, serve_batch: int = 1, serve_context: int = 0) -> dict:
+  """Every figure the calculator prints, for `config` (an experiment ConfigDict)."""
+  # The tokenizer's vocabulary is only needed when model.vocab_size = 0 (the byte tokenizer's 259).
+  cfg = config_lib.model_config(config, vocab_size=259)
+  expert = config.mesh.expert if cfg.moe_layers else 1
+  devices = devices or (config.mesh.data * config.mesh.expert if config.mesh.data else expert)
+  breakdown = flops.param_breakdown(cfg)
+  per_token = flops.flops_per_token(cfg, config.train.seq_len)
+  compute_bytes = DTYPE_BYTES[cfg.dtype]
+  memory = flops.training_memory(cfg, batch_size=config.train.batch_size, seq_len=config.train.seq_len,
+                                 optimizer=config.train.optimizer, devices=devices, expert_shards=expert,
+                                 compute_dtype_bytes=compute_bytes)
+  context = serve_context or cfg.max_seq_len
+  return {
+      "params": {**{k: getattr(breakdown, k) for k in (
+          "embeddings", "attention", "norms", "dense_ffn", "router", "shared_experts", "routed_experts",
+          "routed_experts_active")}, "total": breakdown.total, "active": breakdown.active},
+      "flops_per_token": {"forward": per_token.forward, "train": per_token.train, "seq_len": config.train.seq_len},
+      "train_memory_per_device": {"devices": devices, "expert_shards": expert, "weights": memory.weights,
+                                  "gradients": memory.gradients, "optimizer": memory.optimizer,
+                                  "activations": memory.activations, "total": memory.total},
+      "inference": {"weights_bf16": 2.0 * breakdown.total, "batch": serve_batch, "context": context,
+                    "kv_cache_bf16": flops.kv_cache_bytes(cfg, batch_size=serve_batch, context=context)},
+  }
+
+
+def _billions(n: float) -> str:
+  return f"{n / 1e9:,.2f}B"
+
+
+def _gib(n: float) -> str:
+  return f"{n / 2**30:,.1f} GiB"
+
+
+def table(s: dict) -> str:
+  p, f, m, i = s["params"], s["flops_per_token"], s["train_memory_per_device"], s["inference"]
+  lines = ["parameters"]
+  lines += [f"  {k:<24} {_billions(v):>12}" for k, v in p.items() if k not in ("total", "active")]
+  lines += [f"  {'total':<24} {_billions(p['total']):>12}", f"  {'active per token':<24} {_billions(p['active']):>12}",
+            f"FLOPs per token at L = {f['seq_len']}",
+            f"  {'forward':<24} {f['forward'] / 1e9:>11,.2f}G", f"  {'training (3x)':<24} {f['train'] / 1e9:>11,.2f}G",
+            f"training memory per device ({m['devices']} devices, experts over {m['expert_shards']})"]
+  lines += [f"  {k:<24} {_gib(m[k]):>12}" for k in ("weights", "gradients", "optimizer", "activations", "total")]
+  lines += [f"inference (bf16): weights {_gib(i['weights_bf16'])}, KV cache {_gib(i['kv_cache_bf16'])} for "
+            f"{i['batch']} x {i['context']} tokens"]
+  return "\n".join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    result = stats(_CONFIG.value, devices=_DEVICES.value, serve_batch=_SERVE_BATCH.value,
+                   serve_context=_SERVE_CONTEXT.value)
+  except ValueError as error:
+    print(f"invalid configuration: {error}", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps(result) if _JSON.value else table(result))
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)
