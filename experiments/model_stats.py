@@ -2,6 +2,7 @@
 
   python experiments/model_stats.py --config=configs/mixtral.py:full [--config.moe.num_experts=16 ...]
       [--devices=256] [--serve_batch=1] [--serve_context=32768] [--json]
+  python experiments/model_stats.py --systems_table     # the README's table of the published systems
 
 Every figure comes from moe_jax.flops, the same code the FLOPs of training runs and the tests use, applied to
 the typed model config that the model is built from. Memory is per device for the config's batch, sequence
@@ -25,6 +26,10 @@ _DEVICES = flags.DEFINE_integer("devices", 0, "devices for mesh.data = 0 (defaul
 _SERVE_BATCH = flags.DEFINE_integer("serve_batch", 1, "sequences served at once, for the KV cache")
 _SERVE_CONTEXT = flags.DEFINE_integer("serve_context", 0, "tokens per served sequence (default: max_seq_len)")
 _JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of the table")
+_SYSTEMS_TABLE = flags.DEFINE_bool("systems_table", False, "print the markdown table of configs/SYSTEMS")
+
+# The published systems, one config file each (configs/<module>.py, variant 'full').
+SYSTEMS = ("mixtral", "dbrx", "deepseekmoe", "olmoe", "qwen3_moe", "glam", "deepseek_v3")
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
@@ -77,9 +82,32 @@ def table(s: dict) -> str:
   return "\n".join(lines)
 
 
+def systems_table() -> str:
+  """Markdown: each published system's total and active parameters (ours next to the published ones), forward
+  FLOPs per token and bf16 weight bytes, all from `stats`."""
+  import importlib
+
+  rows = ["| system | total (published) | active (published) | forward GFLOPs / token | bf16 weights |",
+          "| --- | --- | --- | --- | --- |"]
+  for module in SYSTEMS:
+    family = importlib.import_module(f"configs.{module}")
+    s, system = stats(family.get_config("full")), family.SYSTEM
+    p = s["params"]
+    rows.append(f"| {system.name} | {_billions(p['total'])} ({_billions(system.published_total)}) | "
+                f"{_billions(p['active'])} ({_billions(system.published_active)}) | "
+                f"{s['flops_per_token']['forward'] / 1e9:,.1f} at L = {s['flops_per_token']['seq_len']} | "
+                f"{s['inference']['weights_bf16'] / 1e9:,.0f} GB |")
+  return "\n".join(rows)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _SYSTEMS_TABLE.value:
+    print(systems_table())
+    return
+  if _CONFIG.value is None:
+    raise app.UsageError("--config=configs/<file>.py:<variant> is required (or --systems_table)")
   try:
     result = stats(_CONFIG.value, devices=_DEVICES.value, serve_batch=_SERVE_BATCH.value,
                    serve_context=_SERVE_CONTEXT.value)
@@ -90,5 +118,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
   app.run(main)

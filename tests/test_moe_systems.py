@@ -90,3 +90,11 @@ def test_calculator_cli_prints_every_figure():
   for text in ("total                          46.70B", "active per token               12.88B", "forward",
                "optimizer", "activations", "KV cache 4.0 GiB for 1 x 32768 tokens"):
     assert text in run.stdout, run.stdout
+
+
+def test_readme_table_is_the_calculators():
+  sys.path.insert(0, os.path.join(REPO, "experiments"))
+  import model_stats
+
+  assert model_stats.systems_table() in open(os.path.join(REPO, "README.md")).read(), (
+      "README.md's systems table is stale: python experiments/model_stats.py --systems_table")
