@@ -24,7 +24,7 @@ The capacity backends hand `experts` one buffer [E, G*C, M], expert-major, row g
 slot c of group g: `moe_jax.parallel.AllToAllExperts` relies on the expert-major layout to send each
 expert's rows to the device that holds it.
 
-`reference_moe` is the ground truth: a Python loop over experts in plain jax.numpy, no buffers.
+The ground truth of every backend is `moe_jax.reference.moe`: a loop over experts in plain jax.numpy.
 """
 
 from __future__ import annotations
@@ -190,30 +190,3 @@ def get_backend(name: str) -> Backend:
   if name not in BACKENDS:
     raise ValueError(f"dispatch={name!r} must be one of {sorted(BACKENDS)}")
   return BACKENDS[name]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Ground truth.
-
-
-def reference_moe(
-    tokens: jax.Array,  # [G, S, M]
-    route: routing.RoutingResult,
-    weights: experts_lib.ExpertWeights,
-    *,
-    activation: str,
-) -> jax.Array:  # [G, S, M]
-  """The MoE output by definition: a loop over experts, every token through every expert's FFN written out
-  in plain jax.numpy, weighted by its kept combine weights. No capacity buffers, no index tricks, no
-  dropout; E times the FLOPs. The yardstick of the backends in tests and the benchmark."""
-  _check(tokens, route)
-  nonlinearity, gated = experts_lib.ACTIVATIONS[activation]
-  out = jnp.zeros(tokens.shape, jnp.float32)
-  for e in range(route.num_experts):
-    hidden = nonlinearity(tokens @ weights.wi_0[e])
-    if gated:
-      hidden = hidden * (tokens @ weights.wi_1[e])
-    y = hidden @ weights.wo[e]  # [G, S, M]
-    weight = jnp.sum(jnp.where((route.expert_index == e) & route.kept, route.combine_weight, 0.0), axis=-1)
-    out = out + weight[..., None] * y
-  return out.astype(tokens.dtype)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import dispatch, routing
+from moe_jax import dispatch, reference, routing
 from moe_jax import experts as experts_lib
 
 GROUPS, TOKENS, D_MODEL, D_FF, EXPERTS = 2, 16, 8, 16, 4
@@ -66,7 +66,7 @@ def outputs_and_grads(case: str) -> dict:
   def moe(backend, tokens, logits, weights):
     route = router(logits, jax.random.key(7))
     if backend == "reference":
-      return dispatch.reference_moe(tokens, route, weights, activation=activation), route.metrics
+      return reference.moe(tokens, route, weights, activation=activation), route.metrics
     return dispatch.get_backend(backend)(tokens, route, experts_lib.StackedExperts(weights, activation)), None
 
   def all_backends(tokens, logits, weights):
