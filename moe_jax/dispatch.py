@@ -12,19 +12,21 @@ so a dropped assignment contributes exactly zero (the layer's residual connectio
                         Switch, Fedus et al. 2021): two dense einsums, the TPU-friendly form. Memory and
                         FLOPs grow as S*E*C = capacity_factor*K*S^2 per group: use small groups.
   * `gather_dispatch`   the same capacity buffers filled by index: no [S, E, C] tensor. Each row moves by a
-                        gather, forward and backward (see `_take_rows`): on CPU that made the data movement
-                        of a forward+backward ~10x faster than the scatter-adds autodiff emits (2 vs 21 ms at
-                        8192 tokens, d_model 512, 8 experts), though either is small next to the experts.
-  * `dropless_dispatch` assignments sorted by expert and run by `Experts.ragged` (grouped matmul,
-                        `jax.lax.ragged_dot`; MegaBlocks, Gale et al. 2022, arXiv:2211.15841; MaxText). No
-                        capacity: the buffer has exactly one row per assignment. Honours `route.kept`, so it
-                        also matches the others when the router dropped assignments.
+                        gather, forward and backward (see `_take_rows`), never by the scatter-add that
+                        autodiff of a plain gather emits.
+  * `dropless_dispatch` ('dropless') kept assignments sorted by expert into segments padded to a tile, run by
+                        `Experts.blocked`, a grouped matmul over row tiles (MegaBlocks, Gale et al. 2022,
+                        arXiv:2211.15841): no capacity, about N + E * tile rows of work on every platform.
+  * `ragged_dot_dispatch` ('ragged_dot') the same sort, one row per kept assignment, run by `Experts.ragged`
+                        (`jax.lax.ragged_dot`, MaxText's dropless path): native on GPU and TPU only.
+The two dropless backends honour `route.kept`, so they also match the others when the router dropped
+assignments. `resolve_backend` says which backend runs on a platform and mesh.
 
 The capacity backends hand `experts` one buffer [E, G*C, M], expert-major, row g*C + c of expert e holding
 slot c of group g: `moe_jax.parallel.AllToAllExperts` relies on the expert-major layout to send each
 expert's rows to the device that holds it.
 
-`reference_moe` is the ground truth: a Python loop over experts in plain jax.numpy, no buffers.
+The ground truth of every backend is `moe_jax.reference.moe`: a loop over experts in plain jax.numpy.
 """
 
 from __future__ import annotations
@@ -153,28 +155,65 @@ def gather_dispatch(
   return out.reshape(tokens.shape)
 
 
+def _sorted_destinations(route: routing.RoutingResult) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Kept assignments in expert order (stable, so within an expert in (token, choice) order).
+
+  Returns position [T, K] (rank of each kept assignment in that order; N = T*K where dropped), expert_rows [E]
+  (kept assignments per expert) and first [E] (the rank of each expert's first assignment). Sorting and
+  binary search only: no scatter-add, so the result is exact and order-independent.
+  """
+  num_experts = route.num_experts
+  expert_index, kept, _ = _flatten(route)  # [T, K]
+  sort_key = jnp.where(kept, expert_index, num_experts).reshape(-1)  # [N]; dropped sort last
+  num_assignments = sort_key.shape[0]
+  order = jnp.argsort(sort_key, stable=True)  # rank -> assignment
+  bounds = jnp.searchsorted(sort_key[order], jnp.arange(num_experts + 1, dtype=sort_key.dtype)).astype(jnp.int32)
+  rank = jnp.arange(num_assignments, dtype=jnp.int32)
+  position = jnp.zeros((num_assignments,), jnp.int32).at[order].set(rank)  # a permutation: unique indices
+  position = jnp.where(kept.reshape(-1), position, num_assignments).reshape(kept.shape)
+  return position, bounds[1:] - bounds[:-1], bounds[:-1]
+
+
 def dropless_dispatch(
     tokens: jax.Array,  # [G, S, M]
     route: routing.RoutingResult,
     experts: experts_lib.Experts,
+    *,
+    tiles: tuple[int, ...] | None = None,  # tile heights of the grouped matmul; None: experts.default_tiles
 ) -> jax.Array:  # [G, S, M]
-  """Kept assignments sorted by expert (dropped ones parked after the last group) and run ragged.
+  """Kept assignments sorted by expert into row segments padded to a tile multiple, run by `Experts.blocked`
+  (a grouped matmul over row tiles, `experts.grouped_matmul`): about N + E * tile rows of work for N
+  assignments, where capacity buffers cost capacity_factor * N and a masked dense grouped matmul E * N.
 
   Groups do not matter here: every kept assignment gets a row whatever `route.capacity` says. Pair it with
   dropless routing (capacity = S) for a layer that never drops.
   """
   _check(tokens, route)
   d_model = tokens.shape[-1]
-  num_experts = route.num_experts
-  expert_index, kept, weights = _flatten(route)  # [T, K]
-  sort_key = jnp.where(kept, expert_index, num_experts).reshape(-1)  # [N]
-  num_rows = sort_key.shape[0]
-  order = jnp.argsort(sort_key, stable=True)  # row -> assignment
-  position = jnp.zeros((num_rows,), jnp.int32).at[order].set(jnp.arange(num_rows, dtype=jnp.int32))
-  destination = jnp.where(kept, position.reshape(kept.shape), num_rows)
-  group_sizes = jnp.bincount(sort_key, length=num_experts + 1)[:num_experts].astype(jnp.int32)  # [E]
+  expert_index, kept, weights = _flatten(route)
+  position, expert_rows, first = _sorted_destinations(route)
+  layout = experts_lib.block_layout(expert_rows, position.size, tiles)
+  # The r-th assignment of expert e goes to row r of e's padded segment.
+  destination = jnp.where(kept, position + (layout.expert_start - first)[expert_index], layout.num_rows)
   out = _move(
-      tokens.reshape(-1, d_model), destination, num_rows, lambda rows: experts.ragged(rows, group_sizes), weights
+      tokens.reshape(-1, d_model), destination, layout.num_rows, lambda rows: experts.blocked(rows, layout), weights
+  )
+  return out.reshape(tokens.shape)
+
+
+def ragged_dot_dispatch(
+    tokens: jax.Array,  # [G, S, M]
+    route: routing.RoutingResult,
+    experts: experts_lib.Experts,
+) -> jax.Array:  # [G, S, M]
+  """Kept assignments sorted by expert (dropped ones parked after the last group) and run by `Experts.ragged`
+  (`jax.lax.ragged_dot`, native on GPU and TPU; MaxText's dropless path). Same contract as `dropless_dispatch`."""
+  _check(tokens, route)
+  d_model = tokens.shape[-1]
+  _, _, weights = _flatten(route)
+  position, expert_rows, _ = _sorted_destinations(route)
+  out = _move(
+      tokens.reshape(-1, d_model), position, position.size, lambda rows: experts.ragged(rows, expert_rows), weights
   )
   return out.reshape(tokens.shape)
 
@@ -183,7 +222,12 @@ BACKENDS: dict[str, Backend] = {
     "einsum": einsum_dispatch,
     "gather": gather_dispatch,
     "dropless": dropless_dispatch,
+    "ragged_dot": ragged_dot_dispatch,
 }
+# Backends that exchange variable-size row groups: across devices they would need jax.lax.ragged_all_to_all.
+RAGGED = ("dropless", "ragged_dot")
+# Platforms where jax.lax.ragged_dot lowers to a native grouped matmul.
+NATIVE_RAGGED_DOT = ("gpu", "cuda", "rocm", "tpu")
 
 
 def get_backend(name: str) -> Backend:
@@ -192,28 +236,19 @@ def get_backend(name: str) -> Backend:
   return BACKENDS[name]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Ground truth.
+def resolve_backend(requested: str, platform: str, distributed: bool) -> str:
+  """The backend that runs for a requested one: a pure decision, for the config resolution to log and record.
 
-
-def reference_moe(
-    tokens: jax.Array,  # [G, S, M]
-    route: routing.RoutingResult,
-    weights: experts_lib.ExpertWeights,
-    *,
-    activation: str,
-) -> jax.Array:  # [G, S, M]
-  """The MoE output by definition: a loop over experts, every token through every expert's FFN written out
-  in plain jax.numpy, weighted by its kept combine weights. No capacity buffers, no index tricks, no
-  dropout; E times the FLOPs. The yardstick of the backends in tests and the benchmark."""
-  _check(tokens, route)
-  nonlinearity, gated = experts_lib.ACTIVATIONS[activation]
-  out = jnp.zeros(tokens.shape, jnp.float32)
-  for e in range(route.num_experts):
-    hidden = nonlinearity(tokens @ weights.wi_0[e])
-    if gated:
-      hidden = hidden * (tokens @ weights.wi_1[e])
-    y = hidden @ weights.wo[e]  # [G, S, M]
-    weight = jnp.sum(jnp.where((route.expert_index == e) & route.kept, route.combine_weight, 0.0), axis=-1)
-    out = out + weight[..., None] * y
-  return out.astype(tokens.dtype)
+  requested: a `BACKENDS` name, or 'auto' = the platform's dropless grouped matmul ('ragged_dot' where it is
+  native, `NATIVE_RAGGED_DOT`; the tiled 'dropless' elsewhere). platform: `jax.default_backend()`.
+  distributed: the experts are split over devices (an 'expert' mesh axis > 1). Then a ragged backend becomes
+  'gather', whose capacity buffers travel by all_to_all (XLA:CPU has no ragged_all_to_all); with dropless
+  routing (capacity C = S) it still drops nothing and computes the same outputs, on E * S rows per group.
+  """
+  if requested != "auto" and requested not in BACKENDS:
+    raise ValueError(f"dispatch={requested!r} must be 'auto' or one of {sorted(BACKENDS)}")
+  if requested == "auto":
+    requested = "ragged_dot" if platform in NATIVE_RAGGED_DOT else "dropless"
+  if distributed and requested in RAGGED:
+    return "gather"
+  return requested

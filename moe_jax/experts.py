@@ -13,12 +13,17 @@ the dense FFN is the same math with E = 1 (`moe_jax.moe_layer.FeedForward`).
 Expert dropout: Switch (Fedus et al. 2021, Sec. 3, Table 4) fine-tunes best with a higher dropout rate
 inside the experts (0.4) than elsewhere (0.1); it drops hidden activations [.., F], as T5's FFN dropout.
 
-Two layouts, one math:
-  * `expert_ffn`         padded buffers [E, T, M] (capacity backends; T = G*C slots per expert);
-  * `ragged_expert_ffn`  rows sorted by expert [N, M] with group sizes [E] (the dropless backend), through
-                         `jax.lax.ragged_dot`: a grouped matmul on GPU and TPU. On CPU (jax 0.10.2) ragged_dot
-                         lowers to a dense masked dot over all E groups: correct, gradients too, but E times
-                         the FLOPs and [E, N, F] buffers, so it is a test path there, not a fast one.
+Three layouts, one math:
+  * `expert_ffn`         padded buffers [E, T, M] (capacity backends; T = G*C slots per expert): one batched
+                         matmul per projection;
+  * `blocked_expert_ffn` rows sorted by expert [R, M], each expert's rows padded to a multiple of the smallest
+                         tile (`BlockLayout`): a grouped matmul written as loops over experts and row tiles
+                         (`grouped_matmul`), so it does only the useful work, about (N + E * tile) rows for N
+                         assignments, on every platform (MegaBlocks' block-sparse grouping, Gale et al. 2022,
+                         arXiv:2211.15841, without the custom kernel);
+  * `ragged_expert_ffn`  rows sorted by expert [N, M] with group sizes [E], through `jax.lax.ragged_dot`: a
+                         native grouped matmul where the platform has one (GPU, TPU); elsewhere XLA may lower it
+                         to a dense masked dot over all E groups (E times the work; see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -73,11 +78,15 @@ class ExpertWeights:
 class Experts(Protocol):
   """What a dispatch backend calls to run the experts (`moe_jax.dispatch`).
 
-  `__call__` takes padded capacity buffers, expert-major; `ragged` takes rows sorted by expert and is only
-  called by the dropless backend. `moe_jax.parallel.AllToAllExperts` implements `__call__` across devices.
+  `__call__` takes padded capacity buffers, expert-major; `blocked` and `ragged` take rows sorted by expert
+  and are called only by the dropless backends ('dropless' and 'ragged_dot'). `moe_jax.parallel.AllToAllExperts`
+  implements `__call__` across devices.
   """
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [E, T, M] -> [E, T, M]
+    ...
+
+  def blocked(self, x: jax.Array, layout: BlockLayout) -> jax.Array:  # [R, M] -> [R, M]
     ...
 
   def ragged(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:  # [N, M], [E] -> [N, M]
@@ -134,6 +143,181 @@ def expert_ffn(
   return jnp.einsum("etf,efm->etm", h, cast(weights.wo))
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Grouped matmul over row tiles.
+
+
+@flax.struct.dataclass
+class BlockLayout:
+  """Where each expert's rows sit in a buffer of rows sorted by expert, and how they are cut into tiles.
+
+  Expert e owns rows expert_start[e] .. expert_start[e] + expert_rows[e] - 1, followed by padding up to a
+  multiple of the smallest tile; segments follow each other in expert order. A segment is covered greedily
+  by tiles of the static heights `tiles` (largest first, the smallest one rounding up; every height is a
+  multiple of the smallest, so the tiles cover the padded segment exactly), and a grouped matmul runs one
+  dense [tile, M] x [M, F] product per tile, never touching another expert's rows.
+  """
+
+  expert_start: jax.Array  # [E] int32 first row of expert e, a multiple of tiles[-1]
+  expert_rows: jax.Array  # [E] int32 rows of expert e before padding
+  num_rows: int = flax.struct.field(pytree_node=False)  # R, rows of the buffer: an upper bound, static
+  tiles: tuple[int, ...] = flax.struct.field(pytree_node=False)  # decreasing tile heights
+
+  @property
+  def num_experts(self) -> int:
+    return self.expert_rows.shape[0]
+
+
+def default_tiles(num_assignments: int, num_experts: int) -> tuple[int, ...]:
+  """Tile heights for N assignments over E experts: large tiles keep the matmuls efficient, the smallest
+  one bounds the padding (at most E * (tiles[-1] - 1) rows). Heights above the mean rows per expert buy
+  nothing, so they are dropped."""
+  mean_rows = max(1, num_assignments // num_experts)
+  return tuple(t for t in (256, 64, 16) if t <= mean_rows) + (8,)
+
+
+def block_layout(
+    expert_rows: jax.Array,  # [E] int32 rows per expert, summing to at most num_assignments
+    num_assignments: int,  # N, static upper bound of sum(expert_rows)
+    tiles: tuple[int, ...] | None = None,  # default: default_tiles(N, E)
+) -> BlockLayout:
+  """The layout of N sorted rows: segments padded to the smallest tile, R = N + E * (tiles[-1] - 1) rows
+  (rounded up to a tile, and at least one largest tile) bounding every outcome of the routing."""
+  num_experts = expert_rows.shape[0]
+  tiles = default_tiles(num_assignments, num_experts) if tiles is None else tuple(tiles)
+  if (
+      not tiles
+      or any(t < 1 for t in tiles)
+      or any(t % tiles[-1] for t in tiles)
+      or list(tiles) != sorted(set(tiles), reverse=True)
+  ):
+    raise ValueError(
+        f"tiles={tiles} must be distinct positive tile heights in decreasing order, each a multiple of the last"
+    )
+  unit = tiles[-1]
+  padded = (expert_rows + unit - 1) // unit * unit
+  bound = num_assignments + num_experts * (unit - 1)
+  num_rows = max(-(-bound // unit) * unit, tiles[0])
+  return BlockLayout(
+      expert_start=(jnp.cumsum(padded) - padded).astype(jnp.int32),
+      expert_rows=expert_rows.astype(jnp.int32),
+      num_rows=num_rows,
+      tiles=tiles,
+  )
+
+
+def _over_tiles(layout: BlockLayout, expert: jax.Array, fn: Callable, carry):
+  """carry = fn(first_row, tile_height, carry) for each tile of `expert`'s segment, in row order: static tile
+  heights, a dynamic number of tiles of each (a while loop), so empty experts cost nothing."""
+  row = layout.expert_start[expert]
+  remaining = layout.expert_rows[expert]
+  for i, height in enumerate(layout.tiles):
+    last = i == len(layout.tiles) - 1
+    count = (remaining + height - 1) // height if last else remaining // height
+    carry = jax.lax.fori_loop(
+        0, count, lambda j, c, row=row, height=height: fn(row + j * height, height, c), carry
+    )
+    row, remaining = row + count * height, remaining - count * height
+  return carry
+
+
+def _grouped_matmul(
+    x: jax.Array,  # [R, M]
+    w: jax.Array,  # [E, M, F], or [E, F, M] with transpose_w
+    layout: BlockLayout,
+    transpose_w: bool,
+) -> jax.Array:  # [R, F]: x[rows of e] @ w[e] (or w[e]^T), zero outside every segment
+  out_dim = w.shape[1] if transpose_w else w.shape[2]
+
+  def per_expert(e, out):
+    # Read once per expert and reused by all its tiles; transposed here, once, because a matmul against a
+    # transposed operand runs slower on CPU than a plain one, and the tile loop would pay it per tile.
+    w_e = jnp.transpose(w[e]) if transpose_w else w[e]
+
+    def tile(row, height, out):
+      product = jax.lax.dynamic_slice_in_dim(x, row, height) @ w_e
+      return jax.lax.dynamic_update_slice_in_dim(out, product.astype(out.dtype), row, 0)
+
+    return _over_tiles(layout, e, tile, out)
+
+  # zeros_like: under shard_map the carry must vary over the same mesh axes as x.
+  return jax.lax.fori_loop(0, layout.num_experts, per_expert, jnp.zeros_like(x, shape=(x.shape[0], out_dim)))
+
+
+def _weight_gradient(
+    x: jax.Array,  # [R, M]
+    cotangent: jax.Array,  # [R, F]
+    layout: BlockLayout,
+    dtype,
+) -> jax.Array:  # [E, M, F]: sum over the tiles of e of x_tile^T cotangent_tile
+  def per_expert(e, grad):
+    def tile(row, height, acc):
+      rows = lambda a: jax.lax.dynamic_slice_in_dim(a, row, height)
+      return acc + jax.lax.dot_general(
+          rows(x), rows(cotangent), (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+      )
+
+    acc = _over_tiles(layout, e, tile, jnp.zeros_like(x, jnp.float32, shape=(x.shape[1], cotangent.shape[1])))
+    return jax.lax.dynamic_update_index_in_dim(grad, acc.astype(dtype), e, 0)
+
+  shape = (layout.num_experts, x.shape[1], cotangent.shape[1])
+  return jax.lax.fori_loop(0, layout.num_experts, per_expert, jnp.zeros_like(x, dtype, shape=shape))
+
+
+def grouped_matmul(
+    x: jax.Array,  # [R, M] rows sorted by expert as `layout` says
+    w: jax.Array,  # [E, M, F]
+    layout: BlockLayout,
+) -> jax.Array:  # [R, F], zero outside the experts' segments
+  """Row r of expert e's segment times w[e], tile by tile: E x (rows of e) x M x F multiply-adds in all,
+  not E x R. Its VJP is two more grouped matmuls of the same layout (dx with w[e]^T, dw[e] accumulated
+  over e's tiles in float32), so no gradient of a gather or scatter is ever formed over the weights, and
+  each expert's weights are read once per product. Deterministic: every output tile is written once.
+
+  Under shard_map the weights are first made to vary over x's mesh axes (adding a zero of x's type, which
+  XLA folds away): the VJP then returns dw with the weights' own type, its transpose summing over those axes.
+  """
+  return _grouped_matmul_vjp(x, w + jnp.zeros_like(x, shape=()), layout)
+
+
+@jax.custom_vjp
+def _grouped_matmul_vjp(x: jax.Array, w: jax.Array, layout: BlockLayout) -> jax.Array:
+  return _grouped_matmul(x, w, layout, transpose_w=False)
+
+
+def _grouped_matmul_fwd(x, w, layout):
+  return _grouped_matmul(x, w, layout, transpose_w=False), (x, w, layout)
+
+
+def _grouped_matmul_bwd(residuals, cotangent):
+  x, w, layout = residuals
+  dx = _grouped_matmul(cotangent, w, layout, transpose_w=True)
+  return dx, _weight_gradient(x, cotangent, layout, w.dtype), None
+
+
+_grouped_matmul_vjp.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
+
+
+def blocked_expert_ffn(
+    weights: ExpertWeights,
+    x: jax.Array,  # [R, M] rows sorted by expert
+    layout: BlockLayout,
+    *,
+    activation: str,
+    dropout_rate: float = 0.0,
+    dropout_key: jax.Array | None = None,
+) -> jax.Array:  # [R, M], zero outside the experts' segments
+  """The FFN on rows grouped by expert, each projection a `grouped_matmul` (no capacity, no E-fold work)."""
+  _check(weights, activation, dropout_rate)
+  if x.ndim != 2 or x.shape[0] != layout.num_rows:
+    raise ValueError(f"blocked expert inputs must be [R={layout.num_rows}, M]; got shape {x.shape}")
+  cast = lambda w: None if w is None else w.astype(x.dtype)
+  pre = grouped_matmul(x, cast(weights.wi_0), layout)
+  linear = None if weights.wi_1 is None else grouped_matmul(x, cast(weights.wi_1), layout)
+  h = _hidden(pre, linear, activation, dropout_rate, dropout_key)
+  return grouped_matmul(h, cast(weights.wo), layout)
+
+
 def ragged_expert_ffn(
     weights: ExpertWeights,
     x: jax.Array,  # [N, M] rows sorted by expert
@@ -143,10 +327,10 @@ def ragged_expert_ffn(
     dropout_rate: float = 0.0,
     dropout_key: jax.Array | None = None,
 ) -> jax.Array:  # [N, M], zero beyond sum(group_sizes)
-  """The same FFN on rows grouped by expert, through `jax.lax.ragged_dot` (MegaBlocks-style, no capacity).
+  """The same FFN on rows grouped by expert, through `jax.lax.ragged_dot` (no capacity).
 
-  Rows after the last group (sum(group_sizes) <= N) give zeros: the dropless backend parks dropped
-  assignments there. See the module docstring for the cost of ragged_dot on CPU.
+  Rows after the last group (sum(group_sizes) <= N) give zeros: the 'ragged_dot' backend parks dropped
+  assignments there. See the module docstring for its cost where ragged_dot is not native.
   """
   _check(weights, activation, dropout_rate)
   cast = lambda w: None if w is None else w.astype(x.dtype)
@@ -168,6 +352,16 @@ class StackedExperts:
   def __call__(self, x: jax.Array) -> jax.Array:  # [E, T, M] -> [E, T, M]
     return expert_ffn(
         self.weights, x, activation=self.activation, dropout_rate=self.dropout_rate, dropout_key=self.dropout_key
+    )
+
+  def blocked(self, x: jax.Array, layout: BlockLayout) -> jax.Array:  # [R, M] -> [R, M]
+    return blocked_expert_ffn(
+        self.weights,
+        x,
+        layout,
+        activation=self.activation,
+        dropout_rate=self.dropout_rate,
+        dropout_key=self.dropout_key,
     )
 
   def ragged(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:  # [N, M], [E] -> [N, M]

@@ -219,11 +219,10 @@ def moe_block(
   route = _route(logits, config, deterministic, policy_key)
 
   experts: experts_lib.Experts = experts_lib.StackedExperts(weights, activation, config.expert_dropout, dropout_key)
-  backend = config.dispatch
-  if distributed:
+  experts_across_devices = distributed and parallel.expert_axis_size() > 1
+  if experts_across_devices:
     experts = parallel.AllToAllExperts(experts)
-    if backend == "dropless":  # no ragged all-to-all on CPU: capacity C = S buffers, still dropless
-      backend = "gather"
+  backend = dispatch.resolve_backend(config.dispatch, jax.default_backend(), experts_across_devices)
   out = dispatch.get_backend(backend)(groups, route, experts)
   aux = MoeAux(route.load_balancing_loss, route.router_z_loss, route.metrics)
   if distributed:

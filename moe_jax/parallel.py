@@ -146,6 +146,11 @@ def validate_group_sharding(num_groups: int, mesh: AbstractMesh | Mesh) -> None:
     )
 
 
+def expert_axis_size() -> int:
+  """Devices along 'expert' (static); only inside `shard_moe_block`. 1 means the experts are not split."""
+  return jax.lax.axis_size("expert")
+
+
 def device_index() -> jax.Array:
   """Linear index of this device over both mesh axes; only inside `shard_moe_block`."""
   return jax.lax.axis_index(MESH_AXES)
@@ -159,7 +164,9 @@ class AllToAllExperts:
   sends the rows of experts d*E/n .. (d+1)*E/n - 1 to device d of the 'expert' axis (the P('expert')
   sharding of stacked expert weights), runs the local experts on the n*T rows received, and returns the
   outputs to their owners. Implements `Experts.__call__` only: a ragged exchange needs
-  `jax.lax.ragged_all_to_all`, which XLA:CPU lacks, so the dropless backend falls back to capacity buffers.
+  `jax.lax.ragged_all_to_all`, which XLA:CPU lacks, so across devices the dropless backends resolve to capacity
+  buffers (`moe_jax.dispatch.resolve_backend`). With an 'expert' axis of size 1 the layer does not use this
+  class, and every backend runs on the device's own experts.
   """
 
   local: experts_lib.Experts

@@ -203,6 +203,45 @@ def _priority_order(top_gate: jax.Array) -> jax.Array:  # [G, S] -> [G, S]
   return jnp.argsort(-top_gate, axis=1, stable=True)
 
 
+def token_choice_slots(
+    expert_index: jax.Array,  # [G, S, K] int32
+    wanted: jax.Array,  # [G, S, K] bool: the (token, choice) claims a slot
+    capacity: int,
+    order: jax.Array | None = None,  # [G, S] tokens in claim order (batch prioritised); None: position order
+) -> tuple[jax.Array, jax.Array]:  # slot [G, S, K] int32 (0 where dropped), kept [G, S, K] bool
+  """Capacity slots of GShard Algorithm 1: each expert numbers the (token, choice) pairs that claim it in
+  claim order (every first choice before any second choice; within a choice, tokens in `order`) and keeps
+  the first `capacity`.
+
+  Computed by one sort per group, O(S*K log(S*K)) work and [G, S*K] memory whatever E: the pairs are
+  sorted by (expert, claim rank), so each expert's claims form one run and a pair's slot is its distance
+  from the start of its run. (The textbook form, a running count over a [S*K, E] one-hot, is kept as the
+  reference in `moe_jax.reference.token_choice_slots`.)
+  """
+  num_groups, tokens_per_group, k = expert_index.shape
+  unclaimed = jnp.iinfo(jnp.int32).max  # sort key of pairs that claim nothing: after every expert
+  position = jnp.arange(tokens_per_group, dtype=jnp.int32)
+  if order is None:
+    token_rank = jnp.broadcast_to(position, (num_groups, tokens_per_group))
+  else:  # rank of each token in claim order: the inverse permutation of `order`
+    token_rank = jnp.zeros_like(order).at[jnp.arange(num_groups)[:, None], order].set(position)
+  claim_rank = jnp.arange(k, dtype=jnp.int32) * tokens_per_group + token_rank[:, :, None]  # [G, S, K]
+  flat = lambda a: a.reshape(num_groups, tokens_per_group * k)
+  expert_key = flat(jnp.where(wanted, expert_index, unclaimed))
+  pair = jnp.broadcast_to(jnp.arange(tokens_per_group * k, dtype=jnp.int32), expert_key.shape)
+  sorted_expert, _, sorted_pair = jax.lax.sort((expert_key, flat(claim_rank), pair), dimension=1, num_keys=2)
+  index = jnp.arange(tokens_per_group * k, dtype=jnp.int32)
+  run_start = jnp.concatenate(
+      [jnp.ones((num_groups, 1), bool), sorted_expert[:, 1:] != sorted_expert[:, :-1]], axis=1
+  )
+  start = jax.lax.cummax(jnp.where(run_start, index, 0), axis=1)
+  # A permutation: every pair is written exactly once, so the scatter is order-independent (deterministic).
+  rank = jnp.zeros_like(pair).at[jnp.arange(num_groups)[:, None], sorted_pair].set(index - start)
+  rank = rank.reshape(expert_index.shape)
+  kept = wanted & (rank < capacity)
+  return jnp.where(kept, rank, 0), kept
+
+
 def top_k_route(
     logits: jax.Array,  # [G, S, E]
     *,
@@ -257,25 +296,9 @@ def top_k_route(
     follow_up = jax.lax.stop_gradient(normalised) / second_expert_threshold > draw
     wanted = wanted.at[..., 1:].set(follow_up[..., 1:])
 
-  # Slots: running count per expert over (choice, token) in priority order.
   assignment = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32) * wanted[..., None]  # [G,S,K,E]
-  if batch_prioritized:
-    order = _priority_order(gates[..., 0])  # [G, S]
-    assignment_in_order = jnp.take_along_axis(assignment, order[:, :, None, None], axis=1)
-  else:
-    assignment_in_order = assignment
-  by_choice = jnp.swapaxes(assignment_in_order, 1, 2).reshape(num_groups, k * tokens_per_group, num_experts)
-  position = jnp.cumsum(by_choice, axis=1) * by_choice  # 1-based position where assigned, else 0
-  slot_in_order = jnp.sum(position, axis=-1).reshape(num_groups, k, tokens_per_group) - 1  # [G, K, S]
-  slot_in_order = jnp.swapaxes(slot_in_order, 1, 2)  # [G, S, K]
-  if batch_prioritized:
-    inverse = jnp.argsort(order, axis=1)
-    slot = jnp.take_along_axis(slot_in_order, inverse[:, :, None], axis=1)
-  else:
-    slot = slot_in_order
-  slot = slot.astype(jnp.int32)
-  kept = wanted & (slot >= 0) & (slot < capacity)
-  slot = jnp.where(kept, slot, 0)
+  order = _priority_order(gates[..., 0]) if batch_prioritized else None
+  slot, kept = token_choice_slots(expert_index, wanted, capacity, order)
 
   return RoutingResult(
       expert_index=expert_index,

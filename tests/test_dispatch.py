@@ -8,11 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import dispatch, routing
+from moe_jax import dispatch, reference, routing
 from moe_jax import experts as experts_lib
 
 GROUPS, TOKENS, D_MODEL, D_FF, EXPERTS = 2, 16, 8, 16, 4
-BACKENDS = tuple(dispatch.BACKENDS)
+# Every registered backend, and the tiled dropless backend with small tile heights, so that the test sizes
+# cover several tiles per expert, every tile height, and segments that end mid-tile.
+VARIANTS = {name: dispatch.get_backend(name) for name in dispatch.BACKENDS}
+VARIANTS["dropless_tiles_6_4_2"] = functools.partial(dispatch.dropless_dispatch, tiles=(6, 4, 2))
+BACKENDS = tuple(VARIANTS)
 
 # Cases: a router with the options that change slots or weights, and an activation (each activation appears
 # at least once). Capacity factors are small enough that the capacity routers drop assignments.
@@ -66,8 +70,8 @@ def outputs_and_grads(case: str) -> dict:
   def moe(backend, tokens, logits, weights):
     route = router(logits, jax.random.key(7))
     if backend == "reference":
-      return dispatch.reference_moe(tokens, route, weights, activation=activation), route.metrics
-    return dispatch.get_backend(backend)(tokens, route, experts_lib.StackedExperts(weights, activation)), None
+      return reference.moe(tokens, route, weights, activation=activation), route.metrics
+    return VARIANTS[backend](tokens, route, experts_lib.StackedExperts(weights, activation)), None
 
   def all_backends(tokens, logits, weights):
     results = {}
@@ -104,7 +108,7 @@ def test_dropped_tokens_give_exactly_zero_output(backend):
   tokens, _, _ = make_inputs()
   route = routing.switch_route(jnp.zeros((GROUPS, TOKENS, EXPERTS)), capacity_factor=1.0)
   experts = experts_lib.StackedExperts(make_weights("gelu"), "gelu")
-  out = jax.jit(lambda tokens, route: dispatch.get_backend(backend)(tokens, route, experts))(tokens, route)
+  out = jax.jit(lambda tokens, route: VARIANTS[backend](tokens, route, experts))(tokens, route)
   capacity = route.capacity
   chex.assert_trees_all_equal(out[:, capacity:], jnp.zeros_like(out[:, capacity:]))
   assert bool(jnp.all(jnp.any(out[:, :capacity] != 0, axis=-1)))
@@ -118,6 +122,10 @@ class RecordingExperts:
 
   def __call__(self, x):  # [E, T, M]
     self.counts = jnp.sum(jnp.any(x != 0, axis=-1), axis=-1)
+    return x
+
+  def blocked(self, x, layout):  # [R, M]
+    self.counts = layout.expert_rows
     return x
 
   def ragged(self, x, group_sizes):  # [N, M], [E]
@@ -134,7 +142,7 @@ def test_rows_reaching_each_expert_equal_routing_counts(backend, router):
 
   @jax.jit
   def run(tokens, route):
-    return dispatch.get_backend(backend)(tokens, route, recorder), recorder.counts
+    return VARIANTS[backend](tokens, route, recorder), recorder.counts
 
   out, counts = run(tokens, route)
   expected = jnp.sum(jax.nn.one_hot(route.expert_index, EXPERTS, dtype=jnp.int32) * route.kept[..., None], (0, 1, 2))
@@ -146,6 +154,29 @@ def test_rows_reaching_each_expert_equal_routing_counts(backend, router):
 def test_unknown_backend_raises():
   with pytest.raises(ValueError, match="dispatch='scatter' must be one of"):
     dispatch.get_backend("scatter")
+  with pytest.raises(ValueError, match="dispatch='scatter' must be 'auto' or one of"):
+    dispatch.resolve_backend("scatter", "cpu", False)
+
+
+@pytest.mark.parametrize(
+    "requested, platform, distributed, expected",
+    [
+        ("auto", "cpu", False, "dropless"),
+        ("auto", "gpu", False, "ragged_dot"),
+        ("auto", "tpu", False, "ragged_dot"),
+        ("auto", "gpu", True, "gather"),
+        ("dropless", "gpu", False, "dropless"),
+        ("ragged_dot", "cpu", False, "ragged_dot"),
+        ("dropless", "cpu", True, "gather"),
+        ("ragged_dot", "tpu", True, "gather"),
+        ("einsum", "cpu", True, "einsum"),
+        ("gather", "gpu", False, "gather"),
+    ],
+)
+def test_resolved_backend_is_the_request_unless_auto_or_ragged_across_devices(
+    requested, platform, distributed, expected
+):
+  assert dispatch.resolve_backend(requested, platform, distributed) == expected
 
 
 def test_tokens_not_matching_routing_shape_raise():
@@ -156,6 +187,45 @@ def test_tokens_not_matching_routing_shape_raise():
 
 
 class TestExperts:
+
+  @pytest.mark.parametrize("tiles", [(8,), (4, 2), (9, 3)])
+  def test_grouped_matmul_ffn_equals_each_rows_expert_forward_and_backward(self, tiles):
+    """Rows of expert e's segment go through expert e's FFN (empty experts, segments ending mid-tile); the
+    padding and the rows after the last segment give zeros; gradients equal the reference's."""
+    weights = make_weights("swiglu")
+    sizes = jnp.asarray([5, 0, 9, 2], jnp.int32)
+    layout = experts_lib.block_layout(sizes, num_assignments=20, tiles=tiles)
+    starts, rows = np.asarray(layout.expert_start), np.asarray(sizes)
+    owner = np.full(layout.num_rows, -1)
+    for e in range(EXPERTS):
+      owner[starts[e]:starts[e] + rows[e]] = e
+    x = jax.random.normal(jax.random.key(3), (layout.num_rows, D_MODEL)) * (owner >= 0)[:, None]
+    cotangent = jax.random.normal(jax.random.key(4), (layout.num_rows, D_MODEL)) * (owner >= 0)[:, None]
+
+    def loss(ffn, x, weights):
+      out = ffn(x, weights)
+      return jnp.sum(out * cotangent), out
+
+    blocked = lambda x, w: experts_lib.blocked_expert_ffn(w, x, layout, activation="swiglu")
+    rows_reference = lambda x, w: reference.expert_rows(w, x, jnp.asarray(owner), activation="swiglu")
+    grad = lambda ffn: jax.jit(jax.value_and_grad(functools.partial(loss, ffn), argnums=(0, 1), has_aux=True))
+    (_, out), grads = grad(blocked)(x, weights)
+    (_, expected), expected_grads = grad(rows_reference)(x, weights)
+    chex.assert_trees_all_close(out, jnp.where((owner >= 0)[:, None], expected, 0.0), atol=1e-5, rtol=0)
+    chex.assert_trees_all_close(grads, expected_grads, atol=1e-5, rtol=0)
+
+  def test_block_layout_bounds_every_routing_outcome(self):
+    """R covers the worst case: all N rows on one expert, or every expert's segment ending one row in."""
+    for sizes in ([20, 0, 0, 0], [1, 1, 1, 17], [5, 5, 5, 5]):
+      layout = experts_lib.block_layout(jnp.asarray(sizes, jnp.int32), num_assignments=20, tiles=(6, 3))
+      padded = -(-np.asarray(sizes) // 3) * 3
+      chex.assert_trees_all_equal(layout.expert_start, np.cumsum(padded) - padded)
+      assert padded.sum() <= layout.num_rows == 20 + 4 * 2 + 2  # N + E * (3 - 1), rounded up to 3
+
+  @pytest.mark.parametrize("tiles", [(), (2, 4), (4, 4), (4, 0), (5, 2)])
+  def test_bad_tiles_raise(self, tiles):
+    with pytest.raises(ValueError, match="must be distinct positive tile heights in decreasing order, each a"):
+      experts_lib.block_layout(jnp.zeros((EXPERTS,), jnp.int32), num_assignments=8, tiles=tiles)
 
   def test_ragged_ffn_equals_padded_ffn_row_by_row(self):
     weights = make_weights("swiglu")

@@ -9,7 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
-from moe_jax import dispatch, routing
+from moe_jax import reference, routing
 from moe_jax import experts as experts_lib
 from moe_jax.moe_layer import FeedForward, MoeAux, MoeConfig, MoeFeedForward, group_tokens
 
@@ -99,7 +99,7 @@ def test_layer_output_and_aux_equal_reference_moe_on_its_groups(config, activati
   out, aux = nnx.jit(lambda layer, x: layer(x, deterministic=deterministic))(layer, x)
 
   @jax.jit
-  def reference(x, kernel, weights):
+  def reference_layer(x, kernel, weights):
     groups = group_tokens(x, config.group_size)
     logits = routing.router_logits(groups, kernel)
     capacity_factor = config.eval_capacity_factor if deterministic else config.capacity_factor
@@ -107,9 +107,9 @@ def test_layer_output_and_aux_equal_reference_moe_on_its_groups(config, activati
       route = routing.expert_choice_route(logits, capacity_factor=capacity_factor)
     else:
       route = routing.top_k_route(logits, k=config.top_k, capacity_factor=capacity_factor, dropless=config.dropless)
-    return dispatch.reference_moe(groups, route, weights, activation=activation), route
+    return reference.moe(groups, route, weights, activation=activation), route
 
-  expected, route = reference(x, layer.router[...], expert_weights(layer))
+  expected, route = reference_layer(x, layer.router[...], expert_weights(layer))
 
   chex.assert_shape(out, x.shape)
   chex.assert_trees_all_close(out, expected.reshape(x.shape), atol=1e-5, rtol=0)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import routing
+from moe_jax import reference, routing
 
 # ----------------------------------------------------------------------------------------------------------
 # Jitted routers shared by all tests (static arguments: everything that is not an array).
@@ -126,40 +126,6 @@ def softmax_np(logits) -> np.ndarray:  # float64 reference
   return e / e.sum(-1, keepdims=True)
 
 
-def reference_token_choice(probs, k: int, capacity: int, *, batch_prioritized: bool = False):
-  """GShard Algorithm 1 generalised to k choices, as plain loops: every first choice claims a slot before any
-  second choice; within a choice, tokens go in position order (or by decreasing top gate: V-MoE BPR)."""
-  probs = np.asarray(probs)  # [G, S, E]
-  num_groups, tokens, num_experts = probs.shape
-  expert_index = np.argsort(-probs, axis=-1, kind="stable")[..., :k]  # [G, S, K]
-  slot = np.zeros((num_groups, tokens, k), np.int32)
-  kept = np.zeros((num_groups, tokens, k), bool)
-  for g in range(num_groups):
-    order = np.argsort(-probs[g].max(-1), kind="stable") if batch_prioritized else range(tokens)
-    fill = [0] * num_experts
-    for j in range(k):
-      for s in order:
-        e = expert_index[g, s, j]
-        if fill[e] < capacity:
-          slot[g, s, j], kept[g, s, j] = fill[e], True
-          fill[e] += 1
-  return expert_index.astype(np.int32), slot, kept
-
-
-def reference_expert_choice(probs, capacity: int):
-  """Zhou et al. eq. 1 as loops: expert e keeps its `capacity` most probable tokens, slot = rank."""
-  probs = np.asarray(probs)  # [G, S, E]
-  num_groups, tokens, num_experts = probs.shape
-  slot = np.zeros((num_groups, tokens, num_experts), np.int32)
-  kept = np.zeros((num_groups, tokens, num_experts), bool)
-  for g in range(num_groups):
-    for e in range(num_experts):
-      for rank, s in enumerate(np.argsort(-probs[g, :, e], kind="stable")[:capacity]):
-        slot[g, s, e], kept[g, s, e] = rank, True
-  expert_index = np.broadcast_to(np.arange(num_experts, dtype=np.int32), probs.shape)
-  return expert_index, slot, kept
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Who may go where.
 
@@ -239,8 +205,31 @@ def test_token_choice_matches_gshard_reference_loop(router, batch_prioritized, c
   shape, seed, cf = case
   k = ROUTERS[router][1]
   result = route(router, random_logits(shape, seed), cf, batch_prioritized=batch_prioritized)
-  expected = reference_token_choice(result.router_probs, k, result.capacity, batch_prioritized=batch_prioritized)
+  expected = reference.token_choice_loop(result.router_probs, k, result.capacity, batch_prioritized=batch_prioritized)
   chex.assert_trees_all_equal((result.expert_index, result.slot, result.kept), expected)
+
+
+# (G, S, K, E, capacity): few experts, many experts (E > S), and a capacity that keeps everything.
+SLOT_POINTS = ((2, 12, 2, 3, 4), (1, 40, 3, 96, 1), (3, 17, 1, 5, 17))
+sort_slots_jit = fast_jit(routing.token_choice_slots, static_argnames=("capacity",))
+cumsum_slots_jit = fast_jit(reference.token_choice_slots, static_argnames=("capacity", "num_experts"))
+
+
+@pytest.mark.parametrize("prioritized", [False, True])
+@PROPERTY
+@hypothesis.given(point=st.sampled_from(SLOT_POINTS), seed=st.integers(0, 2**32 - 1))
+def test_sorted_slots_equal_one_hot_running_count(point, seed, prioritized):
+  """Slots by sorting = the GShard running count over a one-hot, for any claims: repeated experts within a
+  token, pairs that claim nothing (random policy), any claim order of the tokens."""
+  num_groups, tokens, k, num_experts, capacity = point
+  rng = np.random.default_rng(seed)
+  expert_index = jnp.asarray(rng.integers(0, num_experts, (num_groups, tokens, k)), jnp.int32)
+  wanted = jnp.asarray(rng.random((num_groups, tokens, k)) < 0.8)
+  order = jnp.asarray(np.argsort(rng.random((num_groups, tokens)), axis=1), jnp.int32) if prioritized else None
+  chex.assert_trees_all_equal(
+      sort_slots_jit(expert_index, wanted, capacity=capacity, order=order),
+      cumsum_slots_jit(expert_index, wanted, capacity=capacity, order=order, num_experts=num_experts),
+  )
 
 
 @PROPERTY
@@ -248,7 +237,7 @@ def test_token_choice_matches_gshard_reference_loop(router, batch_prioritized, c
 def test_expert_choice_matches_reference_loop(case):
   shape, seed, cf = case
   result = route("expert_choice", random_logits(shape, seed), cf)
-  expected = reference_expert_choice(result.router_probs, result.capacity)
+  expected = reference.expert_choice_loop(result.router_probs, result.capacity)
   chex.assert_trees_all_equal((result.expert_index, result.slot, result.kept), expected)
 
 
@@ -614,7 +603,7 @@ class RouterVariantsTest(chex.TestCase):
     )
     result = route_fn(logits)
     probs = softmax_np(logits)
-    expected = reference_token_choice(probs, 2, routing.compute_capacity(8, 4, 0.5, 2), batch_prioritized=True)
+    expected = reference.token_choice_loop(probs, 2, routing.compute_capacity(8, 4, 0.5, 2), batch_prioritized=True)
     assert not expected[2].all(), "the example must drop something"
     chex.assert_trees_all_equal((result.expert_index, result.slot, result.kept), expected)
     gates = np.take_along_axis(probs, expected[0], axis=-1)
@@ -626,7 +615,7 @@ class RouterVariantsTest(chex.TestCase):
     logits = random_logits((2, 8, 4), seed=12)
     result = self.variant(functools.partial(routing.expert_choice_route, capacity_factor=1.0))(logits)
     probs = softmax_np(logits)
-    expected = reference_expert_choice(probs, routing.compute_capacity(8, 4, 1.0))
+    expected = reference.expert_choice_loop(probs, routing.compute_capacity(8, 4, 1.0))
     chex.assert_trees_all_equal((result.expert_index, result.slot, result.kept), expected)
     chex.assert_trees_all_close(result.combine_weight, np.where(expected[2], probs, 0.0).astype(np.float32), rtol=1e-5)
 
@@ -801,10 +790,10 @@ def test_random_policy_never_drops_first_choices(k, seed, key_seed):
   shape, cf = GRID[0]
   logits = random_logits(shape, seed)
   result = route_random(logits, jax.random.key(key_seed), 1.0, k=k, capacity_factor=cf)
-  reference = route(f"top{k}", logits, cf)
+  policy_all = route(f"top{k}", logits, cf)
   chex.assert_trees_all_equal(
       (result.expert_index, result.slot[..., 0], result.kept[..., 0]),
-      (reference.expert_index, reference.slot[..., 0], reference.kept[..., 0]),
+      (policy_all.expert_index, policy_all.slot[..., 0], policy_all.kept[..., 0]),
   )
 
 

@@ -1,0 +1,133 @@
+"""What the fast paths must equal: plain jax.numpy and numpy references, written for clarity, not speed.
+
+Every equivalence test of `moe_jax` imports its ground truth from here, so a reader finds in one place the
+definition that a router, a dispatch backend or the grouped matmul is checked against. Nothing here is used
+by the model. Each function is the textbook form of an idea whose fast form lives in a lower module
+(`moe_jax.routing`, `moe_jax.dispatch`, `moe_jax.experts`); this module imports only routing and experts.
+
+Axis legend (as in `moe_jax.routing`):
+  G groups · S tokens per group · E experts · C capacity per expert · K choices per token ·
+  M d_model · F d_ff.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moe_jax import experts as experts_lib
+from moe_jax import routing
+
+# ----------------------------------------------------------------------------------------------------------
+# Routing.
+
+
+def token_choice_slots(
+    expert_index: jax.Array,  # [G, S, K] int32
+    wanted: jax.Array,  # [G, S, K] bool
+    capacity: int,
+    order: jax.Array | None = None,  # [G, S] claim order of the tokens; None: position order
+    *,
+    num_experts: int,
+) -> tuple[jax.Array, jax.Array]:  # slot [G, S, K] int32 (0 where dropped), kept [G, S, K] bool
+  """`routing.token_choice_slots` as GShard and Mesh-TensorFlow write it: a running count per expert, the
+  cumulative sum over the [S*K, E] one-hot of the claims taken in claim order (choice-major, tokens in
+  `order`). O(S*K*E) work and memory."""
+  num_groups, tokens_per_group, k = expert_index.shape
+  assignment = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32) * wanted[..., None]  # [G,S,K,E]
+  if order is not None:
+    assignment = jnp.take_along_axis(assignment, order[:, :, None, None], axis=1)
+  by_choice = jnp.swapaxes(assignment, 1, 2).reshape(num_groups, k * tokens_per_group, num_experts)
+  position = jnp.cumsum(by_choice, axis=1) * by_choice  # 1-based position where claimed, else 0
+  slot = jnp.swapaxes(jnp.sum(position, axis=-1).reshape(num_groups, k, tokens_per_group) - 1, 1, 2)
+  if order is not None:
+    slot = jnp.take_along_axis(slot, jnp.argsort(order, axis=1)[:, :, None], axis=1)
+  kept = wanted & (slot >= 0) & (slot < capacity)
+  return jnp.where(kept, slot, 0).astype(jnp.int32), kept
+
+
+def token_choice_loop(probs, k: int, capacity: int, *, batch_prioritized: bool = False):
+  """GShard Algorithm 1 generalised to k choices, as numpy loops: every first choice claims a slot before any
+  second choice; within a choice, tokens go in position order (or by decreasing top gate: V-MoE BPR).
+  Returns (expert_index, slot, kept), each [G, S, K]."""
+  probs = np.asarray(probs)  # [G, S, E]
+  num_groups, tokens, num_experts = probs.shape
+  expert_index = np.argsort(-probs, axis=-1, kind="stable")[..., :k]  # [G, S, K]
+  slot = np.zeros((num_groups, tokens, k), np.int32)
+  kept = np.zeros((num_groups, tokens, k), bool)
+  for g in range(num_groups):
+    order = np.argsort(-probs[g].max(-1), kind="stable") if batch_prioritized else range(tokens)
+    fill = [0] * num_experts
+    for j in range(k):
+      for s in order:
+        e = expert_index[g, s, j]
+        if fill[e] < capacity:
+          slot[g, s, j], kept[g, s, j] = fill[e], True
+          fill[e] += 1
+  return expert_index.astype(np.int32), slot, kept
+
+
+def expert_choice_loop(probs, capacity: int):
+  """Zhou et al. eq. 1 as numpy loops: expert e keeps its `capacity` most probable tokens, slot = rank.
+  Returns (expert_index, slot, kept), each [G, S, E]."""
+  probs = np.asarray(probs)  # [G, S, E]
+  num_groups, tokens, num_experts = probs.shape
+  slot = np.zeros((num_groups, tokens, num_experts), np.int32)
+  kept = np.zeros((num_groups, tokens, num_experts), bool)
+  for g in range(num_groups):
+    for e in range(num_experts):
+      for rank, s in enumerate(np.argsort(-probs[g, :, e], kind="stable")[:capacity]):
+        slot[g, s, e], kept[g, s, e] = rank, True
+  expert_index = np.broadcast_to(np.arange(num_experts, dtype=np.int32), probs.shape)
+  return expert_index, slot, kept
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The MoE layer.
+
+
+def expert_ffn(weights: experts_lib.ExpertWeights, e: int, x: jax.Array, activation: str) -> jax.Array:
+  """FFN of expert e on rows x [..., M] -> [..., M]: act(x W_i0) (* x W_i1 when gated) W_o, written out."""
+  nonlinearity, gated = experts_lib.ACTIVATIONS[activation]
+  hidden = nonlinearity(x @ weights.wi_0[e])
+  if gated:
+    hidden = hidden * (x @ weights.wi_1[e])
+  return hidden @ weights.wo[e]
+
+
+def expert_rows(
+    weights: experts_lib.ExpertWeights,
+    x: jax.Array,  # [N, M]
+    expert: jax.Array,  # [N] int32 expert of each row
+    *,
+    activation: str,
+) -> jax.Array:  # [N, M]
+  """Row n through the FFN of expert[n], by a loop over experts of full-size dense FFNs (E times the work):
+  the yardstick of the grouped matmul (`experts.blocked_expert_ffn`)."""
+  out = jnp.zeros(x.shape, jnp.float32)
+  for e in range(weights.num_experts):
+    out = jnp.where((expert == e)[:, None], expert_ffn(weights, e, x, activation), out)
+  return out.astype(x.dtype)
+
+
+def moe(
+    tokens: jax.Array,  # [G, S, M]
+    route: routing.RoutingResult,
+    weights: experts_lib.ExpertWeights,
+    *,
+    activation: str,
+) -> jax.Array:  # [G, S, M]
+  """The MoE output by definition: a loop over experts, every token through every expert's FFN written out
+  in plain jax.numpy, weighted by its kept combine weights,
+    out[g, s] = sum_k combine_weight[g, s, k] * FFN_{expert_index[g, s, k]}(tokens[g, s])   over kept k.
+  No capacity buffers, no index tricks, no dropout; E times the FLOPs. The yardstick of every dispatch
+  backend (`moe_jax.dispatch`), in tests and in the benchmark."""
+  if tokens.ndim != 3 or tokens.shape[:2] != route.expert_index.shape[:2]:
+    raise ValueError(f"tokens must be [G, S, M] with [G, S] = {route.expert_index.shape[:2]}; got {tokens.shape}")
+  out = jnp.zeros(tokens.shape, jnp.float32)
+  for e in range(route.num_experts):
+    y = expert_ffn(weights, e, tokens, activation)  # [G, S, M]
+    weight = jnp.sum(jnp.where((route.expert_index == e) & route.kept, route.combine_weight, 0.0), axis=-1)
+    out = out + weight[..., None] * y
+  return out.astype(tokens.dtype)
