@@ -167,8 +167,8 @@ class MoeConfig(Section):
 
   def _check(self) -> None:
     """`top_k <= num_experts`, and `top_k = 1` unless router='top_k'; dropless, batch_prioritized are token-choice
-    options (not for 'expert_choice'); capacity factors > 0 unless dropless; dispatch='dropless' needs
-    dropless=True; renormalize and second_expert_policy='random' need router='top_k'."""
+    options (not for 'expert_choice'); capacity factors > 0 unless dropless; a dropless dispatch ('dropless',
+    'ragged_dot', 'auto') needs dropless=True; renormalize and second_expert_policy='random' need router='top_k'."""
     if self.top_k > self.num_experts:
       raise ValueError(f"moe.top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
     if self.router != "top_k" and self.top_k != 1:
@@ -181,9 +181,9 @@ class MoeConfig(Section):
         value = getattr(self, name)
         if not value > 0:
           raise ValueError(f"moe.{name}={value} must be > 0 (or set moe.dropless=True)")
-    if self.dispatch == "dropless" and not self.dropless:
-      raise ValueError("moe.dispatch='dropless' needs dropless=True (capacity routing drops; use 'gather' "
-                       "or 'einsum')")
+    if self.dispatch in registry.names("dropless_dispatch") and not self.dropless:
+      raise ValueError(f"moe.dispatch={self.dispatch!r} needs dropless=True (capacity routing drops; use "
+                       "'gather' or 'einsum')")
     if self.renormalize and self.router != "top_k":
       raise ValueError(f"moe.renormalize=True needs router='top_k'; got router={self.router!r}")
     if self.batch_prioritized and self.router == "expert_choice":

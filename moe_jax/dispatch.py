@@ -226,6 +226,10 @@ BACKENDS: dict[str, Backend] = {
 }
 # Backends that exchange variable-size row groups: across devices they would need jax.lax.ragged_all_to_all.
 RAGGED = ("dropless", "ragged_dot")
+# What a config may ask for (moe.dispatch): a backend, or 'auto' (the platform's dropless grouped matmul); the
+# choices that need dropless routing (no capacity to fill).
+CHOICES = ("auto", *BACKENDS)
+DROPLESS = ("auto", *RAGGED)
 # Platforms where jax.lax.ragged_dot lowers to a native grouped matmul.
 NATIVE_RAGGED_DOT = ("gpu", "cuda", "rocm", "tpu")
 

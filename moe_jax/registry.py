@@ -15,7 +15,8 @@ import typing
 # typing.Literal of them.
 PROVIDERS: dict[str, tuple[str, str]] = {
     "router": ("moe_jax.moe_layer", "ROUTERS"),
-    "dispatch": ("moe_jax.dispatch", "BACKENDS"),
+    "dispatch": ("moe_jax.dispatch", "CHOICES"),
+    "dropless_dispatch": ("moe_jax.dispatch", "DROPLESS"),
     "activation": ("moe_jax.experts", "ACTIVATIONS"),
     "norm": ("moe_jax.layers", "NORMS"),
     "dtype": ("moe_jax.moe_layer", "DTYPES"),

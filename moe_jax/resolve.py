@@ -3,7 +3,8 @@
 `resolve(config, device_count)` validates the config (moe_jax.config_lib), then decides, in this order:
   * mesh.data = 0            -> device_count / mesh.expert (and the mesh must cover the devices);
   * model.vocab_size = 0     -> the tokenizer's vocabulary (a smaller non-zero value is refused);
-  * moe.dispatch             -> the backend that actually runs on this mesh (see `dispatch_backend`);
+  * moe.dispatch             -> the backend that actually runs on this platform and mesh
+                                (`dispatch.resolve_backend`: 'auto' and ragged backends);
 and derives the facts a reader of a run wants next to them: tokens per routing group and the expert capacity
 in training and evaluation (routing.compute_capacity). Each decision is a `Decision` (field, requested,
 resolved, why); `Resolved.record()` is what `config.json` stores: the requested config, the resolved one and
@@ -16,9 +17,10 @@ import copy
 import dataclasses
 from typing import Any
 
+import jax
 import ml_collections
 
-from moe_jax import config_lib, routing
+from moe_jax import config_lib, dispatch, routing
 from moe_jax import data as data_lib
 
 
@@ -47,20 +49,10 @@ class Resolved:
             "decisions": [dataclasses.asdict(d) for d in self.decisions], "derived": self.derived}
 
 
-def dispatch_backend(moe: config_lib.MoeConfig, *, distributed: bool) -> tuple[str, str]:
-  """(backend that runs, why) for the requested `moe.dispatch`.
-
-  `ragged_all_to_all` does not exist on XLA:CPU, so the ragged dropless path cannot cross devices there: under
-  a mesh of more than one device dropless routing runs the gather backend with capacity C = S, which still
-  drops nothing and computes the same outputs with worst-case buffers.
-  """
-  if moe.dispatch == "dropless" and distributed:
-    return "gather", "no ragged all-to-all across devices: gather with capacity S, still dropless"
-  return moe.dispatch, "as requested"
-
-
-def resolve(config: ml_collections.ConfigDict, device_count: int, *, log: bool = False) -> Resolved:
-  """Validate `config` and make every "auto" value concrete for a run on `device_count` devices."""
+def resolve(config: ml_collections.ConfigDict, device_count: int, *, platform: str | None = None,
+            log: bool = False) -> Resolved:
+  """Validate `config` and make every "auto" value concrete for a run on `device_count` devices of `platform`
+  (default: jax.default_backend())."""
   resolved = copy.deepcopy(config)
   decisions = []
 
@@ -93,8 +85,13 @@ def resolve(config: ml_collections.ConfigDict, device_count: int, *, log: bool =
   derived: dict[str, Any] = {}
   if typed.model.moe_layer_interval > 0:
     moe = typed.moe
-    backend, why = dispatch_backend(moe, distributed=device_count > 1)
+    platform = platform or jax.default_backend()
+    split = typed.mesh.expert > 1
+    backend = dispatch.resolve_backend(moe.dispatch, platform, split)
     if backend != moe.dispatch:
+      why = (f"experts split over {typed.mesh.expert} devices: no ragged all-to-all, capacity buffers instead"
+             if split and moe.dispatch in dispatch.RAGGED + ("auto",) and backend == "gather"
+             else f"the dropless grouped matmul for platform {platform!r}")
       decide("moe.dispatch", backend, why)
       typed = config_lib.typed(resolved)
     derived = _moe_facts(typed)

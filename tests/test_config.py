@@ -162,7 +162,7 @@ def test_resolve_records_each_auto_value_it_makes_concrete(capsys):
   config = config_lib.default_config()
   config.mesh.data, config.mesh.expert = 0, 4
   config.moe.dropless, config.moe.dispatch, config.moe.router, config.moe.top_k = True, "dropless", "top_k", 2
-  run = resolve.resolve(config, device_count=8, log=True)
+  run = resolve.resolve(config, device_count=8, platform="cpu", log=True)
   decided = {d.field: (d.requested, d.resolved) for d in run.decisions}
   assert decided == {"mesh.data": (0, 2), "model.vocab_size": (0, 259), "moe.dispatch": ("dropless", "gather")}
   assert run.config.mesh.data == 2 and run.requested.mesh.data == 0  # the request is kept as it was
@@ -172,6 +172,17 @@ def test_resolve_records_each_auto_value_it_makes_concrete(capsys):
   record = run.record()
   assert record["requested"]["mesh"]["data"] == 0 and record["resolved"]["mesh"]["data"] == 2
   assert [d["field"] for d in record["decisions"]] == ["mesh.data", "model.vocab_size", "moe.dispatch"]
+
+
+@pytest.mark.parametrize("platform,mesh,backend", [("cpu", (8, 1), "dropless"), ("gpu", (8, 1), "ragged_dot"),
+                                                   ("tpu", (2, 4), "gather")])
+def test_auto_dispatch_resolves_per_platform_and_mesh(platform, mesh, backend):
+  config = config_lib.default_config()
+  config.mesh.data, config.mesh.expert = mesh
+  config.moe.dropless, config.moe.dispatch = True, "auto"
+  run = resolve.resolve(config, device_count=8, platform=platform)
+  assert run.config.moe.dispatch == backend
+  assert [d for d in run.decisions if d.field == "moe.dispatch"][0].requested == "auto"
 
 
 def test_resolve_computes_capacity_from_the_one_convention():
