@@ -3,7 +3,8 @@
 Every equivalence test of `moe_jax` imports its ground truth from here, so a reader finds in one place the
 definition that a router, a dispatch backend or the grouped matmul is checked against. Nothing here is used
 by the model. Each function is the textbook form of an idea whose fast form lives in a lower module
-(`moe_jax.routing`, `moe_jax.dispatch`, `moe_jax.experts`); this module imports only routing and experts.
+(`moe_jax.routing`, `moe_jax.dispatch`, `moe_jax.experts`, `moe_jax.layers`); this module imports only
+routing, experts and layers.
 
 Axis legend (as in `moe_jax.routing`):
   G groups · S tokens per group · E experts · C capacity per expert · K choices per token ·
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moe_jax import experts as experts_lib
-from moe_jax import routing
+from moe_jax import layers, routing
 
 # ----------------------------------------------------------------------------------------------------------
 # Routing.
@@ -131,3 +132,26 @@ def moe(
     weight = jnp.sum(jnp.where((route.expert_index == e) & route.kept, route.combine_weight, 0.0), axis=-1)
     out = out + weight[..., None] * y
   return out.astype(tokens.dtype)
+
+
+def attention(
+    x: jax.Array,  # [B, L, M]
+    qkv: jax.Array,  # [M, H + 2K, D]: query heads, then key heads, then value heads
+    out: jax.Array,  # [H, D, M]
+    num_heads: int,
+    num_kv_heads: int,
+) -> jax.Array:  # [B, L, M]
+  """Causal softmax attention written out, the yardstick of `layers.CausalSelfAttention`: each group of H / K
+  query heads reads its own key/value head (grouped-query attention; K = H is multi-head), scores scaled by
+  D^-1/2, rotary positions on queries and keys."""
+  proj = jnp.einsum("blm,mhd->blhd", x, qkv)
+  q, k, v = (proj[:, :, :num_heads], proj[:, :, num_heads:num_heads + num_kv_heads],
+             proj[:, :, num_heads + num_kv_heads:])
+  positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+  q, k = layers.rotary_embedding(q, positions), layers.rotary_embedding(k, positions)
+  group = num_heads // num_kv_heads
+  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1])
+  causal = jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool))
+  probs = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
+  return jnp.einsum("bhqk,bkhd,hdm->bqm", probs, v, out)

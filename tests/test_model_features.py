@@ -8,26 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax import config_lib, dispatch, flops, layers, parallel
+from moe_jax import config_lib, flops, layers, parallel, reference
 from moe_jax import experts as experts_lib
 from moe_jax.model import TransformerLM
 from moe_jax.moe_layer import FeedForward, MoeConfig, MoeFeedForward
 
 D_MODEL, HEADS, HEAD_DIM, BATCH, LENGTH = 32, 4, 8, 2, 16
-
-
-def reference_attention(x, qkv, out, num_heads, num_kv_heads):
-  """Causal softmax attention written out: each group of H / K query heads reads its own key/value head."""
-  proj = jnp.einsum("blm,mhd->blhd", x, qkv)
-  q, k, v = proj[:, :, :num_heads], proj[:, :, num_heads:num_heads + num_kv_heads], proj[:, :, num_heads + num_kv_heads:]
-  positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-  q, k = layers.rotary_embedding(q, positions), layers.rotary_embedding(k, positions)
-  group = num_heads // num_kv_heads
-  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1])
-  causal = jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool))
-  probs = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
-  return jnp.einsum("bhqk,bkhd,hdm->bqm", probs, v, out)
 
 
 @pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
@@ -44,7 +30,7 @@ def test_grouped_query_attention_equals_its_reference_forward_and_backward(num_k
     return jnp.sum(nnx.merge(graph, p, rest)(x) * cotangent)
 
   def slow(p, x):
-    return jnp.sum(reference_attention(x, p["qkv"][...], p["out"][...], HEADS, num_kv_heads) * cotangent)
+    return jnp.sum(reference.attention(x, p["qkv"][...], p["out"][...], HEADS, num_kv_heads) * cotangent)
 
   chex.assert_trees_all_close(jax.value_and_grad(fast, argnums=(0, 1))(params, x),
                               jax.value_and_grad(slow, argnums=(0, 1))(params, x), atol=1e-4, rtol=1e-4)
@@ -69,7 +55,7 @@ def test_shared_experts_add_a_dense_ffn_of_their_total_width_forward_and_backwar
     logits = routing.router_logits(x, p["router"][...], jitter_eps=0.0, key=None)
     route = routing.top_k_route(logits, k=2, capacity_factor=2.0)  # deterministic calls use eval capacity
     weights = experts_lib.ExpertWeights(wi_0=p["wi_0"][...], wo=p["wo"][...], wi_1=p["wi_1"][...])
-    routed = dispatch.reference_moe(x, route, weights, activation="swiglu")
+    routed = reference.moe(x, route, weights, activation="swiglu")
     shared = experts_lib.ExpertWeights(wi_0=p["shared"]["wi_0"][...][None], wo=p["shared"]["wo"][...][None],
                                        wi_1=p["shared"]["wi_1"][...][None])
     dense = experts_lib.expert_ffn(shared, x.reshape(1, -1, D_MODEL), activation="swiglu").reshape(x.shape)
