@@ -1,38 +1,44 @@
-"""Forward + backward time of the MoE layer per dispatch backend, against a dense FFN of equal FLOPs per token.
+"""Forward + backward time of the MoE layer per dispatch backend, against a dense FFN of equal FLOPs per token,
+with each variant's roofline on this machine.
 
-  python benchmarks/moe_layer.py                    # full default run: several minutes on 2 cores
-  python benchmarks/moe_layer.py --tokens 2048 --group_size 256 --experts 8,32 --repeats 2 \
-      --max_flop_ratio 10 --sharded_experts 8       # smoke run, under a minute
+  python benchmarks/moe_layer.py                   # full default run (about ten minutes on 2 cores)
+  python benchmarks/moe_layer.py --tokens 256 --d_model 32 --d_ff 64 --group_size 64 --experts 4,8 \
+      --repeats 1 --sharded_experts "" --output /tmp/moe_layer.json    # smoke run (tests/test_benchmarks.py)
 
 What is timed: one jitted `value_and_grad` of sum(layer(x) * r) (+ the load-balancing loss for MoE) wrt the
 params and x, r a fixed random cotangent (an all-ones cotangent lets XLA drop matmuls and flatters the
-dense baseline). Switch top-1 routing, training mode (capacity_factor), float32, one CPU device. Compile
-first, then the median of --repeats timed calls, each ended by block_until_ready; for each E the dense
-baseline and the backends take turns, so that load from other processes hits all alike. The dense baseline
-is `FeedForward` with the same d_model and d_ff: the same FLOPs per token as a top-1 expert. All backends
-share one set of parameters per E.
+dense baseline). Switch top-1 routing, training mode (capacity_factor; the dropless backends route with
+dropless=True), one device. Compile first, then --repeats timed calls of every variant in turn (so load from
+other processes hits all alike); median, min and max are recorded, and ratios to the dense FFN timed in
+the same run, of medians and of minima (on a shared machine the minimum is the least disturbed estimate).
+The dense baseline is `FeedForward` with the same d_model and d_ff: the FLOPs per token of a top-1 expert.
+All backends share one set of parameters per E.
 
 Routing groups: x is [tokens / group_size, group_size, M], one routing group per row (MoeConfig.group_size
-= 0), the same for every backend so that all compute the same function. The einsum backend's one-hot
-tensors grow as group_size^2 * capacity_factor per group (E = 256, 8192 tokens in one group would need
-~84M-float [S, E, C] tensors and ~86 GFLOP of dispatch): groups of 1024 keep them small.
+= 0), the same for every backend. The einsum backend's one-hot tensors grow as group_size^2 per group.
+
+Roofline. The run first measures this machine's matmul throughput and memory bandwidth (harness.measure_peaks).
+For every variant it records XLA's cost analysis (FLOPs, bytes accessed; while-loop bodies counted once, so
+the tiled dropless backend's figures are far too low there) and a model of the work it cannot avoid:
+  rows     rows through the expert FFN: tokens (dense), E*G*C capacity slots (einsum, gather), kept assignments
+           plus tile padding (dropless: counted on the benchmark's own routing), E * assignments (ragged_dot
+           where it is a masked dense dot, i.e. not on GPU/TPU);
+  FLOPs    6 * rows * M * F * projections (forward + two backward products), + the einsum one-hot products;
+  bytes    3 * expert params (weights read forward and backward, gradient written) + 2 * rows * F * inputs
+           (hidden activations written and read back) + 4 * rows * M (FFN inputs and outputs, both passes);
+and the time bounds they imply at the measured peaks: `overlap` = max(compute, memory), `serial` = their sum.
+A measured ratio far above the bound ratio is overhead; a bound ratio above 1 is physics (e.g. at E = 256
+the expert weights alone are 256x the dense FFN's).
 
 Skips, listed in the output: a combination whose estimated memory exceeds --memory_limit_gb, or whose
-compiled FLOPs exceed --max_flop_ratio times the dense FLOPs. The dropless backend runs `jax.lax.ragged_dot`,
-which on CPU is a dense masked dot over all experts (E times the FLOPs, [E, tokens, F] buffers; see
-moe_jax/experts.py), so it hits these limits at large E.
+model FLOPs exceed --max_flop_ratio times the dense FLOPs (ragged_dot on CPU at large E).
 
-Expert parallelism: the same layer on an 8-device shard_map mesh (--mesh, default 1x8) against the same
-layer on one device, same total work, run in a subprocess that sets
-XLA_FLAGS=--xla_force_host_platform_device_count=8 before importing jax. The emulated devices share the
-machine's cores, so this measures the overhead of the sharded program (all-to-alls, per-device buffers,
-smaller matmuls), not a speed-up.
+Expert parallelism: the gather layer on an 8-device shard_map mesh (--mesh, default 1x8) against the same
+layer on one device, same total work, in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8.
+Emulated devices share the machine's cores: this measures the overhead of the sharded program, not a speed-up.
 
-Results: a table of median times and ratios to dense, and JSON at --output (default
-benchmarks/results/moe_layer.json), which also holds the minimum times: on a shared machine the minimum is
-the estimate least disturbed by other processes.
-The goal measured against (not asserted): the best backend within 1.3x of dense at every E, and flat in E
-(largest E within 15% of E = 8).
+Results: tables on stdout and JSON at --output (default benchmarks/results/moe_layer.json); see
+benchmarks/README.md for the figures and how to read them.
 """
 
 from __future__ import annotations
@@ -40,22 +46,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax import parallel
-from moe_jax.moe_layer import FeedForward, MoeConfig, MoeFeedForward
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402  (benchmarks/ is not a package)
+
+from moe_jax import dispatch, experts, parallel, routing  # noqa: E402
+from moe_jax.moe_layer import DTYPES, FeedForward, MoeConfig, MoeFeedForward  # noqa: E402
 
 DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "moe_layer.json")
-BACKENDS = ("einsum", "gather", "dropless")
-BYTES = 4  # float32
+BACKENDS = tuple(dispatch.BACKENDS)
+DROPLESS = ("dropless", "ragged_dot")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,10 +74,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--backends", type=lambda s: s.split(","), default=list(BACKENDS))
   parser.add_argument("--capacity_factor", type=float, default=1.25)
   parser.add_argument("--group_size", type=int, default=1024, help="tokens per routing group")
-  parser.add_argument("--repeats", type=int, default=5, help="timed calls per combination (median reported)")
+  parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+  parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant")
   parser.add_argument("--memory_limit_gb", type=float, default=8.0, help="skip combinations estimated above this")
-  parser.add_argument("--max_flop_ratio", type=float, default=40.0,
-                      help="skip combinations whose compiled FLOPs exceed this multiple of dense (ragged_dot on CPU)")
+  parser.add_argument("--max_flop_ratio", type=float, default=12.0,
+                      help="skip combinations whose model FLOPs exceed this multiple of dense (ragged_dot on CPU)")
   parser.add_argument("--sharded_experts", type=ints, default=[8, 32, 128, 256], help="E values for the shard_map "
                       "overhead part (gather backend); empty to skip it")
   parser.add_argument("--mesh", default="1x8", help="data x expert mesh of the shard_map part")
@@ -86,106 +93,152 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
-def estimated_bytes(args, backend: str | None, num_experts: int) -> float:
-  """Rough peak memory of one forward+backward: params and grads, hidden activations and their gradients,
-  one-hot tensors for einsum, the masked [E, tokens, F] copies of ragged_dot on CPU."""
-  t, m, f = args.tokens, args.d_model, args.d_ff
-  if backend is None:  # dense
-    return BYTES * (4 * m * f + 4 * t * f + 6 * t * m)
-  capacity_rows = t * args.capacity_factor  # E * G * C slots in all
-  weights = 4 * num_experts * m * f
-  if backend == "dropless":
-    hidden = 4 * num_experts * t * f if jax.default_backend() == "cpu" else 4 * t * f
+# ----------------------------------------------------------------------------------------------------------
+# Layers and their compiled steps.
+
+
+def moe_config(args, backend: str, num_experts: int) -> MoeConfig:
+  return MoeConfig(
+      num_experts=num_experts, capacity_factor=args.capacity_factor, dispatch=backend, dropless=backend in DROPLESS
+  )
+
+
+def build(args, backend: str | None, num_experts: int):
+  """(graph, params, rest) of the dense FFN (backend None) or the MoE layer."""
+  dtype = DTYPES[args.dtype]
+  if backend is None:
+    layer = FeedForward(args.d_model, args.d_ff, dtype=dtype, rngs=nnx.Rngs(0))
   else:
-    hidden = 4 * capacity_rows * f
-  one_hot = 6 * t * num_experts * args.capacity_factor * args.group_size / num_experts if backend == "einsum" else 0
-  return BYTES * (weights + hidden + one_hot + 8 * capacity_rows * m)
+    layer = MoeFeedForward(args.d_model, args.d_ff, moe_config(args, backend, num_experts), dtype=dtype,
+                           rngs=nnx.Rngs(0))
+  return nnx.split(layer, nnx.Param, ...)
 
 
 def compile_step(graph, params, rest, cotangent, x):
   """Compiled value_and_grad of sum(layer(x) * cotangent) (+ the load-balancing loss of an MoE layer) wrt
-  (params, x), for the layer nnx.merge(graph, params, rest), and its compiled FLOPs."""
+  (params, x), for the layer nnx.merge(graph, params, rest)."""
 
   def loss(params, x):
     out = nnx.merge(graph, params, rest)(x, deterministic=False)
     if isinstance(out, tuple):
       out, aux = out
-      return jnp.sum(out * cotangent) + aux.load_balancing_loss
-    return jnp.sum(out * cotangent)
+      return jnp.sum((out * cotangent).astype(jnp.float32)) + aux.load_balancing_loss
+    return jnp.sum((out * cotangent).astype(jnp.float32))
 
-  compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
-  cost = compiled.cost_analysis()
-  flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost).get("flops", float("nan")))
-  return compiled, flops
-
-
-def split(layer):
-  return nnx.split(layer, nnx.Param, ...)
-
-
-def time_interleaved(steps: dict, x, repeats: int) -> dict[str, list[float]]:
-  """Seconds of each call of each compiled step. One warm-up call each, then the steps take turns, so that
-  load from other processes spreads evenly over them."""
-  times = {name: [] for name in steps}
-  for compiled, params in steps.values():
-    jax.block_until_ready(compiled(params, x))
-  for _ in range(repeats):
-    for name, (compiled, params) in steps.items():
-      start = time.perf_counter()
-      jax.block_until_ready(compiled(params, x))
-      times[name].append(time.perf_counter() - start)
-  return times
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
 
 
 def inputs(args):
   k_x, k_r = jax.random.split(jax.random.key(0))
   shape = (args.tokens // args.group_size, args.group_size, args.d_model)
-  return jax.random.normal(k_x, shape), jax.random.normal(k_r, shape)
+  dtype = DTYPES[args.dtype]
+  return jax.random.normal(k_x, shape, dtype), jax.random.normal(k_r, shape, dtype)
 
 
-def moe_layer(args, backend: str, num_experts: int) -> MoeFeedForward:
-  config = MoeConfig(
-      num_experts=num_experts, capacity_factor=args.capacity_factor, dispatch=backend, dropless=backend == "dropless"
-  )
-  return MoeFeedForward(args.d_model, args.d_ff, config, rngs=nnx.Rngs(0))
+# ----------------------------------------------------------------------------------------------------------
+# Work model.
 
 
-def run_single_device(args) -> list[dict]:
+def expert_rows(args, backend: str | None, num_experts: int, router_kernel, x) -> int:
+  """Rows through the expert FFN (module docstring), counted on this run's routing for the dropless backends."""
+  tokens, groups = args.tokens, args.tokens // args.group_size
+  if backend is None:
+    return tokens
+  if backend in ("einsum", "gather"):
+    return num_experts * groups * routing.compute_capacity(args.group_size, num_experts, args.capacity_factor)
+  if backend == "ragged_dot":
+    return tokens if jax.default_backend() in dispatch.NATIVE_RAGGED_DOT else num_experts * tokens
+
+  @jax.jit
+  def padded_rows(x, kernel):
+    route = routing.switch_route(routing.router_logits(x, kernel), dropless=True)
+    counts = jnp.sum(jax.nn.one_hot(route.expert_index[..., 0], num_experts, dtype=jnp.int32), axis=(0, 1))
+    layout = experts.block_layout(counts, tokens)
+    return jnp.sum((counts + layout.tiles[-1] - 1) // layout.tiles[-1] * layout.tiles[-1])
+
+  return int(padded_rows(x, router_kernel))
+
+
+def work_model(args, backend: str | None, num_experts: int, rows: int) -> dict:
+  """Model FLOPs and bytes of one forward + backward (module docstring)."""
+  m, f, itemsize = args.d_model, args.d_ff, jnp.dtype(DTYPES[args.dtype]).itemsize
+  projections, inputs_per_row = 2, 1  # gelu: wi_0 and wo; gated activations would add wi_1
+  params = (1 if backend is None else num_experts) * projections * m * f
+  flop = 6 * rows * m * f * projections
+  if backend == "einsum":  # dispatch and combine einsums [G, S, E, C] x [G, S, M], forward and backward
+    capacity = routing.compute_capacity(args.group_size, num_experts, args.capacity_factor)
+    flop += 3 * 2 * 2 * args.tokens * num_experts * capacity * m
+  moved = itemsize * (3 * params + 2 * rows * f * inputs_per_row + 4 * rows * m)
+  return {"rows": rows, "gflop": flop / 1e9, "gbytes": moved / 1e9, "params": params}
+
+
+def estimated_bytes(args, backend: str | None, num_experts: int, rows: int) -> float:
+  """Rough peak memory of one forward + backward: params and grads, hidden activations and their gradients,
+  the einsum one-hot tensors."""
+  itemsize = jnp.dtype(DTYPES[args.dtype]).itemsize
+  params = 4 * (1 if backend is None else num_experts) * args.d_model * args.d_ff
+  one_hot = 0
+  if backend == "einsum":
+    capacity = routing.compute_capacity(args.group_size, num_experts, args.capacity_factor)
+    one_hot = 6 * args.tokens * num_experts * capacity
+  return itemsize * (params + 4 * rows * args.d_ff + 8 * rows * args.d_model + one_hot)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Runs.
+
+
+def run_single_device(args, peaks: dict) -> list[dict]:
   limit = args.memory_limit_gb * 2**30
   x, cotangent = inputs(args)
   rows = []
   for num_experts in args.experts:
-    graph, dense_params, rest = split(FeedForward(args.d_model, args.d_ff, rngs=nnx.Rngs(0)))
-    dense, dense_flops = compile_step(graph, dense_params, rest, cotangent, x)
-    steps = {"dense": (dense, dense_params)}
-    row = {"experts": num_experts, "dense_gflop": dense_flops / 1e9, "backends": {}}
+    graph, dense_params, rest = build(args, None, num_experts)
+    dense_rows = expert_rows(args, None, num_experts, None, x)
+    variants = {"dense": {"work": work_model(args, None, num_experts, dense_rows)}}
+    compiled = {"dense": (compile_step(graph, dense_params, rest, cotangent, x), dense_params)}
     # The backends' layers differ only in static config: one set of parameters (and RNG state) serves all.
-    _, params, rest = split(moe_layer(args, args.backends[0], num_experts))
+    _, params, rest = build(args, args.backends[0], num_experts)
+    router_kernel = params["router"][...]
     for backend in args.backends:
-      need = estimated_bytes(args, backend, num_experts)
+      work = work_model(args, backend, num_experts, expert_rows(args, backend, num_experts, router_kernel, x))
+      variants[backend] = {"work": work}
+      need = estimated_bytes(args, backend, num_experts, work["rows"])
       if need > limit:
-        row["backends"][backend] = {"skipped": f"estimated {need / 2**30:.1f} GiB > --memory_limit_gb"}
+        variants[backend]["skipped"] = f"estimated {need / 2**30:.1f} GiB > --memory_limit_gb"
         continue
-      graph, _, _ = split(nnx.eval_shape(lambda: moe_layer(args, backend, num_experts)))
-      compiled, flops = compile_step(graph, params, rest, cotangent, x)
-      row["backends"][backend] = {"gflop": flops / 1e9}
-      if flops > args.max_flop_ratio * dense_flops:
-        row["backends"][backend]["skipped"] = f"{flops / dense_flops:.0f}x the dense FLOPs > --max_flop_ratio"
+      if work["gflop"] > args.max_flop_ratio * variants["dense"]["work"]["gflop"]:
+        variants[backend]["skipped"] = f"{work['gflop'] / variants['dense']['work']['gflop']:.0f}x the dense " \
+                                       "FLOPs > --max_flop_ratio"
         continue
-      steps[backend] = (compiled, params)
-    times = time_interleaved(steps, x, args.repeats)
-    dense_times = times.pop("dense")
-    row.update(dense_seconds=statistics.median(dense_times), dense_min_seconds=min(dense_times))
-    for backend, values in times.items():
-      seconds = statistics.median(values)
-      row["backends"][backend].update(
-          seconds=seconds,
-          ratio_vs_dense=seconds / row["dense_seconds"],
-          min_seconds=min(values),
-          ratio_of_min_times=min(values) / row["dense_min_seconds"],
-      )
-    print(f"  E={num_experts:4d} dense {row['dense_seconds']:.3f}s {row['backends']}", file=sys.stderr, flush=True)
-    del steps, params, rest
+      graph, _, _ = nnx.split(nnx.eval_shape(lambda: MoeFeedForward(
+          args.d_model, args.d_ff, moe_config(args, backend, num_experts), dtype=DTYPES[args.dtype],
+          rngs=nnx.Rngs(0))), nnx.Param, ...)
+      compiled[backend] = (compile_step(graph, params, rest, cotangent, x), params)
+    for name, (step, _) in compiled.items():
+      variants[name]["xla"] = harness.cost(step)
+    times = harness.time_interleaved(
+        {name: (lambda step=step, p=p: step(p, x)) for name, (step, p) in compiled.items()}, args.repeats
+    )
+    dense_time = harness.summary(times["dense"])
+    dense_bound = harness.roofline_seconds(variants["dense"]["work"]["gflop"], variants["dense"]["work"]["gbytes"],
+                                           peaks)
+    for name, variant in variants.items():
+      bound = harness.roofline_seconds(variant["work"]["gflop"], variant["work"]["gbytes"], peaks)
+      variant["bound_seconds"] = bound
+      variant["bound_ratio_vs_dense"] = {k: bound[k] / dense_bound[k] for k in ("overlap", "serial")}
+      if name in times:
+        seconds = harness.summary(times[name])
+        variant["seconds"] = seconds
+        variant["ratio_vs_dense"] = {"median": seconds["median"] / dense_time["median"],
+                                     "min": seconds["min"] / dense_time["min"]}
+    if "dropless" in variants:
+      variants["dropless"]["tiles"] = list(experts.default_tiles(args.tokens, num_experts))
+    row = {"experts": num_experts, "variants": variants}
+    print(f"  E={num_experts:4d} " + ", ".join(
+        f"{name} {v['ratio_vs_dense']['min']:.2f}x" for name, v in variants.items() if "ratio_vs_dense" in v
+    ), file=sys.stderr, flush=True)
+    del compiled, params, rest
     rows.append(row)
   return rows
 
@@ -196,23 +249,28 @@ def run_sharded_worker(args) -> list[dict]:
   x, cotangent = inputs(args)
   rows = []
   for num_experts in args.sharded_experts:
-    graph, params, rest = split(moe_layer(args, "gather", num_experts))  # no mesh: device 0 only
-    single = (compile_step(graph, params, rest, cotangent, x)[0], params)
+    graph, params, rest = build(args, "gather", num_experts)  # no mesh: device 0 only
+    single = compile_step(graph, params, rest, cotangent, x)
+    single_params = params
     with parallel.mesh_context(parallel.create_mesh(data, expert)):
       # Created under nnx.jit: eager init ops under a mesh run replicated on every device (8x the memory).
-      graph, params, rest = split(nnx.jit(lambda: moe_layer(args, "gather", num_experts))())
-      sharded = (compile_step(graph, params, rest, cotangent, x)[0], params)
-      times = time_interleaved({"single": single, "sharded": sharded}, x, args.repeats)
-      seconds = {name: statistics.median(values) for name, values in times.items()}
-    del single, sharded, params, rest
+      layer = nnx.jit(lambda: MoeFeedForward(args.d_model, args.d_ff, moe_config(args, "gather", num_experts),
+                                              dtype=DTYPES[args.dtype], rngs=nnx.Rngs(0)))()
+      graph, params, rest = nnx.split(layer, nnx.Param, ...)
+      sharded = compile_step(graph, params, rest, cotangent, x)
+      times = harness.time_interleaved(
+          {"single": lambda: single(single_params, x), "sharded": lambda: sharded(params, x)}, args.repeats
+      )
+    seconds = {name: harness.summary(values) for name, values in times.items()}
     rows.append({
         "experts": num_experts,
         "mesh": args.mesh,
         "single_device_seconds": seconds["single"],
         "sharded_seconds": seconds["sharded"],
-        "overhead": seconds["sharded"] / seconds["single"],
+        "overhead": {k: seconds["sharded"][k] / seconds["single"][k] for k in ("median", "min")},
     })
-    print(f"  sharded E={num_experts:4d} {rows[-1]}", file=sys.stderr, flush=True)
+    print(f"  sharded E={num_experts:4d} overhead {rows[-1]['overhead']}", file=sys.stderr, flush=True)
+    del single, sharded, params, rest, single_params
   return rows
 
 
@@ -230,29 +288,22 @@ def run_sharded(args, argv) -> list[dict] | dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def format_table(rows: list[dict], backends: list[str], *, minimum: bool = False) -> tuple[str, list]:
-  """Table of ratios to dense (seconds in brackets), of median times or of minimum times; and per row the
-  best backend as (name, ratio) or None."""
-  ratio_key, seconds_key, dense_key = (
-      ("ratio_of_min_times", "min_seconds", "dense_min_seconds") if minimum
-      else ("ratio_vs_dense", "seconds", "dense_seconds")
-  )
-  header = f"{'E':>5} {'dense s':>8} " + " ".join(f"{b:>16}" for b in backends) + "   best"
-  lines, bests = [header, "-" * len(header)], []
+def format_table(rows: list[dict], names: list[str]) -> str:
+  """Per E and variant: time / dense time of minima (of medians), then the roofline bound ratio."""
+  header = f"{'E':>5} {'dense s':>8} " + " ".join(f"{name:>22}" for name in names)
+  lines = [header, "-" * len(header)]
   for row in rows:
-    cells, best = [], None
-    for backend in backends:
-      result = row["backends"][backend]
-      if seconds_key not in result:
-        cells.append(f"{'skipped':>16}")
+    dense = row["variants"]["dense"]
+    cells = []
+    for name in names:
+      variant = row["variants"][name]
+      if "ratio_vs_dense" not in variant:
+        cells.append(f"{'skipped':>22}")
         continue
-      cells.append(f"{result[ratio_key]:6.2f}x ({result[seconds_key]:5.2f}s)")
-      if best is None or result[ratio_key] < best[1]:
-        best = (backend, result[ratio_key])
-    bests.append(best)
-    best_text = f"{best[0]} {best[1]:.2f}x" if best else "-"
-    lines.append(f"{row['experts']:>5} {row[dense_key]:8.3f} " + " ".join(cells) + f"   {best_text}")
-  return "\n".join(lines), bests
+      ratio, bound = variant["ratio_vs_dense"], variant["bound_ratio_vs_dense"]["overlap"]
+      cells.append(f"{ratio['min']:5.2f}x ({ratio['median']:4.2f}x) b{bound:5.2f}x")
+    lines.append(f"{row['experts']:>5} {dense['seconds']['min']:8.3f} " + " ".join(cells))
+  return "\n".join(lines)
 
 
 def main(argv=None) -> None:
@@ -262,42 +313,39 @@ def main(argv=None) -> None:
     print(json.dumps(run_sharded_worker(args)))
     return
 
-  print(f"{jax.device_count()} {jax.default_backend()} device(s); {args.tokens} tokens, d_model {args.d_model}, "
-        f"d_ff {args.d_ff}, capacity factor {args.capacity_factor}, routing groups of {args.group_size}, "
-        f"float32, median of {args.repeats}", flush=True)
-  rows = run_single_device(args)
-  for minimum in (False, True):
-    table, bests = format_table(rows, args.backends, minimum=minimum)
-    print(f"\nforward+backward time / dense FFN time, {'minimum' if minimum else 'median'} of {args.repeats} "
-          "(seconds in brackets)")
-    print(table)
-    ratios = [best[1] for best in bests if best]
-    if ratios:
-      print(f"goal (not asserted): best backend <= 1.3x dense at every E: worst best {max(ratios):.2f}x; flat in E: "
-            f"E={rows[-1]['experts']} / E={rows[0]['experts']} = {ratios[-1] / ratios[0]:.2f} (<= 1.15)")
+  machine = harness.machine_info()
+  print(f"{machine['device_count']} {machine['backend']} device(s), {machine['processor']}; {args.tokens} tokens, "
+        f"d_model {args.d_model}, d_ff {args.d_ff}, capacity factor {args.capacity_factor}, routing groups of "
+        f"{args.group_size}, {args.dtype}, {args.repeats} repeats", flush=True)
+  peaks = harness.measure_peaks(DTYPES[args.dtype])
+  print(f"measured: matmul {peaks['matmul_gflops']:.0f} GFLOP/s, memory {peaks['memory_gbps']:.1f} GB/s", flush=True)
+  rows = run_single_device(args, peaks)
+  print("\nforward+backward time / dense FFN time: ratio of minima (of medians) and the roofline bound ratio b")
+  print(format_table(rows, args.backends))
   for row in rows:
-    for backend, result in row["backends"].items():
-      if "seconds" not in result:
-        print(f"  skipped E={row['experts']} {backend}: {result['skipped']}")
+    for name, variant in row["variants"].items():
+      if "skipped" in variant:
+        print(f"  skipped E={row['experts']} {name}: {variant['skipped']}")
 
   sharded = []
   if args.sharded_experts:
     sharded = run_sharded(args, argv)
     print(f"\nshard_map overhead, gather backend, mesh {args.mesh} (emulated devices on {os.cpu_count()} cores) "
-          "vs one device, same total work, medians")
+          "vs one device, same total work, ratio of minima")
     if isinstance(sharded, dict):
       print(f"  skipped: {sharded['skipped']}")
     else:
       for row in sharded:
-        print(f"  E={row['experts']:4d}: single {row['single_device_seconds']:.3f}s, sharded "
-              f"{row['sharded_seconds']:.3f}s, overhead {row['overhead']:.2f}x")
+        print(f"  E={row['experts']:4d}: single {row['single_device_seconds']['min']:.3f}s, sharded "
+              f"{row['sharded_seconds']['min']:.3f}s, overhead {row['overhead']['min']:.2f}x")
 
   os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
   with open(args.output, "w") as f:
     json.dump({
-        "config": {k: v for k, v in vars(args).items() if k != "sharded_worker"},
-        "platform": {"jax": jax.__version__, "backend": jax.default_backend(), "cpu_count": os.cpu_count(),
-                     "machine": platform.machine()},
+        "benchmark": "moe_layer",
+        "config": {k: v for k, v in vars(args).items() if k not in ("sharded_worker", "output")},
+        "machine": machine,
+        "peaks": peaks,
         "single_device": rows,
         "sharded": sharded,
     }, f, indent=2)

@@ -1,0 +1,103 @@
+"""Shared by the benchmarks: machine and version record, compiled cost, interleaved timing, and the machine's
+measured matmul peak and memory bandwidth (the roofline of a run is measured in that run)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy")
+
+
+def machine_info() -> dict:
+  """Where and with what a result was measured."""
+  processor = platform.processor()
+  try:
+    with open("/proc/cpuinfo") as f:
+      processor = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), processor)
+  except OSError:
+    pass
+  try:
+    memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+  except (ValueError, OSError, AttributeError):
+    memory_gb = None
+  versions = {"python": sys.version.split()[0]}
+  for name in PACKAGES:
+    try:
+      versions[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      versions[name] = None
+  return {
+      "backend": jax.default_backend(),
+      "device_kind": jax.devices()[0].device_kind,
+      "device_count": jax.device_count(),
+      "processor": processor,
+      "cpu_count": os.cpu_count(),
+      "memory_gb": memory_gb,
+      "machine": platform.machine(),
+      "system": platform.system(),
+      "versions": versions,
+  }
+
+
+def cost(compiled) -> dict:
+  """XLA's own count for a compiled program: FLOPs and bytes accessed (every op's operands and result, no
+  cache reuse, so an upper estimate of memory traffic). A while loop's body is counted once, not once per
+  trip: for looped programs (the tiled dropless backend) both figures are far too low."""
+  analysis = compiled.cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  return {"gflop": float(analysis.get("flops", float("nan"))) / 1e9,
+          "gbytes": float(analysis.get("bytes accessed", float("nan"))) / 1e9}
+
+
+def time_interleaved(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+  """Seconds of each call of each function, ended by block_until_ready. One warm-up call each, then the
+  functions take turns, so that load from other processes hits all of them alike."""
+  times = {name: [] for name in calls}
+  for call in calls.values():
+    jax.block_until_ready(call())
+  for _ in range(repeats):
+    for name, call in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(call())
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
+def summary(values: list[float]) -> dict:
+  return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def measure_peaks(dtype=jnp.float32, *, matmul_size: int = 2048, copy_mib: int = 256, repeats: int = 5) -> dict:
+  """The machine's matmul throughput (a jitted [n, n] x [n, n] product) and memory bandwidth (a jitted
+  elementwise pass over `copy_mib` MiB: read once, written once), best of `repeats`."""
+  k1, k2 = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(k1, (matmul_size, matmul_size), dtype)
+  b = jax.random.normal(k2, (matmul_size, matmul_size), dtype)
+  matmul = jax.jit(jnp.matmul).lower(a, b).compile()
+  big = jnp.ones((copy_mib * 2**20 // jnp.dtype(dtype).itemsize,), dtype)
+  scale = jax.jit(lambda x: x * 2).lower(big).compile()
+  times = time_interleaved({"matmul": lambda: matmul(a, b), "copy": lambda: scale(big)}, repeats)
+  return {
+      "matmul_gflops": 2 * matmul_size**3 / min(times["matmul"]) / 1e9,
+      "memory_gbps": 2 * big.nbytes / min(times["copy"]) / 1e9,
+      "matmul_size": matmul_size,
+      "copy_mib": copy_mib,
+      "dtype": jnp.dtype(dtype).name,
+  }
+
+
+def roofline_seconds(gflop: float, gbytes: float, peaks: dict) -> dict:
+  """Time bounds of a program doing `gflop` and moving `gbytes` at the measured peaks: `overlap` (roofline:
+  the slower of compute and memory, both at full speed at once) and `serial` (one after the other)."""
+  compute = gflop / peaks["matmul_gflops"]
+  memory = gbytes / peaks["memory_gbps"]
+  return {"compute": compute, "memory": memory, "overlap": max(compute, memory), "serial": compute + memory}

@@ -1,0 +1,41 @@
+"""The benchmarks run end to end at toy sizes and write the JSON they document. No timing is asserted."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO, cpu_env
+
+
+def run_script(args: list[str], tmp_path) -> dict:
+  output = tmp_path / "result.json"
+  env = dict(cpu_env(1), PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
+  subprocess.run([sys.executable, *args, "--output", str(output)], check=True, env=env, cwd=tmp_path,
+                 stdout=subprocess.DEVNULL, timeout=600)
+  return json.loads(output.read_text())
+
+
+def test_layer_benchmark_records_every_variant_with_times_cost_and_bound(tmp_path):
+  result = run_script([os.path.join(REPO, "benchmarks", "moe_layer.py"), "--tokens", "128", "--d_model", "16",
+                       "--d_ff", "32", "--group_size", "64", "--experts", "4", "--repeats", "2",
+                       "--sharded_experts", ""], tmp_path)
+  assert result["machine"]["versions"]["jax"] and result["peaks"]["matmul_gflops"] > 0
+  (row,) = result["single_device"]
+  assert set(row["variants"]) == {"dense", "einsum", "gather", "dropless", "ragged_dot"}
+  for name, variant in row["variants"].items():
+    assert variant["seconds"]["min"] <= variant["seconds"]["median"] <= variant["seconds"]["max"], name
+    assert variant["xla"]["gflop"] > 0 and variant["work"]["gbytes"] > 0, name
+    assert variant["bound_seconds"]["overlap"] <= variant["bound_seconds"]["serial"], name
+  assert row["variants"]["dense"]["ratio_vs_dense"] == {"median": 1.0, "min": 1.0}
+
+
+@pytest.mark.slow  # compiles three small training steps: about a minute on two cores
+def test_gpu_benchmark_runs_tiny_on_cpu_without_the_training_stack(tmp_path):
+  result = run_script([os.path.join(REPO, "benchmarks", "gpu.py"), "--tiny"], tmp_path)
+  assert result["forbidden_modules_imported"] == []
+  assert {"dense", "switch_gather", "switch_dropless"} == set(result["train_step"]["variants"])
+  assert result["grouped_matmul_lowering"]["dense_fallback"]  # ragged_dot on CPU is a masked dense dot
+  assert [row["experts"] for row in result["layer"]["rows"]] == [8]
