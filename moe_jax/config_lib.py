@@ -328,6 +328,7 @@ class TrainConfig(Section):
 
   loss = cross-entropy + aux_loss_weight * load-balancing loss + z_loss_weight * router z-loss, summed over the
   MoE blocks (Switch eq. 4, ST-MoE eq. 5).
+  DeepSeek-V3's sequence-wise balance loss adds with its own weight, moe.sequence_aux_loss_weight.
   """
 
   NAME: ClassVar[str] = "train"

@@ -14,13 +14,19 @@ come from numpy with fixed seeds.
 
 from __future__ import annotations
 
+import os
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
-from moe_jax import routing
+from moe_jax import routing, train
+from moe_jax.moe_layer import MoeConfig, MoeFeedForward, RouterBias
+from tests.helpers import tiny_config, train_losses
 
 STATIC = ("k", "dropless", "capacity_factor", "renormalize", "score_function", "routed_scaling",
           "num_expert_groups", "topk_expert_groups", "group_score")
@@ -276,3 +282,49 @@ def test_sequence_balance_loss_is_one_when_every_sequence_is_balanced():
   index = jnp.asarray(np.arange(2 * 4 * 2).reshape(2, 4, 2) % 4, jnp.int32)  # [B=2, L=4, K=2] over E=4
   probs = jnp.full((2, 4, 4), 0.25)
   chex.assert_trees_all_close(routing.sequence_balance_loss(probs, index, 4), 1.0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The bias in the layer and across a resumed run.
+
+V3_ROUTING = dict(router="top_k", top_k=2, renormalize=True, score_function="sigmoid", routed_scaling=2.5,
+                  num_expert_groups=4, topk_expert_groups=2, group_score="top2_sum", balancing_bias_rate=0.01)
+
+
+def test_layer_moves_its_bias_after_training_calls_only_and_outside_the_gradient():
+  config = MoeConfig(num_experts=8, dropless=True, dispatch="dropless", **V3_ROUTING)
+  layer = MoeFeedForward(16, 32, config, rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(10).standard_normal((2, 8, 16), np.float32))
+  zeros = jnp.zeros(8, jnp.float32)
+
+  nnx.jit(lambda layer, x: layer(x, deterministic=True))(layer, x)
+  chex.assert_trees_all_equal(layer.router_bias[...], zeros)
+  _, aux = nnx.jit(lambda layer, x: layer(x, deterministic=False))(layer, x)
+  expected = routing.balancing_bias_update(zeros, aux.metrics.expert_selection, 0.01)
+  chex.assert_trees_all_equal(layer.router_bias[...], expected)
+  assert float(jnp.max(jnp.abs(expected))) == pytest.approx(0.01)
+
+  grads = nnx.grad(lambda layer: jnp.sum(layer(x, deterministic=True)[0]))(layer)
+  assert not jax.tree.leaves(nnx.state(grads, RouterBias))  # not differentiated, so not optimised either
+
+
+@pytest.mark.slow  # three short training runs on 8 emulated devices: minutes on two shared cores
+def test_resumed_run_continues_with_the_same_bias_bitwise(tmp_path):
+  """tests/helpers tiny config (8 devices, expert parallelism) with DeepSeek-V3 routing and the sequence-wise loss:
+  stopped at step 3 and resumed, it ends with the bias and losses of an uninterrupted run."""
+  config = tiny_config(str(tmp_path / "tfds"), steps=6)
+  config.moe.update(dict(V3_ROUTING, sequence_aux_loss_weight=1e-3))
+  config.train.checkpoint_every = 3
+  train.train_and_evaluate(config, str(tmp_path / "straight"))
+  train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_at_step=3)
+  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+
+  def final_bias(run):
+    state = ocp.StandardCheckpointer().restore(os.path.join(tmp_path, run, "checkpoints", "6", "state"))
+    (bias,) = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state["params"])
+               if "router_bias" in jax.tree_util.keystr(path)]
+    return np.asarray(bias)
+
+  chex.assert_trees_all_equal(train_losses(str(tmp_path / "straight")), train_losses(str(tmp_path / "resumed")))
+  chex.assert_trees_all_equal(final_bias("straight"), final_bias("resumed"))
+  assert np.any(final_bias("straight") != 0)
