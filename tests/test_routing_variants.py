@@ -328,3 +328,27 @@ def test_resumed_run_continues_with_the_same_bias_bitwise(tmp_path):
   chex.assert_trees_all_equal(train_losses(str(tmp_path / "straight")), train_losses(str(tmp_path / "resumed")))
   chex.assert_trees_all_equal(final_bias("straight"), final_bias("resumed"))
   assert np.any(final_bias("straight") != 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The config fields.
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(num_experts=16, num_expert_groups=3), "moe.num_expert_groups=3 must divide moe.num_experts=16"),
+    (dict(num_experts=16, num_expert_groups=4, topk_expert_groups=5),
+     "moe.topk_expert_groups=5 must be in \\[1, num_expert_groups=4\\]"),
+    (dict(num_experts=16, top_k=9, num_expert_groups=4, topk_expert_groups=2),
+     "moe.top_k=9 must be <= topk_expert_groups \\* experts per group = 2 \\* 4"),
+    (dict(num_experts=8, top_k=2, group_score="top2_sum"), "moe.group_score='top2_sum' needs num_expert_groups > 1"),
+    (dict(num_experts=8, top_k=2, num_expert_groups=8, topk_expert_groups=2, group_score="top2_sum"),
+     ">= 2 experts per group"),
+    (dict(router="switch", top_k=1, score_function="sigmoid"), "moe.score_function='sigmoid' needs router='top_k'"),
+    (dict(router="switch", top_k=1, balancing_bias_rate=1e-3), "moe.balancing_bias_rate=0.001 needs router='top_k'"),
+    (dict(score_function="tanh"), "moe.score_function='tanh' must be one of 'softmax', 'sigmoid'"),
+    (dict(routed_scaling=0.0), "moe.routed_scaling=0.0 must be > 0"),
+    (dict(balancing_bias_rate=-1e-3), "moe.balancing_bias_rate=-0.001 must be >= 0"),
+])
+def test_bad_routing_variant_fields_are_refused_with_the_field_named(fields, message):
+  with pytest.raises(ValueError, match=message):
+    MoeConfig(**{"router": "top_k", **fields})
