@@ -7,12 +7,17 @@ d_model 7168, 61 blocks; blocks 0-2 keep a dense SwiGLU FFN of width 18432, bloc
 routed experts of width 2048 (top-8) and 1 shared expert of the same width; vocabulary 129280, untied.
 Published: 671B parameters, 37B active per token (the multi-token-prediction module's 14B excluded).
 
+Routing (Sec. 2.1.2, eqs. 12-20; Sec. 4.2): sigmoid affinity scores (eq. 15), the top-8 weights normalised over the
+chosen experts (eq. 13) and multiplied by the routed scaling factor 2.5 (model card routed_scaling_factor); each
+token limited to 4 of 8 expert groups ranked by the sum of their two best scores (model card n_group 8,
+topk_group 4; the paper's node-limited routing, M = 4 nodes); the auxiliary-loss-free balancing bias with update
+speed gamma = 0.001 (Sec. 4.2, the value of the first 14.3T tokens); the sequence-wise balance loss with alpha =
+0.0001 (Sec. 4.2) and no other balance loss. The cpu variant keeps it on its 16 experts as 4 groups of 4, top-2
+groups (half the experts reachable, as 4 of 8 groups are at full size).
+
 Replaced, so excluded from the figures explicitly:
   * attention: DeepSeek-V3's multi-head latent attention (low-rank compressed keys/values, decoupled rotary
     dims) is replaced by our multi-head attention with 128 heads of 128; its parameter count differs.
-  * routing: sigmoid affinity scores with normalised top-8 weights and a routed scaling factor of 2.5, routing
-    limited to 4 of 8 expert groups, and the auxiliary-loss-free balancing bias are not implemented yet; the
-    config routes with softmax top-8 (renormalised). Parameter counts and FLOPs do not depend on the router.
 The calculator's figures for this config are reported in the README, not asserted.
 """
 
@@ -23,9 +28,11 @@ SYSTEM = moe_systems.System(
     model=dict(vocab_size=129280, d_model=7168, num_heads=128, head_dim=128, d_ff=18432, num_layers=61,
                max_seq_len=4096, moe_layer_interval=1, moe_start_block=3, activation="swiglu"),
     moe=dict(num_experts=256, router="top_k", top_k=8, renormalize=True, expert_d_ff=2048, num_shared_experts=1,
-             dropless=True),
-    published_total=671e9, published_active=37e9, not_modelled="multi-head latent attention; sigmoid, "
-                                                              "group-limited and bias-balanced routing",
+             dropless=True, score_function="sigmoid", routed_scaling=2.5, num_expert_groups=8, topk_expert_groups=4,
+             group_score="top2_sum", balancing_bias_rate=1e-3, sequence_aux_loss_weight=1e-4),
+    published_total=671e9, published_active=37e9, not_modelled="multi-head latent attention",
+    train=dict(aux_loss_weight=0.0),  # auxiliary-loss-free: the bias balances, the sequence-wise loss complements
+    cpu_moe=dict(num_expert_groups=4, topk_expert_groups=2),
 )
 
 

@@ -31,6 +31,8 @@ class System:
   published_total: float  # parameters, as the paper or model card states them
   published_active: float
   not_modelled: str = ""  # parts of the published model left out of the figures (said in the docstring)
+  train: dict = dataclasses.field(default_factory=dict)  # train.* fields of the system's recipe, both variants
+  cpu_moe: dict = dataclasses.field(default_factory=dict)  # moe.* the cpu variant's fewer experts change
 
 
 def get_config(system: System, variant: str):
@@ -39,6 +41,7 @@ def get_config(system: System, variant: str):
   config = config_lib.default_config()
   config.model.update(system.model)
   config.moe.update(system.moe)
+  config.train.update(system.train)
   config.moe.dispatch = "dropless" if system.moe.get("dropless") else "gather"
   if variant == "full":
     config.model.dtype = "bfloat16"
@@ -66,6 +69,7 @@ def _cpu(config, system: System):
   expert_ratio = (moe.get("expert_d_ff") or model["d_ff"]) / model["d_model"]
   config.moe.update(dict(num_experts=experts, top_k=top_k,
                          expert_d_ff=max(8, int(CPU_WIDTH["d_model"] * expert_ratio)) if moe.get("expert_d_ff") else 0))
+  config.moe.update(system.cpu_moe)
   if moe.get("shared_expert_d_ff"):
     config.moe.shared_expert_d_ff = max(8, int(CPU_WIDTH["d_model"] * moe["shared_expert_d_ff"] / model["d_model"]))
   config.train.update(dict(batch_size=16, seq_len=128, num_steps=200, warmup_steps=20, eval_every=100,

@@ -164,11 +164,28 @@ class MoeConfig(Section):
                                   "(DeepSeekMoE shared experts)")
   shared_expert_d_ff: int = field(0, at_least(0), "hidden width of each shared expert; 0 = the routed experts'")
   check_router_inputs: bool = field(False, boolean(), "debug: report NaN/inf router inputs on stderr (host callback)")
+  # DeepSeek routing, options of router='top_k' (DeepSeek-V2 arXiv:2405.04434; DeepSeek-V3 arXiv:2412.19437).
+  score_function: str = field("softmax", choice("score_function"),
+                              "router scores: softmax over experts, or sigmoid affinities (DeepSeek-V3 eq. 15)")
+  routed_scaling: float = field(1.0, positive(), "factor on every routed combine weight (DeepSeek-V3: 2.5)")
+  num_expert_groups: int = field(1, at_least(1), "group-limited routing: experts form this many groups of "
+                                 "consecutive experts (DeepSeek-V3: 8); 1 = off")
+  topk_expert_groups: int = field(1, at_least(1), "group-limited routing: groups each token may use (DeepSeek-V3: 4)")
+  group_score: str = field("max", choice("group_score"),
+                           "a group's score: its best expert's (DeepSeek-V2) or its best two's sum (DeepSeek-V3)")
+  balancing_bias_rate: float = field(0.0, non_negative(), "gamma of DeepSeek-V3's auxiliary-loss-free balancing: "
+                                     "step of the per-expert selection bias after each training step; 0 = off")
+  sequence_aux_loss_weight: float = field(0.0, non_negative(), "alpha of DeepSeek-V3's sequence-wise balance loss "
+                                          "(eqs. 17-20; V3: 1e-4); 0 = off")
 
   def _check(self) -> None:
     """`top_k <= num_experts`, and `top_k = 1` unless router='top_k'; dropless, batch_prioritized are token-choice
     options (not for 'expert_choice'); capacity factors > 0 unless dropless; a dropless dispatch ('dropless',
-    'ragged_dot', 'auto') needs dropless=True; renormalize and second_expert_policy='random' need router='top_k'."""
+    'ragged_dot', 'auto') needs dropless=True; renormalize and second_expert_policy='random' need router='top_k'; so do the DeepSeek options
+    (score_function='sigmoid', routed_scaling != 1, num_expert_groups > 1, balancing_bias_rate > 0,
+    sequence_aux_loss_weight > 0); `num_expert_groups` divides `num_experts`, `topk_expert_groups <=
+    num_expert_groups`, `top_k <= topk_expert_groups * num_experts / num_expert_groups`; group_score='top2_sum'
+    needs num_expert_groups > 1 and >= 2 experts per group."""
     if self.top_k > self.num_experts:
       raise ValueError(f"moe.top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
     if self.router != "top_k" and self.top_k != 1:
@@ -191,6 +208,25 @@ class MoeConfig(Section):
                        "use for it")
     if self.second_expert_policy == "random" and self.router != "top_k":
       raise ValueError(f"moe.second_expert_policy='random' needs router='top_k'; got router={self.router!r}")
+    deepseek = dict(score_function=self.score_function != "softmax", routed_scaling=self.routed_scaling != 1.0,
+                    num_expert_groups=self.num_expert_groups > 1, balancing_bias_rate=self.balancing_bias_rate > 0,
+                    sequence_aux_loss_weight=self.sequence_aux_loss_weight > 0)
+    for name, used in deepseek.items():
+      if used and self.router != "top_k":
+        raise ValueError(f"moe.{name}={getattr(self, name)!r} needs router='top_k'; got router={self.router!r}")
+    if self.num_experts % self.num_expert_groups:
+      raise ValueError(f"moe.num_expert_groups={self.num_expert_groups} must divide moe.num_experts="
+                       f"{self.num_experts}")
+    if self.topk_expert_groups > self.num_expert_groups:
+      raise ValueError(f"moe.topk_expert_groups={self.topk_expert_groups} must be in [1, num_expert_groups="
+                       f"{self.num_expert_groups}]")
+    per_group = self.num_experts // self.num_expert_groups
+    if self.top_k > self.topk_expert_groups * per_group:
+      raise ValueError(f"moe.top_k={self.top_k} must be <= topk_expert_groups * experts per group = "
+                       f"{self.topk_expert_groups} * {per_group}")
+    if self.group_score == "top2_sum" and (self.num_expert_groups == 1 or per_group < 2):
+      raise ValueError(f"moe.group_score='top2_sum' needs num_expert_groups > 1 and >= 2 experts per group; got "
+                       f"num_expert_groups={self.num_expert_groups} of {per_group} experts")
 
   @property
   def needs_rng(self) -> bool:
@@ -292,6 +328,7 @@ class TrainConfig(Section):
 
   loss = cross-entropy + aux_loss_weight * load-balancing loss + z_loss_weight * router z-loss, summed over the
   MoE blocks (Switch eq. 4, ST-MoE eq. 5).
+  DeepSeek-V3's sequence-wise balance loss adds with its own weight, moe.sequence_aux_loss_weight.
   """
 
   NAME: ClassVar[str] = "train"

@@ -34,6 +34,7 @@ def block_stats(aux: Any) -> dict[str, Any]:
   """One MoE block's record from its `MoeAux` (fetched to host): every loss and routing metric by its field
   name, plus the max and mean of the per-expert load."""
   stats = {"load_balancing_loss": _scalar(aux.load_balancing_loss), "router_z_loss": _scalar(aux.router_z_loss)}
+  stats["sequence_aux_loss"] = _scalar(aux.sequence_aux_loss)
   for f in dataclasses.fields(aux.metrics):
     stats[f.name] = _scalar(np.asarray(getattr(aux.metrics, f.name)))
   load = np.asarray(aux.metrics.expert_load)

@@ -27,6 +27,7 @@ class LmAux:
 
   load_balancing_loss: jax.Array  # [] sum over MoE blocks (Switch eq. 4 per block)
   router_z_loss: jax.Array  # [] sum over MoE blocks (ST-MoE eq. 5 per block)
+  sequence_aux_loss: jax.Array  # [] sum over MoE blocks (DeepSeek-V3 eq. 17 per block, its alpha included)
   blocks: dict[int, MoeAux]  # block index -> that block's losses and routing metrics; {} for a dense model
 
 
@@ -100,5 +101,6 @@ def _sum_aux(auxes: dict[int, MoeAux]) -> LmAux:
   return LmAux(
       load_balancing_loss=sum((a.load_balancing_loss for a in auxes.values()), zero),
       router_z_loss=sum((a.router_z_loss for a in auxes.values()), zero),
+      sequence_aux_loss=sum((a.sequence_aux_loss for a in auxes.values()), zero),
       blocks=auxes,
   )

@@ -28,6 +28,12 @@ the 'expert' axis size. The dropless backend cannot run ragged across devices on
 dropless routing's capacity C = S, which still drops nothing and gives the same outputs, at the cost of
 buffers sized for the worst case (E*S rows per group).
 
+DeepSeek-V3's auxiliary-loss-free balancing (`moe.balancing_bias_rate` > 0): the layer holds a per-expert selection
+bias, a `RouterBias` (model state, not a parameter: no gradient, no optimizer state; the training loop checkpoints
+it with the parameters). Every training call (deterministic=False) routes with the bias as it is, then moves it
+from that call's load over the whole batch (`routing.balancing_bias_update`), the paper's update at the end of
+each step; evaluation leaves it alone.
+
 Randomness (router jitter, the random second-expert policy, expert dropout) is drawn only when
 deterministic=False, from an nnx RNG stream kept in the module state (a fork of the 'dropout' stream, which
 the training loop reseeds from (seed, step) before every step, so a resumed run draws the same noise). Under a mesh each device folds its index into the key: noisy outputs depend on
@@ -64,6 +70,9 @@ class MoeAux:
   load_balancing_loss: jax.Array  # [] Switch eq. 4, 1.0 when balanced
   router_z_loss: jax.Array  # [] ST-MoE eq. 5
   metrics: routing.RoutingMetrics
+  # [] DeepSeek-V3's L_Bal, eq. 17 with its alpha = moe.sequence_aux_loss_weight included (0 when off), so the
+  # training loss adds it as it is.
+  sequence_aux_loss: jax.Array
 
 
 def group_tokens(x: jax.Array, group_size: int) -> jax.Array:  # [B, L, M] -> [G, S, M]
@@ -147,11 +156,11 @@ class FeedForward(nnx.Module):
     return y.reshape(batch, length, d_model)
 
 
-def _expert_choice(logits: jax.Array, config: MoeConfig, capacity_factor: float, deterministic: bool, key):
+def _expert_choice(logits: jax.Array, config: MoeConfig, capacity_factor: float, deterministic: bool, key, bias):
   return routing.expert_choice_route(logits, capacity_factor=capacity_factor)
 
 
-def _token_choice(logits: jax.Array, config: MoeConfig, capacity_factor: float, deterministic: bool, key):
+def _token_choice(logits: jax.Array, config: MoeConfig, capacity_factor: float, deterministic: bool, key, bias):
   random_policy = config.second_expert_policy == "random" and not deterministic
   return routing.top_k_route(
       logits,
@@ -163,6 +172,12 @@ def _token_choice(logits: jax.Array, config: MoeConfig, capacity_factor: float, 
       second_expert_policy="random" if random_policy else "all",
       second_expert_threshold=config.second_expert_threshold,
       key=key,
+      score_function=config.score_function,
+      routed_scaling=config.routed_scaling,
+      selection_bias=bias,
+      num_expert_groups=config.num_expert_groups,
+      topk_expert_groups=config.topk_expert_groups,
+      group_score=config.group_score,
   )
 
 
@@ -170,9 +185,10 @@ def _token_choice(logits: jax.Array, config: MoeConfig, capacity_factor: float, 
 ROUTERS = {"switch": _token_choice, "top_k": _token_choice, "expert_choice": _expert_choice}
 
 
-def _route(logits: jax.Array, config: MoeConfig, deterministic: bool, key: jax.Array | None):
+def _route(logits: jax.Array, config: MoeConfig, deterministic: bool, key: jax.Array | None,
+           bias: jax.Array | None):
   capacity_factor = config.eval_capacity_factor if deterministic else config.capacity_factor
-  return ROUTERS[config.router](logits, config, capacity_factor, deterministic, key)
+  return ROUTERS[config.router](logits, config, capacity_factor, deterministic, key, bias)
 
 
 def report_nonfinite_router_inputs(bad_inputs, bad_logits) -> None:
@@ -185,13 +201,15 @@ def report_nonfinite_router_inputs(bad_inputs, bad_logits) -> None:
 
 def moe_block(
     groups: jax.Array,  # [G, S, M] compute dtype
-    replicated: tuple[jax.Array, jax.Array | None],  # router kernel [M, E] float32, PRNG key or None
+    replicated: tuple[jax.Array, jax.Array | None, jax.Array | None],  # router kernel [M, E] float32, PRNG key
+    # or None, balancing bias [E] or None
     weights: experts_lib.ExpertWeights,  # [E, M, F] / [E, F, M], or the local E/n under a mesh
     *,
     config: MoeConfig,
     activation: str,
     deterministic: bool,
     distributed: bool,
+    sequence_length: int,
 ) -> tuple[jax.Array, MoeAux]:  # [G, S, M]
   """Route, dispatch, run experts, combine: the whole MoE layer on arrays.
 
@@ -199,7 +217,7 @@ def moe_block(
   all-to-all, keys are folded with the device index and the auxiliary outputs are averaged over devices
   (every device holds the same number of groups, so that is the mean over all groups).
   """
-  kernel, key = replicated
+  kernel, key, bias = replicated
   jitter_key = policy_key = dropout_key = None
   if key is not None:
     if distributed:
@@ -216,7 +234,7 @@ def moe_block(
   ).astype(router_dtype)
   if config.check_router_inputs:  # debug only: a host callback per call
     jax.debug.callback(report_nonfinite_router_inputs, jnp.sum(~jnp.isfinite(groups)), jnp.sum(~jnp.isfinite(logits)))
-  route = _route(logits, config, deterministic, policy_key)
+  route = _route(logits, config, deterministic, policy_key, bias)
 
   experts: experts_lib.Experts = experts_lib.StackedExperts(weights, activation, config.expert_dropout, dropout_key)
   experts_across_devices = distributed and parallel.expert_axis_size() > 1
@@ -224,10 +242,25 @@ def moe_block(
     experts = parallel.AllToAllExperts(experts)
   backend = dispatch.resolve_backend(config.dispatch, jax.default_backend(), experts_across_devices)
   out = dispatch.get_backend(backend)(groups, route, experts)
-  aux = MoeAux(route.load_balancing_loss, route.router_z_loss, route.metrics)
+  weight = config.sequence_aux_loss_weight
+  sequence_aux_loss = (weight * routing.sequence_balance_loss(route.router_probs, route.expert_index, sequence_length)
+                       if weight else jnp.zeros((), jnp.float32))
+  aux = MoeAux(route.load_balancing_loss, route.router_z_loss, route.metrics, sequence_aux_loss)
   if distributed:
     aux = jax.lax.pmean(aux, parallel.MESH_AXES)
   return out, aux
+
+
+class RouterBias(nnx.Variable):
+  """DeepSeek-V3's per-expert selection bias b [E] (arXiv:2412.19437, eq. 16): model state that is not a
+  parameter, so the optimizer (wrt=nnx.Param) never sees it; moved by `routing.balancing_bias_update`."""
+
+
+def _router_bias(num_experts: int) -> RouterBias:
+  """A zero bias [E], replicated like the router kernel (placed on the context mesh as `_param` does)."""
+  with nnx.use_eager_sharding(not jax.sharding.get_abstract_mesh().empty):
+    zeros = nnx.with_partitioning(nnx.initializers.zeros_init(), ("unmodeled",))
+    return RouterBias(zeros(None, (num_experts,), jnp.float32))
 
 
 class MoeFeedForward(nnx.Module):
@@ -243,7 +276,8 @@ class MoeFeedForward(nnx.Module):
   Create it inside `parallel.mesh_context(mesh)` to shard the experts over the 'expert' axis, and for large
   layers inside `nnx.jit` too (`nnx.jit(lambda: MoeFeedForward(...))()`): eagerly, every initialiser op under
   a mesh runs replicated on all devices, so each device would briefly hold every expert's weights. See the
-  module docstring for routing groups, expert parallelism and randomness.
+  module docstring for routing groups, expert parallelism and randomness. With `moe.balancing_bias_rate` > 0 it
+  also holds `router_bias` [E], DeepSeek-V3's selection bias (a `RouterBias`, see the module docstring).
   """
 
   def __init__(
@@ -280,6 +314,7 @@ class MoeFeedForward(nnx.Module):
     self.rngs = rngs["dropout"].fork()
     self.shared = (FeedForward(d_model, shared_d_ff, activation=activation, init_scale=init_scale, dtype=dtype,
                                rngs=rngs) if shared_d_ff else None)
+    self.router_bias = _router_bias(num_experts) if moe.balancing_bias_rate > 0 else None
 
   def __call__(self, x: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, MoeAux]:
     if x.ndim != 3 or x.shape[-1] != self.router.shape[0]:
@@ -296,12 +331,17 @@ class MoeFeedForward(nnx.Module):
         activation=self.activation,
         deterministic=deterministic,
         distributed=mesh is not None,
+        sequence_length=x.shape[1],
     )
     if mesh is not None:
       parallel.validate_expert_parallelism(self.config.num_experts, mesh)
       parallel.validate_group_sharding(groups.shape[0], mesh)
       block = parallel.shard_moe_block(block)
-    out, aux = block(groups, (self.router[...], key), weights)
+    bias = None if self.router_bias is None else self.router_bias[...]
+    out, aux = block(groups, (self.router[...], key, bias), weights)
+    if bias is not None and not deterministic:
+      self.router_bias[...] = routing.balancing_bias_update(bias, aux.metrics.expert_selection,
+                                                            self.config.balancing_bias_rate)
     out = out.reshape(x.shape)
     if self.shared is not None:
       out = out + self.shared(x, deterministic=deterministic)

@@ -21,6 +21,8 @@ PROVIDERS: dict[str, tuple[str, str]] = {
     "norm": ("moe_jax.layers", "NORMS"),
     "dtype": ("moe_jax.moe_layer", "DTYPES"),
     "second_expert_policy": ("moe_jax.routing", "SecondExpertPolicy"),
+    "score_function": ("moe_jax.routing", "SCORE_FUNCTIONS"),
+    "group_score": ("moe_jax.routing", "GroupScore"),
     "optimizer": ("moe_jax.train", "OPTIMIZERS"),
     "schedule": ("moe_jax.train", "SCHEDULES"),
     "dataset": ("moe_jax.data.config", "DATASETS"),

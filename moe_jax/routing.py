@@ -11,6 +11,9 @@ Routers
   * `switch_route`       Switch Transformer top-1 (Fedus et al. 2021, arXiv:2101.03961).
   * `top_k_route`        token-choice top-k: GShard top-2 (Lepikhin et al. 2020, arXiv:2006.16668) and
                          Mixtral top-k with renormalised weights (Jiang et al. 2024, arXiv:2401.04088).
+                         Its DeepSeek options (`select_experts`): sigmoid scores with a routed scaling factor
+                         and an auxiliary-loss-free balancing bias (DeepSeek-V3, arXiv:2412.19437, eqs. 12-16),
+                         group-limited routing (DeepSeek-V2, arXiv:2405.04434, Sec. 2.2.3; V3).
   * `expert_choice_route` each expert picks its top-C tokens (Zhou et al. 2022, arXiv:2202.09368).
                          NON-CAUSAL: a token's assignment depends on every other token of its group,
                          later ones included, so it leaks the future in an autoregressive decoder.
@@ -35,6 +38,9 @@ import jax
 import jax.numpy as jnp
 
 SecondExpertPolicy = Literal["all", "random"]
+# A group's score in group-limited routing (`select_experts`): its best expert's score (DeepSeek-V2) or the sum
+# of its two best (DeepSeek-V3). Looked up by moe_jax.registry (config field moe.group_score).
+GroupScore = Literal["max", "top2_sum"]
 
 
 @flax.struct.dataclass
@@ -46,6 +52,9 @@ class RoutingMetrics:
   expert_load: jax.Array  # [E] kept assignments per expert / capacity (1.0 = buffer full)
   router_entropy: jax.Array  # [] mean over tokens of -sum_e p_e log p_e (nats)
   mean_top_gate: jax.Array  # [] mean over tokens of max_e p_e
+  # [E] share of the (token, choice) assignments choosing each expert before capacity drops (sums to 1): the load
+  # that DeepSeek-V3's balancing bias reacts to (`balancing_bias_update`).
+  expert_selection: jax.Array
 
 
 @flax.struct.dataclass
@@ -166,6 +175,101 @@ def router_z_loss(logits: jax.Array) -> jax.Array:  # [G, S, E] -> []
   return jnp.mean(jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)))
 
 
+def sequence_balance_loss(
+    router_probs: jax.Array,  # [G, S, E] float32
+    expert_index: jax.Array,  # [G, S, K] int32
+    sequence_length: int,
+) -> jax.Array:  # []
+  """DeepSeek-V3's complementary sequence-wise balance loss (arXiv:2412.19437, eqs. 17-20) without its weight
+  alpha, averaged over sequences: sum_i f_i P_i, f_i = E / (K L) * (tokens of the sequence choosing i),
+  P_i = the sequence's mean of s'_i (`router_probs`: for sigmoid scores the normalised s' of eq. 19). 1.0 when
+  balanced.
+
+  E / (K L) * count_i is E times Switch's f_i, so this is `load_balancing_loss` taken over sequences instead of
+  routing groups (the same number when every routing group is one sequence). Routing groups tile the flattened
+  batch [B * L], so the tokens reshape into whole sequences. Choices are counted as selected (balancing bias and
+  group limit included), before capacity drops, as eq. 18 counts the top-K.
+  """
+  num_experts, k = router_probs.shape[-1], expert_index.shape[-1]
+  probs = router_probs.reshape(-1, sequence_length, num_experts)  # [B, L, E]
+  chosen = jax.nn.one_hot(expert_index.reshape(-1, sequence_length, k), num_experts, dtype=jnp.float32)  # [B,L,K,E]
+  return load_balancing_loss(probs, chosen)
+
+
+def balancing_bias_update(
+    bias: jax.Array,  # [E] float32
+    expert_selection: jax.Array,  # [E] observed load: share of the assignments choosing each expert
+    rate: float,
+) -> jax.Array:  # [E]
+  """DeepSeek-V3's auxiliary-loss-free balancing (arXiv:2412.19437, Sec. 2.1.2, after eq. 16): at the end of each
+  training step every expert's selection bias moves by gamma = `rate` toward balance, b_i += gamma *
+  sign(mean_j load_j - load_i): down when overloaded, up when underloaded. Outside the gradient."""
+  load = jax.lax.stop_gradient(expert_selection)
+  return bias + rate * jnp.sign(jnp.mean(load) - load)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scores and expert selection of token-choice routing.
+
+
+def _softmax_scores(logits: jax.Array) -> tuple[jax.Array, jax.Array]:  # [G, S, E] -> 2 x [G, S, E]
+  """Switch eq. 1 / GShard: p = softmax(logits) over experts, both the scores and the distribution."""
+  probs = jax.nn.softmax(logits, axis=-1)
+  return probs, probs
+
+
+def _sigmoid_scores(logits: jax.Array) -> tuple[jax.Array, jax.Array]:  # [G, S, E] -> 2 x [G, S, E]
+  """DeepSeek-V3 eq. 15: affinities s = sigmoid(u^T e_i), each in (0, 1) on its own (experts do not compete for
+  one unit of probability); its distribution over experts is s normalised over all experts, s' of eq. 19."""
+  scores = jax.nn.sigmoid(logits)
+  return scores, scores / jnp.sum(scores, axis=-1, keepdims=True)
+
+
+# moe.score_function -> f(logits [G, S, E] float32) = (scores s, which top-k ranks and combine weights are made of;
+# router_probs, the distribution over experts that the losses and metrics read). Looked up by moe_jax.registry.
+SCORE_FUNCTIONS = {"softmax": _softmax_scores, "sigmoid": _sigmoid_scores}
+
+
+def select_experts(
+    scores: jax.Array,  # [G, S, E] float32
+    *,
+    k: int,
+    bias: jax.Array | None = None,  # [E]
+    num_expert_groups: int = 1,
+    topk_expert_groups: int = 1,
+    group_score: GroupScore = "max",
+) -> tuple[jax.Array, jax.Array]:  # gates [G, S, K] float32, expert_index [G, S, K] int32
+  """The k experts of each token and their gates, the unbiased scores s_i of the chosen experts.
+
+  Top-k ranks s + b (DeepSeek-V3 eq. 16): the balancing bias b steers selection only, the gates stay s, so the bias
+  enters neither the combine weights nor the gradient. Choices are sorted by decreasing s + b.
+
+  Group-limited routing (DeepSeek-V2, arXiv:2405.04434, Sec. 2.2.3 device-limited routing; DeepSeek-V3 Sec.
+  2.1.2 node-limited routing): the E experts form `num_expert_groups` groups of consecutive experts; each token
+  keeps the `topk_expert_groups` groups of highest group score, the best s + b of the group (V2) or the sum of
+  its two best (V3), and takes its k experts among theirs.
+  """
+  selection = scores if bias is None else scores + bias  # [G, S, E]
+  if num_expert_groups > 1:
+    num_experts = scores.shape[-1]
+    per_group = num_experts // num_expert_groups
+    # The router's own guard: the config checks moe.top_k too, but a direct caller's k beyond the kept experts
+    # would silently pick masked ones.
+    if k > topk_expert_groups * per_group:
+      raise ValueError(f"k={k} must be <= topk_expert_groups * experts per group = {topk_expert_groups} * "
+                       f"{per_group}")
+    grouped = selection.reshape(*selection.shape[:-1], num_expert_groups, per_group)  # [G, S, N, E/N]
+    if group_score == "max":
+      group = jnp.max(grouped, axis=-1)  # [G, S, N]
+    else:
+      group = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)
+    _, best = jax.lax.top_k(group, topk_expert_groups)  # [G, S, topk groups]
+    kept = jnp.any(jax.nn.one_hot(best, num_expert_groups, dtype=bool), axis=-2)  # [G, S, N]
+    selection = jnp.where(kept[..., None], grouped, -jnp.inf).reshape(selection.shape)
+  _, expert_index = jax.lax.top_k(selection, k)  # [G, S, K]
+  return jnp.take_along_axis(scores, expert_index, axis=-1), expert_index.astype(jnp.int32)
+
+
 def _metrics(
     router_probs: jax.Array,  # [G, S, E]
     expert_index: jax.Array,  # [G, S, K]
@@ -182,6 +286,9 @@ def _metrics(
       jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32) * kept[..., None], axis=(1, 2)
   )  # [G, E]
   entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-30)), axis=-1)
+  wanted_per_expert = jnp.sum(
+      jax.nn.one_hot(expert_index, num_experts, dtype=jnp.float32) * wanted[..., None], axis=(0, 1, 2)
+  )  # [E]
   return RoutingMetrics(
       dropped_token_fraction=jnp.sum(token_dropped) / jnp.maximum(jnp.sum(token_wanted), 1),
       dropped_assignment_fraction=jnp.sum(dropped) / jnp.maximum(jnp.sum(wanted), 1),
@@ -190,6 +297,7 @@ def _metrics(
       expert_load=jnp.sum(kept_per_expert, axis=0) / (kept_per_expert.shape[0] * capacity),
       router_entropy=jnp.mean(entropy),
       mean_top_gate=jnp.mean(jnp.max(probs, axis=-1)),
+      expert_selection=wanted_per_expert / jnp.maximum(jnp.sum(wanted_per_expert), 1),
   )
 
 
@@ -253,6 +361,12 @@ def top_k_route(
     second_expert_policy: SecondExpertPolicy = "all",
     second_expert_threshold: float = 0.2,
     key: jax.Array | None = None,
+    score_function: str = "softmax",
+    routed_scaling: float = 1.0,
+    selection_bias: jax.Array | None = None,  # [E]
+    num_expert_groups: int = 1,
+    topk_expert_groups: int = 1,
+    group_score: GroupScore = "max",
 ) -> RoutingResult:
   """Token-choice top-k routing with capacity (GShard Algorithm 1 generalised to k >= 1).
 
@@ -267,6 +381,12 @@ def top_k_route(
   `second_expert_policy='random'` (GShard Sec. 2.2): choices after the first are dispatched only with
   probability min(1, w / threshold), w being the choice's weight normalised over the k choices; needs `key`.
   A choice not dispatched by the policy claims no capacity and does not count as dropped.
+
+  DeepSeek options (see `select_experts`): `score_function='sigmoid'` scores experts with DeepSeek-V3's sigmoid
+  affinities s (eq. 15; `router_probs` are then s normalised over experts, eq. 19); with `renormalize` the weights
+  are s_i / sum_topk s (eq. 13). `routed_scaling` multiplies every combine weight (DeepSeek-V3 model card,
+  routed_scaling_factor 2.5). `selection_bias` [E] is the auxiliary-loss-free balancing bias, added to the scores
+  for selection only (eq. 16); `num_expert_groups` > 1 limits each token to its best `topk_expert_groups` groups.
   """
   _check_logits(logits)
   num_groups, tokens_per_group, num_experts = logits.shape
@@ -284,11 +404,14 @@ def top_k_route(
   )
 
   logits = logits.astype(jnp.float32)
-  probs = jax.nn.softmax(logits, axis=-1)  # [G, S, E]
-  gates, expert_index = jax.lax.top_k(probs, k)  # [G, S, K], sorted by decreasing probability
+  scores, probs = SCORE_FUNCTIONS[score_function](logits)  # [G, S, E] each; one array for softmax
+  gates, expert_index = select_experts(
+      scores, k=k, bias=selection_bias, num_expert_groups=num_expert_groups,
+      topk_expert_groups=topk_expert_groups, group_score=group_score,
+  )  # [G, S, K], sorted by decreasing score (+ bias)
   expert_index = expert_index.astype(jnp.int32)
   normalised = gates / jnp.sum(gates, axis=-1, keepdims=True)
-  weights = normalised if renormalize else gates
+  weights = routed_scaling * (normalised if renormalize else gates)
 
   wanted = jnp.ones(gates.shape, bool)
   if second_expert_policy == "random" and k > 1:

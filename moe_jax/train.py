@@ -30,6 +30,7 @@ from moe_jax import resolve as resolve_lib
 from moe_jax.checkpoint import Checkpointer
 from moe_jax.metrics import MetricWriter, Progress
 from moe_jax.model import TransformerLM
+from moe_jax.moe_layer import RouterBias
 
 BATCH_SPEC = P(("data", "expert"))  # sequences split over every device
 # RNG streams reseeded from (seed, step) before every step ('params' is only used at initialisation): dropout,
@@ -109,6 +110,7 @@ def lm_loss(model: TransformerLM, batch: dict, *, deterministic: bool, aux_loss_
   ce_sum, weight_sum = summed_cross_entropy(logits, batch)
   ce = ce_sum / jnp.maximum(weight_sum, 1.0)
   loss = ce + aux_loss_weight * aux.load_balancing_loss + z_loss_weight * aux.router_z_loss
+  loss = loss + aux.sequence_aux_loss  # DeepSeek-V3's sequence-wise loss, weighted by moe.sequence_aux_loss_weight
   return loss, (ce, aux)
 
 
@@ -167,7 +169,9 @@ def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
 
 
 def _checkpoint_tree(model: TransformerLM, optimizer: nnx.Optimizer) -> dict:
-  return {"params": nnx.state(model, nnx.Param), "optimizer": nnx.state(optimizer)}
+  # "params" also holds DeepSeek-V3's balancing bias (moe_layer.RouterBias): model state a resumed run needs,
+  # restored by the same nnx.update; a model without one saves the same tree as before.
+  return {"params": nnx.state(model, nnx.Any(nnx.Param, RouterBias)), "optimizer": nnx.state(optimizer)}
 
 
 class _SigtermFlag:

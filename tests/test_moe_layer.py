@@ -114,7 +114,7 @@ def test_layer_output_and_aux_equal_reference_moe_on_its_groups(config, activati
   chex.assert_shape(out, x.shape)
   chex.assert_trees_all_close(out, expected.reshape(x.shape), atol=1e-5, rtol=0)
   chex.assert_trees_all_close(
-      aux, MoeAux(route.load_balancing_loss, route.router_z_loss, route.metrics), atol=1e-6, rtol=0
+      aux, MoeAux(route.load_balancing_loss, route.router_z_loss, route.metrics, jnp.zeros(())), atol=1e-6, rtol=0
   )
   chex.assert_shape(aux.metrics.expert_load, (config.num_experts,))
 
