@@ -181,8 +181,8 @@ class MoeConfig(Section):
   def _check(self) -> None:
     """`top_k <= num_experts`, and `top_k = 1` unless router='top_k'; dropless, batch_prioritized are token-choice
     options (not for 'expert_choice'); capacity factors > 0 unless dropless; a dropless dispatch ('dropless',
-    'ragged_dot', 'auto') needs dropless=True; renormalize and second_expert_policy='random' need router='top_k'; so do the DeepSeek options
-    (score_function='sigmoid', routed_scaling != 1, num_expert_groups > 1, balancing_bias_rate > 0,
+    'ragged_dot', 'auto') needs dropless=True; renormalize and second_expert_policy='random' need
+    router='top_k'; so do the DeepSeek options (score_function='sigmoid', routed_scaling != 1, num_expert_groups > 1, balancing_bias_rate > 0,
     sequence_aux_loss_weight > 0); `num_expert_groups` divides `num_experts`, `topk_expert_groups <=
     num_expert_groups`, `top_k <= topk_expert_groups * num_experts / num_expert_groups`; group_score='top2_sum'
     needs num_expert_groups > 1 and >= 2 experts per group."""
