@@ -267,7 +267,7 @@ def select_experts(
     kept = jnp.any(jax.nn.one_hot(best, num_expert_groups, dtype=bool), axis=-2)  # [G, S, N]
     selection = jnp.where(kept[..., None], grouped, -jnp.inf).reshape(selection.shape)
   _, expert_index = jax.lax.top_k(selection, k)  # [G, S, K]
-  return jnp.take_along_axis(scores, expert_index, axis=-1), expert_index.astype(jnp.int32)
+  return jnp.take_along_axis(scores, expert_index, axis=-1), expert_index
 
 
 def _metrics(
