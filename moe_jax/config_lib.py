@@ -156,8 +156,10 @@ class MoeConfig(Section):
   dispatch: str = field("gather", choice("dispatch"), "token dispatch backend requested (resolve picks the one run)")
   expert_dropout: float = field(0.0, in_range(0, 1), "dropout inside experts (Switch Table 4), training only")
   group_size: int = field(0, at_least(0), "tokens per routing group; 0: one group per sequence")
-  # Ablation of Switch "selective precision" (Sec. 2.4): bfloat16 rounds the router inputs, kernel and logits.
-  router_dtype: str = field("float32", choice("dtype"), "router precision (Switch selective precision)")
+  # Ablation of Switch "selective precision" (Sec. 2.4, Table 2): bfloat16 computes the whole router, the logits'
+  # matmul and the softmax, in bfloat16.
+  router_dtype: str = field("float32", choice("dtype"), "router precision, softmax included (Switch selective "
+                            "precision)")
   expert_d_ff: int = field(0, at_least(0), "hidden width of each routed expert; 0 = model.d_ff (fine-grained "
                            "experts: narrower, DeepSeekMoE)")
   num_shared_experts: int = field(0, at_least(0), "experts every token passes through beside the routed ones "

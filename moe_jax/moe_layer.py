@@ -178,6 +178,7 @@ def _token_choice(logits: jax.Array, config: MoeConfig, capacity_factor: float, 
       num_expert_groups=config.num_expert_groups,
       topk_expert_groups=config.topk_expert_groups,
       group_score=config.group_score,
+      dtype=DTYPES[config.router_dtype],
   )
 
 
@@ -224,14 +225,11 @@ def moe_block(
       key = jax.random.fold_in(key, parallel.device_index())
     jitter_key, policy_key, dropout_key = jax.random.split(key, 3)
 
-  router_dtype = DTYPES[config.router_dtype]
-  # bfloat16 ablation: bf16 inputs and kernel with f32 accumulation, logits rounded to bf16 (a TPU bf16 matmul).
+  # moe.router_dtype='bfloat16': the ablation of Switch Table 2, the whole router (logits and softmax) in bf16.
   logits = routing.router_logits(
-      groups.astype(router_dtype),
-      kernel.astype(router_dtype),
-      jitter_eps=0.0 if deterministic else config.jitter_eps,
-      key=jitter_key,
-  ).astype(router_dtype)
+      groups, kernel, jitter_eps=0.0 if deterministic else config.jitter_eps, key=jitter_key,
+      dtype=DTYPES[config.router_dtype],
+  )
   if config.check_router_inputs:  # debug only: a host callback per call
     jax.debug.callback(report_nonfinite_router_inputs, jnp.sum(~jnp.isfinite(groups)), jnp.sum(~jnp.isfinite(logits)))
   route = _route(logits, config, deterministic, policy_key, bias)

@@ -25,7 +25,8 @@ Capacity convention (the one place it is defined: `compute_capacity`)
   twice, so S slots already guarantee no drops). Expert choice uses K = 1, making capacity_factor its
   "average experts per token" c of Zhou et al. (k = n * c / e). Dropless routing sets C = S.
 
-Precision: router math runs in float32 whatever the input dtype ("selective precision", Switch Sec. 2.4).
+Precision: router math runs in float32 whatever the input dtype ("selective precision", Switch Sec. 2.4), unless
+`dtype=jnp.bfloat16` asks for the ablation of Switch Table 2 (`router_logits`, `top_k_route`).
 """
 
 from __future__ import annotations
@@ -134,19 +135,22 @@ def router_logits(
     *,
     jitter_eps: float = 0.0,
     key: jax.Array | None = None,
-) -> jax.Array:  # [G, S, E] float32
-  """Router logits x W in float32, with Switch's multiplicative jitter on the inputs.
+    dtype: jnp.dtype = jnp.float32,
+) -> jax.Array:  # [G, S, E] in dtype
+  """Router logits x W, with Switch's multiplicative jitter on the inputs.
 
   Jitter (Switch Sec. 2.4, "selective precision" table): during training the router input is multiplied
   by noise drawn from U[1 - eps, 1 + eps], elementwise. Pass `key=None` or `jitter_eps=0` at evaluation.
+  `dtype` is the router's precision: float32 ("selective precision"), or bfloat16 for the ablation of Switch
+  Table 2, where inputs, noise, kernel and the matmul's result are all bfloat16.
   """
   validate_jitter_eps(jitter_eps)
-  x = tokens.astype(jnp.float32)
+  x = tokens.astype(dtype)
   if jitter_eps > 0.0:
     if key is None:
       raise ValueError(f"jitter_eps={jitter_eps} > 0 needs a PRNG key (pass key=None only with jitter_eps=0)")
-    x = x * jax.random.uniform(key, x.shape, jnp.float32, 1.0 - jitter_eps, 1.0 + jitter_eps)
-  return jnp.einsum("gsm,me->gse", x, kernel.astype(jnp.float32))
+    x = x * jax.random.uniform(key, x.shape, jnp.float32, 1.0 - jitter_eps, 1.0 + jitter_eps).astype(dtype)
+  return jnp.einsum("gsm,me->gse", x, kernel.astype(dtype), preferred_element_type=dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -367,6 +371,7 @@ def top_k_route(
     num_expert_groups: int = 1,
     topk_expert_groups: int = 1,
     group_score: GroupScore = "max",
+    dtype: jnp.dtype = jnp.float32,
 ) -> RoutingResult:
   """Token-choice top-k routing with capacity (GShard Algorithm 1 generalised to k >= 1).
 
@@ -387,6 +392,10 @@ def top_k_route(
   are s_i / sum_topk s (eq. 13). `routed_scaling` multiplies every combine weight (DeepSeek-V3 model card,
   routed_scaling_factor 2.5). `selection_bias` [E] is the auxiliary-loss-free balancing bias, added to the scores
   for selection only (eq. 16); `num_expert_groups` > 1 limits each token to its best `topk_expert_groups` groups.
+
+  `dtype` is the precision of the scores (softmax or sigmoid): float32, Switch's "selective precision"; or
+  bfloat16 for the ablation of Switch Table 2, the whole probability computation rounded to bfloat16 (the
+  index bookkeeping and the losses then read those rounded values in float32).
   """
   _check_logits(logits)
   num_groups, tokens_per_group, num_experts = logits.shape
@@ -403,8 +412,8 @@ def top_k_route(
       tokens_per_group if dropless else compute_capacity(tokens_per_group, num_experts, capacity_factor, k)
   )
 
-  logits = logits.astype(jnp.float32)
-  scores, probs = SCORE_FUNCTIONS[score_function](logits)  # [G, S, E] each; one array for softmax
+  scores, probs = SCORE_FUNCTIONS[score_function](logits.astype(dtype))  # [G, S, E] each
+  scores, probs, logits = scores.astype(jnp.float32), probs.astype(jnp.float32), logits.astype(jnp.float32)
   gates, expert_index = select_experts(
       scores, k=k, bias=selection_bias, num_expert_groups=num_expert_groups,
       topk_expert_groups=topk_expert_groups, group_score=group_score,

@@ -352,3 +352,16 @@ def test_resumed_run_continues_with_the_same_bias_bitwise(tmp_path):
 def test_bad_routing_variant_fields_are_refused_with_the_field_named(fields, message):
   with pytest.raises(ValueError, match=message):
     MoeConfig(**{"router": "top_k", **fields})
+
+
+def test_bfloat16_router_rounds_the_softmax_itself():
+  """The precision ablation (Switch Table 2) must differ from selective precision in the softmax, not only in
+  its inputs: bf16 probabilities are the bf16 softmax of the bf16 logits, exactly."""
+  logits = jax.random.normal(jax.random.key(7), (2, 16, 8)) * 3.0
+  low = routing.top_k_route(logits, k=1, capacity_factor=8.0, dtype=jnp.bfloat16)
+  expected = jax.nn.softmax(logits.astype(jnp.bfloat16), axis=-1).astype(jnp.float32)
+  np.testing.assert_array_equal(low.router_probs, expected)
+  high = routing.top_k_route(logits.astype(jnp.bfloat16).astype(jnp.float32), k=1, capacity_factor=8.0)
+  assert not np.array_equal(high.router_probs, low.router_probs)  # float32 softmax of the same bf16 logits
+  tokens, kernel = jax.random.normal(jax.random.key(8), (2, 16, 32)), jax.random.normal(jax.random.key(9), (32, 8))
+  assert routing.router_logits(tokens, kernel, dtype=jnp.bfloat16).dtype == jnp.bfloat16
