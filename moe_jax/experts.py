@@ -2,8 +2,8 @@
 
 Axis legend (as in `moe_jax.routing`):
   G groups · S tokens per group · E experts · C capacity per expert · K choices per token ·
-  M d_model · F d_ff · B batch · L sequence length. Here T is any number of rows (token slots) per expert
-  and N a number of rows sorted by expert.
+  M d_model · F d_ff · B batch · L sequence length. Here T is any number of rows (token slots) per expert,
+  N a number of rows sorted by expert, and R the rows of a tiled buffer (N plus each expert's padding).
 
 Every expert is the Transformer FFN of T5 and Switch, y = act(x W_i) W_o, or with a gated activation
 (GLU variants, Shazeer 2020, arXiv:2002.05202, as in T5.1.1 and Switch) y = (act(x W_i0) * (x W_i1)) W_o.
