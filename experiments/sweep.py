@@ -4,10 +4,13 @@
   python experiments/sweep.py --sweep=configs/sweeps/ablations.py:capacity-gpu --print_commands
   python experiments/sweep.py --sweep=configs/sweeps/scaling.py:cpu --aggregate_only
 
-Results go to <results_root>/<sweep>/{summary.json, summary.csv, curves.json} after every run.
+Results go to <results_root>/<sweep>/{summary.json, summary.csv, curves.json} after every run. Each run's
+result.json and summary row record the git commit of the code that trained it ("+dirty" when the checkout had
+uncommitted changes; $MOE_JAX_COMMIT names it for a copy without .git, e.g. `git archive` of a commit).
 """
 
 import os
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -25,6 +28,19 @@ _ONLY = flags.DEFINE_list("only", [], "Run only these runs (names from the sweep
 _PRINT = flags.DEFINE_bool("print_commands", False, "Print one command per run instead of running.")
 _AGGREGATE_ONLY = flags.DEFINE_bool("aggregate_only", False, "Only rebuild the summaries from the workdirs.")
 flags.mark_flag_as_required("sweep")
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def code_commit() -> str:
+  """The commit of this checkout, '+dirty' if tracked files changed; $MOE_JAX_COMMIT outside git; 'unknown'."""
+  def git(*args):
+    return subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True, check=True).stdout.strip()
+
+  try:
+    commit = git("rev-parse", "HEAD")
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+  except (OSError, subprocess.CalledProcessError):
+    return os.environ.get("MOE_JAX_COMMIT", "unknown")
 
 
 def main(argv):
@@ -37,7 +53,8 @@ def main(argv):
     print("\n".join(sweep_lib.commands(sweep, sweep_arg, _WORKDIR_ROOT.value, _RESULTS_ROOT.value)))
     return
   if not _AGGREGATE_ONLY.value:
-    sweep_lib.run_sweep(sweep, common.build_config, _WORKDIR_ROOT.value, only=tuple(_ONLY.value))
+    sweep_lib.run_sweep(sweep, common.build_config, _WORKDIR_ROOT.value, only=tuple(_ONLY.value),
+                        provenance={"commit": code_commit()})
   rows = sweep_lib.aggregate(sweep, common.build_config, _WORKDIR_ROOT.value, _RESULTS_ROOT.value)
   print(f"\n{sweep.name}: {len(rows)} finished runs -> {os.path.join(_RESULTS_ROOT.value, sweep.name)}")
   for row in sorted(rows, key=lambda r: (r["num_experts"], r["run"])):

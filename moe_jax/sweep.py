@@ -27,7 +27,7 @@ from moe_jax import config_lib, flops
 
 RESULT_FILE = "result.json"
 CURVE_STRIDE = 5  # keep every 5th training record in curves.json (the full JSONL stays in the workdir)
-ROUTING_KEYS = ("dropped_token_fraction", "max_expert_load", "mean_expert_load", "router_entropy")
+ROUTING_KEYS = ("dropped_token_fraction", "max_expert_load", "mean_expert_load", "router_entropy", "mean_top_gate")
 
 
 def run_workdir(workdir_root: str, sweep: ml_collections.ConfigDict, run: ml_collections.ConfigDict) -> str:
@@ -67,8 +67,12 @@ def run_sweep(
     workdir_root: str,
     *,
     only: tuple[str, ...] = (),
+    provenance: dict | None = None,
 ) -> None:
-  """Train every run (or those named in `only`) in sequence, skipping finished ones."""
+  """Train every run (or those named in `only`) in sequence, skipping finished ones.
+
+  `provenance` (e.g. {'commit': ...}, the code that ran) is stored in each run's result.json and summary row.
+  """
   from moe_jax import train  # heavy: not needed to print commands or aggregate
 
   unknown = set(only) - {run.name for run in sweep.runs}
@@ -86,6 +90,7 @@ def run_sweep(
     except train.NonFiniteLossError as error:  # a diverged run is a result (Switch Table 3), not a crash
       print(f"  {run.name} diverged: {error}", flush=True)
       outcome = {"status": "diverged", "error": str(error)}
+    outcome.update(provenance or {})
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, RESULT_FILE), "w") as f:
       json.dump(outcome, f)
@@ -156,7 +161,7 @@ def aggregate(
         "flop_matched": run.flop_matched,
         "num_experts": config.moe.num_experts if model_cfg.moe_layers else 0,
         "overrides": json.dumps(run.overrides.to_dict()),
-        "steps": result["step"], "final_eval_loss": evals[max(evals)],
+        "steps": result["step"], "final_eval_loss": evals[max(evals)], "commit": result.get("commit"),
         "wall_time_s": result["wall_time_s"],
         "train_flops_per_token": per_token,
         "total_train_flops": per_token * config.train.batch_size * config.train.seq_len * result["step"],

@@ -1,0 +1,53 @@
+"""Diagnosis on the reserved seed 100: why Switch E = 8 does not beat its dense twin at CPU size (issue 11.2).
+
+  python experiments/sweep.py --sweep=configs/sweeps/diagnosis.py --workdir_root=/work/runs --results_root=results
+
+Seed 100 is for diagnosis and tuning only; no confirmatory result uses it (results/PROTOCOL.md). Every run:
+configs/lm.py:{dense,switch}-cpu at E = 8, 610 steps of 32 x 128 bytes (2.5M fresh tokens, ~1/12 epoch of the
+stdlib corpus), warmup 60 steps, cosine decay to 0.1x, evaluated every 61 steps on 16 fixed validation batches.
+
+Runs, in the order they execute (the most informative first, so a stopped sweep has answered the most):
+  lr-*        a learning-rate sweep for EACH arm: 1e-3, 3e-3 (today's default), 6e-3, 1e-2 (spans 10x).
+              Each arm gets its own best rate in the protocol: equal FLOPs, not equal hyper-parameters.
+  group-*     routing group size at lr 3e-3: 1024 tokens, the whole batch (4096) vs one sequence (128, lr-3e-3)
+  cap-*       capacity factor at lr 3e-3: 2.0, and no drops (capacity factor E = 8, so C = S, with the gather
+              backend: the ragged_dot dropless path is ~9x a dense FFN on CPU, see PLATFORM-NOTES) vs 1.25
+  aux-*       load-balancing weight alpha at lr 3e-3: 1e-3, 1e-1 vs 1e-2
+"""
+
+from configs.sweeps import common
+
+SEED = 100  # reserved for diagnosis
+EXPERTS = 8
+STEPS = 610  # 610 * 32 * 128 = 2.50M tokens
+SETTINGS = {"train.num_steps": STEPS, "train.warmup_steps": 60, "train.eval_every": 61, "train.eval_batches": 16,
+            "train.checkpoint_every": 61, "train.log_every": 61, "moe.num_experts": EXPERTS}
+BASE_LR = 3e-3
+LEARNING_RATES = (3e-3, 1e-2, 1e-3, 6e-3)  # execution order: default first, then the extremes
+# name -> (group, overrides) of the Switch ablations at BASE_LR (each differs from switch-lr3e-3 in one field)
+ABLATIONS = {
+    "group-1024": ("group size 1024", {"moe.group_size": 1024}),
+    "group-4096": ("group size 4096 (batch)", {"moe.group_size": 4096}),
+    "cap-2": ("capacity factor 2.0", {"moe.capacity_factor": 2.0}),
+    "cap-none": ("no drops (cf = E)", {"moe.capacity_factor": float(EXPERTS),
+                                        "moe.eval_capacity_factor": float(EXPERTS)}),
+    "aux-1e-3": ("alpha 1e-3", {"train.aux_loss_weight": 1e-3}),
+    "aux-1e-1": ("alpha 1e-1", {"train.aux_loss_weight": 1e-1}),
+}
+ORDER = ("group-4096", "cap-none", "group-1024", "cap-2", "aux-1e-1", "aux-1e-3")
+
+
+def get_config(arg: str = "cpu"):
+  if arg != "cpu":
+    raise ValueError(f"the diagnosis sweep is CPU-sized only; got size {arg!r}")
+  sweep = common.new_sweep("diagnosis", arg)
+  sweep.name = "diagnosis"  # results/diagnosis/
+  for lr in LEARNING_RATES:
+    for base in ("dense", "switch"):
+      common.add_run(sweep, f"{base}-lr{lr:g}", group=f"{base} lr", base=base, seed=SEED,
+                     overrides=dict(SETTINGS, **{"train.learning_rate": lr}))
+  for name in ORDER:
+    group, overrides = ABLATIONS[name]
+    common.add_run(sweep, f"switch-{name}", group=group, base="switch", seed=SEED,
+                   overrides=dict(SETTINGS, **{"train.learning_rate": BASE_LR}, **overrides))
+  return sweep
