@@ -10,7 +10,6 @@ uncommitted changes; $MOE_JAX_COMMIT names it for a copy without .git, e.g. `git
 """
 
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -28,19 +27,6 @@ _ONLY = flags.DEFINE_list("only", [], "Run only these runs (names from the sweep
 _PRINT = flags.DEFINE_bool("print_commands", False, "Print one command per run instead of running.")
 _AGGREGATE_ONLY = flags.DEFINE_bool("aggregate_only", False, "Only rebuild the summaries from the workdirs.")
 flags.mark_flag_as_required("sweep")
-REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-
-
-def code_commit() -> str:
-  """The commit of this checkout, '+dirty' if tracked files changed; $MOE_JAX_COMMIT outside git; 'unknown'."""
-  def git(*args):
-    return subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True, check=True).stdout.strip()
-
-  try:
-    commit = git("rev-parse", "HEAD")
-    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-  except (OSError, subprocess.CalledProcessError):
-    return os.environ.get("MOE_JAX_COMMIT", "unknown")
 
 
 def main(argv):
@@ -53,14 +39,13 @@ def main(argv):
     print("\n".join(sweep_lib.commands(sweep, sweep_arg, _WORKDIR_ROOT.value, _RESULTS_ROOT.value)))
     return
   if not _AGGREGATE_ONLY.value:
-    sweep_lib.run_sweep(sweep, common.build_config, _WORKDIR_ROOT.value, only=tuple(_ONLY.value),
-                        provenance={"commit": code_commit()})
+    sweep_lib.run_sweep(sweep, common.build_config, _WORKDIR_ROOT.value, only=tuple(_ONLY.value))
   rows = sweep_lib.aggregate(sweep, common.build_config, _WORKDIR_ROOT.value, _RESULTS_ROOT.value)
   print(f"\n{sweep.name}: {len(rows)} finished runs -> {os.path.join(_RESULTS_ROOT.value, sweep.name)}")
   for row in sorted(rows, key=lambda r: (r["num_experts"], r["run"])):
     to_dense = f"{row['steps_to_dense_loss']:.0f}" if row["steps_to_dense_loss"] else "-"
     print(f"  {row['run']:<22} eval {row['final_eval_loss']:.4f}  steps to dense loss {to_dense:>6}  "
-          f"{row['wall_time_s']:.0f} s")
+          f"{row['wall_time_s']:.0f} s  {row['tokens_per_s']:.0f} tokens/s")
 
 
 if __name__ == "__main__":

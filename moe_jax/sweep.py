@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import shlex
+import subprocess
 from typing import Any, Callable
 
 import ml_collections
@@ -28,6 +29,21 @@ from moe_jax import config_lib, flops
 RESULT_FILE = "result.json"
 CURVE_STRIDE = 5  # keep every 5th training record in curves.json (the full JSONL stays in the workdir)
 ROUTING_KEYS = ("dropped_token_fraction", "max_expert_load", "mean_expert_load", "router_entropy", "mean_top_gate")
+
+
+def code_commit() -> str:
+  """The git commit of this checkout of moe_jax, with '+dirty' when tracked files have uncommitted changes;
+  outside a git checkout (e.g. a `git archive` copy) $MOE_JAX_COMMIT, else 'unknown'."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def git(*args):
+    return subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, check=True).stdout.strip()
+
+  try:
+    commit = git("rev-parse", "HEAD")
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+  except (OSError, subprocess.CalledProcessError):
+    return os.environ.get("MOE_JAX_COMMIT", "unknown")
 
 
 def run_workdir(workdir_root: str, sweep: ml_collections.ConfigDict, run: ml_collections.ConfigDict) -> str:
@@ -67,18 +83,16 @@ def run_sweep(
     workdir_root: str,
     *,
     only: tuple[str, ...] = (),
-    provenance: dict | None = None,
 ) -> None:
-  """Train every run (or those named in `only`) in sequence, skipping finished ones.
-
-  `provenance` (e.g. {'commit': ...}, the code that ran) is stored in each run's result.json and summary row.
-  """
+  """Train every run (or those named in `only`) in sequence, skipping finished ones. Each result.json records
+  the commit of the code that trained it (`code_commit`)."""
   from moe_jax import train  # heavy: not needed to print commands or aggregate
 
   unknown = set(only) - {run.name for run in sweep.runs}
   if unknown:
     raise ValueError(f"--only names runs not in sweep {sweep.name}: {sorted(unknown)}")
   selected = [run for run in sweep.runs if not only or run.name in only]
+  commit = code_commit()
   for index, run in enumerate(selected, 1):
     workdir = run_workdir(workdir_root, sweep, run)
     if is_finished(workdir):
@@ -90,7 +104,7 @@ def run_sweep(
     except train.NonFiniteLossError as error:  # a diverged run is a result (Switch Table 3), not a crash
       print(f"  {run.name} diverged: {error}", flush=True)
       outcome = {"status": "diverged", "error": str(error)}
-    outcome.update(provenance or {})
+    outcome["commit"] = commit
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, RESULT_FILE), "w") as f:
       json.dump(outcome, f)
@@ -163,6 +177,7 @@ def aggregate(
         "overrides": json.dumps(run.overrides.to_dict()),
         "steps": result["step"], "final_eval_loss": evals[max(evals)], "commit": result.get("commit"),
         "wall_time_s": result["wall_time_s"],
+        "tokens_per_s": float(np.median([record["tokens_per_s"] for record in train.values()])),
         "train_flops_per_token": per_token,
         "total_train_flops": per_token * config.train.batch_size * config.train.seq_len * result["step"],
         "params_total": params.total, "params_active": params.active,
