@@ -4,9 +4,10 @@
   python experiments/sweep.py --sweep=configs/sweeps/ablations.py:capacity-gpu --print_commands
   python experiments/sweep.py --sweep=configs/sweeps/scaling.py:cpu --aggregate_only
 
-Results go to <results_root>/<sweep>/{summary.json, summary.csv, curves.json} after every run. Each run's
-result.json and summary row record the git commit of the code that trained it ("+dirty" when the checkout had
-uncommitted changes; $MOE_JAX_COMMIT names it for a copy without .git, e.g. `git archive` of a commit).
+Results go to <results_root>/<sweep>/{summary.json, summary.csv, curves.json} when the sweep ends (or at once
+with --aggregate_only, from the runs finished so far). Each run's result.json and summary row record the git
+commit of the code that trained it ("+dirty" when the checkout had uncommitted changes; $MOE_JAX_COMMIT names
+it for a copy without .git, e.g. `git archive` of a commit), and the summary its median tokens/s.
 """
 
 import os
