@@ -144,7 +144,8 @@ def _routing_curve(train: dict[int, dict], steps: list[int]) -> dict[str, Any]:
   """Per MoE layer routing metrics over training: {layer: {metric: [values at steps]}}."""
   layers = sorted({key.split("/")[0] for key in train[steps[0]] if key.startswith("layer")},
                   key=lambda name: int(name[len("layer"):]))
-  return {layer: {m: [train[s][f"{layer}/{m}"] for s in steps] for m in ROUTING_KEYS} for layer in layers}
+  logged = [m for m in ROUTING_KEYS if f"{layers[0]}/{m}" in train[steps[0]]] if layers else []  # older runs: fewer
+  return {layer: {m: [train[s][f"{layer}/{m}"] for s in steps] for m in logged} for layer in layers}
 
 
 def aggregate(
@@ -177,7 +178,7 @@ def aggregate(
         "overrides": json.dumps(run.overrides.to_dict()),
         "steps": result["step"], "final_eval_loss": evals[max(evals)], "commit": result.get("commit"),
         "wall_time_s": result["wall_time_s"],
-        "tokens_per_s": float(np.median([record["tokens_per_s"] for record in train.values()])),
+        "tokens_per_s": _median_tokens_per_s(train),
         "train_flops_per_token": per_token,
         "total_train_flops": per_token * config.train.batch_size * config.train.seq_len * result["step"],
         "params_total": params.total, "params_active": params.active,
@@ -207,6 +208,12 @@ def aggregate(
       writer.writeheader()
       writer.writerows(rows)
   return rows
+
+
+def _median_tokens_per_s(train: dict[int, dict]) -> float | None:
+  """Median training throughput over the logged steps (None for metrics written without it)."""
+  rates = [record["tokens_per_s"] for record in train.values() if "tokens_per_s" in record]
+  return float(np.median(rates)) if rates else None
 
 
 def _add_steps_to_dense(rows: list[dict], curves: dict) -> None:
