@@ -4,7 +4,10 @@
   python experiments/sweep.py --sweep=configs/sweeps/ablations.py:capacity-gpu --print_commands
   python experiments/sweep.py --sweep=configs/sweeps/scaling.py:cpu --aggregate_only
 
-Results go to <results_root>/<sweep>/{summary.json, summary.csv, curves.json} after every run.
+Results go to <results_root>/<sweep>/{summary.json, summary.csv, curves.json} when the sweep ends (or at once
+with --aggregate_only, from the runs finished so far). Each run's result.json and summary row record the git
+commit of the code that trained it ("+dirty" when the checkout had uncommitted changes; $MOE_JAX_COMMIT names
+it for a copy without .git, e.g. `git archive` of a commit), and the summary its median tokens/s.
 """
 
 import os
@@ -43,7 +46,7 @@ def main(argv):
   for row in sorted(rows, key=lambda r: (r["num_experts"], r["run"])):
     to_dense = f"{row['steps_to_dense_loss']:.0f}" if row["steps_to_dense_loss"] else "-"
     print(f"  {row['run']:<22} eval {row['final_eval_loss']:.4f}  steps to dense loss {to_dense:>6}  "
-          f"{row['wall_time_s']:.0f} s")
+          f"{row['wall_time_s']:.0f} s  {row['tokens_per_s']:.0f} tokens/s")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import shlex
+import subprocess
 from typing import Any, Callable
 
 import ml_collections
@@ -31,6 +32,21 @@ from moe_jax import metrics as metrics_lib
 RESULT_FILE = "result.json"
 CURVE_STRIDE = 5  # keep every 5th training record in curves.json (the full JSONL stays in the workdir)
 ROUTING_KEYS = ("dropped_token_fraction", "max_expert_load", "mean_expert_load", "router_entropy", "mean_top_gate")
+
+
+def code_commit() -> str:
+  """The git commit of this checkout of moe_jax, with '+dirty' when tracked files have uncommitted changes;
+  outside a git checkout (e.g. a `git archive` copy) $MOE_JAX_COMMIT, else 'unknown'."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def git(*args):
+    return subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, check=True).stdout.strip()
+
+  try:
+    commit = git("rev-parse", "HEAD")
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+  except (OSError, subprocess.CalledProcessError):
+    return os.environ.get("MOE_JAX_COMMIT", "unknown")
 
 
 def run_workdir(workdir_root: str, sweep: ml_collections.ConfigDict, run: ml_collections.ConfigDict) -> str:
@@ -71,13 +87,15 @@ def run_sweep(
     *,
     only: tuple[str, ...] = (),
 ) -> None:
-  """Train every run (or those named in `only`) in sequence, skipping finished ones."""
+  """Train every run (or those named in `only`) in sequence, skipping finished ones. Each result.json records
+  the commit of the code that trained it (`code_commit`)."""
   from moe_jax import train  # heavy: not needed to print commands or aggregate
 
   unknown = set(only) - {run.name for run in sweep.runs}
   if unknown:
     raise ValueError(f"--only names runs not in sweep {sweep.name}: {sorted(unknown)}")
   selected = [run for run in sweep.runs if not only or run.name in only]
+  commit = code_commit()
   for index, run in enumerate(selected, 1):
     workdir = run_workdir(workdir_root, sweep, run)
     if is_finished(workdir):
@@ -89,6 +107,7 @@ def run_sweep(
     except train.NonFiniteLossError as error:  # a diverged run is a result (Switch Table 3), not a crash
       print(f"  {run.name} diverged: {error}", flush=True)
       outcome = {"status": "diverged", "error": str(error)}
+    outcome["commit"] = commit
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, RESULT_FILE), "w") as f:
       json.dump(outcome, f)
@@ -118,7 +137,8 @@ def _routing_curve(run: metrics_lib.RunMetrics, steps: list[int]) -> list[dict[s
     entry: dict[str, Any] = {"block": block}
     for metric in ROUTING_KEYS:
       series = run.block_series(block, metric)
-      entry[metric] = [series[s] for s in steps]
+      if series:  # runs logged before a metric existed lack it
+        entry[metric] = [series[s] for s in steps]
     curves.append(entry)
   return curves
 
@@ -152,8 +172,9 @@ def aggregate(
         "flop_matched": run.flop_matched,
         "num_experts": config.moe.num_experts if model_cfg.moe_layers else 0,
         "overrides": json.dumps(run.overrides.to_dict()),
-        "steps": result["step"], "final_eval_loss": evals[max(evals)],
+        "steps": result["step"], "final_eval_loss": evals[max(evals)], "commit": result.get("commit"),
         "wall_time_s": result["wall_time_s"],
+        "tokens_per_s": _median_tokens_per_s(train),
         "train_flops_per_token": per_token,
         "total_train_flops": per_token * config.train.batch_size * config.train.seq_len * result["step"],
         "params_total": params.total, "params_active": params.active,
@@ -183,6 +204,12 @@ def aggregate(
       writer.writeheader()
       writer.writerows(rows)
   return rows
+
+
+def _median_tokens_per_s(train: dict[int, dict]) -> float | None:
+  """Median training throughput over the logged steps (None for metrics written without it)."""
+  rates = [record["tokens_per_s"] for record in train.values() if "tokens_per_s" in record]
+  return float(np.median(rates)) if rates else None
 
 
 def _add_steps_to_dense(rows: list[dict], curves: dict) -> None:

@@ -16,7 +16,21 @@ SIZE_SETTINGS = {
     "gpu": {"train.eval_every": 500, "train.eval_batches": 50, "train.checkpoint_every": 1000},
     # Switch-Base on a pod: the paper's step count is in configs/lm.py.
     "paper": {},
+    # One H100/H200 in <= 8 minutes for 3 runs, compile included (experiments/gpu_quick.py): the gpu model
+    # (d_model 512, 8 blocks) in bfloat16 on the embedded stdlib corpus, 500 steps of 32 x 512 bytes = 8.2M
+    # fresh tokens (under one epoch even of a Debian stdlib without test/, ~12M bytes; the script checks).
+    "gpu-quick": {"data.dataset": "stdlib", "model.dtype": "bfloat16", "train.num_steps": 500,
+                  "train.warmup_steps": 50, "train.eval_every": 100, "train.eval_batches": 20,
+                  "train.checkpoint_every": 0, "train.log_every": 100, "train.peak_tflops": 989.0},
+    # The same runs at toy size on CPU: the test of the script.
+    "gpu-quick-tiny": {"data.dataset": "stdlib", "model.dtype": "bfloat16", "model.d_model": 32,
+                       "model.num_heads": 2, "model.head_dim": 16, "model.d_ff": 64, "model.num_layers": 2,
+                       "model.max_seq_len": 32, "train.batch_size": 4, "train.seq_len": 32, "train.num_steps": 4,
+                       "train.warmup_steps": 1, "train.eval_every": 2, "train.eval_batches": 1,
+                       "train.checkpoint_every": 0, "train.log_every": 2, "train.peak_tflops": 1.0},
 }
+# Sweep sizes whose runs start from another size of configs/lm.py (default: the same name).
+LM_SIZE = {"gpu-quick": "gpu", "gpu-quick-tiny": "gpu"}
 
 
 def new_sweep(name: str, size: str) -> ml_collections.ConfigDict:
@@ -37,7 +51,8 @@ def add_run(sweep: ml_collections.ConfigDict, name: str, *, group: str, base: st
       node = node.setdefault(part, {})
     node[leaf] = value
   sweep.runs.append(ml_collections.ConfigDict({
-      "name": name, "group": group, "base": f"{base}-{size}", "seed": seed, "flop_matched": flop_matched,
+      "name": name, "group": group, "base": f"{base}-{LM_SIZE.get(size, size)}", "seed": seed,
+      "flop_matched": flop_matched,
       "overrides": nested,
   }))
 

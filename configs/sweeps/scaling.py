@@ -1,7 +1,8 @@
 """Switch vs dense at equal FLOPs per token, over the number of experts (Fedus et al. 2021, Fig. 4, Table 7).
 
   python experiments/sweep.py --sweep=configs/sweeps/scaling.py:cpu
-  sizes: cpu (2 CPU cores, ~1 hour for the whole sweep), gpu (one GPU, hours), paper (Switch-Base, TPU pods)
+  sizes: cpu (2 CPU cores, ~1 hour for the whole sweep), gpu (one GPU, hours), paper (Switch-Base, TPU pods),
+         gpu-quick (dense vs E = 8, 16 on one H100/H200 in <= 8 minutes: experiments/gpu_quick.py)
 
 Paper (Table 7, C4 neg. log perplexity at equal FLOPs, Switch-Base teachers): dense T5-Base -1.636; Switch with
 16/32/64/128/256 experts -1.505/-1.474/-1.444/-1.432/-1.427 (~0.03 nats per doubling from 16 to 64).
@@ -10,8 +11,9 @@ Every run reads fresh tokens (under one epoch of the corpus): small models on re
 
 from configs.sweeps import common
 
-EXPERTS = {"cpu": (2, 4, 8, 16, 32, 64), "gpu": (2, 4, 8, 16, 32, 64), "paper": (2, 4, 8, 16, 32, 64, 128, 256)}
-SEEDS = {"cpu": (0, 1), "gpu": (0, 1), "paper": (0,)}
+EXPERTS = {"cpu": (2, 4, 8, 16, 32, 64), "gpu": (2, 4, 8, 16, 32, 64), "paper": (2, 4, 8, 16, 32, 64, 128, 256),
+           "gpu-quick": (8, 16), "gpu-quick-tiny": (8, 16)}
+SEEDS = {"cpu": (0, 1), "gpu": (0, 1), "paper": (0,), "gpu-quick": (0,), "gpu-quick-tiny": (0,)}
 
 
 def get_config(size: str = "cpu"):
