@@ -25,11 +25,15 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Callable, ClassVar
-
-import ml_collections
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from moe_jax import registry
+
+if TYPE_CHECKING:
+  import ml_collections
+
+# ml_collections is imported where ConfigDicts are made, not here: the typed sections (MoeConfig, ModelConfig)
+# are all the model needs, and a machine without ml_collections (benchmarks/gpu.py) can still build the model.
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -428,6 +432,8 @@ class ExperimentConfig(Section):
 
 
 def _section_defaults(section: type[Section]) -> ml_collections.ConfigDict:
+  import ml_collections
+
   values = {}
   for f in config_fields(section):
     rule = f.metadata["rule"]
@@ -438,6 +444,8 @@ def _section_defaults(section: type[Section]) -> ml_collections.ConfigDict:
 
 def default_config() -> ml_collections.ConfigDict:
   """Every field with its default: a small Switch LM on the embedded stdlib corpus."""
+  import ml_collections
+
   config = ml_collections.ConfigDict()
   config.seed = ExperimentConfig.__dataclass_fields__["seed"].default
   for section in SECTIONS:
@@ -448,7 +456,7 @@ def default_config() -> ml_collections.ConfigDict:
 def section_from_config(section: type[Section], values: Any) -> Section:
   """A typed section (e.g. `DataConfig`) from its part of a ConfigDict (or a dict), refusing unknown and missing
   fields and checking each value."""
-  values = values.to_dict() if isinstance(values, ml_collections.ConfigDict) else dict(values)
+  values = values.to_dict() if hasattr(values, "to_dict") else dict(values)  # a ConfigDict or a mapping
   known = {f.name: f for f in config_fields(section)}
   for name in values:
     if name not in known:

@@ -23,10 +23,10 @@ Expert parallelism. Called under a mesh of more than one device (`parallel.mesh_
 ('data', 'expert') mesh with Auto axes), the layer runs the whole MoE block in one shard_map
 (`parallel.shard_moe_block`): experts split over 'expert', groups over both axes, all-to-all in between;
 without a mesh (or a one-device mesh) it runs the same block directly. num_experts must be a multiple of
-the 'expert' axis size. The dropless backend cannot run ragged across devices on CPU (no
-`ragged_all_to_all` in XLA:CPU): under a mesh, dispatch='dropless' falls back to the gather backend on the
-dropless routing's capacity C = S, which still drops nothing and gives the same outputs, at the cost of
-buffers sized for the worst case (E*S rows per group).
+the 'expert' axis size. The dropless backends cannot run ragged across devices (no `ragged_all_to_all` in
+XLA:CPU): when the 'expert' axis is larger than 1 they resolve to the gather backend on the dropless routing's
+capacity C = S (`dispatch.resolve_backend`, which `moe_jax.resolve` also records for a run), still dropping
+nothing, with buffers sized for the worst case (E*S rows per group).
 
 DeepSeek-V3's auxiliary-loss-free balancing (`moe.balancing_bias_rate` > 0): the layer holds a per-expert selection
 bias, a `RouterBias` (model state, not a parameter: no gradient, no optimizer state; the training loop checkpoints
