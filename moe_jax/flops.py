@@ -104,3 +104,71 @@ def param_count(cfg: ModelConfig) -> ParamCount:
   total = shared + num_moe * (router + e * ffn)
   active = shared + num_moe * (router + experts_per_token(cfg, executed=False) * ffn)
   return ParamCount(total=total, active=int(active))
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryEstimate:
+  """Bytes one device holds while training (a lower bound: XLA's temporaries and fragmentation come on top)."""
+
+  params: float
+  gradients: float
+  optimizer: float
+  activations: float  # saved for the backward pass
+  checkpoint: float  # bytes of one checkpoint on disk: all parameters and optimizer state, every device's
+
+  @property
+  def total(self) -> float:
+    return self.params + self.gradients + self.optimizer + self.activations
+
+
+def _weight_matrices(cfg: ModelConfig) -> list[tuple[int, int, int]]:
+  """(how many, rows, columns) of the model's 2-d weights; the 1-d norm scales are left out (O(M))."""
+  m, f = cfg.d_model, cfg.d_ff
+  matmuls = 3 if experts.is_gated(cfg.activation) else 2
+  num_moe = len(cfg.moe_layers)
+  experts_total = num_moe * cfg.moe.num_experts if num_moe else 0
+  return [
+      (1 if cfg.tie_embeddings else 2, cfg.vocab_size, m),
+      (4 * cfg.num_layers, m, cfg.num_heads * cfg.head_dim),
+      (matmuls * (cfg.num_layers - num_moe), m, f),
+      (matmuls * experts_total, m, f),
+      (num_moe, m, cfg.moe.num_experts if num_moe else 0),
+  ]
+
+
+def memory_estimate(cfg: ModelConfig, *, batch_size: int, seq_len: int, optimizer: str, data_devices: int,
+                    expert_devices: int, min_dim_to_factor: int = 128) -> MemoryEstimate:
+  """Training memory per device from the parameter counts: float32 parameters, gradients and optimizer state
+  (AdamW: two moments; Adafactor: factored second moments, rows + columns per matrix of both sides
+  >= `min_dim_to_factor` as in optax), experts split over `expert_devices`, and the activations the backward
+  pass keeps for this device's share of the batch.
+
+  Activations per token and block: the block input, two norm outputs, q, k, v and the attention output, the
+  attention probabilities (heads x L), and the FFN's input, hidden and output (hidden twice for gated units);
+  an MoE FFN holds capacity_factor x k expert rows per token. Plus float32 logits, their softmax and gradient.
+  """
+  bytes_f32 = 4
+  act_bytes = 2 if cfg.dtype == "bfloat16" else 4
+  counts = param_count(cfg)
+  num_moe = len(cfg.moe_layers)
+  matmuls = 3 if experts.is_gated(cfg.activation) else 2
+  expert_params = num_moe * cfg.moe.num_experts * matmuls * cfg.d_model * cfg.d_ff if num_moe else 0
+  local_params = counts.total - expert_params + expert_params / expert_devices
+  if optimizer == "adafactor":
+    factored = sum(n * ((r + c) if min(r, c) >= min_dim_to_factor else r * c) for n, r, c in _weight_matrices(cfg))
+    optimizer_fraction = factored / max(counts.total, 1)
+  else:
+    optimizer_fraction = 2.0
+  m, f, hd = cfg.d_model, cfg.d_ff, cfg.num_heads * cfg.head_dim
+  hidden = (2 if experts.is_gated(cfg.activation) else 1) * f
+  attention = 3 * m + 4 * hd + cfg.num_heads * seq_len
+  ffn = 2 * m + hidden
+  rows = experts_per_token(cfg, executed=True) if num_moe else 0.0
+  per_token = (cfg.num_layers * attention + (cfg.num_layers - num_moe) * ffn
+               + num_moe * (rows * ffn + cfg.moe.num_experts if num_moe else 0))
+  tokens = batch_size * seq_len / (data_devices * expert_devices)
+  activations = tokens * (per_token * act_bytes + 3 * cfg.vocab_size * bytes_f32)
+  return MemoryEstimate(
+      params=local_params * bytes_f32, gradients=local_params * bytes_f32,
+      optimizer=local_params * optimizer_fraction * bytes_f32, activations=activations,
+      checkpoint=counts.total * (1 + optimizer_fraction) * bytes_f32)

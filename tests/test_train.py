@@ -59,7 +59,7 @@ def test_resuming_a_workdir_with_a_different_model_is_refused(data_dir, tmp_path
   config = tiny_config(data_dir, steps=4)
   train.train_and_evaluate(config, str(tmp_path), stop_at_step=2)
   config.moe.num_experts = 4
-  with pytest.raises(ValueError, match="moe: checkpoint"):
+  with pytest.raises(ValueError, match="moe.num_experts: checkpoint 8, config 4"):
     train.train_and_evaluate(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # nothing was set aside as corrupt
 
@@ -95,40 +95,6 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
   saved = int(stdout.split("SIGTERM: checkpoint at step ")[1].split()[0])
   assert saved >= 3
   assert str(saved) in os.listdir(tmp_path / "checkpoints")
-
-
-def test_non_finite_loss_stops_with_the_step_named_and_keeps_the_checkpoint(data_dir, tmp_path, monkeypatch):
-  """A corrupt batch (token ids beyond the vocabulary embed as NaN) at step 6, after a checkpoint at 4."""
-  real = data_lib.create_iterator
-
-  class Poisoned:
-    def __init__(self, iterator):
-      self.iterator, self.count = iterator, 0
-
-    def __iter__(self):
-      return self
-
-    def __next__(self):
-      batch = next(self.iterator)
-      self.count += 1
-      if self.count == 6:
-        batch = dict(batch, inputs=np.full_like(batch["inputs"], 10**6))
-      return batch
-
-    def get_state(self):
-      return self.iterator.get_state()
-
-    def set_state(self, state):
-      self.iterator.set_state(state)
-
-  monkeypatch.setattr(
-      data_lib, "create_iterator",
-      lambda cfg, **kw: Poisoned(real(cfg, **kw)) if kw["split"] == "train" else real(cfg, **kw),
-  )
-  config = tiny_config(data_dir, steps=8)
-  with pytest.raises(train.NonFiniteLossError, match="at step 6.*step 4"):
-    train.train_and_evaluate(config, str(tmp_path))
-  assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [4]
 
 
 def test_missing_dataset_fails_within_seconds(tmp_path):
