@@ -20,6 +20,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -115,6 +116,9 @@ def main(argv):
   except (ValueError, FileNotFoundError) as error:  # bad config or input, refused before anything compiled
     _fail(f"invalid configuration or input: {error}")
   except (train.NonFiniteLossError, CheckpointError) as error:
+    # The save stages orbax never ran are garbage-collected at exit, each with a warning that would bury the
+    # one line that matters.
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
     _fail(f"training stopped: {error}", 1)
   evaluated = f"; eval cross-entropy {result.eval_loss:.4f}" if result.eval_loss is not None else ""
   print(f"{result.status} at step {result.step}{evaluated}; wall time {result.wall_time_s:.0f} s; "
@@ -151,6 +155,12 @@ def _parse_option(name: str, text: str):
     _fail(f"invalid configuration: train.{name}={text!r} must be {field.kind.__name__} {field.allowed}")
 
 
+def _fail_to_load(error: Exception, argv: list[str]) -> None:
+  reason = str(error.__cause__ or error).strip().splitlines()[-1].strip()  # config_flags' last line is the cause
+  given = [a.partition("=")[2] for a in argv if a.startswith("--config=")]
+  _fail(f"invalid configuration: --config={given[-1] if given else None!r}: {reason}")
+
+
 def parse_flags(argv):
   """absl's parser, but every bad flag or config is a one-line error rather than a traceback."""
   argv, options = _apply_new_train_options(argv)
@@ -167,12 +177,13 @@ def parse_flags(argv):
           f"{'; ' + hint.strip() if hint.strip() else ''} (fields are listed in docs/config.md)")
   except flags.Error as error:  # a value of the wrong type, a missing required flag, a config file that fails
     _fail(f"invalid configuration: {str(error).strip().splitlines()[-1]}")
+  except (OSError, ValueError) as error:  # a missing config file, met while applying a --config.* override
+    _fail_to_load(error, argv)
   try:
     config = _CONFIG.value
     config.train  # loaded lazily: a missing file or an unknown variant surfaces at the first field read
   except (OSError, ValueError) as error:
-    reason = str(error.__cause__ or error).strip().splitlines()[-1].strip()
-    _fail(f"invalid configuration: --config={flags.FLAGS['config'].serialize().partition('=')[2]!r}: {reason}")
+    _fail_to_load(error, argv)
   with config.unlocked():
     for name, text in options.items():
       config.train[name] = _parse_option(name, text)

@@ -67,7 +67,7 @@ class Checkpointer:
           force=True,
       )
     except Exception as error:  # orbax raises OSError, ValueError, ... depending on the backend
-      _release_stalled_save_threads()
+      _release_stalled_save_threads(self._manager)
       raise CheckpointError(f"saving checkpoint at step {step} to {self.directory} failed: {error}") from error
 
   def check(self) -> None:
@@ -75,7 +75,7 @@ class Checkpointer:
     try:
       self._manager.check_for_errors()
     except Exception as error:
-      _release_stalled_save_threads()
+      _release_stalled_save_threads(self._manager)
       raise CheckpointError(f"an asynchronous checkpoint save to {self.directory} failed: {error}") from error
 
   def wait(self) -> None:
@@ -83,7 +83,7 @@ class Checkpointer:
     try:
       self._manager.wait_until_finished()
     except Exception as error:
-      _release_stalled_save_threads()
+      _release_stalled_save_threads(self._manager)
       raise CheckpointError(f"an asynchronous checkpoint save to {self.directory} failed: {error}") from error
 
   def read_meta(self, step: int) -> dict | None:
@@ -146,14 +146,19 @@ class Checkpointer:
     self._manager.close()
 
 
-def _release_stalled_save_threads() -> None:
+def _release_stalled_save_threads(manager: ocp.CheckpointManager) -> None:
   """Let orbax's save threads that wait for a failed save's signals finish, so the process can exit.
 
   orbax 0.12 runs each stage of an async save in a non-daemon thread that first waits for the previous stage's
   signal; when a stage fails (disk full, a file where the step directory should go) its successors wait for the
   whole coordination timeout, and the interpreter, which joins non-daemon threads at exit, hangs with them.
   Cancelling them and raising the signals they wait for makes them return at once without writing anything.
+  Saves still in progress are let finish first, so that a good checkpoint started before the failure is kept.
   """
+  try:
+    manager.wait_until_finished()
+  except Exception:  # pylint: disable=broad-except  # the failure being handled, reported by the caller
+    pass
   for thread in threading.enumerate():
     if isinstance(thread, ocp_future._SignalingThread) and thread.is_alive():  # pylint: disable=protected-access
       thread.cancel()

@@ -232,10 +232,29 @@ def _keep_old_unless(ok: jax.Array, new: Any, old_leaves: list[jax.Array]) -> An
   return jax.tree.unflatten(treedef, [select(n, o) for n, o in zip(leaves, old_leaves, strict=True)])
 
 
+def stable_shardings(state: nnx.State, mesh) -> nnx.State:
+  """Each leaf's sharding on `mesh`, replicated where it has none there (optimizer counts, factored moments).
+
+  The step's state goes in and comes out with exactly these: were the compiler to choose other shardings for
+  its outputs, the second step would compile a second program, and a run resumed from a checkpoint (restored
+  with the initial shardings) would run the first-step program where an uninterrupted run runs the other one,
+  with results that may differ in the last bits. Pinned, every step of every run is one program, and the
+  donated input buffers can be reused for the outputs.
+  """
+  replicated = NamedSharding(mesh, P())
+
+  def pick(x):
+    sharding = x.sharding
+    return sharding if isinstance(sharding, NamedSharding) and sharding.mesh == mesh else replicated
+
+  return jax.tree.map(pick, state)
+
+
 def make_train_step(graphdef: nnx.GraphDef, train: ml_collections.ConfigDict, seed: int,
-                    moe_layers: tuple[int, ...], *, skip_nonfinite: bool):
+                    moe_layers: tuple[int, ...], *, skip_nonfinite: bool, state_sharding: nnx.State | None = None):
   """`step(state, batch, step) -> (state, metrics)` over the split (model, optimizer) state, jitted with the
-  state donated: the update happens in place, and nothing returns to the host.
+  state donated: the update happens in place, and nothing returns to the host. `state_sharding`
+  (`stable_shardings`) pins the state's output shardings, so that every step runs one compiled program.
 
   With `skip_nonfinite`, a step whose loss or gradient norm is non-finite returns the state it was given
   (metrics['skipped'] = True), so a bad batch never poisons the parameters.
@@ -272,7 +291,9 @@ def make_train_step(graphdef: nnx.GraphDef, train: ml_collections.ConfigDict, se
       metrics["skipped"] = ~finite
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=0)
+  out_shardings = None if state_sharding is None else (state_sharding, NamedSharding(
+      jax.tree.leaves(state_sharding)[0].mesh, P()))
+  return jax.jit(train_step, donate_argnums=0, out_shardings=out_shardings)
 
 
 @nnx.jit
@@ -705,6 +726,9 @@ def _train(config, workdir, stop_at_step, signals, checkpointer, model_cfg, star
     # 128 experts on 8 devices vs 0.4 GB jitted); jit creates each parameter directly in its sharding.
     model = nnx.jit(lambda: TransformerLM(model_cfg, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1)))()
     optimizer = nnx.Optimizer(model, make_optimizer(train), wrt=nnx.Param)
+    graphdef, state = nnx.split((model, optimizer))
+    state_sharding = stable_shardings(state, mesh)
+    model, optimizer = nnx.merge(graphdef, jax.device_put(state, state_sharding))
 
     step = 0
     abstract = jax.tree.map(
@@ -727,7 +751,8 @@ def _train(config, workdir, stop_at_step, signals, checkpointer, model_cfg, star
     graphdef, state = nnx.split((model, optimizer))
     del model, optimizer  # their buffers are donated to the first step: only `state` is current from here on
 
-    train_step = make_train_step(graphdef, train, config.seed, model_cfg.moe_layers, skip_nonfinite=skip_limit > 0)
+    train_step = make_train_step(graphdef, train, config.seed, model_cfg.moe_layers, skip_nonfinite=skip_limit > 0,
+                                 state_sharding=state_sharding)
     tokens_per_step = train.batch_size * train.seq_len
     train_flops_per_token = flops.flops_per_token(model_cfg, train.seq_len).train
     peak = train.peak_tflops * 1e12 if train.peak_tflops else measure_peak_flops()

@@ -29,10 +29,10 @@ def data_dir(tmp_path_factory):
 
 
 def _cli(workdir, data_dir, steps, **overrides):
-  return train_command("switch-cpu", workdir, data_dir, train__num_steps=steps, train__batch_size=4,
-                       train__seq_len=16, model__d_model=16, model__num_heads=2, model__head_dim=8,
-                       model__num_layers=2, model__d_ff=32, moe__num_experts=4, train__checkpoint_every=2,
-                       train__eval_batches=1, **overrides)
+  fields = dict(train__num_steps=steps, train__batch_size=4, train__seq_len=16, model__d_model=16,
+                model__num_heads=2, model__head_dim=8, model__num_layers=2, model__d_ff=32, moe__num_experts=4,
+                train__checkpoint_every=2, train__eval_batches=1)
+  return train_command("switch-cpu", workdir, data_dir, **{**fields, **overrides})
 
 
 ONE_DEVICE = dict(cpu_env(1), PYTHONPATH=REPO)
@@ -62,6 +62,12 @@ def _forbid_building_the_model(monkeypatch):
     raise AssertionError("the model was built (and compiled) before the bad input was refused")
 
   monkeypatch.setattr(train, "TransformerLM", built)
+
+
+def _trained_steps(workdir) -> int:
+  """Training records in metrics.jsonl so far (the file itself is created at start-up, before the first step)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  return open(path).read().count('"kind": "train"') if os.path.exists(path) else 0
 
 
 def _checkpoint_steps(workdir) -> list[int]:
@@ -165,7 +171,8 @@ import errno, os
 _makedirs = os.makedirs
 def _disk_full(path, *args, **kwargs):
   name = os.path.basename(str(path))
-  if ".orbax-checkpoint-tmp" in name and int(name.split(".")[0]) >= 4:
+  step = name.split(".")[0]
+  if ".orbax-checkpoint-tmp" in name and step.isdigit() and int(step) >= 4:
     raise OSError(errno.ENOSPC, "No space left on device", str(path))
   return _makedirs(path, *args, **kwargs)
 os.makedirs = _disk_full
@@ -224,6 +231,7 @@ def test_nonfinite_loss_stops_naming_the_step_keeps_the_checkpoint_before_and_sa
   assert _checkpoint_steps(tmp_path) == [4]
 
 
+@pytest.mark.slow  # two or more training runs: over 20 s on 2 cores
 def test_resuming_with_skip_nonfinite_batches_discards_the_bad_batch_instead_of_looping_on_it(
     data_dir, tmp_path, monkeypatch):
   _poison_steps(monkeypatch, {6})
@@ -240,6 +248,7 @@ def test_resuming_with_skip_nonfinite_batches_discards_the_bad_batch_instead_of_
   assert all(np.isfinite(r["loss"]) for r in records if r["kind"] == "train" and r["step"] > 6)
 
 
+@pytest.mark.slow  # two or more training runs: over 20 s on 2 cores
 def test_more_nonfinite_batches_than_allowed_stop_the_run_as_diverged(data_dir, tmp_path, monkeypatch):
   _poison_steps(monkeypatch, {3, 5})
   config = tiny_config(data_dir, steps=8)
@@ -249,6 +258,7 @@ def test_more_nonfinite_batches_than_allowed_stop_the_run_as_diverged(data_dir, 
   assert _checkpoint_steps(tmp_path) == [4]  # step 4's state never saw the skipped batch 3's update
 
 
+@pytest.mark.slow  # two or more training runs: over 20 s on 2 cores
 def test_resume_step_restores_an_earlier_checkpoint_and_sets_the_newer_ones_aside(data_dir, tmp_path, capsys):
   config = tiny_config(data_dir, steps=8)
   config.train.keep_checkpoints = 3
@@ -268,6 +278,7 @@ def test_resume_step_restores_an_earlier_checkpoint_and_sets_the_newer_ones_asid
 # Row 3: Adafactor, as the paper-size configs use.
 
 
+@pytest.mark.slow  # two or more training runs: over 20 s on 2 cores
 def test_adafactor_trains_on_an_eight_device_mesh(data_dir, tmp_path):
   config = tiny_config(data_dir, steps=12)
   config.train.optimizer = "adafactor"
@@ -278,6 +289,7 @@ def test_adafactor_trains_on_an_eight_device_mesh(data_dir, tmp_path):
   assert np.mean([losses[s] for s in (10, 11, 12)]) < np.mean([losses[s] for s in (1, 2, 3)])
 
 
+@pytest.mark.slow  # two or more training runs: over 20 s on 2 cores
 def test_adafactor_trains_on_one_device(data_dir, tmp_path):
   run = subprocess.run(_cli(tmp_path, data_dir, 4, train__optimizer="adafactor"), env=ONE_DEVICE,
                        capture_output=True, text=True, timeout=300)
@@ -292,7 +304,7 @@ def test_adafactor_trains_on_one_device(data_dir, tmp_path):
 def test_sigint_saves_a_checkpoint_then_exits_like_sigterm(data_dir, tmp_path):
   process = subprocess.Popen(_cli(tmp_path, data_dir, 100000, train__checkpoint_every=0, train__log_every=2),
                              env=ONE_DEVICE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  _wait_for(lambda: (tmp_path / "metrics.jsonl").exists() or process.poll() is not None)
+  _wait_for(lambda: _trained_steps(tmp_path) >= 2 or process.poll() is not None)
   process.send_signal(signal.SIGINT)
   stdout, stderr = process.communicate(timeout=120)
   assert process.returncode == 0, stderr[-3000:]
@@ -316,7 +328,7 @@ def test_second_ctrl_c_exits_at_once_during_the_save(data_dir, tmp_path):
   with open(out, "w") as stdout:
     process = _run_patched(SLOW_SAVE, _cli(tmp_path / "run", data_dir, 100000, train__checkpoint_every=0,
                                            train__log_every=2), stdout=stdout, stderr=subprocess.STDOUT)
-    _wait_for(lambda: (tmp_path / "run" / "metrics.jsonl").exists() or process.poll() is not None)
+    _wait_for(lambda: _trained_steps(tmp_path / "run") >= 2 or process.poll() is not None)
     process.send_signal(signal.SIGINT)
     _wait_for(lambda: "saving" in out.read_text() or process.poll() is not None)
     process.send_signal(signal.SIGINT)
@@ -526,8 +538,8 @@ def test_validation_split_of_empty_documents_is_refused_as_no_evaluation_tokens(
 ])
 def test_bad_command_line_is_one_line_naming_the_argument(data_dir, tmp_path, case, overrides, flags, expected):
   args = _cli(tmp_path / "run", data_dir, 1, **overrides)
-  replaced = {flag.split("=")[0] for flag in flags}
-  args = [a for a in args if a.split("=")[0] not in replaced] + flags
+  replacements = {flag.split("=")[0]: flag for flag in flags}
+  args = [replacements.pop(a.split("=")[0], a) for a in args] + list(replacements.values())
   run = subprocess.run(args, env=ONE_DEVICE, capture_output=True, text=True, timeout=120)
   lines = _error_lines(run.stderr)
   assert run.returncode == 2, run.stderr[-3000:]
