@@ -31,9 +31,6 @@ _SYSTEMS_TABLE = flags.DEFINE_bool("systems_table", False, "print the markdown t
 # The published systems, one config file each (configs/<module>.py, variant 'full').
 SYSTEMS = ("mixtral", "dbrx", "deepseekmoe", "olmoe", "qwen3_moe", "glam", "deepseek_v3")
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
-
-
 def stats(config, *, devices: int = 0, serve_batch: int = 1, serve_context: int = 0) -> dict:
   """Every figure the calculator prints, for `config` (an experiment ConfigDict)."""
   # The tokenizer's vocabulary is only needed when model.vocab_size = 0 (the byte tokenizer's 259).
@@ -42,19 +39,19 @@ def stats(config, *, devices: int = 0, serve_batch: int = 1, serve_context: int 
   devices = devices or (config.mesh.data * config.mesh.expert if config.mesh.data else expert)
   breakdown = flops.param_breakdown(cfg)
   per_token = flops.flops_per_token(cfg, config.train.seq_len)
-  compute_bytes = DTYPE_BYTES[cfg.dtype]
-  memory = flops.training_memory(cfg, batch_size=config.train.batch_size, seq_len=config.train.seq_len,
-                                 optimizer=config.train.optimizer, devices=devices, expert_shards=expert,
-                                 compute_dtype_bytes=compute_bytes)
+  memory = flops.memory_estimate(cfg, batch_size=config.train.batch_size, seq_len=config.train.seq_len,
+                                 optimizer=config.train.optimizer, data_devices=devices // expert,
+                                 expert_devices=expert)
   context = serve_context or cfg.max_seq_len
   return {
       "params": {**{k: getattr(breakdown, k) for k in (
           "embeddings", "attention", "norms", "dense_ffn", "router", "shared_experts", "routed_experts",
           "routed_experts_active")}, "total": breakdown.total, "active": breakdown.active},
       "flops_per_token": {"forward": per_token.forward, "train": per_token.train, "seq_len": config.train.seq_len},
-      "train_memory_per_device": {"devices": devices, "expert_shards": expert, "weights": memory.weights,
+      "train_memory_per_device": {"devices": devices, "expert_shards": expert, "weights": memory.params,
                                   "gradients": memory.gradients, "optimizer": memory.optimizer,
-                                  "activations": memory.activations, "total": memory.total},
+                                  "activations": memory.activations, "total": memory.total,
+                                  "checkpoint_on_disk": memory.checkpoint},
       "inference": {"weights_bf16": 2.0 * breakdown.total, "batch": serve_batch, "context": context,
                     "kv_cache_bf16": flops.kv_cache_bytes(cfg, batch_size=serve_batch, context=context)},
   }
@@ -77,6 +74,7 @@ def table(s: dict) -> str:
             f"  {'forward':<24} {f['forward'] / 1e9:>11,.2f}G", f"  {'training (3x)':<24} {f['train'] / 1e9:>11,.2f}G",
             f"training memory per device ({m['devices']} devices, experts over {m['expert_shards']})"]
   lines += [f"  {k:<24} {_gib(m[k]):>12}" for k in ("weights", "gradients", "optimizer", "activations", "total")]
+  lines += [f"  {'checkpoint (all devices)':<24} {_gib(m['checkpoint_on_disk']):>12}"]
   lines += [f"inference (bf16): weights {_gib(i['weights_bf16'])}, KV cache {_gib(i['kv_cache_bf16'])} for "
             f"{i['batch']} x {i['context']} tokens"]
   return "\n".join(lines)

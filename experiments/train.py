@@ -5,13 +5,22 @@
 
 Multi-process (TPU pod, GPU cluster): add --distributed on every process; on a plain set of hosts also
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I. Each process reads its slice of the data;
-process 0 writes metrics; checkpoints are written collectively.
+process 0 writes metrics; checkpoints are written collectively. Start-up waits at most
+--config.train.startup_timeout_s for every process to connect, printing who it waits for.
 
-Resumes automatically from the latest checkpoint in --workdir. Exit status: 0 done (or preempted and saved),
-1 non-finite loss or failed checkpoint, 2 invalid config.
+Resumes automatically from the latest checkpoint in --workdir. Exit status: 0 done (or preempted and saved, or
+already finished), 1 non-finite loss or failed checkpoint, 2 invalid config or input (one line on stderr naming
+the field, path or argument), 128 + signal number when SIGTERM/SIGINT arrived before training started or a second
+Ctrl-C cut it short. What a user does after each kind of stop: docs/faults.md.
 """
 
+import os
+import re
+import signal
 import sys
+import threading
+import time
+import warnings
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -27,51 +36,124 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
 flags.mark_flags_as_required(["config", "workdir"])
 
+STARTUP_REPORT_EVERY_S = 10  # how often a waiting process says whom it waits for
+
+
+def _fail(message: str, status: int = 2) -> None:
+  print(message, file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
+def _exit_during_startup(signum, frame):
+  """Until the trainer installs its own handlers: a clean line instead of a silent -15 or a traceback."""
+  _fail(f"{signal.Signals(signum).name} during start-up: stopped before the first step; the workdir's "
+        "checkpoints are unchanged", 128 + signum)
+
+
+def _check_coordinator(address: str | None) -> None:
+  if address is None:
+    return
+  match = re.fullmatch(r"(.+):(\d+)", address)
+  if not match or not 0 < int(match.group(2)) < 65536:
+    _fail(f"--coordinator_address={address!r} must be HOST:PORT with a port in [1, 65535], e.g. 10.0.0.1:1234")
+
+
+def _initialize_distributed(jax, timeout_s: int) -> None:
+  """jax.distributed.initialize, reporting every STARTUP_REPORT_EVERY_S whom this process waits for."""
+  connected = threading.Event()
+  start = time.monotonic()
+  me, count = _PROCESS_ID.value, _NUM_PROCESSES.value
+  who = (f"the other processes of {count} (ids {sorted(set(range(count)) - {me})})" if count and me is not None
+         else "the other processes")
+
+  every = min(STARTUP_REPORT_EVERY_S, max(timeout_s / 4, 1))
+
+  def report():
+    while not connected.wait(every):
+      print(f"process {me}: waiting for {who} to connect to {_COORDINATOR.value or 'the coordinator'} "
+            f"({time.monotonic() - start:.0f} s of train.startup_timeout_s={timeout_s})", flush=True)
+
+  threading.Thread(target=report, daemon=True).start()
+  try:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=count, process_id=me,
+                               initialization_timeout=timeout_s)
+  except Exception as error:  # the coordination service reports a timeout as a runtime error
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    print(f"start-up failed: not every process connected to {_COORDINATOR.value} within "
+          f"train.startup_timeout_s={timeout_s} s; start all {count} with the same --coordinator_address "
+          f"({first_line[:200]})", file=sys.stderr, flush=True)
+    os._exit(1)  # jax's shutdown hooks would wait for the peers that never came
+  finally:
+    connected.set()
+
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:  # orbax and tfds log every step at INFO; keep the progress readable
     logging.set_verbosity(logging.WARNING)
+  for signum in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(signum, _exit_during_startup)
+  _check_coordinator(_COORDINATOR.value)
   import jax
 
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize(
-        coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
-    )
-  elif _COORDINATOR.value or _NUM_PROCESSES.value or _PROCESS_ID.value is not None:
-    raise app.UsageError("--coordinator_address/--num_processes/--process_id need --distributed")
-  from moe_jax import resolve, train
+  from moe_jax import config_lib, train
   from moe_jax.checkpoint import CheckpointError
 
   config = _CONFIG.value
   try:
-    resolve.resolve(config, jax.device_count())  # every bad field fails here, before anything is built
+    config_lib.validate(config)  # every bad field fails here, before anything is built
   except ValueError as error:
-    print(f"invalid configuration: {error}", file=sys.stderr)
-    sys.exit(2)
+    _fail(f"invalid configuration: {error}")
+  if _DISTRIBUTED.value:
+    _initialize_distributed(jax, config.train.startup_timeout_s)
+  elif _COORDINATOR.value or _NUM_PROCESSES.value or _PROCESS_ID.value is not None:
+    _fail("--coordinator_address/--num_processes/--process_id need --distributed")
+
   try:
-    result = train.train_and_evaluate(config, _WORKDIR.value)
+    result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except train.Interrupted as stop:
+    _fail(str(stop), 128 + stop.signum)
+  except (ValueError, FileNotFoundError) as error:  # bad config or input, refused before anything compiled
+    _fail(f"invalid configuration or input: {error}")
   except (train.NonFiniteLossError, CheckpointError) as error:
-    print(f"training stopped: {error}", file=sys.stderr)
-    sys.exit(1)
+    # The save stages orbax never ran are garbage-collected at exit, each with a warning that would bury the
+    # one line that matters.
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+    _fail(f"training stopped: {error}", 1)
   evaluated = f"; eval cross-entropy {result.eval_loss:.4f}" if result.eval_loss is not None else ""
   print(f"{result.status} at step {result.step}{evaluated}; wall time {result.wall_time_s:.0f} s; "
         f"workdir {result.workdir}")
 
 
+def _fail_to_load(error: Exception, argv: list[str]) -> None:
+  reason = str(error.__cause__ or error).strip().splitlines()[-1].strip()  # config_flags' last line is the cause
+  given = [a.partition("=")[2] for a in argv if a.startswith("--config=")]
+  _fail(f"invalid configuration: --config={given[-1] if given else None!r}: {reason}")
+
+
 def parse_flags(argv):
-  """absl's parser, but an unknown --config.x field is a one-line error rather than a traceback."""
+  """absl's parser, but every bad flag or config is a one-line error rather than a traceback."""
   try:
-    return flags.FLAGS(argv)
+    parsed = flags.FLAGS(argv)
   except (AttributeError, KeyError) as error:
-    field = str(error).strip("\"'")
-    print(f"invalid configuration: unknown config field {field!r} (fields are listed in docs/config.md)",
-          file=sys.stderr)
-    sys.exit(2)
-  except flags.Error as error:  # a value of the wrong type, a missing required flag, ...
-    print(f"invalid configuration: {error}", file=sys.stderr)
-    sys.exit(2)
+    # config_flags nests reprs ("'\\'top_kk\\'\\nDid you mean ...'"): keep the words, not the quoting.
+    text = str(error)
+    while text[:1] in ("'", '"') and text[-1:] == text[:1]:
+      text = text[1:-1].encode().decode("unicode_escape")
+    field, _, hint = text.partition("\n")
+    _fail(f"invalid configuration: unknown config field {field.strip(chr(39))!r}"
+          f"{'; ' + hint.strip() if hint.strip() else ''} (fields are listed in docs/config.md)")
+  except flags.Error as error:  # a value of the wrong type, a missing required flag, a config file that fails
+    _fail(f"invalid configuration: {str(error).strip().splitlines()[-1]}")
+  except (OSError, ValueError) as error:  # a missing config file, met while applying a --config.* override
+    _fail_to_load(error, argv)
+  try:
+    config = _CONFIG.value
+    config.train  # loaded lazily: a missing file or an unknown variant surfaces at the first field read
+  except (OSError, ValueError) as error:
+    _fail_to_load(error, argv)
+  return parsed
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ directory and renames it when complete, so a process killed mid-save leaves the 
 
 Restore tries the newest step first. A step that fails to restore (truncated or corrupted files) is reported,
 moved aside to `<workdir>/checkpoints/corrupt/<step>` (kept for inspection, never deleted), and the previous
-step is used.
+step is used. Restoring an earlier step on purpose moves the newer ones to `<workdir>/checkpoints/superseded/`.
+
+A failed asynchronous save (disk full, directory gone) surfaces as `CheckpointError` at the next `check`, `save`
+or `wait`, and never leaves the process hanging at exit (see `_release_stalled_save_threads`).
 """
 
 from __future__ import annotations
@@ -14,18 +17,21 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import time
 from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+from orbax.checkpoint._src.futures import future as ocp_future
 
 from moe_jax import parallel
 
 log = logging.getLogger(__name__)
 
 CORRUPT_DIR = "corrupt"
+SUPERSEDED_DIR = "superseded"
 
 
 class CheckpointError(RuntimeError):
@@ -61,25 +67,45 @@ class Checkpointer:
           force=True,
       )
     except Exception as error:  # orbax raises OSError, ValueError, ... depending on the backend
+      _release_stalled_save_threads(self._manager)
       raise CheckpointError(f"saving checkpoint at step {step} to {self.directory} failed: {error}") from error
+
+  def check(self) -> None:
+    """Raise CheckpointError now if an asynchronous save has failed; never blocks (call it often)."""
+    try:
+      self._manager.check_for_errors()
+    except Exception as error:
+      _release_stalled_save_threads(self._manager)
+      raise CheckpointError(f"an asynchronous checkpoint save to {self.directory} failed: {error}") from error
 
   def wait(self) -> None:
     """Block until pending saves are on disk; surfaces an asynchronous save's error."""
     try:
       self._manager.wait_until_finished()
     except Exception as error:
+      _release_stalled_save_threads(self._manager)
       raise CheckpointError(f"an asynchronous checkpoint save to {self.directory} failed: {error}") from error
 
+  def read_meta(self, step: int) -> dict | None:
+    """The JSON metadata of `step` (no arrays are read), or None when it cannot be read."""
+    try:
+      return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    except Exception:  # truncated files surface as OSError, ValueError, tensorstore errors, ...
+      return None
+
   def restore_latest(
-      self, abstract_state: Any, check_meta: Callable[[dict], None] = lambda meta: None
+      self, abstract_state: Any, check_meta: Callable[[dict], None] = lambda meta: None,
+      max_step: int | None = None,
   ) -> tuple[int, Any, dict] | None:
-    """The newest restorable (step, state, meta), or None when there is no checkpoint at all.
+    """The newest restorable (step, state, meta) at or before `max_step` (None: any), or None when there is none.
 
     `abstract_state` gives shapes, dtypes and shardings (jax.ShapeDtypeStruct leaves). `check_meta` sees each
     step's metadata before its arrays are read: a ValueError it raises (say, the checkpoint belongs to another
     config) propagates, since that is a user error, not a corrupt file.
     """
     for step in reversed(self.all_steps()):
+      if max_step is not None and step > max_step:
+        continue
       state, meta, error = None, None, None
       try:
         meta = dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
@@ -96,24 +122,44 @@ class Checkpointer:
       # One process's unreadable shard makes the step unusable for all.
       if parallel.all_processes(error is None):
         return step, state, meta
-      moved = self._quarantine(step)
+      moved = self.set_aside(step, CORRUPT_DIR)
       reason = f"{type(error).__name__}: {error}" if error else "another process could not read it"
       log.error("checkpoint at step %d cannot be restored (%s); moved it to %s", step, reason, moved)
       print(f"WARNING: checkpoint step {step} is corrupt ({reason[:200]}); kept at {moved}; "
             "falling back to the previous checkpoint", flush=True)
     return None
 
-  def _quarantine(self, step: int) -> str:
-    """Move a bad step out of orbax's view so that a new save of that step can succeed; never delete it."""
+  def set_aside(self, step: int, folder: str) -> str:
+    """Move a step out of orbax's view (into `folder`) so that a new save of that step can succeed; never
+    delete it. Returns where it went."""
     source = os.path.join(self.directory, str(step))
-    target = os.path.join(self.directory, CORRUPT_DIR, f"{step}-{int(time.time())}")
+    target = os.path.join(self.directory, folder, f"{step}-{int(time.time())}")
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(target), exist_ok=True)
       shutil.move(source, target)
     if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f"quarantine-{step}")
+      multihost_utils.sync_global_devices(f"set-aside-{step}")
     self._manager.reload()
     return target
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _release_stalled_save_threads(manager: ocp.CheckpointManager) -> None:
+  """Let orbax's save threads that wait for a failed save's signals finish, so the process can exit.
+
+  orbax 0.12 runs each stage of an async save in a non-daemon thread that first waits for the previous stage's
+  signal; when a stage fails (disk full, a file where the step directory should go) its successors wait for the
+  whole coordination timeout, and the interpreter, which joins non-daemon threads at exit, hangs with them.
+  Cancelling them and raising the signals they wait for makes them return at once without writing anything.
+  Saves still in progress are let finish first, so that a good checkpoint started before the failure is kept.
+  """
+  try:
+    manager.wait_until_finished()
+  except Exception:  # pylint: disable=broad-except  # the failure being handled, reported by the caller
+    pass
+  for thread in threading.enumerate():
+    if isinstance(thread, ocp_future._SignalingThread) and thread.is_alive():  # pylint: disable=protected-access
+      thread.cancel()
+      ocp_future.set_signals(thread._receive_signals, operation_id=thread._operation_id)  # pylint: disable=protected-access

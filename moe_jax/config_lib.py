@@ -361,6 +361,15 @@ class TrainConfig(Section):
   checkpoint_every: int = field(100, at_least(0), "save every N steps and at the end; 0 = only at the end")
   keep_checkpoints: int = field(2, at_least(1), "checkpoints kept on disk")
   peak_tflops: float = field(0.0, non_negative(), "per-device peak for MFU; 0 = measure a matmul at start-up")
+  # What a run does after a fault (docs/faults.md).
+  skip_nonfinite_batches: int = field(0, at_least(0), "skip up to N batches whose loss or gradient is non-finite "
+                                      "(their update is discarded); 0 = stop at the first")
+  resume_step: int = field(0, at_least(0), "resume from this checkpoint step instead of the newest (newer ones are "
+                           "moved to checkpoints/superseded); 0 = the newest")
+  allow_changes: bool = field(False, boolean(), "resume although schedule/optimizer or data fields differ from the "
+                              "checkpoint's (changes are recorded in resume_log.jsonl)")
+  startup_timeout_s: int = field(300, at_least(1), "seconds a multi-process run waits for all its processes to "
+                                 "connect at start-up")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -150,56 +150,75 @@ def param_count(cfg: ModelConfig) -> ParamCount:
 # ----------------------------------------------------------------------------------------------------------
 # Memory: what must sit on a device to train or serve a config.
 
-# Optimizer state per parameter, in float32 values: AdamW keeps two moments; Adafactor's factored second
-# moment is O(rows + cols) per matrix (counted as 0 here) and, as Switch used it, no first moment.
-OPTIMIZER_STATE_VALUES = {"adamw": 2, "adafactor": 0}
-
 
 @dataclasses.dataclass(frozen=True)
-class TrainingMemory:
-  """Bytes per device for one training step (estimates; the compiled program's own figure is exact)."""
+class MemoryEstimate:
+  """Bytes one device holds while training (a lower bound: XLA's temporaries and fragmentation come on top)."""
 
-  weights: float
+  params: float
   gradients: float
   optimizer: float
-  activations: float  # kept for the backward pass, for this device's share of the batch
+  activations: float  # saved for the backward pass
+  checkpoint: float  # bytes of one checkpoint on disk: all parameters and optimizer state, every device's
 
   @property
   def total(self) -> float:
-    return self.weights + self.gradients + self.optimizer + self.activations
+    return self.params + self.gradients + self.optimizer + self.activations
 
 
-def _per_device_params(cfg: ModelConfig, expert_shards: int) -> float:
-  """Parameters on one device: experts split over the 'expert' mesh axis, everything else replicated."""
-  breakdown = param_breakdown(cfg)
-  return breakdown.total - breakdown.routed_experts + breakdown.routed_experts / expert_shards
+def _weight_matrices(cfg: ModelConfig) -> list[tuple[int, int, int]]:
+  """(how many, rows, columns) of the model's 2-d weights; the 1-d norm scales are left out (O(M))."""
+  m = cfg.d_model
+  matmuls = 3 if experts.is_gated(cfg.activation) else 2
+  num_moe = len(cfg.moe_layers)
+  e = cfg.moe.num_experts if num_moe else 0
+  return [
+      (1 if cfg.tie_embeddings else 2, cfg.vocab_size, m),
+      (cfg.num_layers, m, (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim),  # q, k, v
+      (cfg.num_layers, cfg.num_heads * cfg.head_dim, m),  # output projection
+      (matmuls * (cfg.num_layers - num_moe), m, cfg.d_ff),
+      (matmuls * num_moe * e, m, cfg.expert_d_ff if num_moe else 0),
+      (matmuls * num_moe, m, cfg.shared_d_ff if num_moe else 0),
+      (num_moe, m, e),
+  ]
 
 
 def activation_bytes_per_token(cfg: ModelConfig, seq_len: int, dtype_bytes: int) -> float:
-  """Activations one token keeps for the backward pass: per block the block input and norm output (2M), the
-  q/k/v projections ((H + 2K) D), the attention output (H D) and its softmax row (H L, materialised by a
-  dense attention), each FFN's input and hidden units (M + F, 2F gated) for every expert it executes; and the
-  float32 logits with their softmax (2 V)."""
+  """Activations one token keeps for the backward pass: per block the block input and two norm outputs (3M),
+  q, k, v and the attention output ((2H + 2K) D), the attention probabilities (H L, materialised by a dense
+  attention), and each FFN's input, hidden units (twice for gated units) and output for every expert row it
+  executes (an MoE FFN: capacity_factor x k rows, plus its shared experts); and the float32 logits, their
+  softmax and gradient (3 V)."""
   gated = 2 if experts.is_gated(cfg.activation) else 1
-  attention = 2 * cfg.d_model + (2 * cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim + cfg.num_heads * seq_len
+  attention = 3 * cfg.d_model + (2 * cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim + cfg.num_heads * seq_len
   num_moe = len(cfg.moe_layers)
-  dense = (cfg.num_layers - num_moe) * (cfg.d_model + gated * cfg.d_ff)
-  moe = 0.0
+  per_token = cfg.num_layers * attention + (cfg.num_layers - num_moe) * (2 * cfg.d_model + gated * cfg.d_ff)
   if num_moe:
-    executed = experts_per_token(cfg, executed=True)
-    moe = num_moe * (executed * (cfg.d_model + gated * cfg.expert_d_ff) + gated * cfg.shared_d_ff)
-  return dtype_bytes * (cfg.num_layers * attention + dense + moe) + 4 * 2 * cfg.vocab_size
+    rows = experts_per_token(cfg, executed=True)
+    per_token += num_moe * (rows * (2 * cfg.d_model + gated * cfg.expert_d_ff) + gated * cfg.shared_d_ff
+                            + cfg.moe.num_experts)  # + the router's probabilities
+  return dtype_bytes * per_token + 4 * 3 * cfg.vocab_size
 
 
-def training_memory(cfg: ModelConfig, *, batch_size: int, seq_len: int, optimizer: str, devices: int,
-                    expert_shards: int, compute_dtype_bytes: int = 4) -> TrainingMemory:
-  """Per-device bytes of a training step: float32 weights, gradients and optimizer state of the parameters
-  this device holds, and the activations of its batch_size / devices sequences."""
-  params = _per_device_params(cfg, expert_shards)
-  tokens = batch_size * seq_len / devices
-  return TrainingMemory(
-      weights=4 * params, gradients=4 * params, optimizer=4 * OPTIMIZER_STATE_VALUES[optimizer] * params,
-      activations=tokens * activation_bytes_per_token(cfg, seq_len, compute_dtype_bytes))
+def memory_estimate(cfg: ModelConfig, *, batch_size: int, seq_len: int, optimizer: str, data_devices: int,
+                    expert_devices: int, min_dim_to_factor: int = 128) -> MemoryEstimate:
+  """Training memory per device from the parameter counts: float32 parameters, gradients and optimizer state
+  (AdamW: two moments; Adafactor: factored second moments, rows + columns per matrix of both sides
+  >= `min_dim_to_factor` as in optax), routed experts split over `expert_devices` and everything else
+  replicated, and the activations the backward pass keeps for this device's share of the batch."""
+  breakdown = param_breakdown(cfg)
+  local_params = breakdown.total - breakdown.routed_experts + breakdown.routed_experts / expert_devices
+  if optimizer == "adafactor":
+    factored = sum(n * ((r + c) if min(r, c) >= min_dim_to_factor else r * c) for n, r, c in _weight_matrices(cfg))
+    optimizer_fraction = factored / max(breakdown.total, 1)
+  else:
+    optimizer_fraction = 2.0
+  act_bytes = 2 if cfg.dtype == "bfloat16" else 4
+  tokens = batch_size * seq_len / (data_devices * expert_devices)
+  return MemoryEstimate(
+      params=4 * local_params, gradients=4 * local_params, optimizer=4 * optimizer_fraction * local_params,
+      activations=tokens * activation_bytes_per_token(cfg, seq_len, act_bytes),
+      checkpoint=4 * breakdown.total * (1 + optimizer_fraction))
 
 
 def kv_cache_bytes(cfg: ModelConfig, *, batch_size: int, context: int, dtype_bytes: int = 2) -> float:

@@ -53,3 +53,16 @@ def test_two_processes_reproduce_the_single_process_losses(tmp_path):
   # Same data, parameters and randomness; only the collectives' summation order may differ.
   np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
   assert sorted(d for d in os.listdir(tmp_path / "multi" / "checkpoints") if d.isdigit()) == ["3", "6"]
+
+
+def test_a_missing_peer_gives_progress_lines_naming_it_then_a_one_line_timeout(tmp_path):
+  """Process 0 of 2 alone: it reports whom it waits for, and gives up after train.startup_timeout_s."""
+  port = _free_port()
+  run = subprocess.run(
+      _command(tmp_path / "run", tmp_path / "tfds", "--distributed", f"--coordinator_address=127.0.0.1:{port}",
+               "--num_processes=2", "--process_id=0", "--config.train.startup_timeout_s=8"),
+      env=cpu_env(4), capture_output=True, text=True, timeout=120)  # it used to wait 300 s in silence
+  assert run.returncode == 1, run.stderr[-3000:]
+  assert "process 0: waiting for the other processes of 2 (ids [1]) to connect to 127.0.0.1" in run.stdout
+  last = [line for line in run.stderr.strip().splitlines() if line.startswith("start-up failed")]
+  assert last and "train.startup_timeout_s=8" in last[0], run.stderr[-3000:]

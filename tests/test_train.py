@@ -3,6 +3,7 @@
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import chex
@@ -13,7 +14,6 @@ import pytest
 
 from moe_jax import config_lib, train
 from moe_jax.metrics import read_metrics
-from moe_jax import data as data_lib
 from tests.helpers import cpu_env, tiny_config, train_command, train_losses
 
 
@@ -59,7 +59,7 @@ def test_resuming_a_workdir_with_a_different_model_is_refused(data_dir, tmp_path
   config = tiny_config(data_dir, steps=4)
   train.train_and_evaluate(config, str(tmp_path), stop_at_step=2)
   config.moe.num_experts = 4
-  with pytest.raises(ValueError, match="moe: checkpoint"):
+  with pytest.raises(ValueError, match="moe.num_experts: checkpoint 8, config 4"):
     train.train_and_evaluate(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # nothing was set aside as corrupt
 
@@ -100,40 +100,6 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
   assert str(saved) in os.listdir(tmp_path / "checkpoints")
 
 
-def test_non_finite_loss_stops_with_the_step_named_and_keeps_the_checkpoint(data_dir, tmp_path, monkeypatch):
-  """A corrupt batch (token ids beyond the vocabulary embed as NaN) at step 6, after a checkpoint at 4."""
-  real = data_lib.create_iterator
-
-  class Poisoned:
-    def __init__(self, iterator):
-      self.iterator, self.count = iterator, 0
-
-    def __iter__(self):
-      return self
-
-    def __next__(self):
-      batch = next(self.iterator)
-      self.count += 1
-      if self.count == 6:
-        batch = dict(batch, inputs=np.full_like(batch["inputs"], 10**6))
-      return batch
-
-    def get_state(self):
-      return self.iterator.get_state()
-
-    def set_state(self, state):
-      self.iterator.set_state(state)
-
-  monkeypatch.setattr(
-      data_lib, "create_iterator",
-      lambda cfg, **kw: Poisoned(real(cfg, **kw)) if kw["split"] == "train" else real(cfg, **kw),
-  )
-  config = tiny_config(data_dir, steps=8)
-  with pytest.raises(train.NonFiniteLossError, match="at step 6.*step 4"):
-    train.train_and_evaluate(config, str(tmp_path))
-  assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [4]
-
-
 def test_missing_dataset_fails_within_seconds(tmp_path):
   config = tiny_config(str(tmp_path / "empty"), steps=2)
   config.data.dataset = "lm1b"
@@ -172,3 +138,26 @@ def test_optimizers_reduce_a_quadratic(optimizer):
     updates, state = tx.update(grads, state, params)
     params = jax.tree.map(lambda p, u: p + u, params, updates)
   assert float(jnp.sum(params["w"] ** 2)) < 0.5 * 16 * 9
+
+
+TWO_DEVICE_RESUME = """
+import sys
+from moe_jax import train
+from tests.helpers import tiny_config, train_losses
+root, data_dir = sys.argv[1], sys.argv[2]
+config = tiny_config(data_dir, steps=8, mesh=(2, 1))
+train.train_and_evaluate(config, root + "/straight")
+train.train_and_evaluate(config, root + "/resumed", stop_at_step=3)
+train.train_and_evaluate(config, root + "/resumed")
+straight, resumed = train_losses(root + "/straight"), train_losses(root + "/resumed")
+print("differences", {s: straight[s] - resumed[s] for s in straight})
+assert straight == resumed
+"""
+
+
+@pytest.mark.slow  # three runs in a 2-device subprocess: ~1 min on 2 cores
+def test_resume_on_two_devices_reproduces_the_uninterrupted_losses_bitwise(data_dir, tmp_path):
+  env = dict(cpu_env(2), PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  run = subprocess.run([sys.executable, "-c", TWO_DEVICE_RESUME, str(tmp_path), data_dir], env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]

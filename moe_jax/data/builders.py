@@ -200,12 +200,26 @@ def text_dir_config(
     raise ValueError(
         f"data.text_dir={text_dir!r} has 1 file matching data.text_glob={text_glob!r}; the train/validation "
         "split is by file, so split the text into several files")
+  unreadable = [p for p in paths if not _readable(os.path.join(root, p))]
+  if unreadable:
+    raise ValueError(f"data.text_dir={text_dir!r}: {len(unreadable)} of the {len(paths)} files matching "
+                     f"data.text_glob={text_glob!r} cannot be read, e.g. {unreadable[:3]}")
   stats = [os.stat(os.path.join(root, p)) for p in paths]
   fingerprint = _fingerprint([root, text_glob] + [(p, s.st_size, s.st_mtime_ns) for p, s in zip(paths, stats)])
   return FilesConfig(
       name=f"val{float(validation_fraction)!r}-{fingerprint}",
       description=f"{len(paths)} files matching {text_glob!r} under {root}.",
       root=root, validation_fraction=validation_fraction, relative_paths=tuple(paths))
+
+
+def _readable(path: str) -> bool:
+  """Can the file be opened and read (checked before preparation, which would fail minutes later)?"""
+  try:
+    with open(path, "rb") as f:
+      f.read(1)
+    return True
+  except OSError:
+    return False
 
 
 @contextlib.contextmanager

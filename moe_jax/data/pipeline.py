@@ -101,7 +101,10 @@ def get_tokenizer(cfg: Any) -> tokenizers.Tokenizer:
   """The tokenizer of `cfg.tokenizer`: 'byte', or the path of a SentencePiece .model file."""
   name = config_lib.get_field(cfg, "tokenizer")
   config_lib.check_tokenizer(name)  # ValueError naming data.tokenizer, e.g. for a missing file
-  return tokenizers.tokenizer_from_name(name)
+  try:
+    return tokenizers.tokenizer_from_name(name)
+  except ValueError as error:  # a file that is not a SentencePiece model, or one without EOS
+    raise ValueError(f"data.tokenizer={name!r}: {error}") from None
 
 
 def document_source(cfg: Any, split: str) -> tuple[Any, str]:

@@ -93,7 +93,10 @@ class SentencePieceTokenizer:
     if not os.path.isfile(model_path):
       raise FileNotFoundError(f"SentencePiece model {model_path!r} does not exist")
     self.model_path = model_path
-    self._sp = spm.SentencePieceProcessor(model_file=model_path)
+    try:
+      self._sp = spm.SentencePieceProcessor(model_file=model_path)
+    except (RuntimeError, OSError) as error:  # not a SentencePiece ModelProto
+      raise ValueError(f"{model_path!r} is not a SentencePiece .model file ({' '.join(str(error).split())})") from None
     if self._sp.eos_id() < 0:
       raise ValueError(
           f"SentencePiece model {model_path!r} defines no EOS piece (eos_id=-1); the pipeline needs one to "
