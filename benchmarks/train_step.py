@@ -72,7 +72,7 @@ def load_config(variant: str, args) -> ml_collections.ConfigDict:
   if args.data_dir:
     config.data.data_dir = args.data_dir
   config.mesh.data, config.mesh.expert = 1, 1
-  config_lib.validate(config, device_count=1)
+  config_lib.validate(config)
   return config
 
 
@@ -110,8 +110,7 @@ class Runner:
       self.sync_step = per_step_sync_step(self.config.train, self.config.seed)
       self.sync_iter = self._iterator()
       graphdef, self.state = nnx.split(self._fresh())
-      self.async_step = train.make_train_step(graphdef, self.config.train, self.config.seed,
-                                              self.model_cfg.moe_layers, skip_nonfinite=False)
+      self.async_step = train.make_train_step(graphdef, self.config.train, self.config.seed, skip_nonfinite=False)
       self.prefetcher = train._BatchPrefetcher(self._iterator(), self.sharding)  # pylint: disable=protected-access
       batch, _ = self.prefetcher.next()
       compiled = self.async_step.lower(self.state, batch, np.int32(0)).compile()

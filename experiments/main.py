@@ -25,7 +25,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 from configs import lm  # noqa: E402
-from moe_jax import config_lib, data as data_lib, parallel, train  # noqa: E402
+from moe_jax import config_lib, data as data_lib, parallel, resolve, train  # noqa: E402
 from moe_jax.checkpoint import Checkpointer  # noqa: E402
 
 ARMS = ("switch-cpu", "dense-cpu")
@@ -34,8 +34,9 @@ ARMS = ("switch-cpu", "dense-cpu")
 def per_batch_eval_losses(config, workdir: str, num_batches: int) -> np.ndarray:
   """Mean token cross-entropy of each of the first `num_batches` validation batches (train.EVAL_SEED order),
   scored by the model of the latest checkpoint in `workdir`. [num_batches]"""
-  config = config_lib.resolve(config, jax.device_count())
-  model_cfg = config_lib.model_config(config, data_lib.get_tokenizer(config.data).vocab_size)
+  run = resolve.resolve(config, jax.device_count())
+  config = run.config
+  model_cfg = config_lib.model_config(run.typed, vocab_size=config.model.vocab_size)
   mesh = parallel.create_mesh(config.mesh.data, config.mesh.expert)
   sharding = NamedSharding(mesh, train.BATCH_SPEC)
   with parallel.mesh_context(mesh):
