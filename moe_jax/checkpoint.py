@@ -72,17 +72,16 @@ class Checkpointer:
 
   def check(self) -> None:
     """Raise CheckpointError now if an asynchronous save has failed; never blocks (call it often)."""
-    try:
-      self._manager.check_for_errors()
-    except Exception as error:
-      _release_stalled_save_threads(self._manager)
-      raise CheckpointError(f"an asynchronous checkpoint save to {self.directory} failed: {error}") from error
+    self._surface_async_error(self._manager.check_for_errors)
 
   def wait(self) -> None:
     """Block until pending saves are on disk; surfaces an asynchronous save's error."""
+    self._surface_async_error(self._manager.wait_until_finished)
+
+  def _surface_async_error(self, call) -> None:
     try:
-      self._manager.wait_until_finished()
-    except Exception as error:
+      call()
+    except Exception as error:  # orbax re-raises the save thread's error, whatever its type
       _release_stalled_save_threads(self._manager)
       raise CheckpointError(f"an asynchronous checkpoint save to {self.directory} failed: {error}") from error
 

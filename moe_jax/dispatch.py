@@ -122,7 +122,8 @@ def einsum_dispatch(
     route: routing.RoutingResult,
     experts: experts_lib.Experts,
 ) -> jax.Array:  # [G, S, M]
-  """GShard/Switch dispatch: buffers = einsum(dispatch [G,S,E,C], tokens); out = einsum(combine, outputs)."""
+  """GShard/Switch dispatch: buffers = einsum(dispatch [G,S,E,C], tokens); out = einsum(combine, outputs).
+  Two dense products with one-hot tensors: the form that maps onto a TPU's matrix units."""
   _check(tokens, route)
   num_groups, _, d_model = tokens.shape
   num_experts, capacity = route.num_experts, route.capacity

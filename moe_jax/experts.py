@@ -354,22 +354,11 @@ class StackedExperts:
         self.weights, x, activation=self.activation, dropout_rate=self.dropout_rate, dropout_key=self.dropout_key
     )
 
+  def _options(self) -> dict:
+    return dict(activation=self.activation, dropout_rate=self.dropout_rate, dropout_key=self.dropout_key)
+
   def blocked(self, x: jax.Array, layout: BlockLayout) -> jax.Array:  # [R, M] -> [R, M]
-    return blocked_expert_ffn(
-        self.weights,
-        x,
-        layout,
-        activation=self.activation,
-        dropout_rate=self.dropout_rate,
-        dropout_key=self.dropout_key,
-    )
+    return blocked_expert_ffn(self.weights, x, layout, **self._options())
 
   def ragged(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:  # [N, M], [E] -> [N, M]
-    return ragged_expert_ffn(
-        self.weights,
-        x,
-        group_sizes,
-        activation=self.activation,
-        dropout_rate=self.dropout_rate,
-        dropout_key=self.dropout_key,
-    )
+    return ragged_expert_ffn(self.weights, x, group_sizes, **self._options())

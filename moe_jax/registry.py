@@ -11,21 +11,21 @@ from __future__ import annotations
 import importlib
 import typing
 
-# kind -> (module, attribute): the attribute is a dict or tuple whose keys/items are the valid names, or a
-# typing.Literal of them.
+# module -> {kind: attribute}: the attribute is a dict or tuple whose keys/items are the valid names of that kind
+# of choice, or a typing.Literal of them. Listed by module, in the order of the data path.
+_BY_MODULE: dict[str, dict[str, str]] = {
+    "moe_jax.routing": {"score_function": "SCORE_FUNCTIONS", "group_score": "GroupScore",
+                        "second_expert_policy": "SecondExpertPolicy"},
+    "moe_jax.dispatch": {"dispatch": "CHOICES", "dropless_dispatch": "DROPLESS"},
+    "moe_jax.experts": {"activation": "ACTIVATIONS"},
+    "moe_jax.moe_layer": {"router": "ROUTERS", "dtype": "DTYPES"},
+    "moe_jax.layers": {"norm": "NORMS"},
+    "moe_jax.data.config": {"dataset": "DATASETS"},
+    "moe_jax.train": {"optimizer": "OPTIMIZERS", "schedule": "SCHEDULES"},
+}
+# kind -> (module, attribute)
 PROVIDERS: dict[str, tuple[str, str]] = {
-    "router": ("moe_jax.moe_layer", "ROUTERS"),
-    "dispatch": ("moe_jax.dispatch", "CHOICES"),
-    "dropless_dispatch": ("moe_jax.dispatch", "DROPLESS"),
-    "activation": ("moe_jax.experts", "ACTIVATIONS"),
-    "norm": ("moe_jax.layers", "NORMS"),
-    "dtype": ("moe_jax.moe_layer", "DTYPES"),
-    "second_expert_policy": ("moe_jax.routing", "SecondExpertPolicy"),
-    "score_function": ("moe_jax.routing", "SCORE_FUNCTIONS"),
-    "group_score": ("moe_jax.routing", "GroupScore"),
-    "optimizer": ("moe_jax.train", "OPTIMIZERS"),
-    "schedule": ("moe_jax.train", "SCHEDULES"),
-    "dataset": ("moe_jax.data.config", "DATASETS"),
+    kind: (module, attribute) for module, kinds in _BY_MODULE.items() for kind, attribute in kinds.items()
 }
 
 
