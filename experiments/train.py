@@ -59,32 +59,30 @@ def _check_coordinator(address: str | None) -> None:
 
 
 def _initialize_distributed(jax, timeout_s: int) -> None:
-  """jax.distributed.initialize, reporting every STARTUP_REPORT_EVERY_S whom this process waits for."""
+  """jax.distributed.initialize, reporting whom this process waits for, and giving up after `timeout_s` with
+  one line (jax's own deadline, set later, would abort the process with a C++ stack trace)."""
   connected = threading.Event()
   start = time.monotonic()
   me, count = _PROCESS_ID.value, _NUM_PROCESSES.value
   who = (f"the other processes of {count} (ids {sorted(set(range(count)) - {me})})" if count and me is not None
          else "the other processes")
-
   every = min(STARTUP_REPORT_EVERY_S, max(timeout_s / 4, 1))
 
-  def report():
+  def watch():
     while not connected.wait(every):
+      waited = time.monotonic() - start
+      if waited >= timeout_s:
+        print(f"start-up failed: {who} did not connect to {_COORDINATOR.value or 'the coordinator'} within "
+              f"train.startup_timeout_s={timeout_s} s; start every process with the same --coordinator_address",
+              file=sys.stderr, flush=True)
+        os._exit(1)  # the main thread is blocked inside jax's connect; nothing was written yet
       print(f"process {me}: waiting for {who} to connect to {_COORDINATOR.value or 'the coordinator'} "
-            f"({time.monotonic() - start:.0f} s of train.startup_timeout_s={timeout_s})", flush=True)
+            f"({waited:.0f} s of train.startup_timeout_s={timeout_s})", flush=True)
 
-  threading.Thread(target=report, daemon=True).start()
-  try:
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=count, process_id=me,
-                               initialization_timeout=timeout_s)
-  except Exception as error:  # the coordination service reports a timeout as a runtime error
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    print(f"start-up failed: not every process connected to {_COORDINATOR.value} within "
-          f"train.startup_timeout_s={timeout_s} s; start all {count} with the same --coordinator_address "
-          f"({first_line[:200]})", file=sys.stderr, flush=True)
-    os._exit(1)  # jax's shutdown hooks would wait for the peers that never came
-  finally:
-    connected.set()
+  threading.Thread(target=watch, daemon=True).start()
+  jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=count, process_id=me,
+                             initialization_timeout=timeout_s + STARTUP_REPORT_EVERY_S * 3)
+  connected.set()
 
 
 def main(argv):

@@ -4,6 +4,8 @@ import importlib.util
 import json
 import os
 
+import pytest
+
 from tests.helpers import REPO
 
 
@@ -14,6 +16,7 @@ def _benchmark():
   return module
 
 
+@pytest.mark.slow  # compiles four cpu-size training steps: ~1-2 min on 2 cores
 def test_train_step_benchmark_reports_both_loops_for_switch_and_dense(tmp_path):
   output = tmp_path / "train_step.json"
   _benchmark().main(["--d_model", "16", "--num_layers", "2", "--d_ff", "32", "--batch_size", "4", "--seq_len", "16",

@@ -550,6 +550,7 @@ def test_bad_command_line_is_one_line_naming_the_argument(data_dir, tmp_path, ca
 # Rows 12 and 13: lost metrics, absurd sizes.
 
 
+@pytest.mark.slow  # two training runs: ~1 min on 2 cores
 def test_deleted_metrics_file_gives_a_warning_and_metrics_continue(data_dir, tmp_path, capsys):
   config = tiny_config(data_dir, steps=4)
   train.train_and_evaluate(config, str(tmp_path), stop_at_step=2)
