@@ -529,12 +529,9 @@ def test_validation_split_of_empty_documents_is_refused_as_no_evaluation_tokens(
     ("non-SentencePiece tokenizer file", {"data__tokenizer": "/etc/hostname"}, [],
      "data.tokenizer='/etc/hostname': '/etc/hostname' is not a SentencePiece .model file"),
     ("new option out of range", {"train__skip_nonfinite_batches": "-1"}, [], "train.skip_nonfinite_batches=-1"),
-    pytest.param("unknown config field", {"moe__top_kk": "2"}, [], "unknown config field 'top_kk'",
-                 marks=pytest.mark.xfail(strict=False, reason="config schema (issue 13)")),
-    pytest.param("non-integer top_k", {"moe__top_k": "2.0"}, [], "moe.top_k",
-                 marks=pytest.mark.xfail(strict=False, reason="config schema (issue 13)")),
-    pytest.param("boolean top_k", {"moe__top_k": "True"}, [], "moe.top_k",
-                 marks=pytest.mark.xfail(strict=False, reason="config schema (issue 13)")),
+    ("unknown config field", {"moe__top_kk": "2"}, [], "unknown config field 'top_kk'"),
+    ("non-integer top_k", {"moe__top_k": "2.0"}, [], "moe.top_k"),
+    ("boolean top_k", {"moe__top_k": "True"}, [], "moe.top_k"),
 ])
 def test_bad_command_line_is_one_line_naming_the_argument(data_dir, tmp_path, case, overrides, flags, expected):
   args = _cli(tmp_path / "run", data_dir, 1, **overrides)
