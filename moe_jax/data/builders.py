@@ -188,10 +188,9 @@ def stdlib_config(validation_fraction: float = DEFAULT_VALIDATION_FRACTION) -> F
 def text_dir_config(
     text_dir: str, text_glob: str, validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
 ) -> FilesConfig:
-  """The config of the files under `text_dir` matching `text_glob` ('**' recurses)."""
+  """The config of the files under `text_dir` (an existing directory: `config_lib.DataConfig` checks it)
+  matching `text_glob` ('**' recurses)."""
   root = os.path.realpath(os.path.expanduser(text_dir))
-  if not os.path.isdir(root):
-    raise ValueError(f"data.text_dir={text_dir!r} is not an existing directory")
   matches = glob_lib.glob(text_glob, root_dir=root, recursive=True)
   paths = sorted(p.replace(os.sep, "/") for p in matches if os.path.isfile(os.path.join(root, p)))
   if not paths:
