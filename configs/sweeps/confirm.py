@@ -21,9 +21,11 @@ RESERVED_SEED = 100  # diagnosis only: never a confirmatory seed
 STEPS = 2450
 SETTINGS = {"train.num_steps": STEPS, "train.warmup_steps": 245, "train.eval_every": 122, "train.eval_batches": 16,
             "train.checkpoint_every": 122, "train.log_every": 122}
-# Each arm's own learning rate and the Switch routing, chosen from the diagnosis by the rule of PROTOCOL.md.
+# Each arm's own learning rate and the Switch routing, chosen from the diagnosis by the rule of PROTOCOL.md
+# (applied to the 7 diagnosis runs finished when the protocol was written; the "freeze" commit re-applies it to
+# all 14 before the first confirmatory run).
 DENSE = {"train.learning_rate": 3e-3}
-SWITCH = {"train.learning_rate": 3e-3}
+SWITCH = {"train.learning_rate": 3e-3, "moe.group_size": 4096}
 PRIMARY_EXPERTS, PRIMARY_SEEDS = 8, (0, 1, 2)
 SECONDARY_EXPERTS, SECONDARY_SEEDS = (16, 4, 2), (0, 1)
 
