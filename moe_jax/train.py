@@ -667,6 +667,8 @@ def _train(config, workdir, stop_at_step, signals, checkpointer, model_cfg, star
   data_iter = start.data_iter
   skip_limit = train.skip_nonfinite_batches
 
+  # Measured outside the mesh context: the matmul runs on one device, which a multi-device mesh would refuse.
+  peak = train.peak_tflops * 1e12 if train.peak_tflops else measure_peak_flops()
   with parallel.mesh_context(mesh):
     # Initialised under jit: eager initialisers would run replicated on every device (17.6 GB peak for
     # 128 experts on 8 devices vs 0.4 GB jitted); jit creates each parameter directly in its sharding.
@@ -701,7 +703,6 @@ def _train(config, workdir, stop_at_step, signals, checkpointer, model_cfg, star
                                  state_sharding=state_sharding)
     tokens_per_step = train.batch_size * train.seq_len
     train_flops_per_token = flops.flops_per_token(model_cfg, train.seq_len).train
-    peak = train.peak_tflops * 1e12 if train.peak_tflops else measure_peak_flops()
     progress = Progress(train.num_steps, step)
     eval_loss = None
     status = "completed"

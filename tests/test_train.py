@@ -161,3 +161,10 @@ def test_resume_on_two_devices_reproduces_the_uninterrupted_losses_bitwise(data_
   run = subprocess.run([sys.executable, "-c", TWO_DEVICE_RESUME, str(tmp_path), data_dir], env=env,
                        capture_output=True, text=True, timeout=600)
   assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+
+
+def test_peak_flops_are_measured_when_not_configured_on_a_multi_device_mesh(data_dir, tmp_path):
+  config = tiny_config(data_dir, steps=1)  # a 2 x 4 mesh
+  config.train.peak_tflops = 0.0  # the default of every config in configs/: measure a matmul at start-up
+  train.train_and_evaluate(config, str(tmp_path))
+  assert read_metrics(str(tmp_path)).train[1]["mfu"] > 0
