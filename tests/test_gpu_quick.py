@@ -6,8 +6,10 @@ import subprocess
 import sys
 
 from tests.helpers import REPO, cpu_env
+import pytest
 
 
+@pytest.mark.slow  # three tiny training runs in a subprocess: ~1.5 min on 2 cores
 def test_gpu_quick_tiny_trains_dense_and_two_switch_runs_and_writes_results(tmp_path):
   args = [sys.executable, os.path.join(REPO, "experiments", "gpu_quick.py"), "--size=gpu-quick-tiny",
           f"--workdir_root={tmp_path / 'work'}", f"--results_root={tmp_path / 'results'}",
