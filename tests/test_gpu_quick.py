@@ -5,8 +5,9 @@ import os
 import subprocess
 import sys
 
-from tests.helpers import REPO, cpu_env
 import pytest
+
+from tests.helpers import REPO, cpu_env
 
 
 @pytest.mark.slow  # three tiny training runs in a subprocess: ~1.5 min on 2 cores
