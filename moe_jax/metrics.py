@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 from typing import Any, Mapping
 
@@ -115,13 +116,33 @@ class RunMetrics:
 
 
 def read_metrics(workdir: str) -> RunMetrics:
-  """The one reader of `<workdir>/metrics.jsonl`."""
+  """The one reader of `<workdir>/metrics.jsonl` (either record format, see `_per_block`)."""
   by_kind: dict[str, dict[int, dict]] = {"train": {}, "eval": {}}
   with open(os.path.join(workdir, METRICS_FILE)) as f:
     for line in f:
-      record = json.loads(line)
+      record = _per_block(json.loads(line))
       by_kind[record["kind"]][record["step"]] = record
   return RunMetrics(train=by_kind["train"], eval=by_kind["eval"])
+
+
+_LEGACY_BLOCK_KEY = re.compile(r"layer(\d+)/(.+)")
+
+
+def _per_block(record: dict) -> dict:
+  """A record in today's form. Code before the per-block form (up to commit febd857, the model code pinned by
+  the Switch-vs-dense study, which keeps writing it) logged block b's statistics as flat "layer{b}/{stat}" keys;
+  they become `moe` entries here, so a pinned run reads like any other."""
+  blocks: dict[int, dict] = {}
+  plain = {}
+  for key, value in record.items():
+    match = _LEGACY_BLOCK_KEY.fullmatch(key)
+    if match:
+      blocks.setdefault(int(match.group(1)), {})[match.group(2)] = value
+    else:
+      plain[key] = value
+  if blocks:
+    plain["moe"] = [{"block": block, **stats} for block, stats in sorted(blocks.items())]
+  return plain
 
 
 class Progress:

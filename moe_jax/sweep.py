@@ -149,11 +149,22 @@ def aggregate(
     workdir_root: str,
     results_root: str,
 ) -> list[dict]:
-  """Write summary.json/.csv and curves.json for every finished run; returns the summary rows."""
+  """Write summary.json/.csv and curves.json for every finished run; returns the summary rows.
+
+  A run of the sweep with no finished workdir under `workdir_root` keeps the row and curves it already has in
+  `results_root` (the workdir was on another machine, or in an earlier session whose workdirs are gone), so a
+  sweep continued elsewhere adds to its committed results instead of dropping them. Steps to the dense loss are
+  recomputed over all rows.
+  """
+  committed_rows, committed_curves = _committed(sweep, results_root)
   rows, curves = [], {}
   for run in sweep.runs:
     workdir = run_workdir(workdir_root, sweep, run)
     if not is_finished(workdir):
+      if run.name in committed_rows:
+        rows.append(committed_rows[run.name])
+        if run.name in committed_curves:
+          curves[run.name] = committed_curves[run.name]
       continue
     config = build_config(run)
     with open(os.path.join(workdir, RESULT_FILE)) as f:
@@ -204,6 +215,20 @@ def aggregate(
       writer.writeheader()
       writer.writerows(rows)
   return rows
+
+
+def _committed(sweep: ml_collections.ConfigDict, results_root: str) -> tuple[dict[str, dict], dict[str, dict]]:
+  """(rows by run name, curves by run name) of the sweep's results already in `results_root`; empty if none."""
+  out = os.path.join(results_root, sweep.name)
+  try:
+    with open(os.path.join(out, "summary.json")) as f:
+      summary = json.load(f)
+    with open(os.path.join(out, "curves.json")) as f:
+      curves = json.load(f)
+  except FileNotFoundError:
+    return {}, {}
+  rows = {row["run"]: row for row in summary["runs"] + summary["diverged"]}
+  return rows, curves
 
 
 def _median_tokens_per_s(train: dict[int, dict]) -> float | None:

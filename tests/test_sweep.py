@@ -2,10 +2,12 @@
 
 import json
 import os
+import shutil
 
 import pytest
 
 from configs.sweeps import ablations, common, scaling
+from moe_jax import metrics as metrics_lib
 from moe_jax import sweep as sweep_lib
 
 TINY = {"model.d_model": 16, "model.num_heads": 2, "model.head_dim": 8, "model.num_layers": 2, "model.d_ff": 32,
@@ -80,6 +82,24 @@ def test_sweep_runs_skips_finished_runs_and_aggregates(tmp_path, capsys):
   assert [step for step, _ in curves["dense-s0"]["eval"]] == [2, 4, 6]
   assert [entry["block"] for entry in curves["switch-e4-s0"]["routing"]] == [1]
   assert curves["dense-s0"]["routing"] == []
+
+  # Continued on another machine: the dense run's workdir is gone; its committed row and curves stay.
+  shutil.rmtree(sweep_lib.run_workdir(workdirs, sweep, sweep.runs[0]))
+  again = {row["run"]: row for row in sweep_lib.aggregate(sweep, common.build_config, workdirs, results)}
+  assert again == by_run
+  assert json.load(open(os.path.join(results, "unit-cpu", "curves.json"))) == curves
+
+
+def test_records_of_the_pinned_study_code_read_as_per_block_entries(tmp_path):
+  # Commit febd857 (the model code of results/PROTOCOL.md) logs block b's statistics as flat "layer{b}/..." keys.
+  legacy = {"step": 3, "kind": "train", "loss": 2.0, "layer3/mean_top_gate": 0.5, "layer1/mean_top_gate": 0.25,
+            "layer1/dropped_token_fraction": 0.125}
+  (tmp_path / "metrics.jsonl").write_text(json.dumps(legacy) + "\n")
+  run = metrics_lib.read_metrics(str(tmp_path))
+  assert run.moe_blocks() == [1, 3]
+  assert run.block_series(1, "mean_top_gate") == {3: 0.25} and run.block_series(3, "mean_top_gate") == {3: 0.5}
+  assert run.block_series(1, "dropped_token_fraction") == {3: 0.125}
+  assert run.series("loss") == {3: 2.0}
 
 
 def test_a_diverged_run_is_recorded_and_listed_not_dropped(tmp_path, monkeypatch):
