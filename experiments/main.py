@@ -20,12 +20,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import scipy.stats  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
 from configs import lm  # noqa: E402
-from moe_jax import config_lib, data as data_lib, parallel, resolve, train  # noqa: E402
+from moe_jax import config_lib, data as data_lib, parallel, resolve, stats, train  # noqa: E402
 from moe_jax.checkpoint import Checkpointer  # noqa: E402
 
 ARMS = ("switch-cpu", "dense-cpu")
@@ -61,15 +60,6 @@ def per_batch_eval_losses(config, workdir: str, num_batches: int) -> np.ndarray:
   return np.asarray(losses)
 
 
-def paired_gap(switch: np.ndarray, dense: np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
-  """(mean of switch - dense, standard error, half-width of the t-interval) over paired batches."""
-  differences = switch - dense
-  n = len(differences)
-  standard_error = float(np.std(differences, ddof=1) / np.sqrt(n))
-  half_width = float(scipy.stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * standard_error
-  return float(np.mean(differences)), standard_error, half_width
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--steps", type=int, default=200)
@@ -101,12 +91,14 @@ def main() -> None:
         f"mean over the same {args.eval_batches} validation batches")
   for name in ARMS:
     print(f"  {name:<12} {np.mean(per_batch[name]):.4f}   (training {results[name].wall_time_s:.0f} s)")
-  gap, standard_error, half_width = paired_gap(per_batch["switch-cpu"], per_batch["dense-cpu"])
-  print(f"  Switch - dense: {gap:+.4f} nats (paired standard error {standard_error:.4f}; 95% interval "
-        f"{gap - half_width:+.4f} .. {gap + half_width:+.4f}; negative = Switch better)")
-  if abs(gap) > half_width:
+  gap = stats.paired_difference(per_batch["switch-cpu"], per_batch["dense-cpu"])
+  low, high = gap.interval
+  print(f"  Switch - dense: {gap.mean:+.4f} nats (paired standard error {gap.standard_error:.4f}; 95% interval "
+        f"{low:+.4f} .. {high:+.4f}; negative = Switch better)")
+  ahead = gap.verdict("Switch", "dense")
+  if ahead != "inconclusive":
     verdict = (f"beyond the evaluation noise: these two models differ by more than their scoring sample explains "
-               f"({'Switch' if gap < 0 else 'dense'} ahead)")
+               f"({ahead} ahead)")
   else:
     verdict = "within the evaluation noise: on this sample the two models cannot be told apart"
   print(f"  {verdict}.")

@@ -4,9 +4,11 @@ notebook regenerates the committed diagnosis table from the committed results.""
 import pathlib
 
 import nbformat
+import pytest
 
 from configs.sweeps import common, confirm, diagnosis
-from tests.test_notebooks import NOTEBOOKS, execute
+from moe_jax import stats
+from tests.test_notebooks import NOTEBOOKS, _aggregate, execute
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DIAGNOSIS = ROOT / "results" / "diagnosis"
@@ -45,3 +47,38 @@ def test_diagnosis_notebook_regenerates_the_committed_table(tmp_path, monkeypatc
   assert {"diagnosis_lr", "diagnosis_routing"} <= figures
   table = (tmp_path / "diagnosis_table.md").read_text().strip()
   assert table in (DIAGNOSIS / "README.md").read_text(), "results/diagnosis/README.md holds a stale table"
+
+
+CONFIRM = ROOT / "results" / "confirm"
+
+
+def test_confirm_notebook_is_stored_without_outputs():
+  notebook = nbformat.read(NOTEBOOKS / "confirm.ipynb", as_version=4)
+  nbformat.validate(notebook)
+  assert all(not cell.outputs for cell in notebook.cells if cell.cell_type == "code")
+
+
+def test_confirm_notebook_reports_the_protocols_paired_interval(tmp_path, monkeypatch):
+  # Fake finished runs through the real aggregator: three E = 8 pairs, one E = 16 pair, the rest still to run.
+  floors = {"dense-s0": 2.0, "dense-s1": 2.03, "dense-s2": 1.98,
+            "switch-e8-s0": 1.96, "switch-e8-s1": 2.01, "switch-e8-s2": 1.95, "switch-e16-s0": 2.05}
+  _aggregate(confirm.get_config(), floors, tmp_path)
+  figures = execute("confirm", tmp_path / "figures", monkeypatch, results=tmp_path / "results")
+  assert {"confirm_eval_vs_tokens", "confirm_final_vs_experts"} <= figures
+  table = (tmp_path / "figures" / "confirm_table.md").read_text()
+  # The fixture's eval loss ends at floor + 0.05 for every run, so d_s is the difference of the floors.
+  gap = stats.paired_difference([1.96, 2.01, 1.95], [2.0, 2.03, 1.98])
+  low, high = gap.interval
+  e8 = next(line for line in table.splitlines() if line.startswith("| E = 8 |"))
+  assert f"{gap.mean:+.4f}" in e8 and f"{low:+.4f} .. {high:+.4f}" in e8
+  assert gap.verdict("Switch better", "dense better") in e8
+  e16 = next(line for line in table.splitlines() if line.startswith("| E = 16 |"))
+  assert "+0.0500" in e16 and "- .. -" in e16  # one pair: a difference, no interval
+
+
+def test_confirm_notebook_regenerates_the_committed_table(tmp_path, monkeypatch):
+  if not (CONFIRM / "summary.json").exists():
+    pytest.skip("no confirmatory run has finished yet (results/confirm/ is written by the first)")
+  execute("confirm", tmp_path, monkeypatch)
+  table = (tmp_path / "confirm_table.md").read_text().strip()
+  assert table in (ROOT / "results" / "README.md").read_text(), "results/README.md holds a stale confirm table"

@@ -1,0 +1,53 @@
+"""Paired differences with a t-interval: the statistics of results/PROTOCOL.md and of `make run`.
+
+Used wherever two arms are compared on matched units (seeds that share a data order, or evaluation batches
+that both models score), so the interval is computed one way everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import scipy.stats
+
+
+@dataclasses.dataclass(frozen=True)
+class PairedDifference:
+  """mean(a - b) over n pairs, its standard error and the half-width of the two-sided t-interval."""
+
+  mean: float
+  standard_error: float
+  half_width: float  # t(1 - (1 - confidence) / 2, n - 1) * standard_error; nan for n < 2
+  n: int
+  differences: tuple[float, ...]
+
+  @property
+  def interval(self) -> tuple[float, float]:
+    return self.mean - self.half_width, self.mean + self.half_width
+
+  def verdict(self, below: str, above: str) -> str:
+    """`below` when the whole interval is below 0, `above` when above, else 'inconclusive' (PROTOCOL.md)."""
+    low, high = self.interval
+    if high < 0:
+      return below
+    if low > 0:
+      return above
+    return "inconclusive"
+
+
+def paired_difference(a, b, confidence: float = 0.95) -> PairedDifference:
+  """Paired t-interval of a - b (Student 1908): mean +- t(0.5 + confidence / 2, n - 1) * sd / sqrt(n)."""
+  a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+  if a.shape != b.shape or a.ndim != 1:
+    raise ValueError(f"paired samples must be two 1-d arrays of one length, got shapes {a.shape} and {b.shape}")
+  if not 0 < confidence < 1:
+    raise ValueError(f"confidence={confidence} must be in (0, 1)")
+  differences = a - b
+  n = len(differences)
+  if n < 2:
+    return PairedDifference(float(np.mean(differences)) if n else float("nan"), float("nan"), float("nan"), n,
+                            tuple(differences.tolist()))
+  standard_error = float(np.std(differences, ddof=1) / np.sqrt(n))
+  half_width = float(scipy.stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * standard_error
+  return PairedDifference(float(np.mean(differences)), standard_error, half_width, n, tuple(differences.tolist()))
