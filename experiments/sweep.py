@@ -1,7 +1,7 @@
 """Run a sweep locally in sequence (skipping finished runs), or print one command per run for a scheduler.
 
   python experiments/sweep.py --sweep=configs/sweeps/scaling.py:cpu
-  python experiments/sweep.py --sweep=configs/sweeps/ablations.py:capacity-gpu --print_commands
+  python experiments/sweep.py --sweep=configs/sweeps/ablations.py:gpu --print_commands
   python experiments/sweep.py --sweep=configs/sweeps/scaling.py:cpu --aggregate_only
 
 Results go to <results_root>/<sweep>/{summary.json, summary.csv, curves.json} when the sweep ends (or at once

@@ -46,9 +46,9 @@ def figures_dir() -> pathlib.Path:
 
 
 def sweep_command(sweep: str) -> str:
-  """The command that trains and aggregates a sweep, e.g. 'scaling-cpu' or 'capacity-cpu'."""
+  """The command that trains and aggregates a sweep, e.g. 'scaling-cpu' or 'ablations-cpu'."""
   name, _, size = sweep.rpartition("-")
-  arg = f"configs/sweeps/scaling.py:{size}" if name == "scaling" else f"configs/sweeps/ablations.py:{sweep}"
+  arg = f"configs/sweeps/{name}.py:{size}"
   return f"python experiments/sweep.py --sweep={arg}"
 
 
@@ -59,6 +59,7 @@ class Sweep:
   name: str
   rows: list[dict]
   curves: dict
+  diverged: list[dict] = dataclasses.field(default_factory=list)  # runs stopped by a non-finite loss
 
   def groups(self) -> dict[str, list[dict]]:
     """{group: rows}, dense first, then by expert count; ties keep the sweep config's order."""
@@ -91,7 +92,7 @@ def load_sweep(sweep: str, *, required: bool = True) -> Sweep | None:
     if not required:
       return None
     raise ValueError(f"{summary_path} lists no finished runs yet: run `{sweep_command(sweep)}`")
-  return Sweep(name=summary["sweep"], rows=summary["runs"], curves=curves)
+  return Sweep(name=summary["sweep"], rows=summary["runs"], curves=curves, diverged=summary.get("diverged", []))
 
 
 def spread(values) -> tuple[float, float, float]:

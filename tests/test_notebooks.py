@@ -17,6 +17,7 @@ import pytest
 from nbclient import NotebookClient
 
 from configs.sweeps import ablations, common, scaling
+from moe_jax import stats
 from moe_jax import sweep as sweep_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -72,9 +73,8 @@ def test_notebook_runs_on_committed_results(name, tmp_path, monkeypatch):
         f"{SCALING_SUMMARY} is missing: run `{plotting.sweep_command('scaling-cpu')}` (or add --aggregate_only "
         "when its runs have finished) and commit results/scaling-cpu/")
   expected = set(FIGURES_ON_REAL_RESULTS[name])
-  if name == "ablations":
-    expected |= {f"{sweep}-cpu_{kind}" for sweep in ablations.ABLATIONS for kind in ("final_loss", "eval_curves")
-                 if (ROOT / "results" / f"{sweep}-cpu" / "summary.json").exists()}
+  if name == "ablations" and (ROOT / "results" / "ablations-cpu" / "summary.json").exists():
+    expected.add("ablations-cpu_capacity_final_loss")
   assert expected <= execute(name, tmp_path, monkeypatch)
 
 
@@ -82,9 +82,8 @@ def test_missing_sweep_names_the_command_to_run(tmp_path, monkeypatch):
   monkeypatch.setenv("MOE_JAX_RESULTS_DIR", str(tmp_path))
   with pytest.raises(FileNotFoundError, match=r"python experiments/sweep.py --sweep=configs/sweeps/scaling.py:cpu"):
     plotting.load_sweep("scaling-cpu")
-  assert plotting.load_sweep("capacity-cpu", required=False) is None
-  assert plotting.sweep_command("capacity-cpu") == (
-      "python experiments/sweep.py --sweep=configs/sweeps/ablations.py:capacity-cpu")
+  assert plotting.load_sweep("ablations-cpu", required=False) is None
+  assert plotting.sweep_command("ablations-cpu") == "python experiments/sweep.py --sweep=configs/sweeps/ablations.py:cpu"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -125,6 +124,16 @@ def _aggregate(sweep, floors: dict[str, float], root: pathlib.Path) -> None:
   sweep_lib.aggregate(sweep, common.build_config, str(root / "work"), str(root / "results"))
 
 
+def _diverge(sweep, run_name: str, root: pathlib.Path) -> None:
+  """Mark one run as diverged (as the runner records a non-finite loss) and re-aggregate the sweep."""
+  run = next(run for run in sweep.runs if run.name == run_name)
+  workdir = root / "work" / sweep.name / run.name
+  workdir.mkdir(parents=True)
+  with open(workdir / sweep_lib.RESULT_FILE, "w") as f:
+    json.dump({"status": "diverged", "error": "non-finite loss (nan) at step 123"}, f)
+  sweep_lib.aggregate(sweep, common.build_config, str(root / "work"), str(root / "results"))
+
+
 @pytest.fixture(scope="module")
 def fixture_results(tmp_path_factory) -> pathlib.Path:
   root = tmp_path_factory.mktemp("notebook_fixture")
@@ -134,11 +143,15 @@ def fixture_results(tmp_path_factory) -> pathlib.Path:
       "switch-e8-s0": 1.9,                          # one seed only
       "switch-e64-s0": 2.1, "switch-e64-s1": 2.12,  # never reaches the dense loss
   }, root)
-  _aggregate(ablations.get_config("capacity-cpu"),
-             {run.name: 2.0 - 0.01 * i for i, run in enumerate(ablations.get_config("capacity-cpu").runs)}, root)
-  _aggregate(ablations.get_config("init_scale-cpu"),
-             {run.name: 2.0 + ("init1-" in run.name) * 0.3 * run.seed for run in
-              ablations.get_config("init_scale-cpu").runs}, root)
+  # Ablations: every capacity setting on both seeds, init scale 1.0 worse with a seed spread, and a diverged
+  # bfloat16-router run: the branches the committed results may not have.
+  sweep = ablations.get_config("cpu")
+  floors = {run.name: 2.0 + 0.01 * list(ablations.SETTINGS).index(run.group) + 0.003 * run.seed
+            for run in sweep.runs if run.group in ablations.ABLATIONS["capacity"]}
+  floors.update({f"init1-s{seed}": 2.3 + 0.1 * seed for seed in (0, 1, 2)})
+  floors.update({f"baseline-s{seed}": 2.0 + 0.003 * seed for seed in (0, 1, 2)})
+  _aggregate(sweep, floors, root)
+  _diverge(sweep, "router-bfloat16-s0", root)
   return root / "results"
 
 
@@ -146,5 +159,13 @@ def fixture_results(tmp_path_factory) -> pathlib.Path:
 def test_notebook_runs_on_fixture(name, fixture_results, tmp_path, monkeypatch):
   expected = set(FIGURES_ON_REAL_RESULTS[name])
   if name == "ablations":
-    expected = {f"{sweep}-cpu_{kind}" for sweep in ("capacity", "init_scale") for kind in ("final_loss", "eval_curves")}
+    expected = {f"ablations-cpu_{ablation}_{kind}" for ablation in ("capacity", "init_scale")
+                for kind in ("final_loss", "eval_curves")}
   assert expected <= execute(name, tmp_path, monkeypatch, results=fixture_results)
+  if name == "ablations":
+    table = (tmp_path / "ablations_table.md").read_text()
+    init = next(line for line in table.splitlines() if "| init1 |" in line)
+    gap = stats.paired_difference([2.3, 2.4, 2.5], [2.0, 2.003, 2.006])
+    assert f"{gap.mean:+.4f}" in init and "| agrees |" in init  # worse, as Table 3
+    assert "diverged: seed 0" in next(line for line in table.splitlines() if "| router-bfloat16 |" in line)
+    assert "(not run yet)" in next(line for line in table.splitlines() if "| jitter0.01 |" in line)

@@ -34,15 +34,29 @@ def test_scaling_sweep_lists_dense_and_every_expert_count_per_seed():
     assert config.model.moe_layer_interval == (0 if run.group == "dense" else 2)
 
 
-def test_top2_capacity_runs_are_marked_not_flop_matched():
-  sweep = ablations.get_config("capacity-cpu")
+def test_only_top2_runs_are_not_flop_matched_and_every_setting_changes_one_baseline_field():
+  sweep = ablations.get_config("cpu")
+  baseline = common.flat_overrides(next(run for run in sweep.runs if run.group == ablations.BASELINE))
   for run in sweep.runs:
-    assert run.flop_matched == run.name.startswith("top1"), run.name
+    assert run.flop_matched == (not run.group.startswith("top2")), run.name
+    changed = {k for k, v in common.flat_overrides(run).items() if baseline.get(k) != v} - {"seed"}
+    assert changed == set(ablations.SETTINGS[run.group][0]), run.name
 
 
-def test_unknown_ablation_and_size_are_refused():
-  with pytest.raises(ValueError, match="ablation"):
-    ablations.get_config("dropout-cpu")
+def test_ablations_pair_every_setting_with_the_baseline_seed_and_train_on_2_5m_tokens():
+  sweep = ablations.get_config("cpu")
+  names = {run.name for run in sweep.runs}
+  for run in sweep.runs:
+    assert f"{ablations.BASELINE}-s{run.seed}" in names, run.name
+    config = common.build_config(run)
+    assert config.train.num_steps * config.train.batch_size * config.train.seq_len >= 2_500_000 - 2000
+  init_seeds = {run.seed for run in sweep.runs if run.group == "init1"}
+  assert init_seeds == {0, 1, 2}  # Table 3 reports 3 seeds
+
+
+def test_unknown_ablation_size_and_sweep_size_are_refused():
+  with pytest.raises(ValueError, match="size"):
+    ablations.get_config("capacity-cpu")
   with pytest.raises(ValueError, match="size"):
     scaling.get_config("tpu")
 

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Run runs of a study sweep from the pinned model code, as results/PROTOCOL.md prescribes.
+#
+#   experiments/study.sh configs/sweeps/confirm.py CORE RUN[,RUN...] [WORKDIR_ROOT]
+#
+# Builds (once) a tree from `git archive PINNED_COMMIT` (configs/sweeps/confirm.py names it) with this
+# checkout's sweep config copied in, the only file that differs; runs the named runs there in sequence, niced
+# and pinned to one CPU core (XLA then uses one intra-op thread, so two runs share a 2-core machine and each is
+# bitwise reproducible on one core). Every result.json records $MOE_JAX_COMMIT =
+# "<PINNED_COMMIT>+<sweep file>@<this commit>". Interrupted runs resume from their last checkpoint when the
+# same command is run again. Afterwards, aggregate into results/ with this checkout:
+#   python experiments/sweep.py --sweep=<sweep file> --workdir_root=WORKDIR_ROOT --aggregate_only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+sweep_file=$1 core=$2 runs=$3 workdir_root=${4:-$HOME/moe_jax_study}
+python=${PYTHON:-$PWD/.venv/bin/python}
+pinned=$(PYTHONPATH=. "$python" -c "from configs.sweeps import confirm; print(confirm.PINNED_COMMIT)")
+here=$(git rev-parse HEAD)
+if ! git diff --quiet HEAD -- "$sweep_file"; then
+  echo "$sweep_file has uncommitted changes: commit it first, so that the runs record the sweep they ran" >&2
+  exit 2
+fi
+tree=$workdir_root/code/$pinned+$(basename "$sweep_file")@$here
+if [ ! -d "$tree" ]; then
+  mkdir -p "$tree.tmp"
+  git archive "$pinned" | tar -x -C "$tree.tmp"
+  cp "$sweep_file" "$tree.tmp/$sweep_file"
+  mv "$tree.tmp" "$tree"
+fi
+cd "$tree"
+if git rev-parse --git-dir >/dev/null 2>&1; then  # the runner would record that repository's commit instead
+  echo "WORKDIR_ROOT=$workdir_root lies inside a git checkout: choose a folder outside any repository" >&2
+  exit 2
+fi
+export MOE_JAX_COMMIT="$pinned+$sweep_file@$here" PYTHONPATH=.
+exec taskset -c "$core" nice -n 19 "$python" experiments/sweep.py --sweep="$sweep_file" \
+  --workdir_root="$workdir_root" --results_root="$workdir_root/results-core$core" --only="$runs"
