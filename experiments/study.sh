@@ -3,8 +3,9 @@
 #
 #   experiments/study.sh configs/sweeps/confirm.py CORE RUN[,RUN...] [WORKDIR_ROOT]
 #
-# Builds (once) a tree from `git archive PINNED_COMMIT` (configs/sweeps/confirm.py names it) with this
-# checkout's sweep config copied in, the only file that differs; runs the named runs there in sequence, niced
+# Builds (once) a tree from `git archive` of the sweep's PINNED_COMMIT (configs/sweeps/confirm.py names one; a
+# sweep without one, e.g. the ablations, runs the code of this commit) with this checkout's sweep config copied
+# in, the only file that may differ; runs the named runs there in sequence, niced
 # and pinned to one CPU core (XLA then uses one intra-op thread, so two runs share a 2-core machine and each is
 # bitwise reproducible on one core). Every result.json records $MOE_JAX_COMMIT =
 # "<PINNED_COMMIT>+<sweep file>@<this commit>". Interrupted runs resume from their last checkpoint when the
@@ -14,8 +15,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 sweep_file=$1 core=$2 runs=$3 workdir_root=${4:-$HOME/moe_jax_study}
 python=${PYTHON:-$PWD/.venv/bin/python}
-pinned=$(PYTHONPATH=. "$python" -c "from configs.sweeps import confirm; print(confirm.PINNED_COMMIT)")
 here=$(git rev-parse HEAD)
+module=$(echo "${sweep_file%.py}" | tr / .)
+pinned=$(PYTHONPATH=. "$python" -c "import importlib; print(getattr(importlib.import_module('$module'), 'PINNED_COMMIT', '$here'))")
 if ! git diff --quiet HEAD -- "$sweep_file"; then
   echo "$sweep_file has uncommitted changes: commit it first, so that the runs record the sweep they ran" >&2
   exit 2
