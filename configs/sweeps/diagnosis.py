@@ -59,3 +59,34 @@ def get_config(arg: str = "cpu"):
     base, group, overrides = runs[name]
     common.add_run(sweep, name, group=group, base=base, seed=SEED, overrides=dict(SETTINGS, **overrides))
   return sweep
+
+
+# The rule of results/PROTOCOL.md that turns the diagnosis into the confirmatory settings (configs/sweeps/confirm.py
+# holds its outcome; tests/test_diagnosis.py checks the two agree on the committed results).
+TIE_NATS = 0.001  # a setting must beat the default by more than this to replace it
+DEFAULT_ROUTING = "switch-lr0.003"  # one group per sequence, capacity factor 1.25
+ROUTING_CANDIDATES = (DEFAULT_ROUTING, "switch-group-1024", "switch-group-4096", "switch-cap-2", "switch-cap-none")
+ALPHA_CANDIDATES = {"switch-aux-1e-3": 1e-3, DEFAULT_ROUTING: 1e-2, "switch-aux-1e-1": 1e-1}
+
+
+def protocol_choice(final_loss: dict[str, float]) -> tuple[dict, dict]:
+  """(dense overrides, Switch overrides) chosen from {run name: final eval loss} by the protocol's rule: each
+  arm's best learning rate, the best Switch routing at BASE_LR and the best alpha at BASE_LR, each on its own;
+  a candidate replaces the default only when it is better by more than TIE_NATS. Raises while runs are missing."""
+  missing = sorted(set(ORDER) - set(final_loss))
+  if missing:
+    raise ValueError(f"the diagnosis is incomplete; missing runs: {missing}")
+
+  def best(candidates: dict[str, object], default: str):
+    winner = min(candidates, key=lambda name: final_loss[name])
+    return candidates[winner if final_loss[winner] < final_loss[default] - TIE_NATS else default]
+
+  rate = {arm: best({f"{arm}-lr{lr:g}": lr for lr in LEARNING_RATES}, f"{arm}-lr{BASE_LR:g}")
+          for arm in ("dense", "switch")}
+  routing = best({name: ABLATIONS[name[len("switch-"):]][1] if name != DEFAULT_ROUTING else {}
+                  for name in ROUTING_CANDIDATES}, DEFAULT_ROUTING)
+  alpha = best(ALPHA_CANDIDATES, DEFAULT_ROUTING)
+  switch = {"train.learning_rate": rate["switch"], **routing}
+  if alpha != ALPHA_CANDIDATES[DEFAULT_ROUTING]:
+    switch["train.aux_loss_weight"] = alpha
+  return {"train.learning_rate": rate["dense"]}, switch
