@@ -5,10 +5,12 @@ Axis legend (as in `moe_jax.routing`):
   M d_model · F d_ff · B batch · L sequence length.
 
 `MoeFeedForward` = router (`moe_jax.routing`) -> dispatch backend (`moe_jax.dispatch`) -> experts
-(`moe_jax.experts`), the Switch Transformer FFN layer (Fedus et al. 2021) generalised to top-k and expert
-choice. It returns its output and a `MoeAux` with the auxiliary losses; adding them to the training loss
-(scaled, Switch alpha = 1e-2, ST-MoE z-loss 1e-3) is the caller's job, as is the residual connection that
-carries dropped tokens.
+(`moe_jax.experts`), the Switch Transformer FFN layer (Fedus et al. 2021) generalised to top-k, expert choice,
+Soft MoE, BASE layers and Hash layers (`ROUTERS`). Hash layers read token ids, which the caller passes as
+`token_ids` (the decoder LM does so only for them); Soft MoE and expert choice are non-causal and need
+causal=False (an encoder). It returns its output and a `MoeAux` with the auxiliary losses; adding them to the
+training loss (scaled, Switch alpha = 1e-2, ST-MoE z-loss 1e-3) is the caller's job, as is the residual
+connection that carries dropped tokens.
 
 Routing groups (`MoeConfig.group_size`). Routers rank tokens and fill capacity within a group, so the group
 is part of the layer's definition:

@@ -252,7 +252,8 @@ def test_hash_route_keeps_switch_capacity_with_weight_one(capacity_factor, dropl
       jax.nn.one_hot(reference.hash_experts(ids, 4), 4), 1, route.capacity)
   chex.assert_trees_all_equal(np.asarray(route.expert_index), expected_index)
   chex.assert_trees_all_equal(np.asarray(route.kept), expected_kept)
-  chex.assert_trees_all_equal(np.asarray(jnp.where(route.kept, route.slot, 0)), np.where(expected_kept, expected_slot, 0))
+  chex.assert_trees_all_equal(np.asarray(jnp.where(route.kept, route.slot, 0)),
+                              np.where(expected_kept, expected_slot, 0))
   chex.assert_trees_all_equal(route.combine_weight, route.kept.astype(jnp.float32))
   if dropless:
     assert bool(jnp.all(route.kept))
@@ -286,6 +287,46 @@ def test_hash_layer_output_depends_on_token_ids_through_the_hash_only():
                             jnp.int32).reshape(ids.shape)
   chex.assert_trees_all_equal(routing.hash_experts(same_expert, 4), routing.hash_experts(ids, 4))
   chex.assert_trees_all_close(layer(x, token_ids=same_expert)[0], out, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The layers: expert choice in an encoder, every backend for BASE and hash.
+
+
+def test_expert_choice_is_refused_in_a_causal_layer_and_each_expert_takes_exactly_c_tokens_in_an_encoder():
+  config = MoeConfig(num_experts=4, router="expert_choice", capacity_factor=1.0, dispatch="einsum")
+  with pytest.raises(ValueError, match=r"moe.router='expert_choice' is non-causal.*causal=False"):
+    MoeFeedForward(8, 16, config, rngs=nnx.Rngs(0))
+  layer = MoeFeedForward(8, 16, config, causal=False, rngs=nnx.Rngs(0))
+  assert not layer.causal
+  x = normal((2, 8, 8), 0)
+  out, aux = nnx.jit(lambda layer, x: layer(x, deterministic=False))(layer, x)
+  route = routing.expert_choice_route(routing.router_logits(x, layer.router[...]), capacity_factor=1.0)
+  chex.assert_trees_all_equal(tokens_per_expert(route), jnp.full((2, 4), float(route.capacity)))
+  chex.assert_trees_all_equal(aux.metrics.expert_load, jnp.ones(4))
+  weights = experts_lib.ExpertWeights(wi_0=layer.wi_0[...], wo=layer.wo[...])
+  chex.assert_trees_all_close(out, reference.moe(x, route, weights, activation="gelu"), atol=1e-5)
+
+
+BACKENDS = [("einsum", False), ("gather", False), ("dropless", True), ("ragged_dot", True)]
+
+
+@pytest.mark.parametrize("router, deterministic", [("base", False), ("base", True), ("hash", False)])
+def test_base_and_hash_layers_equal_the_reference_moe_on_every_backend(router, deterministic):
+  """BASE never drops and hash drops like Switch, so every backend computes the reference MoE of their routing."""
+  x, ids = normal((2, 8, 8), 0), token_ids((2, 8), 1, vocab=30)
+  for backend, dropless in BACKENDS:
+    config = MoeConfig(num_experts=4, router=router, capacity_factor=1.0, dispatch=backend, dropless=dropless)
+    layer = MoeFeedForward(8, 16, config, rngs=nnx.Rngs(0))
+    extra = dict(token_ids=ids) if router == "hash" else {}
+    out, aux = nnx.jit(lambda layer, x: layer(x, deterministic=deterministic, **extra))(layer, x)
+    if router == "base":
+      route = routing.base_route(routing.router_logits(x, layer.router[...]), balanced=not deterministic)
+    else:
+      route = routing.hash_route(ids, num_experts=4, capacity_factor=1.0, dropless=dropless)
+    weights = experts_lib.ExpertWeights(wi_0=layer.wi_0[...], wo=layer.wo[...])
+    chex.assert_trees_all_close(out, reference.moe(x, route, weights, activation="gelu"), atol=1e-5)
+    chex.assert_trees_all_close(aux.load_balancing_loss, route.load_balancing_loss, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------
