@@ -242,6 +242,7 @@ def soft_dispatch(
   out = out.reshape(num_experts, num_groups, slots, d_model)
   return jnp.einsum("gsep,egpm->gsm", route.combine_weight.astype(out.dtype), out)
 
+
 BACKENDS: dict[str, Backend] = {
     "einsum": einsum_dispatch,
     "gather": gather_dispatch,
