@@ -140,6 +140,14 @@ class MoeConfig(Section):
   Combinations that would be silently ignored are refused: `top_k` > 1 outside router='top_k', `renormalize`
   and the random second-expert policy outside 'top_k', `batch_prioritized` or `dropless` with expert choice
   (whose capacity is its definition), dispatch='dropless' without dropless=True.
+
+  Routers (moe.router): 'switch', 'top_k' (token choice, with the DeepSeek options), 'expert_choice' (Zhou et al.
+  2022), 'soft_moe' (Puigcerver et al. 2023: P = `slots_per_expert` slots per expert, each a softmax mixture of
+  the group's tokens; dispatch='einsum' only, never drops), 'base' (BASE layers, Lewis et al. 2021: exactly
+  S / E tokens per expert in training, `sinkhorn_iterations` Sinkhorn steps then a balanced greedy assignment;
+  greedy top-1 without drops at evaluation; the capacity factors are unused, S must be a multiple of E), 'hash'
+  (Hash layers, Roller et al. 2021: a fixed hash of the token id, no learned router; the model passes it the
+  token ids). 'expert_choice' and 'soft_moe' are non-causal: encoder layers only (MoeFeedForward causal=False).
   """
 
   NAME: ClassVar[str] = "moe"
@@ -183,6 +191,10 @@ class MoeConfig(Section):
                                      "step of the per-expert selection bias after each training step; 0 = off")
   sequence_aux_loss_weight: float = field(0.0, non_negative(), "alpha of DeepSeek-V3's sequence-wise balance loss "
                                           "(eqs. 17-20; V3: 1e-4); 0 = off")
+  slots_per_expert: int = field(1, at_least(1), "Soft MoE slots P per expert (Puigcerver et al. 2023); 1 unless "
+                                "router='soft_moe'")
+  sinkhorn_iterations: int = field(8, at_least(0), "BASE layers: Sinkhorn steps balancing the affinities before the "
+                                   "balanced assignment (router='base' only)")
 
   def _check(self) -> None:
     """`top_k <= num_experts`, and `top_k = 1` unless router='top_k'; dropless, batch_prioritized are token-choice
@@ -191,7 +203,10 @@ class MoeConfig(Section):
     router='top_k'; so do the DeepSeek options (score_function='sigmoid', routed_scaling != 1, num_expert_groups > 1, balancing_bias_rate > 0,
     sequence_aux_loss_weight > 0); `num_expert_groups` divides `num_experts`, `topk_expert_groups <=
     num_expert_groups`, `top_k <= topk_expert_groups * num_experts / num_expert_groups`; group_score='top2_sum'
-    needs num_expert_groups > 1 and >= 2 experts per group."""
+    needs num_expert_groups > 1 and >= 2 experts per group. batch_prioritized is for 'switch' and 'top_k' only;
+    router='soft_moe' needs dispatch='einsum' and refuses dropless, and with 'hash' refuses the options of a
+    learned logit router (jitter_eps > 0, router_dtype='bfloat16', check_router_inputs); slots_per_expert != 1
+    needs router='soft_moe', sinkhorn_iterations != 8 router='base'."""
     if self.top_k > self.num_experts:
       raise ValueError(f"moe.top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
     if self.router != "top_k" and self.top_k != 1:
@@ -209,9 +224,29 @@ class MoeConfig(Section):
                        "'gather' or 'einsum')")
     if self.renormalize and self.router != "top_k":
       raise ValueError(f"moe.renormalize=True needs router='top_k'; got router={self.router!r}")
-    if self.batch_prioritized and self.router == "expert_choice":
-      raise ValueError("moe.batch_prioritized=True is a token-choice option; moe.router='expert_choice' has no "
+    if self.batch_prioritized and self.router not in ("switch", "top_k"):
+      raise ValueError(f"moe.batch_prioritized=True is a token-choice option; moe.router={self.router!r} has no "
                        "use for it")
+    if self.router == "soft_moe":
+      if self.dispatch != "einsum":
+        raise ValueError(f"moe.dispatch={self.dispatch!r} cannot run router='soft_moe', whose slots are weighted "
+                         "sums of every token; use dispatch='einsum'")
+      if self.dropless:
+        raise ValueError("moe.dropless=True is not available for router='soft_moe' (it never drops: every token "
+                         "reaches every slot)")
+    if self.router in ("soft_moe", "hash"):
+      learned_logits = dict(jitter_eps=self.jitter_eps > 0, router_dtype=self.router_dtype != "float32",
+                            check_router_inputs=self.check_router_inputs)
+      for name, used in learned_logits.items():
+        if used:
+          raise ValueError(f"moe.{name}={getattr(self, name)!r} is an option of the router logits x W, which "
+                           f"router={self.router!r} does not compute")
+    if self.slots_per_expert != 1 and self.router != "soft_moe":
+      raise ValueError(f"moe.slots_per_expert={self.slots_per_expert} needs router='soft_moe'; got "
+                       f"router={self.router!r}")
+    if self.sinkhorn_iterations != 8 and self.router != "base":
+      raise ValueError(f"moe.sinkhorn_iterations={self.sinkhorn_iterations} needs router='base'; got "
+                       f"router={self.router!r}")
     if self.second_expert_policy == "random" and self.router != "top_k":
       raise ValueError(f"moe.second_expert_policy='random' needs router='top_k'; got router={self.router!r}")
     deepseek = dict(score_function=self.score_function != "softmax", routed_scaling=self.routed_scaling != 1.0,
@@ -233,6 +268,11 @@ class MoeConfig(Section):
     if self.group_score == "top2_sum" and (self.num_expert_groups == 1 or per_group < 2):
       raise ValueError(f"moe.group_score='top2_sum' needs num_expert_groups > 1 and >= 2 experts per group; got "
                        f"num_expert_groups={self.num_expert_groups} of {per_group} experts")
+
+  @property
+  def needs_token_ids(self) -> bool:
+    """Whether the router reads token ids instead of (only) token features: Hash layers."""
+    return self.router == "hash"
 
   @property
   def needs_rng(self) -> bool:
@@ -404,9 +444,9 @@ class ExperimentConfig(Section):
 
   def _check(self) -> None:
     """`train.seq_len <= model.max_seq_len`; `train.batch_size` divisible by the mesh's devices; with MoE blocks:
-    `moe.num_experts` divisible by `mesh.expert`, `moe.router='expert_choice'` refused (non-causal in a
-    decoder), and routing groups (`moe.group_size`, 0: one per sequence) tiling the batch into a multiple of
-    the mesh's devices."""
+    `moe.num_experts` divisible by `mesh.expert`, the non-causal routers ('expert_choice', 'soft_moe') refused
+    (this config trains a decoder), routing groups (`moe.group_size`, 0: one per sequence) tiling the batch into
+    a multiple of the mesh's devices, and for router='base' tokens per group a multiple of `moe.num_experts`."""
     model, moe, train, mesh = self.model, self.moe, self.train, self.mesh
     if train.seq_len > model.max_seq_len:
       raise ValueError(f"train.seq_len={train.seq_len} must be <= model.max_seq_len={model.max_seq_len}")
@@ -418,13 +458,17 @@ class ExperimentConfig(Section):
       return
     if moe.num_experts % mesh.expert:
       raise ValueError(f"moe.num_experts={moe.num_experts} must be divisible by mesh.expert={mesh.expert}")
-    if moe.router == "expert_choice":
-      raise ValueError("moe.router='expert_choice' is non-causal (each expert picks among all tokens of a group, "
-                       "future ones included) and cannot train an autoregressive decoder; use 'switch' or 'top_k'")
+    if moe.router in registry.names("non_causal_router"):
+      raise ValueError(f"moe.router={moe.router!r} is non-causal (a token's routing reads all tokens of its group, "
+                       "future ones included) and cannot train an autoregressive decoder; use 'switch', 'top_k', "
+                       "'base' or 'hash'")
     # Routing groups tile the batch and never straddle devices (moe_layer.group_tokens, parallel).
     tokens = train.batch_size * train.seq_len
     if tokens % self.tokens_per_group:
       raise ValueError(f"moe.group_size={moe.group_size} must divide train.batch_size * train.seq_len = {tokens}")
+    if moe.router == "base" and self.tokens_per_group % moe.num_experts:
+      raise ValueError(f"moe.router='base' gives every expert exactly S / E tokens of a group: tokens per group "
+                       f"S={self.tokens_per_group} must be a multiple of moe.num_experts={moe.num_experts}")
     groups = tokens // self.tokens_per_group
     if devices is not None and groups % devices:
       raise ValueError(f"moe.group_size={moe.group_size} gives {groups} routing groups, which must be a multiple "

@@ -22,6 +22,10 @@ so a dropped assignment contributes exactly zero (the layer's residual connectio
 The two dropless backends honour `route.kept`, so they also match the others when the router dropped
 assignments. `resolve_backend` says which backend runs on a platform and mesh.
 
+Soft MoE (`routing.soft_moe_route`) has no indices to move: its slots are weighted sums of every token, so it has
+one dense backend of its own, `soft_dispatch`, the einsum form with real-valued weights (the only backend that
+fits; the config refuses the others for router='soft_moe').
+
 The capacity backends hand `experts` one buffer [E, G*C, M], expert-major, row g*C + c of expert e holding
 slot c of group g: `moe_jax.parallel.AllToAllExperts` relies on the expert-major layout to send each
 expert's rows to the device that holds it.
@@ -217,6 +221,26 @@ def ragged_dot_dispatch(
       tokens.reshape(-1, d_model), position, position.size, lambda rows: experts.ragged(rows, expert_rows), weights
   )
   return out.reshape(tokens.shape)
+
+
+def soft_dispatch(
+    tokens: jax.Array,  # [G, S, M]
+    route: routing.SoftRoutingResult,
+    experts: experts_lib.Experts,
+) -> jax.Array:  # [G, S, M]
+  """Soft MoE (Puigcerver et al. 2023, eqs. 1-3): slot inputs X~ = D^T X, outputs Y = C Y~, two dense einsums.
+
+  The slots form the same expert-major buffer [E, G*P, M] as the capacity backends (row g*P + p of expert e is
+  slot p of group g), so `moe_jax.parallel.AllToAllExperts` sends them to the experts' devices unchanged."""
+  if tokens.ndim != 3 or tokens.shape[:2] != route.dispatch_weight.shape[:2]:
+    raise ValueError(f"tokens must be [G, S, M] with [G, S] = {route.dispatch_weight.shape[:2]} of the routing; "
+                     f"got shape {tokens.shape}")
+  num_groups, _, d_model = tokens.shape
+  num_experts, slots = route.num_experts, route.slots_per_expert
+  buffer = jnp.einsum("gsep,gsm->egpm", route.dispatch_weight.astype(tokens.dtype), tokens)
+  out = experts(buffer.reshape(num_experts, num_groups * slots, d_model))
+  out = out.reshape(num_experts, num_groups, slots, d_model)
+  return jnp.einsum("gsep,egpm->gsm", route.combine_weight.astype(out.dtype), out)
 
 
 BACKENDS: dict[str, Backend] = {

@@ -62,6 +62,16 @@ def experts_per_token(cfg: ModelConfig, *, executed: bool, capacity_factor: floa
   return float(k)
 
 
+def router_params_per_layer(cfg: ModelConfig) -> int:
+  """The router of one MoE layer: the kernel [M, E]; Soft MoE's phi [M, E, P] and scale; none for hash layers."""
+  moe = cfg.moe
+  if moe.router == "hash":
+    return 0
+  if moe.router == "soft_moe":
+    return cfg.d_model * moe.num_experts * moe.slots_per_expert + 1
+  return cfg.d_model * moe.num_experts
+
+
 def flops_per_token(
     cfg: ModelConfig, seq_len: int, *, executed: bool = False, capacity_factor: float | None = None
 ) -> FlopsBreakdown:
@@ -80,7 +90,7 @@ def flops_per_token(
       attention_scores=cfg.num_layers * 2.0 * 2 * seq_len * q_dim,
       dense_ffn=num_dense * ffn_flops(cfg.d_model, cfg.d_ff, cfg.activation),
       expert_ffn=moe_ffn,
-      router=num_moe * 2.0 * cfg.d_model * cfg.moe.num_experts if num_moe else 0.0,
+      router=num_moe * 2.0 * router_params_per_layer(cfg) if num_moe else 0.0,
       logits=2.0 * cfg.d_model * cfg.vocab_size,
   )
 
@@ -130,7 +140,7 @@ def param_breakdown(cfg: ModelConfig) -> ParamBreakdown:
     one_expert = ffn_params(m, cfg.expert_d_ff, cfg.activation)
     routed = num_moe * cfg.moe.num_experts * one_expert
     active = num_moe * experts_per_token(cfg, executed=False) * one_expert
-    router = num_moe * m * cfg.moe.num_experts
+    router = num_moe * router_params_per_layer(cfg)
     shared = num_moe * ffn_params(m, cfg.shared_d_ff, cfg.activation)
   return ParamBreakdown(
       embeddings=cfg.vocab_size * m * (1 if cfg.tie_embeddings else 2),

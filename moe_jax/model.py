@@ -55,11 +55,12 @@ class Block(nnx.Module):
       )
     self.residual_dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
-  def __call__(self, x: jax.Array, *, deterministic: bool):  # [B, L, M] -> ([B, L, M], aux | None)
+  def __call__(self, x: jax.Array, *, deterministic: bool, token_ids: jax.Array | None = None):
+    """x [B, L, M] -> ([B, L, M], aux | None); token_ids [B, L] only when the MoE router reads them (hash)."""
     x = x + self.attention(self.attention_norm(x), deterministic=deterministic)
     h = self.ffn_norm(x)
     if self.use_moe:
-      y, aux = self.ffn(h, deterministic=deterministic)
+      y, aux = self.ffn(h, deterministic=deterministic, token_ids=token_ids)
     else:
       y, aux = self.ffn(h, deterministic=deterministic), None
     return x + self.residual_dropout(y, deterministic=deterministic), aux
@@ -84,8 +85,10 @@ class TransformerLM(nnx.Module):
       raise ValueError(f"sequence length {tokens.shape[1]} exceeds model.max_seq_len={self.config.max_seq_len}")
     x = self.input_dropout(self.embed(tokens), deterministic=deterministic)
     auxes = {}
+    # Only a router that reads token ids (hash layers) gets them; the others never see them.
+    token_ids = tokens if self.config.moe is not None and self.config.moe.needs_token_ids else None
     for index, block in enumerate(self.blocks):
-      x, aux = block(x, deterministic=deterministic)
+      x, aux = block(x, deterministic=deterministic, token_ids=token_ids)
       if aux is not None:
         auxes[index] = aux
     x = self.final_norm(x)

@@ -5,10 +5,12 @@ Axis legend (as in `moe_jax.routing`):
   M d_model · F d_ff · B batch · L sequence length.
 
 `MoeFeedForward` = router (`moe_jax.routing`) -> dispatch backend (`moe_jax.dispatch`) -> experts
-(`moe_jax.experts`), the Switch Transformer FFN layer (Fedus et al. 2021) generalised to top-k and expert
-choice. It returns its output and a `MoeAux` with the auxiliary losses; adding them to the training loss
-(scaled, Switch alpha = 1e-2, ST-MoE z-loss 1e-3) is the caller's job, as is the residual connection that
-carries dropped tokens.
+(`moe_jax.experts`), the Switch Transformer FFN layer (Fedus et al. 2021) generalised to top-k, expert choice,
+Soft MoE, BASE layers and Hash layers (`ROUTERS`). Hash layers read token ids, which the caller passes as
+`token_ids` (the decoder LM does so only for them); Soft MoE and expert choice are non-causal and need
+causal=False (an encoder). It returns its output and a `MoeAux` with the auxiliary losses; adding them to the
+training loss (scaled, Switch alpha = 1e-2, ST-MoE z-loss 1e-3) is the caller's job, as is the residual
+connection that carries dropped tokens.
 
 Routing groups (`MoeConfig.group_size`). Routers rank tokens and fill capacity within a group, so the group
 is part of the layer's definition:
@@ -42,6 +44,7 @@ the mesh layout, deterministic ones do not.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 
@@ -156,25 +159,55 @@ class FeedForward(nnx.Module):
     return y.reshape(batch, length, d_model)
 
 
-def _expert_choice(logits: jax.Array, config: MoeConfig, capacity_factor: float, deterministic: bool, key, bias):
-  return routing.expert_choice_route(logits, capacity_factor=capacity_factor)
+@dataclasses.dataclass(frozen=True)
+class RouterInputs:
+  """What a router may read inside the MoE block; each router takes what it needs."""
+
+  groups: jax.Array  # [G, S, M] compute dtype
+  kernel: jax.Array | None  # router kernel [M, E] float32; Soft MoE's slot parameters phi [M, E, P]; None for hash
+  scale: jax.Array | None  # [] Soft MoE's learned logit scale; None otherwise
+  bias: jax.Array | None  # [E] DeepSeek-V3 balancing bias; None when off
+  token_ids: jax.Array | None  # [G, S] int32 for routers that read token ids (hash); None otherwise
+  jitter_key: jax.Array | None
+  policy_key: jax.Array | None
 
 
-def _token_choice(logits: jax.Array, config: MoeConfig, capacity_factor: float, deterministic: bool, key, bias):
+def _logits(inputs: RouterInputs, config: MoeConfig, deterministic: bool) -> jax.Array:  # [G, S, E]
+  # moe.router_dtype='bfloat16': the ablation of Switch Table 2, the whole router (logits and softmax) in bf16.
+  logits = routing.router_logits(
+      inputs.groups, inputs.kernel, jitter_eps=0.0 if deterministic else config.jitter_eps, key=inputs.jitter_key,
+      dtype=DTYPES[config.router_dtype],
+  )
+  if config.check_router_inputs:  # debug only: a host callback per call
+    jax.debug.callback(report_nonfinite_router_inputs, jnp.sum(~jnp.isfinite(inputs.groups)),
+                       jnp.sum(~jnp.isfinite(logits)))
+  return logits
+
+
+def _capacity_factor(config: MoeConfig, deterministic: bool) -> float:
+  return config.eval_capacity_factor if deterministic else config.capacity_factor
+
+
+def _expert_choice(inputs: RouterInputs, config: MoeConfig, deterministic: bool) -> routing.RoutingResult:
+  return routing.expert_choice_route(_logits(inputs, config, deterministic),
+                                     capacity_factor=_capacity_factor(config, deterministic))
+
+
+def _token_choice(inputs: RouterInputs, config: MoeConfig, deterministic: bool) -> routing.RoutingResult:
   random_policy = config.second_expert_policy == "random" and not deterministic
   return routing.top_k_route(
-      logits,
+      _logits(inputs, config, deterministic),
       k=config.top_k,
-      capacity_factor=capacity_factor,
+      capacity_factor=_capacity_factor(config, deterministic),
       dropless=config.dropless,
       renormalize=config.renormalize,
       batch_prioritized=config.batch_prioritized,
       second_expert_policy="random" if random_policy else "all",
       second_expert_threshold=config.second_expert_threshold,
-      key=key,
+      key=inputs.policy_key,
       score_function=config.score_function,
       routed_scaling=config.routed_scaling,
-      selection_bias=bias,
+      selection_bias=inputs.bias,
       num_expert_groups=config.num_expert_groups,
       topk_expert_groups=config.topk_expert_groups,
       group_score=config.group_score,
@@ -182,14 +215,27 @@ def _token_choice(logits: jax.Array, config: MoeConfig, capacity_factor: float, 
   )
 
 
+def _soft_moe(inputs: RouterInputs, config: MoeConfig, deterministic: bool) -> routing.SoftRoutingResult:
+  return routing.soft_moe_route(inputs.groups, inputs.kernel, inputs.scale)
+
+
+def _base(inputs: RouterInputs, config: MoeConfig, deterministic: bool) -> routing.RoutingResult:
+  # Balanced assignment in training only: the paper routes greedily (top-1) at test time.
+  return routing.base_route(_logits(inputs, config, deterministic), balanced=not deterministic,
+                            sinkhorn_iterations=config.sinkhorn_iterations)
+
+
+def _hash(inputs: RouterInputs, config: MoeConfig, deterministic: bool) -> routing.RoutingResult:
+  return routing.hash_route(inputs.token_ids, num_experts=config.num_experts,
+                            capacity_factor=_capacity_factor(config, deterministic), dropless=config.dropless)
+
+
 # The routers a config can name (moe.router), looked up by moe_jax.registry. Switch is top-k with k = 1.
-ROUTERS = {"switch": _token_choice, "top_k": _token_choice, "expert_choice": _expert_choice}
-
-
-def _route(logits: jax.Array, config: MoeConfig, deterministic: bool, key: jax.Array | None,
-           bias: jax.Array | None):
-  capacity_factor = config.eval_capacity_factor if deterministic else config.capacity_factor
-  return ROUTERS[config.router](logits, config, capacity_factor, deterministic, key, bias)
+ROUTERS = {"switch": _token_choice, "top_k": _token_choice, "expert_choice": _expert_choice,
+           "soft_moe": _soft_moe, "base": _base, "hash": _hash}
+# Routers whose routing of a token reads later tokens of its group: refused in causal layers (`MoeFeedForward`
+# with causal=True, the decoder LM), fine in an encoder. Looked up by moe_jax.registry (config field moe.router).
+NON_CAUSAL_ROUTERS = ("expert_choice", "soft_moe")
 
 
 def report_nonfinite_router_inputs(bad_inputs, bad_logits) -> None:
@@ -202,9 +248,11 @@ def report_nonfinite_router_inputs(bad_inputs, bad_logits) -> None:
 
 def moe_block(
     groups: jax.Array,  # [G, S, M] compute dtype
-    replicated: tuple[jax.Array, jax.Array | None, jax.Array | None],  # router kernel [M, E] float32, PRNG key
-    # or None, balancing bias [E] or None
+    # router kernel [M, E] float32 ([M, E, P] Soft MoE phi, None for hash), PRNG key or None, balancing bias [E]
+    # or None, Soft MoE logit scale [] or None
+    replicated: tuple[jax.Array | None, jax.Array | None, jax.Array | None, jax.Array | None],
     weights: experts_lib.ExpertWeights,  # [E, M, F] / [E, F, M], or the local E/n under a mesh
+    token_ids: jax.Array | None,  # [G, S] int32 for routers that read them (moe.router='hash'), else None
     *,
     config: MoeConfig,
     activation: str,
@@ -218,28 +266,25 @@ def moe_block(
   all-to-all, keys are folded with the device index and the auxiliary outputs are averaged over devices
   (every device holds the same number of groups, so that is the mean over all groups).
   """
-  kernel, key, bias = replicated
+  kernel, key, bias, scale = replicated
   jitter_key = policy_key = dropout_key = None
   if key is not None:
     if distributed:
       key = jax.random.fold_in(key, parallel.device_index())
     jitter_key, policy_key, dropout_key = jax.random.split(key, 3)
 
-  # moe.router_dtype='bfloat16': the ablation of Switch Table 2, the whole router (logits and softmax) in bf16.
-  logits = routing.router_logits(
-      groups, kernel, jitter_eps=0.0 if deterministic else config.jitter_eps, key=jitter_key,
-      dtype=DTYPES[config.router_dtype],
-  )
-  if config.check_router_inputs:  # debug only: a host callback per call
-    jax.debug.callback(report_nonfinite_router_inputs, jnp.sum(~jnp.isfinite(groups)), jnp.sum(~jnp.isfinite(logits)))
-  route = _route(logits, config, deterministic, policy_key, bias)
+  inputs = RouterInputs(groups, kernel, scale, bias, token_ids, jitter_key, policy_key)
+  route = ROUTERS[config.router](inputs, config, deterministic)
 
   experts: experts_lib.Experts = experts_lib.StackedExperts(weights, activation, config.expert_dropout, dropout_key)
   experts_across_devices = distributed and parallel.expert_axis_size() > 1
   if experts_across_devices:
     experts = parallel.AllToAllExperts(experts)
-  backend = dispatch.resolve_backend(config.dispatch, jax.default_backend(), experts_across_devices)
-  out = dispatch.get_backend(backend)(groups, route, experts)
+  if isinstance(route, routing.SoftRoutingResult):  # dense slot weights: one backend fits (config: dispatch)
+    out = dispatch.soft_dispatch(groups, route, experts)
+  else:
+    backend = dispatch.resolve_backend(config.dispatch, jax.default_backend(), experts_across_devices)
+    out = dispatch.get_backend(backend)(groups, route, experts)
   weight = config.sequence_aux_loss_weight
   sequence_aux_loss = (weight * routing.sequence_balance_loss(route.router_probs, route.expert_index, sequence_length)
                        if weight else jnp.zeros((), jnp.float32))
@@ -276,6 +321,15 @@ class MoeFeedForward(nnx.Module):
   a mesh runs replicated on all devices, so each device would briefly hold every expert's weights. See the
   module docstring for routing groups, expert parallelism and randomness. With `moe.balancing_bias_rate` > 0 it
   also holds `router_bias` [E], DeepSeek-V3's selection bias (a `RouterBias`, see the module docstring).
+
+  Router parameters by `moe.router`: 'soft_moe' holds phi [M, E, P] as `router` ('embed', 'unmodeled',
+  'unmodeled'; P = moe.slots_per_expert) and its learned logit scale `router_scale` [] (initialised to 1,
+  Puigcerver et al. Sec. 2.3); 'hash' learns no router (`router` is None) and needs the token ids at every call.
+
+  `causal`: whether the layer sits in a causal (autoregressive) stack. True, the default, is the decoder LM:
+  routers that read later tokens of the group (`NON_CAUSAL_ROUTERS`: expert choice, Soft MoE) are refused with a
+  ValueError at construction. An encoder (e.g. of an encoder-decoder model) builds its MoE layers with
+  causal=False, which admits them.
   """
 
   def __init__(
@@ -288,17 +342,33 @@ class MoeFeedForward(nnx.Module):
       activation: str = "gelu",
       init_scale: float = 0.1,
       dtype=jnp.float32,
+      causal: bool = True,
       rngs: nnx.Rngs,
   ):
+    if causal and moe.router in NON_CAUSAL_ROUTERS:
+      raise ValueError(f"moe.router={moe.router!r} is non-causal (a token's routing reads the later tokens of its "
+                       "group) and is refused in a causal layer; build an encoder's MoeFeedForward with "
+                       "causal=False, or use one of " + ", ".join(repr(r) for r in ROUTERS if r not in
+                                                                   NON_CAUSAL_ROUTERS))
     gated = experts_lib.is_gated(activation)
     mesh = parallel.moe_mesh()
     if mesh is not None:  # before creating sharded params, whose error would be less clear
       parallel.validate_expert_parallelism(moe.num_experts, mesh)
     self.config = moe
+    self.causal = causal
+    self.d_model = d_model
     self.activation = activation
     self.dtype = dtype
     num_experts = moe.num_experts
-    self.router = _param(switch_init(init_scale), ("embed", "unmodeled"), (d_model, num_experts), rngs)
+    if moe.router == "hash":
+      self.router = None
+    elif moe.router == "soft_moe":
+      self.router = _param(switch_init(init_scale), ("embed", "unmodeled", "unmodeled"),
+                           (d_model, num_experts, moe.slots_per_expert), rngs)
+    else:
+      self.router = _param(switch_init(init_scale), ("embed", "unmodeled"), (d_model, num_experts), rngs)
+    self.router_scale = (_param(nnx.initializers.ones_init(), (), (), rngs) if moe.router == "soft_moe"
+                         else None)
     self.wi_0, self.wi_1, self.wo = _ffn_params(
         (num_experts, d_model, d_ff),
         (num_experts, d_ff, d_model),
@@ -314,12 +384,25 @@ class MoeFeedForward(nnx.Module):
                                rngs=rngs) if shared_d_ff else None)
     self.router_bias = _router_bias(num_experts) if moe.balancing_bias_rate > 0 else None
 
-  def __call__(self, x: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, MoeAux]:
-    if x.ndim != 3 or x.shape[-1] != self.router.shape[0]:
-      raise ValueError(f"x must be [batch, length, d_model={self.router.shape[0]}]; got shape {x.shape}")
+  def __call__(
+      self,
+      x: jax.Array,  # [B, L, M]
+      *,
+      deterministic: bool = True,
+      token_ids: jax.Array | None = None,  # [B, L] integer, only for routers that read them (moe.router='hash')
+  ) -> tuple[jax.Array, MoeAux]:
+    if x.ndim != 3 or x.shape[-1] != self.d_model:
+      raise ValueError(f"x must be [batch, length, d_model={self.d_model}]; got shape {x.shape}")
     if x.shape[0] * x.shape[1] == 0:  # no routing group: every mean over groups would be NaN
       raise ValueError(f"x must hold at least one token to route; got shape {x.shape}")
+    if self.config.needs_token_ids != (token_ids is not None):
+      raise ValueError(f"token_ids must be given exactly when the router reads them (moe.router='hash'); "
+                       f"moe.router={self.config.router!r}, token_ids {'missing' if token_ids is None else 'given'}")
+    if token_ids is not None and token_ids.shape != x.shape[:2]:
+      raise ValueError(f"token_ids must be [batch, length] = {x.shape[:2]}; got shape {token_ids.shape}")
     groups = group_tokens(x.astype(self.dtype), self.config.group_size)  # [G, S, M]
+    if token_ids is not None:  # the same consecutive groups as the tokens
+      token_ids = token_ids.astype(jnp.int32).reshape(groups.shape[:2])
     key = None if deterministic or not self.config.needs_rng else self.rngs()
     weights = _weights(self, expert_axis=True)
     mesh = parallel.moe_mesh()
@@ -336,7 +419,8 @@ class MoeFeedForward(nnx.Module):
       parallel.validate_group_sharding(groups.shape[0], mesh)
       block = parallel.shard_moe_block(block)
     bias = None if self.router_bias is None else self.router_bias[...]
-    out, aux = block(groups, (self.router[...], key, bias), weights)
+    value = lambda param: None if param is None else param[...]
+    out, aux = block(groups, (value(self.router), key, bias, value(self.router_scale)), weights, token_ids)
     if bias is not None and not deterministic:
       self.router_bias[...] = routing.balancing_bias_update(bias, aux.metrics.expert_selection,
                                                             self.config.balancing_bias_rate)

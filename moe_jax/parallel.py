@@ -186,12 +186,13 @@ class AllToAllExperts:
 
 
 def shard_moe_block(block: Callable) -> Callable:
-  """`block(groups, replicated, expert_sharded) -> (out, aux)` as one shard_map over the context mesh.
+  """`block(groups, replicated, expert_sharded, token_ids) -> (out, aux)` as one shard_map over the context mesh.
 
-  groups [G, S, M] and out are split along G over both mesh axes (each device gets whole routing groups);
+  groups [G, S, M], token_ids [G, S] (or None) and out are split along G over both mesh axes (each device gets
+  whole routing groups);
   `replicated` (router kernel, PRNG keys) and `aux` are the same on every device, so the block must pmean
   what it returns there; `expert_sharded` arrays [E, ...] are split along E over 'expert'. Inside, the
   block sees G / devices groups and E / n experts, and reaches the others with `AllToAllExperts`.
   """
   tokens = P(MESH_AXES)
-  return jax.shard_map(block, in_specs=(tokens, P(), P("expert")), out_specs=(tokens, P()))
+  return jax.shard_map(block, in_specs=(tokens, P(), P("expert"), tokens), out_specs=(tokens, P()))

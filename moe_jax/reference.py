@@ -84,6 +84,55 @@ def expert_choice_loop(probs, capacity: int):
   return expert_index, slot, kept
 
 
+def balanced_assignment_greedy(scores) -> np.ndarray:
+  """`routing.balanced_assignment` as the sequential greedy: take the (token, expert) pairs in order of decreasing
+  score and keep each one whose token is still free and whose expert has fewer than S / E tokens.
+  Returns the expert of each token [G, S]."""
+  scores = np.asarray(scores, np.float64)  # [G, S, E]
+  num_groups, tokens, num_experts = scores.shape
+  assigned = np.full((num_groups, tokens), -1, np.int32)
+  for g in range(num_groups):
+    fill = [0] * num_experts
+    for pair in np.argsort(-scores[g], axis=None, kind="stable"):
+      s, e = divmod(int(pair), num_experts)
+      if assigned[g, s] < 0 and fill[e] < tokens // num_experts:
+        assigned[g, s], fill[e] = e, fill[e] + 1
+  return assigned
+
+
+def sinkhorn_loop(logits, num_iterations: int) -> np.ndarray:
+  """`routing.sinkhorn` in probability space with numpy: rows to mass 1, then alternately columns to S / E and
+  rows to 1. Returns the log of the plan [G, S, E]."""
+  plan = np.exp(np.asarray(logits, np.float64))
+  tokens, num_experts = plan.shape[1:]
+  plan = plan / plan.sum(axis=2, keepdims=True)
+  for _ in range(num_iterations):
+    plan = plan / plan.sum(axis=1, keepdims=True) * (tokens / num_experts)
+    plan = plan / plan.sum(axis=2, keepdims=True)
+  return np.log(plan)
+
+
+def hash_experts(token_ids, num_experts: int) -> np.ndarray:
+  """`routing.hash_experts` on Python integers: h = id * 0x9E3779B1 mod 2^32, h ^= h >> 16, expert = h mod E."""
+  def one(token: int) -> int:
+    h = (int(token) * 0x9E3779B1) % 2**32
+    return (h ^ (h >> 16)) % num_experts
+
+  return np.vectorize(one, otypes=[np.int32])(np.asarray(token_ids))
+
+
+def soft_moe_weights(tokens, phi, scale) -> tuple[np.ndarray, np.ndarray]:
+  """Soft MoE's dispatch and combine weights (Puigcerver et al. 2023, Algorithm 1) written out in numpy:
+  logits = scale * <x_s / |x_s|, phi_ep / |phi_ep|>; D = exp / sum over tokens, C = exp / sum over all slots.
+  Returns (D, C), each [G, S, E, P]. (No eps in the norms: the inputs here are never zero.)"""
+  x = np.asarray(tokens, np.float64)
+  phi = np.asarray(phi, np.float64)
+  x = x / np.linalg.norm(x, axis=-1, keepdims=True)
+  phi = phi / np.linalg.norm(phi, axis=0, keepdims=True)
+  logits = float(scale) * np.einsum("gsm,mep->gsep", x, phi)
+  weights = np.exp(logits - logits.max())
+  return weights / weights.sum(axis=1, keepdims=True), weights / weights.sum(axis=(2, 3), keepdims=True)
+
 # ----------------------------------------------------------------------------------------------------------
 # The MoE layer.
 
@@ -133,6 +182,24 @@ def moe(
     out = out + weight[..., None] * y
   return out.astype(tokens.dtype)
 
+
+def soft_moe(
+    tokens: jax.Array,  # [G, S, M]
+    route: routing.SoftRoutingResult,
+    weights: experts_lib.ExpertWeights,
+    *,
+    activation: str,
+) -> jax.Array:  # [G, S, M]
+  """The Soft MoE output by definition, slot by slot: slot (e, p) of group g takes x~ = sum_s D[g, s, e, p] x_s
+  through expert e's FFN, and token s adds C[g, s, e, p] times that output. The yardstick of
+  `dispatch.soft_dispatch`."""
+  out = jnp.zeros(tokens.shape, jnp.float32)
+  for e in range(route.num_experts):
+    for p in range(route.slots_per_expert):
+      slot = jnp.einsum("gs,gsm->gm", route.dispatch_weight[:, :, e, p], tokens)  # [G, M]
+      y = expert_ffn(weights, e, slot, activation)  # [G, M]
+      out = out + route.combine_weight[:, :, e, p, None] * y[:, None, :]
+  return out.astype(tokens.dtype)
 
 def attention(
     x: jax.Array,  # [B, L, M]

@@ -111,5 +111,8 @@ def _moe_facts(exp: config_lib.ExperimentConfig) -> dict[str, Any]:
   def capacity(factor: float) -> int:
     return group if moe.dropless else routing.compute_capacity(group, moe.num_experts, factor, k)
 
+  if moe.router == "base":  # exactly S / E in training; greedy top-1 without drops at evaluation
+    return {"moe.tokens_per_group": group, "moe.capacity": group // moe.num_experts, "moe.eval_capacity": group}
+
   return {"moe.tokens_per_group": group, "moe.capacity": capacity(moe.capacity_factor),
           "moe.eval_capacity": capacity(moe.eval_capacity_factor)}

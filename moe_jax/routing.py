@@ -17,6 +17,16 @@ Routers
   * `expert_choice_route` each expert picks its top-C tokens (Zhou et al. 2022, arXiv:2202.09368).
                          NON-CAUSAL: a token's assignment depends on every other token of its group,
                          later ones included, so it leaks the future in an autoregressive decoder.
+  * `soft_moe_route`     Soft MoE (Puigcerver et al. 2023, arXiv:2308.00951): every expert slot is a softmax
+                         mixture of all tokens of the group and every token a softmax mixture of all slots.
+                         Returns a `SoftRoutingResult` (dense weights, no indices), dispatched by
+                         `moe_jax.dispatch.soft_dispatch`. NON-CAUSAL (each slot mixes the whole group).
+  * `base_route`         BASE layers (Lewis et al. 2021, arXiv:2103.16716): a balanced assignment, every expert
+                         takes exactly S/E tokens of each group in training (Sinkhorn, then the greedy
+                         balanced assignment by deferred acceptance: `balanced_assignment`); greedy top-1 at
+                         evaluation, as in the paper.
+  * `hash_route`         Hash layers (Roller et al. 2021, arXiv:2106.04426): a fixed hash of the token id picks
+                         the expert; nothing is learned. Needs the token ids, not the token features.
 
 Capacity convention (the one place it is defined: `compute_capacity`)
   C = min(S, max(1, ceil(capacity_factor * K * S / E)))
@@ -521,6 +531,255 @@ def _expert_choice_metrics(
   base = _metrics(probs, expert_index, kept, kept, capacity)
   unpicked = jnp.mean(~jnp.any(kept, axis=-1))
   return base.replace(dropped_token_fraction=unpicked, dropped_assignment_fraction=unpicked)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Soft MoE.
+
+
+@flax.struct.dataclass
+class SoftRoutingResult:
+  """Soft MoE's dense routing (Puigcerver et al. 2023, Sec. 2.1): P slots per expert, each a convex combination
+  of the group's tokens, and each token's output a convex combination of all E * P slot outputs. Nothing is
+  dropped; every weight is differentiable. Shapes use the module legend, P = slots per expert."""
+
+  dispatch_weight: jax.Array  # [G, S, E, P] float32, D: softmax over the tokens S of each slot (column sums 1)
+  combine_weight: jax.Array  # [G, S, E, P] float32, C: softmax over the E * P slots of each token (row sums 1)
+  load_balancing_loss: jax.Array  # [] 1.0: every slot is full by construction (no loss to add, Sec. 2.2)
+  router_z_loss: jax.Array  # [] 0.0: the paper uses no router loss; the normalised logits are bounded by `scale`
+  metrics: RoutingMetrics
+  num_experts: int = flax.struct.field(pytree_node=False)
+  slots_per_expert: int = flax.struct.field(pytree_node=False)
+
+
+def l2_normalize(x: jax.Array, axis: int, eps: float = 1e-6) -> jax.Array:
+  """x / sqrt(sum x^2 + eps) along `axis`: unit vectors, and a zero vector stays zero instead of NaN."""
+  return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True) + eps)
+
+
+def soft_moe_route(
+    tokens: jax.Array,  # [G, S, M]
+    phi: jax.Array,  # [M, E, P] slot parameters
+    scale: jax.Array,  # [] learned scalar
+) -> SoftRoutingResult:
+  """Soft MoE routing (Puigcerver et al. 2023, Algorithm 1 and Sec. 2.3 "Normalization").
+
+  logits[g, s, e, p] = scale * <l2_normalize(x_gs), l2_normalize(phi[:, e, p])>, both normalised over M;
+  D = softmax over tokens s (eq. 1: slot (e, p) takes sum_s D[s, e, p] x_s as its input), C = softmax over all
+  slots (e, p) (eq. 3: token s gets sum_{e,p} C[s, e, p] y_{e,p}). The normalisation with a learned scale
+  (initialised to 1) keeps the logits from growing with d_model (the paper's fix for large models, Sec. 2.3);
+  only the logits read normalised inputs, the slots mix the raw tokens (`moe_jax.dispatch.soft_dispatch`).
+
+  NON-CAUSAL: every slot mixes the whole group (future tokens included), so only encoders may use it.
+  Float32 whatever the input dtype ("selective precision").
+  """
+  if tokens.ndim != 3 or phi.ndim != 3 or tokens.shape[-1] != phi.shape[0]:
+    raise ValueError(f"soft_moe_route needs tokens [G, S, M] and phi [M, E, P] with the same M; got shapes "
+                     f"{tokens.shape} and {phi.shape}")
+  _, _, num_experts, slots = (*tokens.shape[:2], *phi.shape[1:])
+  validate_num_experts(num_experts)
+  x = l2_normalize(tokens.astype(jnp.float32), axis=-1)
+  phi = l2_normalize(phi.astype(jnp.float32), axis=0)
+  logits = scale.astype(jnp.float32) * jnp.einsum("gsm,mep->gsep", x, phi)  # [G, S, E, P]
+  dispatch_weight = jax.nn.softmax(logits, axis=1)
+  flat = logits.reshape(*logits.shape[:2], num_experts * slots)  # [G, S, E*P]
+  combine_weight = jax.nn.softmax(flat, axis=-1).reshape(logits.shape)
+  return SoftRoutingResult(
+      dispatch_weight=dispatch_weight,
+      combine_weight=combine_weight,
+      load_balancing_loss=jnp.ones((), jnp.float32),
+      router_z_loss=jnp.zeros((), jnp.float32),
+      metrics=_soft_metrics(combine_weight),
+      num_experts=num_experts,
+      slots_per_expert=slots,
+  )
+
+
+def _soft_metrics(combine_weight: jax.Array) -> RoutingMetrics:  # [G, S, E, P]
+  """Nothing is dropped and every slot is full; entropy and top gate are those of each token's combine weights
+  over the E * P slots, and an expert's selection is its share of the combine weight."""
+  c = jax.lax.stop_gradient(combine_weight)
+  num_experts = c.shape[2]
+  flat = c.reshape(*c.shape[:2], -1)  # [G, S, E*P]
+  per_expert = jnp.sum(c, axis=(0, 1, 3))  # [E]
+  return RoutingMetrics(
+      dropped_token_fraction=jnp.zeros((), jnp.float32),
+      dropped_assignment_fraction=jnp.zeros((), jnp.float32),
+      expert_load=jnp.ones((num_experts,), jnp.float32),
+      router_entropy=jnp.mean(-jnp.sum(flat * jnp.log(jnp.maximum(flat, 1e-30)), axis=-1)),
+      mean_top_gate=jnp.mean(jnp.max(flat, axis=-1)),
+      expert_selection=per_expert / jnp.sum(per_expert),
+  )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# BASE layers: balanced assignment.
+
+
+def sinkhorn(
+    logits: jax.Array,  # [G, S, E]
+    num_iterations: int,
+) -> jax.Array:  # [G, S, E] log of a plan whose rows sum to 1 and (at convergence) columns to S/E
+  """Log-domain Sinkhorn-Knopp: alternately normalise each token's row to mass 1 and each expert's column to mass
+  S/E, the entropic relaxation of the balanced assignment (Cuturi 2013; used for BASE-style routing by S-BASE,
+  Clark et al. 2022, arXiv:2202.01169). Ends on a row normalisation, so rows sum to 1 exactly."""
+  tokens_per_group, num_experts = logits.shape[1:]
+  column_mass = math.log(tokens_per_group / num_experts)
+
+  def step(_, log_plan):
+    log_plan = log_plan - jax.nn.logsumexp(log_plan, axis=1, keepdims=True) + column_mass
+    return log_plan - jax.nn.logsumexp(log_plan, axis=2, keepdims=True)
+
+  log_plan = logits - jax.nn.logsumexp(logits, axis=2, keepdims=True)
+  return jax.lax.fori_loop(0, num_iterations, step, log_plan)
+
+
+def balanced_assignment(
+    scores: jax.Array,  # [G, S, E] float32, higher is better
+) -> jax.Array:  # [G, S] int32 expert of each token; every expert takes exactly S / E tokens of each group
+  """The balanced assignment that greedy by score gives, computed by deferred acceptance (no host loop).
+
+  Every expert has room for S / E tokens. Tokens propose to experts in order of decreasing score; each expert
+  tentatively holds its best proposers (by score, ties by position) up to its room and rejects the rest, who
+  propose to their next expert, until every token is held (Gale & Shapley 1962, with capacities). Both sides
+  rank a (token, expert) pair by the same score, so the result is the unique stable assignment, the one that
+  taking pairs in order of decreasing score and keeping each one whose token is free and whose expert has room
+  would give (`moe_jax.reference.balanced_assignment_greedy`). A greedy stand-in for the optimal linear
+  assignment that BASE solves by an auction (Lewis et al. 2021, Sec. 2.2): on scores whose argmax is balanced it
+  returns the argmax. Each round is one sort per group; rounds stop when every token is held (at most S * E).
+  """
+  num_groups, tokens_per_group, num_experts = scores.shape
+  if tokens_per_group % num_experts:
+    raise ValueError(f"tokens_per_group={tokens_per_group} must be a multiple of num_experts={num_experts} for a "
+                     "balanced assignment (every expert takes S / E tokens)")
+  room = tokens_per_group // num_experts
+  preference = jnp.argsort(-scores, axis=-1, stable=True).astype(jnp.int32)  # [G, S, E] experts, best first
+  everyone = jnp.ones((num_groups, tokens_per_group, 1), bool)
+
+  def round_(state):
+    holder, next_choice = state  # [G, S] expert holding the token (-1: free); [G, S] its next proposal's rank
+    free = holder < 0
+    # A free token always has an expert left to ask: S tokens fill the E * S / E places exactly.
+    proposal = jnp.take_along_axis(preference, jnp.minimum(next_choice, num_experts - 1)[..., None], axis=-1)
+    candidate = jnp.where(free, proposal[..., 0], holder)  # every token is a candidate of exactly one expert
+    score = jnp.take_along_axis(scores, candidate[..., None], axis=-1)[..., 0]
+    order = jnp.argsort(-score, axis=1, stable=True)
+    rank, _ = token_choice_slots(candidate[..., None], everyone, tokens_per_group, order)  # 0 = expert's best
+    holder = jnp.where(rank[..., 0] < room, candidate, -1)
+    return holder, jnp.where(free, next_choice + 1, next_choice)
+
+  start = (jnp.full((num_groups, tokens_per_group), -1, jnp.int32),
+           jnp.zeros((num_groups, tokens_per_group), jnp.int32))
+  holder, _ = jax.lax.while_loop(lambda state: jnp.any(state[0] < 0), round_, start)
+  return holder
+
+
+def base_route(
+    logits: jax.Array,  # [G, S, E]
+    *,
+    balanced: bool,
+    sinkhorn_iterations: int = 8,
+) -> RoutingResult:
+  """BASE layers routing (Lewis et al. 2021): one expert per token, gated by sigmoid(h_t . w_{a_t}) (Sec. 2.3).
+
+  `balanced` (training, Sec. 2.2): the assignment maximises token-expert affinity under the constraint that
+  every expert takes exactly S / E tokens of each group, so no load-balancing loss and no drops; here the
+  affinities are first balanced by `sinkhorn_iterations` Sinkhorn steps, then `balanced_assignment` makes the
+  assignment exact (S must be a multiple of E). Evaluation (`balanced=False`, Sec. 2.4): each token takes its
+  argmax expert, unbalanced, nothing dropped (capacity S), which keeps decoding causal; the balanced training
+  assignment, like the paper's, compares tokens within a group.
+
+  The assignment is discrete and carries no gradient; the router learns through the sigmoid gate.
+  """
+  _check_logits(logits)
+  _, tokens_per_group, num_experts = logits.shape
+  if sinkhorn_iterations < 0:
+    raise ValueError(f"sinkhorn_iterations={sinkhorn_iterations} must be >= 0")
+  logits = logits.astype(jnp.float32)
+  if balanced:
+    plan = sinkhorn(jax.lax.stop_gradient(logits), sinkhorn_iterations)
+    expert_index = balanced_assignment(plan)[..., None]  # [G, S, 1]
+    capacity = tokens_per_group // num_experts
+  else:
+    expert_index = jnp.argmax(logits, axis=-1).astype(jnp.int32)[..., None]
+    capacity = tokens_per_group
+  wanted = jnp.ones(expert_index.shape, bool)
+  slot, kept = token_choice_slots(expert_index, wanted, capacity)
+  gate = jax.nn.sigmoid(jnp.take_along_axis(logits, expert_index, axis=-1))  # [G, S, 1]
+  probs = jax.nn.softmax(logits, axis=-1)
+  assignment = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32)
+  return RoutingResult(
+      expert_index=expert_index,
+      slot=slot,
+      combine_weight=jnp.where(kept, gate, 0.0),
+      kept=kept,
+      router_probs=probs,
+      # Balanced in training (f_i = 1/E): the constant 1 with zero gradient, as for expert choice.
+      load_balancing_loss=load_balancing_loss(probs, assignment),
+      router_z_loss=router_z_loss(logits),
+      metrics=_metrics(probs, expert_index, kept, wanted, capacity),
+      num_experts=num_experts,
+      capacity=capacity,
+  )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hash layers.
+
+_HASH_MULTIPLIER = 0x9E3779B1  # 2^32 / golden ratio, odd: Knuth's multiplicative hash
+
+
+def hash_experts(
+    token_ids: jax.Array,  # [G, S] integer token ids >= 0
+    num_experts: int,
+) -> jax.Array:  # [G, S] int32
+  """A fixed hash of the token id in [0, E): Knuth's multiplicative hash mod 2^32, its high bits folded into the
+  low ones (x ^ x >> 16) so that `mod E` sees all of them. It stands in for the fixed random token-to-expert
+  table of Roller et al. (2021, Sec. 3, "Random Hash"): deterministic, a function of the id alone, and close to
+  uniform over a range of ids."""
+  validate_num_experts(num_experts)
+  h = token_ids.astype(jnp.uint32) * jnp.uint32(_HASH_MULTIPLIER)
+  h = h ^ (h >> jnp.uint32(16))
+  return (h % jnp.uint32(num_experts)).astype(jnp.int32)
+
+
+def hash_route(
+    token_ids: jax.Array,  # [G, S] integer token ids
+    *,
+    num_experts: int,
+    capacity_factor: float | None = 1.0,
+    dropless: bool = False,
+) -> RoutingResult:
+  """Hash layers (Roller et al. 2021, eq. 1): token t goes to expert hash(id_t) with combine weight 1; no router
+  is learned and no balancing loss is needed (the hash is fixed). Capacity as for Switch (position order), or
+  none with `dropless` (the paper drops nothing).
+
+  `router_probs` is the one-hot of the hashed expert, so `load_balancing_loss` (no gradient: nothing to learn)
+  reports the imbalance E * sum_i f_i^2 of the hash on this batch: 1.0 when balanced, E when one expert takes all.
+  """
+  if token_ids.ndim != 2 or not jnp.issubdtype(token_ids.dtype, jnp.integer):
+    raise ValueError(f"token_ids must be integer [groups, tokens_per_group]; got {token_ids.dtype} "
+                     f"{token_ids.shape}")
+  tokens_per_group = token_ids.shape[1]
+  validate_capacity_factor(capacity_factor, dropless)
+  capacity = tokens_per_group if dropless else compute_capacity(tokens_per_group, num_experts, capacity_factor)
+  expert_index = hash_experts(token_ids, num_experts)[..., None]  # [G, S, 1]
+  wanted = jnp.ones(expert_index.shape, bool)
+  slot, kept = token_choice_slots(expert_index, wanted, capacity)
+  assignment = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32)  # [G, S, 1, E]
+  probs = assignment[:, :, 0].astype(jnp.float32)
+  return RoutingResult(
+      expert_index=expert_index,
+      slot=slot,
+      combine_weight=kept.astype(jnp.float32),
+      kept=kept,
+      router_probs=probs,
+      load_balancing_loss=load_balancing_loss(probs, assignment),
+      router_z_loss=jnp.zeros((), jnp.float32),
+      metrics=_metrics(probs, expert_index, kept, wanted, capacity),
+      num_experts=num_experts,
+      capacity=capacity,
+  )
 
 
 # ----------------------------------------------------------------------------------------------------------

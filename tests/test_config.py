@@ -68,7 +68,7 @@ INVALID = {
     "jitter out of range": (_set("moe.jitter_eps", 1.0), r"moe.jitter_eps=1.0 must be in \[0, 1\)"),
     "zero experts": (_set("moe.num_experts", 0), r"moe.num_experts=0 must be >= 1"),
     "unknown dispatch backend": (_set("moe.dispatch", "scatter"), "moe.dispatch='scatter' must be one of"),
-    "unknown router": (_set("moe.router", "hash"), "moe.router='hash' must be one of"),
+    "unknown router": (_set("moe.router", "lsh"), "moe.router='lsh' must be one of"),
     "unknown optimizer": (_set("train.optimizer", "sgd"), "train.optimizer='sgd' must be one of"),
     "negative learning rate": (_set("train.learning_rate", -1e-3), "train.learning_rate=-0.001 must be > 0"),
     "nan learning rate": (_set("train.learning_rate", float("nan")), "train.learning_rate=nan must be > 0"),

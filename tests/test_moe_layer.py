@@ -11,7 +11,7 @@ from flax import nnx
 
 from moe_jax import reference, routing
 from moe_jax import experts as experts_lib
-from moe_jax.moe_layer import FeedForward, MoeAux, MoeConfig, MoeFeedForward, group_tokens
+from moe_jax.moe_layer import NON_CAUSAL_ROUTERS, FeedForward, MoeAux, MoeConfig, MoeFeedForward, group_tokens
 
 BATCH, LENGTH, D_MODEL, D_FF = 4, 8, 16, 32
 
@@ -32,7 +32,7 @@ class TestMoeConfigValidation:
       "fields, match",
       [
           (dict(num_experts=0), "num_experts=0"),
-          (dict(router="hash"), "router='hash'"),
+          (dict(router="lsh"), "router='lsh'"),
           (dict(top_k=2), "top_k=2 must be 1 for router='switch'"),
           (dict(router="expert_choice", top_k=2), "top_k=2 must be 1 for router='expert_choice'"),
           (dict(router="top_k", top_k=9), r"top_k=9 must be in \[1, num_experts=8\]"),
@@ -94,7 +94,8 @@ class TestLayerErrors:
 )
 def test_layer_output_and_aux_equal_reference_moe_on_its_groups(config, activation, deterministic):
   """The layer = reference MoE on the documented routing groups, with the train or eval capacity factor."""
-  layer = MoeFeedForward(D_MODEL, D_FF, config, activation=activation, rngs=nnx.Rngs(0))
+  causal = config.router not in NON_CAUSAL_ROUTERS  # expert choice runs in an encoder layer
+  layer = MoeFeedForward(D_MODEL, D_FF, config, activation=activation, causal=causal, rngs=nnx.Rngs(0))
   x = inputs()
   out, aux = nnx.jit(lambda layer, x: layer(x, deterministic=deterministic))(layer, x)
 

@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import AxisType
 
 from moe_jax import parallel, routing
-from moe_jax.moe_layer import MoeConfig, MoeFeedForward
+from moe_jax.moe_layer import NON_CAUSAL_ROUTERS, MoeConfig, MoeFeedForward
 
 BATCH, LENGTH, D_MODEL, D_FF = 8, 16, 16, 32
 MESHES = ((1, 8), (2, 4), (4, 2), (8, 1))
@@ -36,6 +36,9 @@ def inputs():
   return jax.random.normal(k_x, (BATCH, LENGTH, D_MODEL)), jax.random.normal(k_cotangent, (BATCH, LENGTH, D_MODEL))
 
 
+TOKEN_IDS = jax.random.randint(jax.random.key(2), (BATCH, LENGTH), 0, 1000)  # for the hash router
+
+
 @functools.cache
 def run(config: MoeConfig, mesh_shape: tuple[int, int] | None, activation: str = "gelu", deterministic: bool = False):
   """(output, aux, grads wrt params, grad wrt x, router kernel) of a fresh layer (same init on every mesh),
@@ -44,16 +47,19 @@ def run(config: MoeConfig, mesh_shape: tuple[int, int] | None, activation: str =
   x, cotangent = inputs()
 
   def compute():
-    layer = MoeFeedForward(D_MODEL, D_FF, config, activation=activation, rngs=nnx.Rngs(0))
+    causal = config.router not in NON_CAUSAL_ROUTERS  # expert choice runs in an encoder layer
+    layer = MoeFeedForward(D_MODEL, D_FF, config, activation=activation, causal=causal, rngs=nnx.Rngs(0))
+
+    token_ids = TOKEN_IDS if config.needs_token_ids else None
 
     def loss(layer, x):
-      out, aux = layer(x, deterministic=deterministic)
+      out, aux = layer(x, deterministic=deterministic, token_ids=token_ids)
       return jnp.sum(out * cotangent) + aux.load_balancing_loss + aux.router_z_loss, (out, aux)
 
     (_, (out, aux)), (grad_params, grad_x) = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
         layer, x
     )
-    return out, aux, nnx.to_pure_dict(grad_params), grad_x, layer.router[...]
+    return out, aux, nnx.to_pure_dict(grad_params), grad_x, None if layer.router is None else layer.router[...]
 
   if mesh_shape is None:
     return compute()
@@ -102,6 +108,24 @@ def test_sharded_output_aux_and_gradients_equal_single_device(mesh_shape, num_ex
 )
 def test_router_options_sharded_equal_single_device(config, activation, deterministic):
   assert_sharded_equals_single_device(config, (4, 2), activation=activation, deterministic=deterministic)
+
+
+@pytest.mark.parametrize(
+    "config, mesh_shape, deterministic",
+    [
+        (MoeConfig(router="soft_moe", dispatch="einsum", slots_per_expert=2), (2, 4), False),
+        (MoeConfig(router="soft_moe", dispatch="einsum", group_size=4), (1, 8), False),
+        (MoeConfig(router="base", dispatch="gather"), (2, 4), False),
+        (MoeConfig(router="base", dispatch="einsum", group_size=8), (4, 2), True),
+        (MoeConfig(router="hash", capacity_factor=1.0, dispatch="gather"), (2, 4), False),
+        (MoeConfig(router="hash", dropless=True, dispatch="dropless"), (8, 1), False),
+    ],
+    ids=["soft_moe_2_slots", "soft_moe_group4_1x8", "base_train_gather", "base_eval_einsum_group8",
+         "hash_gather", "hash_dropless_8x1"],
+)
+def test_new_routers_sharded_equal_single_device_forward_and_backward(config, mesh_shape, deterministic):
+  """Soft MoE (an encoder layer), BASE and Hash under shard_map expert parallelism = the single-device layer."""
+  assert_sharded_equals_single_device(config, mesh_shape, deterministic=deterministic)
 
 
 def test_backends_agree_with_each_other_under_shard_map():
