@@ -4,12 +4,16 @@
       [--devices=256] [--serve_batch=1] [--serve_context=32768] [--json]
   python experiments/model_stats.py --systems_table     # the README's table of the published systems
 
+An encoder-decoder (configs/switch_t5.py) is also counted per sequence: train.seq_len encoder tokens and the
+span-corruption targets they imply (512 -> 114).
+
 Every figure comes from moe_jax.flops, the same code the FLOPs of training runs and the tests use, applied to
 the typed model config that the model is built from. Memory is per device for the config's batch, sequence
 length, optimizer, compute dtype and mesh (`mesh.data = 0`: all --devices over mesh.expert), experts split over
 the 'expert' axis and everything else replicated, as moe_jax trains today.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -38,16 +42,30 @@ def stats(config, *, devices: int = 0, serve_batch: int = 1, serve_context: int 
   expert = config.mesh.expert if cfg.moe_layers else 1
   devices = devices or (config.mesh.data * config.mesh.expert if config.mesh.data else expert)
   breakdown = flops.param_breakdown(cfg)
-  per_token = flops.flops_per_token(cfg, config.train.seq_len)
+  sequence = None
+  if cfg.architecture == "encoder_decoder":  # FLOPs of one (inputs, targets) pair of span corruption
+    from moe_jax.data import span_corruption
+
+    lengths = span_corruption.lengths(config.train.seq_len, config.data.noise_density,
+                                      config.data.mean_noise_span_length)
+    per_sequence = flops.flops_per_sequence(cfg, lengths.inputs, lengths.targets)
+    sequence = {"forward": per_sequence.forward, "train": per_sequence.train, "inputs_length": lengths.inputs,
+                "targets_length": lengths.targets,
+                **{k: getattr(per_sequence, k) for k in flops.FlopsBreakdown.__dataclass_fields__}}
+    per_token = flops.FlopsBreakdown(*(v / lengths.inputs for v in dataclasses.astuple(per_sequence)))
+  else:
+    per_token = flops.flops_per_token(cfg, config.train.seq_len)
   memory = flops.memory_estimate(cfg, batch_size=config.train.batch_size, seq_len=config.train.seq_len,
                                  optimizer=config.train.optimizer, data_devices=devices // expert,
                                  expert_devices=expert)
   context = serve_context or cfg.max_seq_len
   return {
       "params": {**{k: getattr(breakdown, k) for k in (
-          "embeddings", "attention", "norms", "dense_ffn", "router", "shared_experts", "routed_experts",
+          "embeddings", "attention", "position_bias", "norms", "dense_ffn", "router", "shared_experts", "routed_experts",
           "routed_experts_active")}, "total": breakdown.total, "active": breakdown.active},
       "flops_per_token": {"forward": per_token.forward, "train": per_token.train, "seq_len": config.train.seq_len},
+      # encoder-decoder only: one sequence of inputs_length encoder and targets_length decoder tokens
+      **({"flops_per_sequence": sequence} if sequence else {}),
       "train_memory_per_device": {"devices": devices, "expert_shards": expert, "weights": memory.params,
                                   "gradients": memory.gradients, "optimizer": memory.optimizer,
                                   "activations": memory.activations, "total": memory.total,
@@ -72,6 +90,10 @@ def table(s: dict) -> str:
   lines += [f"  {'total':<24} {_billions(p['total']):>12}", f"  {'active per token':<24} {_billions(p['active']):>12}",
             f"FLOPs per token at L = {f['seq_len']}",
             f"  {'forward':<24} {f['forward'] / 1e9:>11,.2f}G", f"  {'training (3x)':<24} {f['train'] / 1e9:>11,.2f}G",
+            *([f"FLOPs per sequence of {s['flops_per_sequence']['inputs_length']} input and "
+               f"{s['flops_per_sequence']['targets_length']} target tokens (per token above: per input token)",
+               f"  {'forward':<24} {s['flops_per_sequence']['forward'] / 1e9:>11,.1f}G"]
+              if "flops_per_sequence" in s else []),
             f"training memory per device ({m['devices']} devices, experts over {m['expert_shards']})"]
   lines += [f"  {k:<24} {_gib(m[k]):>12}" for k in ("weights", "gradients", "optimizer", "activations", "total")]
   lines += [f"  {'checkpoint (all devices)':<24} {_gib(m['checkpoint_on_disk']):>12}"]
