@@ -1,0 +1,69 @@
+"""Sparse upcycling (Komatsuzaki et al. 2022, arXiv:2212.05055, Sec. 3): a dense model's parameters as the start
+of a mixture-of-experts model, each expert of a MoE layer a copy of the dense FFN it replaces, the routers new.
+
+Axis legend: E experts · M d_model · F d_ff.
+
+Works on parameter states (`nnx.State`), so on any architecture built from the same blocks (the decoder LM,
+`moe_jax.model`, and the encoder-decoder, `moe_jax.encdec`): the MoE model is the dense config with
+`model.moe_layer_interval` > 0, so its parameter paths are the dense model's, except that a MoE block's
+`ffn.wi_0` / `ffn.wi_1` / `ffn.wo` gain a leading expert axis and its `ffn.router` (and DeepSeek-V3's
+`ffn.router_bias`) are new.
+
+Why the upcycled model starts where the dense one is. All E experts compute the dense FFN(x), so a layer's
+output is (sum of the token's combine weights) x FFN(x). With weights that sum to 1 and no token dropped
+(router='top_k' with `moe.renormalize`, and `moe.dropless` or enough capacity), the MoE layer equals the dense
+FFN exactly, whatever the fresh router says: the upcycled model's loss at step 0 is the dense model's. Switch's
+top-1 router scales by its softmax probability (< 1), and capacity drops tokens, so there the start differs
+(Komatsuzaki et al. keep top-k routing in the decoder and expert choice in the encoder; both start near the
+dense model rather than on it).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+EXPERT_WEIGHTS = ("wi_0", "wi_1", "wo")  # a MoE layer's stacked expert kernels [E, ...]
+NEW_IN_MOE = ("router", "router_bias")  # initialised fresh, not taken from the dense model
+
+
+def upcycle(dense: nnx.State, moe: nnx.State) -> nnx.State:
+  """`moe` (the state of a freshly initialised MoE model) with every parameter taken from `dense` (the state of
+  the dense model of the same widths): shared parameters copied, each MoE layer's expert kernels [E, M, F] /
+  [E, F, M] the dense FFN's [M, F] / [F, M] repeated E times, routers kept as initialised.
+
+  ValueError when the two do not correspond (a parameter of either without its counterpart, or a shape that is
+  neither the dense one nor E copies of it): upcycling silently from a different config would train something
+  else than intended.
+  """
+  dense_flat = dict(nnx.to_flat_state(dense))
+  used = set()
+  out = []
+  for path, variable in nnx.to_flat_state(moe):
+    name = ".".join(map(str, path))
+    if path[-1] in NEW_IN_MOE:
+      out.append((path, variable))
+      continue
+    if path not in dense_flat:
+      raise ValueError(f"upcycle: the MoE model's {name} has no counterpart in the dense model")
+    source = dense_flat[path][...]
+    used.add(path)
+    target_shape = variable[...].shape
+    if target_shape == source.shape:
+      value = source
+    elif path[-1] in EXPERT_WEIGHTS and target_shape[1:] == source.shape:
+      value = jnp.broadcast_to(source[None], target_shape)  # E copies of the dense FFN (Komatsuzaki Sec. 3.1)
+    else:
+      raise ValueError(f"upcycle: {name} has shape {target_shape} in the MoE model but {source.shape} in the dense "
+                       "one (the experts must have the dense FFN's width: moe.expert_d_ff = 0)")
+    out.append((path, variable.replace(value.astype(variable[...].dtype))))
+  unused = sorted(".".join(map(str, p)) for p in set(dense_flat) - used)
+  if unused:
+    raise ValueError(f"upcycle: the dense model's {unused[:5]} have no place in the MoE model")
+  return nnx.from_flat_state(out)
+
+
+def upcycle_model(dense_model: nnx.Module, moe_model: nnx.Module) -> nnx.Module:
+  """`moe_model` updated in place with `upcycle` of both models' parameters, and returned."""
+  nnx.update(moe_model, upcycle(nnx.state(dense_model, nnx.Param), nnx.state(moe_model, nnx.Param)))
+  return moe_model
