@@ -67,3 +67,66 @@ def upcycle_model(dense_model: nnx.Module, moe_model: nnx.Module) -> nnx.Module:
   """`moe_model` updated in place with `upcycle` of both models' parameters, and returned."""
   nnx.update(moe_model, upcycle(nnx.state(dense_model, nnx.Param), nnx.state(moe_model, nnx.Param)))
   return moe_model
+
+
+def upcycle_checkpoint(dense_workdir: str, config, workdir: str) -> int:
+  """Start the MoE run of `config` (an experiment ConfigDict) in `workdir` from the newest checkpoint of the dense
+  run in `dense_workdir`: writes `workdir`'s step-0 checkpoint, the upcycled parameters with a fresh optimizer
+  and data position, which `train.train_and_evaluate(config, workdir)` (or experiments/train.py) then resumes.
+  Returns the dense step it upcycled.
+
+  The dense run's widths must be `config`'s with every FFN dense (`upcycle` refuses anything else); its
+  optimizer state is not carried over (Komatsuzaki et al. reset it too: the expert copies and the new routers
+  start their own moments).
+  """
+  import json
+  import os
+
+  import jax
+  import ml_collections
+
+  from moe_jax import config_lib, models, parallel, train
+  from moe_jax import data as data_lib
+  from moe_jax import resolve as resolve_lib
+  from moe_jax.checkpoint import Checkpointer
+
+  with open(os.path.join(dense_workdir, "config.json")) as f:
+    dense_config = ml_collections.ConfigDict(json.load(f)["resolved"])
+  dense_cfg = config_lib.model_config(config_lib.typed(dense_config), vocab_size=dense_config.model.vocab_size)
+  if dense_cfg.moe_layer_interval:
+    raise ValueError(f"upcycle: the run in {dense_workdir} already has MoE blocks (model.moe_layer_interval="
+                     f"{dense_cfg.moe_layer_interval}); upcycling starts from a dense model")
+  run = resolve_lib.resolve(config, jax.device_count())
+  moe_cfg = config_lib.model_config(run.typed, vocab_size=run.config.model.vocab_size)
+  if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
+    raise ValueError(f"upcycle: {workdir} already holds checkpoints; pass a new workdir")
+  mesh = parallel.create_mesh(run.config.mesh.data, run.config.mesh.expert)
+  with parallel.mesh_context(mesh):
+    dense = nnx.jit(lambda: models.build(dense_cfg, rngs=nnx.Rngs(0)))()
+    dense_optimizer = nnx.Optimizer(dense, train.make_optimizer(dense_config.train), wrt=nnx.Param)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            train._checkpoint_tree(dense, dense_optimizer))
+    source = Checkpointer(os.path.join(dense_workdir, "checkpoints"), keep=dense_config.train.keep_checkpoints)
+    restored = source.restore_latest(abstract, check_meta=lambda meta: None)
+    source.close()
+    if restored is None:
+      raise ValueError(f"upcycle: {dense_workdir}/checkpoints holds no restorable checkpoint")
+    dense_step, tree, _ = restored
+    nnx.update(dense, tree["params"])
+    moe = nnx.jit(lambda: models.build(moe_cfg, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1)))()
+    upcycle_model(dense, moe)
+    optimizer = nnx.Optimizer(moe, train.make_optimizer(run.config.train), wrt=nnx.Param)
+    data_iter = data_lib.create_iterator(
+        run.config.data, split="train", batch_size=run.config.train.batch_size // jax.process_count(),
+        seq_len=run.config.train.seq_len, seed=run.config.seed, shard_index=jax.process_index(),
+        shard_count=jax.process_count(), repeat=True)
+    data_state = parallel.gather_strings(json.dumps(data_iter.get_state()))
+    data_iter.close()
+    os.makedirs(workdir, exist_ok=True)
+    target = Checkpointer(os.path.join(workdir, "checkpoints"), keep=run.config.train.keep_checkpoints)
+    target.save(0, train._checkpoint_tree(moe, optimizer),
+                {"data_state": data_state, "step": 0, "config": json.loads(run.config.to_json()),
+                 "upcycled_from": {"workdir": os.path.abspath(dense_workdir), "step": dense_step}})
+    target.wait()
+    target.close()
+  return dense_step
