@@ -108,7 +108,8 @@ class Attention(nnx.Module):
   Ainslie et al. 2023, arXiv:2305.13245; K = 1 is multi-query attention, Shazeer 2019; K = H is multi-head).
   Self-attention holds one projection parameter `qkv` [M, H + 2K, D]: query heads, then key heads, then value
   heads. Cross-attention projects queries and keys/values from different inputs, so holds `q` [M, H, D] and
-  `kv` [M, 2K, D].
+  `kv` [M, 2K, D]. Scores are scaled by D^-1/2 (T5 leaves them unscaled and folds the factor into its query
+  initialisation; with the Switch init of every projection the standard scaling keeps logits of unit order).
   """
 
   def __init__(
