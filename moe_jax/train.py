@@ -389,13 +389,14 @@ class _WorkdirLock:
 
 
 # Fields a checkpoint's run must share with the config that resumes it: they shape the state or the data.
-RESUME_INVARIANT_FIELDS = ("seed", "model", "moe", "data.dataset", "data.tokenizer", "train.batch_size",
-                           "train.seq_len", "train.optimizer")
+RESUME_INVARIANT_FIELDS = ("seed", "model", "moe", "data.dataset", "data.tokenizer", "data.objective",
+                           "data.num_sentinels", "train.batch_size", "train.seq_len", "train.optimizer")
 # Fields that change the optimisation trajectory or the documents read: refused unless train.allow_changes.
 SCHEDULE_FIELDS = ("train.learning_rate", "train.warmup_steps", "train.schedule", "train.min_lr_ratio",
                    "train.weight_decay", "train.b1", "train.b2", "train.adafactor_decay_rate",
                    "train.grad_clip_norm", "train.aux_loss_weight", "train.z_loss_weight")
-DATA_FIELDS = ("data.text_dir", "data.text_glob", "data.validation_fraction")
+DATA_FIELDS = ("data.text_dir", "data.text_glob", "data.validation_fraction", "data.noise_density",
+               "data.mean_noise_span_length")
 # Schedules whose shape depends on train.num_steps (rsqrt and constant do not).
 SCHEDULES_OVER_NUM_STEPS = ("cosine", "linear")
 

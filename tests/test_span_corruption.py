@@ -83,3 +83,16 @@ def test_too_few_sentinels_are_refused_naming_the_field():
   config.data.update(dict(objective="span_corruption", num_sentinels=5))
   with pytest.raises(ValueError, match="data.num_sentinels=5 must be >= the 7 noise spans of a train.seq_len=128"):
     config_lib.validate(config)
+
+
+def test_two_processes_see_the_rows_of_the_one_process_batch():
+  """Each chunk's mask depends on its place in the global batch only, so two processes (each half the rows)
+  produce exactly the single-process batch, as the causal-LM pipeline does."""
+  cfg = {"objective": "span_corruption"}
+  whole = data_lib.create_iterator(cfg, split="train", batch_size=4, seq_len=32, seed=3)
+  halves = [data_lib.create_iterator(cfg, split="train", batch_size=2, seq_len=32, seed=3, shard_index=i,
+                                     shard_count=2) for i in range(2)]
+  for _ in range(2):
+    batch, parts = next(whole), [next(h) for h in halves]
+    for key in batch:
+      np.testing.assert_array_equal(batch[key], np.concatenate([p[key] for p in parts]))

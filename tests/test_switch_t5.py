@@ -134,3 +134,16 @@ def test_switch_base_cpu_trains_from_the_cli(tmp_path):
   assert run.returncode == 0, run.stderr[-3000:]
   losses = read_metrics(str(tmp_path)).series("cross_entropy")
   assert np.mean([losses[s] for s in range(26, 31)]) < np.mean([losses[s] for s in range(1, 6)]) - 1.0
+
+
+@pytest.mark.slow  # one short run per variant
+@pytest.mark.parametrize("name", sorted(switch_t5.TABLE9))
+def test_every_cpu_variant_trains_on_the_embedded_corpus(name, tmp_path):
+  config = switch_t5.get_config(f"{name}-cpu")
+  config.train.update(dict(num_steps=12, warmup_steps=2, eval_every=0, eval_batches=1, log_every=4,
+                           checkpoint_every=0, peak_tflops=1.0))
+  config.mesh.data = jax.device_count()
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result.status == "completed" and np.isfinite(result.eval_loss)
+  losses = read_metrics(str(tmp_path)).series("cross_entropy")
+  assert np.mean([losses[s] for s in range(10, 13)]) < np.mean([losses[s] for s in range(1, 4)]) - 0.3

@@ -15,7 +15,7 @@ The path of one batch:
   batch       {'inputs': int32 [B, L], 'targets': int32 [B, L] (inputs shifted by one),
                'weights': float32 [B, L] (1 = real target, 0 = padding)}
   (data.objective = 'span_corruption', the encoder-decoder's: chunks of the raw length whose corrupted input
-   has L = seq_len tokens, each corrupted by `span_corruption` with a checkpointed per-chunk PRNG, giving
+   has L = seq_len tokens, each corrupted by `span_corruption` with a PRNG of (seed, chunk index), giving
    {'inputs': int32 [B, L], 'decoder_inputs', 'targets': int32 [B, Lo], 'weights': float32 [B, Lo]})
   prefetch    one background thread keeps a few batches ready
 
@@ -388,7 +388,7 @@ def create_iterator(
   Returns:
     A grain DatasetIterator; `get_state()` / `set_state()` resume exactly (JSON-safe state).
   """
-  config_lib.validate_data_config(cfg)
+  data = config_lib.validate_data_config(cfg)
   if batch_size < 1 or seq_len < 1:
     raise ValueError(f"batch_size={batch_size} and seq_len={seq_len} must be >= 1")
   if not 0 <= shard_index < shard_count:
@@ -398,7 +398,6 @@ def create_iterator(
   if num_batches is not None and num_batches < 1:
     raise ValueError(f"num_batches={num_batches} must be None or >= 1")
 
-  data = config_lib.validate_data_config(cfg)
   tokenizer = get_tokenizer(cfg)
   source, text_key = document_source(cfg, split)
   docs = tokenized_documents(source, text_key=text_key, tokenizer=tokenizer, seed=seed,
@@ -415,8 +414,16 @@ def create_iterator(
         _span_corrupt, lengths=lengths, noise_density=data.noise_density,
         mean_noise_span_length=data.mean_noise_span_length, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
         sentinels=span_corruption.sentinel_ids(tokenizer.vocab_size, data.num_sentinels))
-    # The masks are drawn per chunk from (seed, shard, chunk index); grain checkpoints the index.
-    ds = ds.random_map(corrupt, seed=seed * shard_count + shard_index)
+    # Each chunk's mask is drawn from (seed, the chunk's index in the global order), grain checkpointing the local
+    # index: a training chunk's global index is its row of the global batch and its round, so every process count
+    # draws the same masks for the same chunks (as it packs the same chunks, `_StreamBlock`).
+    def global_index(local: int) -> int:
+      if not repeat:
+        return local * shard_count + shard_index
+      round_, stream = divmod(local, batch_size)
+      return round_ * batch_size * shard_count + shard_index * batch_size + stream
+
+    ds = ds.map_with_index(lambda local, chunk: corrupt(chunk, np.random.default_rng([seed, global_index(local)])))
     ds = ds.batch(batch_size, drop_remainder=False)
     ds = ds.map(functools.partial(_pad_rows, batch_size=batch_size, pad_id=tokenizer.pad_id))
   else:
