@@ -3,6 +3,7 @@
   python experiments/model_stats.py --config=configs/mixtral.py:full [--config.moe.num_experts=16 ...]
       [--devices=256] [--serve_batch=1] [--serve_context=32768] [--json]
   python experiments/model_stats.py --systems_table     # the README's table of the published systems
+  python experiments/model_stats.py --switch_table      # the README's Switch Table 9 comparison
 
 An encoder-decoder (configs/switch_t5.py) is also counted per sequence: train.seq_len encoder tokens and the
 span-corruption targets they imply (512 -> 114).
@@ -31,6 +32,7 @@ _SERVE_BATCH = flags.DEFINE_integer("serve_batch", 1, "sequences served at once,
 _SERVE_CONTEXT = flags.DEFINE_integer("serve_context", 0, "tokens per served sequence (default: max_seq_len)")
 _JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of the table")
 _SYSTEMS_TABLE = flags.DEFINE_bool("systems_table", False, "print the markdown table of configs/SYSTEMS")
+_SWITCH_TABLE = flags.DEFINE_bool("switch_table", False, "print the markdown table of Switch Table 9 vs ours")
 
 # The published systems, one config file each (configs/<module>.py, variant 'full').
 SYSTEMS = ("mixtral", "dbrx", "deepseekmoe", "olmoe", "qwen3_moe", "glam", "deepseek_v3")
@@ -120,11 +122,35 @@ def systems_table() -> str:
   return "\n".join(rows)
 
 
+def _figure(n: float, *, trillions: bool = False) -> str:
+  """A figure as Table 9 prints it: billions (0.223B, 1571B), FLOPs from 10^12 on in trillions (6.3T)."""
+  return f"{n / 1e12:g}T" if trillions and n >= 1e12 else f"{n / 1e9:g}B"
+
+
+def switch_table() -> str:
+  """Markdown: Switch Table 9's models (configs/switch_t5.py), our parameters and forward FLOPs per sequence
+  (512 encoder / 114 decoder tokens) next to the published ones, all from `stats`."""
+  from configs import switch_t5
+
+  rows = ["| model | params (ours) | Table 9 | gap | FLOPs / seq (ours) | Table 9 | gap |",
+          "| --- | --- | --- | --- | --- | --- | --- |"]
+  for name, (params, per_sequence) in switch_t5.TABLE9.items():
+    s = stats(switch_t5.get_config(name))
+    total, forward = s["params"]["total"], s["flops_per_sequence"]["forward"]
+    rows.append(f"| {name} | {total / 1e9:,.3f}B | {_figure(params)} | {total / params - 1:+.1%} | "
+                f"{forward / 1e9:,.1f}B | {_figure(per_sequence, trillions=True)} | "
+                f"{forward / per_sequence - 1:+.1%} |")
+  return "\n".join(rows)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _SYSTEMS_TABLE.value:
     print(systems_table())
+    return
+  if _SWITCH_TABLE.value:
+    print(switch_table())
     return
   if _CONFIG.value is None:
     raise app.UsageError("--config=configs/<file>.py:<variant> is required (or --systems_table)")

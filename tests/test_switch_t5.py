@@ -147,3 +147,11 @@ def test_every_cpu_variant_trains_on_the_embedded_corpus(name, tmp_path):
   assert result.status == "completed" and np.isfinite(result.eval_loss)
   losses = read_metrics(str(tmp_path)).series("cross_entropy")
   assert np.mean([losses[s] for s in range(10, 13)]) < np.mean([losses[s] for s in range(1, 4)]) - 0.3
+
+
+def test_readme_table_is_the_calculators():
+  sys.path.insert(0, os.path.join(REPO, "experiments"))
+  import model_stats
+
+  assert model_stats.switch_table() in open(os.path.join(REPO, "README.md")).read(), (
+      "README.md's Switch table is stale: python experiments/model_stats.py --switch_table")
