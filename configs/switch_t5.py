@@ -27,8 +27,10 @@ and large are tied here and XXL and C untied.
 (*) Switch-XXL: Table 9 prints 64 experts, but its 395B parameters are what 128 experts on every other FFN give
 (flaxformer's switch_xxl.gin: NUM_EXPERTS = 128); 64 experts would give 201B. We use 128.
 
-What the calculator gives against the table (tests/test_switch_t5.py asserts these): see `TABLE9` below and
-the gaps listed in tests/test_switch_t5.py.
+What the calculator gives against the table: `python experiments/model_stats.py --switch_table` (in the README).
+Parameters reproduce for T5-Base, Switch-Base, Switch-XXL and Switch-C (and Table 7's series to its rounding);
+Switch-Large's widths give 27.1B, not 26B; no reading of 512 / 114 tokens reproduces the FLOPs column.
+tests/test_switch_t5.py asserts what reproduces and pins each gap.
 
 cpu variants: the same structure (gated or not, tied or not, MoE on the same blocks of each stack, relative
 positions) at d_model 64 with 4 heads of 16, 2 + 2 blocks (Switch-C: every FFN MoE), at most 8 experts, on the
