@@ -27,6 +27,12 @@ def tiny_cfg(vocab_size=64, **model):
   return config_lib.model_config(config, vocab_size=vocab_size)
 
 
+@nnx.jit
+def apply(model, inputs, decoder_inputs):
+  """(logits, aux), deterministic; jitted: eager MoE layers run op by op, far slower on CPU."""
+  return model(inputs, decoder_inputs)
+
+
 def build(cfg, seed=0):
   with parallel.mesh_context(parallel.create_mesh(1, 1)):
     return EncoderDecoder(cfg, rngs=nnx.Rngs(seed))
@@ -81,12 +87,12 @@ def test_encoder_reads_both_ways_and_decoder_only_backwards():
   model = build(tiny_cfg(moe_layer_interval=0))
   inputs = jax.random.randint(jax.random.key(0), (1, 12), 3, 64)
   targets = jax.random.randint(jax.random.key(1), (1, 8), 3, 64)
-  logits, _ = model(inputs, targets)
+  logits, _ = apply(model, inputs, targets)
   # A change at the last encoder position reaches every decoder position (bidirectional encoder, cross-attention).
-  changed_input, _ = model(inputs.at[0, -1].set(5), targets)
+  changed_input, _ = apply(model, inputs.at[0, -1].set(5), targets)
   assert np.all(np.abs(np.asarray(changed_input - logits)).max(axis=-1) > 1e-6)
   # A change at decoder position 5 leaves positions 0..4 unchanged (causal decoder).
-  changed_target, _ = model(inputs, targets.at[0, 5].set(7))
+  changed_target, _ = apply(model, inputs, targets.at[0, 5].set(7))
   np.testing.assert_allclose(np.asarray(changed_target[0, :5]), np.asarray(logits[0, :5]), atol=1e-6)
   assert np.abs(np.asarray(changed_target[0, 5:] - logits[0, 5:])).max() > 1e-6
 
@@ -97,8 +103,8 @@ def test_encoder_padding_changes_nothing():
   model = build(tiny_cfg())
   inputs = jax.random.randint(jax.random.key(0), (2, 10), 3, 64)
   targets = jax.random.randint(jax.random.key(1), (2, 6), 3, 64)
-  logits, _ = model(inputs, targets)
-  padded, _ = model(jnp.pad(inputs, ((0, 0), (0, 5))), targets)
+  logits, _ = apply(model, inputs, targets)
+  padded, _ = apply(model, jnp.pad(inputs, ((0, 0), (0, 5))), targets)
   chex.assert_trees_all_close(padded, logits, atol=1e-5, rtol=1e-5)
 
 
@@ -107,7 +113,7 @@ def test_moe_sits_on_every_other_ffn_of_each_stack():
   kinds = [type(b.ffn).__name__ for b in [*model.encoder, *model.decoder]]
   assert kinds == ["FeedForward", "MoeFeedForward", "FeedForward", "MoeFeedForward", "FeedForward",
                    "MoeFeedForward"]
-  _, aux = model(jnp.ones((2, 8), jnp.int32), jnp.ones((2, 4), jnp.int32))
+  _, aux = apply(model, jnp.ones((2, 8), jnp.int32), jnp.ones((2, 4), jnp.int32))
   assert sorted(aux.blocks) == [1, 3, 5]  # decoder block j is num_layers + j
 
 
