@@ -289,5 +289,8 @@ def memory_estimate(cfg: ModelConfig, *, batch_size: int, seq_len: int, optimize
 
 def kv_cache_bytes(cfg: ModelConfig, *, batch_size: int, context: int, dtype_bytes: int = 2) -> float:
   """Keys and values of every block for `batch_size` sequences of `context` tokens (grouped-query attention
-  keeps K heads, not H)."""
+  keeps K heads, not H). The encoder-decoder caches them in its decoder blocks only, twice: self-attention over
+  `context` generated tokens and cross-attention over `context` encoder tokens."""
+  if cfg.architecture == "encoder_decoder":
+    return 2.0 * cfg.decoder_layers * 2 * cfg.kv_heads * cfg.head_dim * batch_size * context * dtype_bytes
   return 2.0 * cfg.num_layers * cfg.kv_heads * cfg.head_dim * batch_size * context * dtype_bytes

@@ -155,3 +155,18 @@ def test_readme_table_is_the_calculators():
 
   assert model_stats.switch_table() in open(os.path.join(REPO, "README.md")).read(), (
       "README.md's Switch table is stale: python experiments/model_stats.py --switch_table")
+
+
+def test_calculator_cli_counts_an_encoder_decoder_per_sequence():
+  run = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "model_stats.py"),
+                        f"--config={REPO}/configs/switch_t5.py:switch-c", "--json"],
+                       capture_output=True, text=True, timeout=120)
+  assert run.returncode == 0, run.stderr[-2000:]
+  import json
+
+  stats = json.loads(run.stdout.strip().splitlines()[-1])
+  sequence = stats["flops_per_sequence"]
+  assert (sequence["inputs_length"], sequence["targets_length"]) == (512, 114)
+  assert stats["flops_per_token"]["forward"] == pytest.approx(sequence["forward"] / 512)
+  # Decoder blocks cache self- and cross-attention keys/values: 2 x 15 x 2 x 32 x 64 x 512 x 2 bytes.
+  assert stats["inference"]["kv_cache_bf16"] == 2 * 15 * 2 * 32 * 64 * 512 * 2
