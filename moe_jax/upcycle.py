@@ -90,7 +90,10 @@ def upcycle_checkpoint(dense_workdir: str, config, workdir: str) -> int:
   from moe_jax import resolve as resolve_lib
   from moe_jax.checkpoint import Checkpointer
 
-  with open(os.path.join(dense_workdir, "config.json")) as f:
+  record = os.path.join(dense_workdir, "config.json")
+  if not os.path.isfile(record):
+    raise ValueError(f"upcycle: {record} does not exist; --dense_workdir must be the workdir of a training run")
+  with open(record) as f:
     dense_config = ml_collections.ConfigDict(json.load(f)["resolved"])
   dense_cfg = config_lib.model_config(config_lib.typed(dense_config), vocab_size=dense_config.model.vocab_size)
   if dense_cfg.moe_layer_interval:

@@ -122,3 +122,17 @@ def test_a_dense_checkpoint_upcycles_into_a_moe_run_that_trains_on(tmp_path):
   # The MoE run's first step is scored by the upcycled model: near the dense run's last losses, far below a
   # fresh model's first (~ln 259 = 5.6 nats on bytes).
   assert abs(moe_ce[1] - dense_ce[8]) < 0.5 < dense_ce[1] - moe_ce[1], (dense_ce, moe_ce)
+
+
+def test_cli_refuses_a_workdir_that_is_not_a_run(tmp_path):
+  import os
+  import subprocess
+  import sys
+
+  from tests.helpers import REPO, cpu_env
+
+  run = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "upcycle.py"),
+                        f"--config={REPO}/configs/lm.py:switch-cpu", f"--dense_workdir={tmp_path / 'none'}",
+                        f"--workdir={tmp_path / 'moe'}"], capture_output=True, text=True, timeout=120,
+                       env=cpu_env(1))
+  assert run.returncode == 2 and "config.json does not exist" in run.stderr, run.stderr[-2000:]
