@@ -282,9 +282,14 @@ class MoeConfig(Section):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(Section):
-  """The decoder LM's hyper-parameters; `moe` is attached by `model_config` when the model has MoE blocks."""
+  """The model's hyper-parameters; `moe` is attached by `model_config` when the model has MoE blocks.
+
+  `architecture` 'decoder' is the decoder-only LM (moe_jax.model); 'encoder_decoder' is T5's (moe_jax.encdec):
+  `num_layers` encoder blocks and `num_decoder_layers` decoder blocks, the MoE interval applied to each stack.
+  """
 
   NAME: ClassVar[str] = "model"
+  architecture: str = field("decoder", choice("architecture"), "decoder-only LM, or T5's encoder-decoder")
   vocab_size: int = field(0, at_least(0), "vocabulary size; 0 takes the tokenizer's")
   # The defaults are the cpu size of configs/lm.py: 4 blocks of width 128 on bytes; paper sizes live there.
   d_model: int = field(128, at_least(1), "residual width M")
@@ -294,7 +299,8 @@ class ModelConfig(Section):
   head_dim: int = field(32, Rule((int,), lambda v: v >= 2 and v % 2 == 0, lambda: "an even integer >= 2"),
                         "attention head dimension D (rotary embedding rotates feature pairs)")
   d_ff: int = field(512, at_least(1), "hidden width F of every FFN and expert")
-  num_layers: int = field(4, at_least(1), "transformer blocks")
+  num_layers: int = field(4, at_least(1), "transformer blocks (encoder-decoder: encoder blocks)")
+  num_decoder_layers: int = field(0, at_least(0), "encoder-decoder only: decoder blocks; 0 = num_layers")
   max_seq_len: int = field(256, at_least(1), "longest sequence the model accepts")
   moe_layer_interval: int = field(2, at_least(0), "0: dense model; N: every N-th block's FFN is a MoE layer (Switch: 2)")
   moe_start_block: int = field(0, at_least(0), "blocks before this one stay dense; MoE every moe_layer_interval-th "
@@ -305,11 +311,27 @@ class ModelConfig(Section):
   dropout: float = field(0.0, in_range(0, 1), "dropout on residual branches and dense FFNs")
   init_scale: float = field(0.1, positive(), "Switch init: truncated normal with variance init_scale / fan_in")
   dtype: str = field("float32", choice("dtype"), "activation dtype (params and router stay float32)")
+  positions: str = field("rotary", choice("positions"), "position scheme: rotary (decoder LM) or T5's learned "
+                         "relative position buckets (encoder-decoder only)")
+  relative_buckets: int = field(32, Rule((int,), lambda v: v >= 2 and v % 2 == 0, lambda: "an even integer >= 2"),
+                                "relative positions: buckets per direction pair (T5: 32)")
+  relative_max_distance: int = field(128, at_least(2), "relative positions: distance from which all share the "
+                                     "last bucket (T5: 128)")
   moe: MoeConfig | None = None  # derived: the moe section when moe_layer_interval > 0
 
   def _check(self) -> None:
     """`num_kv_heads` divides `num_heads`; `moe_start_block + moe_layer_interval <= num_layers` (at least one
-    MoE block) when `moe_layer_interval > 0`."""
+    MoE block) when `moe_layer_interval > 0`; the decoder LM has rotary positions and no `num_decoder_layers`;
+    relative positions need `relative_max_distance > relative_buckets / 2` (exact buckets below it)."""
+    if self.architecture == "decoder":
+      if self.positions != "rotary":
+        raise ValueError(f"model.positions={self.positions!r} must be 'rotary' for model.architecture='decoder'")
+      if self.num_decoder_layers:
+        raise ValueError(f"model.num_decoder_layers={self.num_decoder_layers} must be 0 for "
+                         "model.architecture='decoder' (it has num_layers blocks)")
+    if self.positions == "relative" and self.relative_max_distance <= self.relative_buckets // 2:
+      raise ValueError(f"model.relative_max_distance={self.relative_max_distance} must be > relative_buckets / 2 = "
+                       f"{self.relative_buckets // 2}")
     if self.num_kv_heads and self.num_heads % self.num_kv_heads:
       raise ValueError(f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}")
     if self.moe_layer_interval and self.moe_start_block + self.moe_layer_interval > self.num_layers:
@@ -318,11 +340,21 @@ class ModelConfig(Section):
 
   @property
   def moe_layers(self) -> tuple[int, ...]:
-    """Indices of the blocks whose FFN is a mixture of experts: s+N-1, s+2N-1, ... from s = moe_start_block."""
+    """Indices of the blocks whose FFN is a mixture of experts: s+N-1, s+2N-1, ... from s = moe_start_block
+    (encoder-decoder: of the encoder; `moe_blocks(decoder_layers)` gives the decoder's)."""
+    return self.moe_blocks(self.num_layers)
+
+  def moe_blocks(self, num_blocks: int) -> tuple[int, ...]:
+    """The MoE block indices of a stack of `num_blocks` blocks, by the rule of `moe_layers`."""
     if self.moe_layer_interval == 0 or self.moe is None:
       return ()
     start, interval = self.moe_start_block, self.moe_layer_interval
-    return tuple(i for i in range(start, self.num_layers) if (i - start + 1) % interval == 0)
+    return tuple(i for i in range(start, num_blocks) if (i - start + 1) % interval == 0)
+
+  @property
+  def decoder_layers(self) -> int:
+    """Blocks of the encoder-decoder's decoder."""
+    return self.num_decoder_layers or self.num_layers
 
   @property
   def kv_heads(self) -> int:
@@ -354,6 +386,14 @@ class DataConfig(Section):
   download: bool = field(False, boolean(), "registered sets only: may this run download and prepare them?")
   validation_fraction: float = field(0.02, in_range(0, 0.5, closed_low=False, closed_high=True),
                                      "stdlib/text_dir: share of files held out for evaluation")
+  objective: str = field("causal_lm", choice("objective"), "what a batch asks: next-token prediction (decoder LM) "
+                         "or T5 span corruption (encoder-decoder; train.seq_len = encoder input length)")
+  noise_density: float = field(0.15, in_range(0, 1, closed_low=False), "span corruption: share of tokens masked "
+                               "(T5: 0.15)")
+  mean_noise_span_length: float = field(3.0, Rule((int, float), lambda v: math.isfinite(v) and v >= 1,
+                                                  lambda: ">= 1"), "span corruption: mean masked span length (T5: 3)")
+  num_sentinels: int = field(100, at_least(1), "span corruption: sentinel ids appended after the tokenizer's "
+                             "vocabulary (T5's extra_ids: 100)")
 
   def _check(self) -> None:
     """`tokenizer` is 'byte' or an existing file; dataset='text_dir' needs an existing `text_dir`."""
@@ -443,13 +483,26 @@ class ExperimentConfig(Section):
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
   def _check(self) -> None:
-    """`train.seq_len <= model.max_seq_len`; `train.batch_size` divisible by the mesh's devices; with MoE blocks:
-    `moe.num_experts` divisible by `mesh.expert`, the non-causal routers ('expert_choice', 'soft_moe') refused
-    (this config trains a decoder), routing groups (`moe.group_size`, 0: one per sequence) tiling the batch into
-    a multiple of the mesh's devices, and for router='base' tokens per group a multiple of `moe.num_experts`."""
+    """`train.seq_len <= model.max_seq_len`; `data.objective` is 'span_corruption' exactly for the encoder-decoder,
+    with at least as many `data.num_sentinels` as noise spans per input; `train.batch_size` divisible by the
+    mesh's devices; with MoE blocks: `moe.num_experts` divisible by `mesh.expert`, the non-causal routers
+    ('expert_choice', 'soft_moe') refused, routing groups (`moe.group_size`, 0: one per sequence) tiling the
+    batch into a multiple of the mesh's devices, and for router='base' tokens per group a multiple of
+    `moe.num_experts`."""
     model, moe, train, mesh = self.model, self.moe, self.train, self.mesh
     if train.seq_len > model.max_seq_len:
       raise ValueError(f"train.seq_len={train.seq_len} must be <= model.max_seq_len={model.max_seq_len}")
+    wanted = "span_corruption" if model.architecture == "encoder_decoder" else "causal_lm"
+    if self.data.objective != wanted:
+      raise ValueError(f"data.objective={self.data.objective!r} must be {wanted!r} for "
+                       f"model.architecture={model.architecture!r}")
+    if wanted == "span_corruption":
+      from moe_jax.data import span_corruption  # the data package only when a run corrupts spans
+
+      lengths = span_corruption.lengths(train.seq_len, self.data.noise_density, self.data.mean_noise_span_length)
+      if lengths.num_spans > self.data.num_sentinels:
+        raise ValueError(f"data.num_sentinels={self.data.num_sentinels} must be >= the {lengths.num_spans} noise "
+                         f"spans of a train.seq_len={train.seq_len} input")
     devices = mesh.devices
     if devices is not None and train.batch_size % devices:
       raise ValueError(f"train.batch_size={train.batch_size} must be divisible by mesh.data * mesh.expert = "

@@ -9,6 +9,11 @@ Conventions
     capacity-padded buffers of einsum/gather dispatch execute capacity_factor x that in the expert FFN;
     `executed=True` counts those (expert choice: capacity_factor = average experts per token).
   * Norms, softmax, activations, embedding look-ups are left out (O(M) per token, under 1% at these sizes).
+  * Encoder-decoder (T5): FLOPs per *sequence* of `inputs_length` encoder tokens and `targets_length` decoder
+    tokens (`flops_per_sequence`): each encoder block runs on the inputs, each decoder block on the targets, its
+    cross-attention keys and values are projected from the inputs (once per decoder block) and its scores span
+    Lo x Li; the logits run on the targets. T5 and Switch pre-train with span corruption at 512 / 114 tokens
+    (`moe_jax.data.span_corruption.lengths(512, 0.15, 3)`), the lengths Switch Table 9's "FLOPs/seq" refer to.
 """
 
 from __future__ import annotations
@@ -72,26 +77,60 @@ def router_params_per_layer(cfg: ModelConfig) -> int:
   return cfg.d_model * moe.num_experts
 
 
-def flops_per_token(
-    cfg: ModelConfig, seq_len: int, *, executed: bool = False, capacity_factor: float | None = None
-) -> FlopsBreakdown:
-  """Forward FLOPs per token of the decoder LM at sequence length `seq_len` (see the module conventions)."""
-  q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-  num_moe = len(cfg.moe_layers)
-  num_dense = cfg.num_layers - num_moe
+def _ffn_stack_flops(cfg: ModelConfig, num_blocks: int, num_moe: int, *, executed: bool,
+                     capacity_factor: float | None) -> dict[str, float]:
+  """Per token: the FFNs (dense, expert, router) of a stack of `num_blocks` blocks, `num_moe` of them MoE."""
   moe_ffn = 0.0
   if num_moe:
     routed = ffn_flops(cfg.d_model, cfg.expert_d_ff, cfg.activation)
     per_token = experts_per_token(cfg, executed=executed, capacity_factor=capacity_factor)
     moe_ffn = num_moe * (routed * per_token + ffn_flops(cfg.d_model, cfg.shared_d_ff, cfg.activation))
+  return dict(dense_ffn=(num_blocks - num_moe) * ffn_flops(cfg.d_model, cfg.d_ff, cfg.activation),
+              expert_ffn=moe_ffn, router=num_moe * 2.0 * router_params_per_layer(cfg) if num_moe else 0.0)
+
+
+def flops_per_token(
+    cfg: ModelConfig, seq_len: int, *, executed: bool = False, capacity_factor: float | None = None
+) -> FlopsBreakdown:
+  """Forward FLOPs per token of the decoder LM at sequence length `seq_len` (see the module conventions)."""
+  if cfg.architecture != "decoder":
+    raise ValueError(f"model.architecture={cfg.architecture!r}: count it per sequence (flops_per_sequence)")
+  q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
   return FlopsBreakdown(
       # q and output projections over H heads, k and v over the K key/value heads.
       attention_projections=cfg.num_layers * 2.0 * cfg.d_model * (2 * q_dim + 2 * kv_dim),
       attention_scores=cfg.num_layers * 2.0 * 2 * seq_len * q_dim,
-      dense_ffn=num_dense * ffn_flops(cfg.d_model, cfg.d_ff, cfg.activation),
-      expert_ffn=moe_ffn,
-      router=num_moe * 2.0 * router_params_per_layer(cfg) if num_moe else 0.0,
+      **_ffn_stack_flops(cfg, cfg.num_layers, len(cfg.moe_layers), executed=executed,
+                         capacity_factor=capacity_factor),
       logits=2.0 * cfg.d_model * cfg.vocab_size,
+  )
+
+
+def flops_per_sequence(
+    cfg: ModelConfig, inputs_length: int, targets_length: int | None = None, *, executed: bool = False,
+    capacity_factor: float | None = None,
+) -> FlopsBreakdown:
+  """Forward FLOPs of one sequence: the decoder LM's `inputs_length` tokens, or the encoder-decoder's
+  `inputs_length` encoder and `targets_length` decoder tokens (module conventions)."""
+  if cfg.architecture == "decoder":
+    per_token = flops_per_token(cfg, inputs_length, executed=executed, capacity_factor=capacity_factor)
+    return FlopsBreakdown(*(inputs_length * v for v in dataclasses.astuple(per_token)))
+  if targets_length is None:
+    raise ValueError("an encoder-decoder sequence needs targets_length")
+  li, lo, m = inputs_length, targets_length, cfg.d_model
+  q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+  enc, dec = cfg.num_layers, cfg.decoder_layers
+  self_projections = 2.0 * m * (2 * q_dim + 2 * kv_dim)  # per token: q, k, v, out
+  ffn = dict(executed=executed, capacity_factor=capacity_factor)
+  enc_ffn = _ffn_stack_flops(cfg, enc, len(cfg.moe_layers), **ffn)
+  dec_ffn = _ffn_stack_flops(cfg, dec, len(cfg.moe_blocks(dec)), **ffn)
+  return FlopsBreakdown(
+      attention_projections=(enc * li * self_projections + dec * lo * self_projections
+                             + dec * (lo * 2.0 * m * 2 * q_dim + li * 2.0 * m * 2 * kv_dim)),  # cross: q, out; k, v
+      # QK^T and AV: encoder Li x Li, decoder self Lo x Lo, cross Lo x Li.
+      attention_scores=2.0 * 2 * q_dim * (enc * li * li + dec * (lo * lo + lo * li)),
+      **{k: li * enc_ffn[k] + lo * dec_ffn[k] for k in enc_ffn},
+      logits=lo * 2.0 * m * cfg.vocab_size,
   )
 
 
@@ -101,6 +140,7 @@ class ParamBreakdown:
 
   embeddings: int  # input embedding, and the output projection unless tied
   attention: int
+  position_bias: int  # T5 relative position buckets x heads, one table per stack (0 for rotary)
   norms: int
   dense_ffn: int
   router: int
@@ -110,8 +150,8 @@ class ParamBreakdown:
 
   @property
   def total(self) -> int:
-    return (self.embeddings + self.attention + self.norms + self.dense_ffn + self.router + self.shared_experts
-            + self.routed_experts)
+    return (self.embeddings + self.attention + self.position_bias + self.norms + self.dense_ffn + self.router
+            + self.shared_experts + self.routed_experts)
 
   @property
   def active(self) -> int:
@@ -128,12 +168,34 @@ def ffn_params(d_model: int, d_ff: int, activation: str) -> int:
   return (3 if experts.is_gated(activation) else 2) * d_model * d_ff
 
 
+@dataclasses.dataclass(frozen=True)
+class _Stacks:
+  """What the parameter and memory counts need of the architecture, summed over its stacks."""
+
+  blocks: int
+  moe_blocks: int
+  attentions: int  # attention sublayers (a decoder block of the encoder-decoder has two)
+  norms: int  # pre-norms and final norms
+  position_tables: int  # relative position bias tables
+
+
+def _stacks(cfg: ModelConfig) -> _Stacks:
+  if cfg.architecture == "decoder":
+    return _Stacks(blocks=cfg.num_layers, moe_blocks=len(cfg.moe_layers), attentions=cfg.num_layers,
+                   norms=2 * cfg.num_layers + 1, position_tables=0)
+  enc, dec = cfg.num_layers, cfg.decoder_layers
+  return _Stacks(blocks=enc + dec, moe_blocks=len(cfg.moe_layers) + len(cfg.moe_blocks(dec)), attentions=enc + 2 * dec,
+                 norms=2 * enc + 1 + 3 * dec + 1, position_tables=2 if cfg.positions == "relative" else 0)
+
+
 def param_breakdown(cfg: ModelConfig) -> ParamBreakdown:
-  """Every parameter of `model.TransformerLM(cfg)` by component (tests check it against the built model)."""
+  """Every parameter of the model `models.build(cfg)` makes, by component (tests check it against the built
+  model)."""
   m = cfg.d_model
   norm = m if cfg.norm == "rmsnorm" else 2 * m
-  num_moe = len(cfg.moe_layers)
-  num_dense = cfg.num_layers - num_moe
+  stacks = _stacks(cfg)
+  num_moe = stacks.moe_blocks
+  num_dense = stacks.blocks - num_moe
   routed = router = shared = 0
   active = 0.0
   if num_moe:
@@ -144,8 +206,9 @@ def param_breakdown(cfg: ModelConfig) -> ParamBreakdown:
     shared = num_moe * ffn_params(m, cfg.shared_d_ff, cfg.activation)
   return ParamBreakdown(
       embeddings=cfg.vocab_size * m * (1 if cfg.tie_embeddings else 2),
-      attention=cfg.num_layers * m * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.kv_heads),
-      norms=(2 * cfg.num_layers + 1) * norm,
+      attention=stacks.attentions * m * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.kv_heads),
+      position_bias=stacks.position_tables * cfg.relative_buckets * cfg.num_heads,
+      norms=stacks.norms * norm,
       dense_ffn=num_dense * ffn_params(m, cfg.d_ff, cfg.activation),
       router=router, shared_experts=shared, routed_experts=routed, routed_experts_active=active,
   )
@@ -180,13 +243,14 @@ def _weight_matrices(cfg: ModelConfig) -> list[tuple[int, int, int]]:
   """(how many, rows, columns) of the model's 2-d weights; the 1-d norm scales are left out (O(M))."""
   m = cfg.d_model
   matmuls = 3 if experts.is_gated(cfg.activation) else 2
-  num_moe = len(cfg.moe_layers)
+  stacks = _stacks(cfg)
+  num_moe = stacks.moe_blocks
   e = cfg.moe.num_experts if num_moe else 0
   return [
       (1 if cfg.tie_embeddings else 2, cfg.vocab_size, m),
-      (cfg.num_layers, m, (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim),  # q, k, v
-      (cfg.num_layers, cfg.num_heads * cfg.head_dim, m),  # output projection
-      (matmuls * (cfg.num_layers - num_moe), m, cfg.d_ff),
+      (stacks.attentions, m, (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim),  # q, k, v
+      (stacks.attentions, cfg.num_heads * cfg.head_dim, m),  # output projection
+      (matmuls * (stacks.blocks - num_moe), m, cfg.d_ff),
       (matmuls * num_moe * e, m, cfg.expert_d_ff if num_moe else 0),
       (matmuls * num_moe, m, cfg.shared_d_ff if num_moe else 0),
       (num_moe, m, e),
@@ -198,11 +262,13 @@ def activation_bytes_per_token(cfg: ModelConfig, seq_len: int, dtype_bytes: int)
   q, k, v and the attention output ((2H + 2K) D), the attention probabilities (H L, materialised by a dense
   attention), and each FFN's input, hidden units (twice for gated units) and output for every expert row it
   executes (an MoE FFN: capacity_factor x k rows, plus its shared experts); and the float32 logits, their
-  softmax and gradient (3 V)."""
+  softmax and gradient (3 V). The encoder-decoder is counted as if every block ran on `seq_len` tokens (its
+  decoder runs on fewer: an upper bound of its share)."""
   gated = 2 if experts.is_gated(cfg.activation) else 1
   attention = 3 * cfg.d_model + (2 * cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim + cfg.num_heads * seq_len
-  num_moe = len(cfg.moe_layers)
-  per_token = cfg.num_layers * attention + (cfg.num_layers - num_moe) * (2 * cfg.d_model + gated * cfg.d_ff)
+  stacks = _stacks(cfg)
+  num_moe = stacks.moe_blocks
+  per_token = stacks.attentions * attention + (stacks.blocks - num_moe) * (2 * cfg.d_model + gated * cfg.d_ff)
   if num_moe:
     rows = experts_per_token(cfg, executed=True)
     per_token += num_moe * (rows * (2 * cfg.d_model + gated * cfg.expert_d_ff) + gated * cfg.shared_d_ff
@@ -233,5 +299,8 @@ def memory_estimate(cfg: ModelConfig, *, batch_size: int, seq_len: int, optimize
 
 def kv_cache_bytes(cfg: ModelConfig, *, batch_size: int, context: int, dtype_bytes: int = 2) -> float:
   """Keys and values of every block for `batch_size` sequences of `context` tokens (grouped-query attention
-  keeps K heads, not H)."""
+  keeps K heads, not H). The encoder-decoder caches them in its decoder blocks only, twice: self-attention over
+  `context` generated tokens and cross-attention over `context` encoder tokens."""
+  if cfg.architecture == "encoder_decoder":
+    return 2.0 * cfg.decoder_layers * 2 * cfg.kv_heads * cfg.head_dim * batch_size * context * dtype_bytes
   return 2.0 * cfg.num_layers * cfg.kv_heads * cfg.head_dim * batch_size * context * dtype_bytes

@@ -1,6 +1,8 @@
-"""Transformer building blocks other than feed-forward layers: norms, rotary attention, embeddings.
+"""Transformer building blocks other than feed-forward layers: norms, attention (rotary or T5 relative
+positions, causal or not, self or cross), embeddings.
 
-Axis legend: B batch · L sequence length · M d_model · H heads · D head dim · V vocabulary.
+Axis legend: B batch · L sequence length (Lq queries, Lk keys) · M d_model · H heads · K key/value heads ·
+D head dim · V vocabulary.
 Parameters carry logical axis names; `moe_jax.parallel.LOGICAL_AXIS_RULES` maps them to the mesh.
 """
 
@@ -23,6 +25,11 @@ NORMS = {
 }
 
 
+# Position schemes by config name (model.positions): rotary angles on queries and keys, or T5's learned bias per
+# relative-position bucket (`RelativePositionBias`).
+POSITIONS = ("rotary", "relative")
+
+
 def make_norm(kind: str, d_model: int, *, rngs: nnx.Rngs) -> nnx.Module:
   return NORMS[kind](d_model, rngs)
 
@@ -43,12 +50,66 @@ def rotary_embedding(
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-class CausalSelfAttention(nnx.Module):
-  """Causal self-attention with rotary positions and no bias terms (T5), multi-head or grouped-query.
+def relative_position_bucket(
+    relative_position: jax.Array,  # [Lq, Lk] int: key position - query position
+    *,
+    bidirectional: bool,
+    num_buckets: int,
+    max_distance: int,
+) -> jax.Array:  # [Lq, Lk] int32 in [0, num_buckets)
+  """T5's relative position buckets (Raffel et al. 2020, Sec. 2.1; Mesh TF `_relative_position_bucket`).
+
+  Half the buckets (all of them when causal) hold exact distances 0 .. n/2 - 1; the other half cover distances
+  up to `max_distance` logarithmically, farther ones share the last bucket. Bidirectional (encoder): keys after
+  the query get buckets of their own, [num_buckets / 2, num_buckets). Causal (decoder): keys after the query,
+  which the mask hides anyway, fall into bucket 0.
+  """
+  n = -relative_position  # query position - key position: > 0 for keys in the past
+  bucket = jnp.zeros_like(n)
+  if bidirectional:
+    num_buckets //= 2
+    bucket = bucket + (n < 0).astype(n.dtype) * num_buckets
+    n = jnp.abs(n)
+  else:
+    n = jnp.maximum(n, 0)
+  max_exact = num_buckets // 2
+  # log-spaced buckets from max_exact to max_distance; float32 as in Mesh TF, clipped to the last bucket
+  log_ratio = jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact) / jnp.log(max_distance / max_exact)
+  large = jnp.minimum(max_exact + (log_ratio * (num_buckets - max_exact)).astype(n.dtype), num_buckets - 1)
+  return (bucket + jnp.where(n < max_exact, n, large)).astype(jnp.int32)
+
+
+class RelativePositionBias(nnx.Module):
+  """T5's learned relative position bias: one scalar per (bucket, head), added to the attention logits.
+
+  One instance per stack, shared by its layers (T5 computes it in the first layer and reuses it). Param
+  `embedding` [num_buckets, H] ('unmodeled', 'heads').
+  """
+
+  def __init__(self, num_heads: int, *, num_buckets: int, max_distance: int, bidirectional: bool,
+               init_scale: float, rngs: nnx.Rngs):
+    init = nnx.with_partitioning(switch_init(init_scale, in_axis=0, out_axis=1), ("unmodeled", "heads"))
+    self.embedding = nnx.Param(init(rngs.params(), (num_buckets, num_heads)))
+    self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
+
+  def __call__(self, query_length: int, key_length: int) -> jax.Array:  # [1, H, Lq, Lk] float32
+    relative = jnp.arange(key_length)[None, :] - jnp.arange(query_length)[:, None]  # [Lq, Lk]
+    buckets = relative_position_bucket(relative, bidirectional=self.bidirectional, num_buckets=self.num_buckets,
+                                       max_distance=self.max_distance)
+    return jnp.take(self.embedding[...], buckets, axis=0).transpose(2, 0, 1)[None]  # [1, H, Lq, Lk]
+
+
+class Attention(nnx.Module):
+  """Multi-head or grouped-query dot-product attention with no bias terms (T5), in the variants a transformer
+  needs: causal or bidirectional, rotary positions or none (then the caller passes T5's relative position
+  `bias`), self-attention or cross-attention over a separate `context` (encoder-decoder).
 
   `num_kv_heads` K key/value heads are shared by groups of H / K query heads (grouped-query attention,
   Ainslie et al. 2023, arXiv:2305.13245; K = 1 is multi-query attention, Shazeer 2019; K = H is multi-head).
-  The projections are one parameter [M, H + 2K, D]: query heads, then key heads, then value heads.
+  Self-attention holds one projection parameter `qkv` [M, H + 2K, D]: query heads, then key heads, then value
+  heads. Cross-attention projects queries and keys/values from different inputs, so holds `q` [M, H, D] and
+  `kv` [M, 2K, D]. Scores are scaled by D^-1/2 (T5 leaves them unscaled and folds the factor into its query
+  initialisation; with the Switch init of every projection the standard scaling keeps logits of unit order).
   """
 
   def __init__(
@@ -59,31 +120,64 @@ class CausalSelfAttention(nnx.Module):
       *,
       num_kv_heads: int | None = None,
       init_scale: float,
+      causal: bool = True,
+      rotary: bool = True,
+      cross: bool = False,
       dropout: float = 0.0,
       dtype: jnp.dtype = jnp.float32,
       rngs: nnx.Rngs,
   ):
+    if cross and (causal or rotary):
+      raise ValueError("cross-attention is neither causal nor rotary: queries and keys index different sequences")
     self.num_heads = num_heads
     self.num_kv_heads = num_kv_heads or num_heads
-    qkv_init = switch_init(init_scale, in_axis=0, out_axis=(1, 2))
+    self.causal, self.rotary, self.cross = causal, rotary, cross
+    in_init = nnx.with_partitioning(switch_init(init_scale, in_axis=0, out_axis=(1, 2)), ("embed", "heads", "kv"))
     out_init = switch_init(init_scale, in_axis=(0, 1), out_axis=2)
-    qkv_shape = (d_model, num_heads + 2 * self.num_kv_heads, head_dim)
-    self.qkv = nnx.Param(nnx.with_partitioning(qkv_init, ("embed", "heads", "kv"))(rngs.params(), qkv_shape))
+    kv_heads = 2 * self.num_kv_heads
+    if cross:
+      self.q = nnx.Param(in_init(rngs.params(), (d_model, num_heads, head_dim)))
+      self.kv = nnx.Param(in_init(rngs.params(), (d_model, kv_heads, head_dim)))
+    else:
+      self.qkv = nnx.Param(in_init(rngs.params(), (d_model, num_heads + kv_heads, head_dim)))
     self.out = nnx.Param(
         nnx.with_partitioning(out_init, ("heads", "kv", "embed"))(rngs.params(), (num_heads, head_dim, d_model))
     )
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     self.dtype = dtype
 
-  def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:  # [B, L, M] -> [B, L, M]
+  def __call__(
+      self,
+      x: jax.Array,  # [B, Lq, M]
+      *,
+      context: jax.Array | None = None,  # [B, Lk, M], cross-attention only
+      bias: jax.Array | None = None,  # [1 or B, H, Lq, Lk] added to the logits (relative positions)
+      mask: jax.Array | None = None,  # [B, 1 or H, Lq, Lk] bool, True = may attend (padding)
+      deterministic: bool = True,
+  ) -> jax.Array:  # [B, Lq, M]
+    if self.cross != (context is not None):
+      raise ValueError("cross-attention needs a context, self-attention none")
     x = x.astype(self.dtype)
-    qkv = jnp.einsum("blm,mhd->blhd", x, self.qkv[...].astype(self.dtype))  # [B, L, H + 2K, D]
-    q, k, v = jnp.split(qkv, [self.num_heads, self.num_heads + self.num_kv_heads], axis=2)
-    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-    q, k = rotary_embedding(q, positions), rotary_embedding(k, positions)
-    attended = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # [B, L, H, D]; K heads shared by groups
+    if self.cross:
+      q = jnp.einsum("blm,mhd->blhd", x, self.q[...].astype(self.dtype))  # [B, Lq, H, D]
+      kv = jnp.einsum("blm,mhd->blhd", context.astype(self.dtype), self.kv[...].astype(self.dtype))
+      k, v = jnp.split(kv, 2, axis=2)  # [B, Lk, K, D] each
+    else:
+      qkv = jnp.einsum("blm,mhd->blhd", x, self.qkv[...].astype(self.dtype))  # [B, L, H + 2K, D]
+      q, k, v = jnp.split(qkv, [self.num_heads, self.num_heads + self.num_kv_heads], axis=2)
+    if self.rotary:
+      positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+      q, k = rotary_embedding(q, positions), rotary_embedding(k, positions)
+    if bias is not None:
+      bias = bias.astype(self.dtype)
+    # K heads shared by groups of H / K query heads; `mask` and `is_causal` combine.
+    attended = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=self.causal)  # [B, Lq, H, D]
     y = jnp.einsum("blhd,hdm->blm", attended, self.out[...].astype(self.dtype))
     return self.dropout(y, deterministic=deterministic)
+
+
+# The decoder LM's attention (model.Block): the defaults, causal self-attention with rotary positions.
+CausalSelfAttention = Attention
 
 
 class Embedding(nnx.Module):

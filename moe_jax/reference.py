@@ -222,3 +222,53 @@ def attention(
   causal = jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool))
   probs = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
   return jnp.einsum("bhqk,bkhd,hdm->bqm", probs, v, out)
+
+
+def relative_position_bucket(relative_position: int, *, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> int:
+  """T5's bucket of one key - query offset, in scalar Python (Raffel et al. 2020, Sec. 2.1): the yardstick of
+  `layers.relative_position_bucket`. Offsets below half the (per-direction) buckets are exact, farther ones
+  share log-spaced buckets up to `max_distance`."""
+  import math
+
+  n = -relative_position
+  bucket = 0
+  if bidirectional:
+    num_buckets //= 2
+    if n < 0:
+      bucket += num_buckets
+    n = abs(n)
+  else:
+    n = max(n, 0)
+  max_exact = num_buckets // 2
+  if n < max_exact:
+    return bucket + n
+  large = max_exact + int(math.log(n / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact))
+  return bucket + min(large, num_buckets - 1)
+
+
+def attention_with_bias(
+    x: jax.Array,  # [B, Lq, M]
+    context: jax.Array,  # [B, Lk, M]: x itself for self-attention
+    wq: jax.Array,  # [M, H, D]
+    wk: jax.Array,  # [M, H, D]
+    wv: jax.Array,  # [M, H, D]
+    out: jax.Array,  # [H, D, M]
+    bias: jax.Array | None,  # [1, H, Lq, Lk]
+    mask: jax.Array | None,  # [B, 1, Lq, Lk] bool
+    causal: bool,
+) -> jax.Array:  # [B, Lq, M]
+  """Multi-head softmax attention written out with an additive logit bias (T5's relative positions) and a
+  padding mask, causal or not: the yardstick of `layers.Attention` in the encoder-decoder."""
+  q, k, v = (jnp.einsum("blm,mhd->blhd", x, wq), jnp.einsum("blm,mhd->blhd", context, wk),
+             jnp.einsum("blm,mhd->blhd", context, wv))
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1])
+  if bias is not None:
+    scores = scores + bias
+  allowed = jnp.ones(scores.shape, bool)
+  if mask is not None:
+    allowed &= mask
+  if causal:
+    allowed &= jnp.tril(jnp.ones(scores.shape[-2:], bool))
+  probs = jax.nn.softmax(jnp.where(allowed, scores, -jnp.inf), axis=-1)
+  return jnp.einsum("bhqk,bkhd,hdm->bqm", probs, v, out)

@@ -19,8 +19,9 @@ _BY_MODULE: dict[str, dict[str, str]] = {
     "moe_jax.dispatch": {"dispatch": "CHOICES", "dropless_dispatch": "DROPLESS"},
     "moe_jax.experts": {"activation": "ACTIVATIONS"},
     "moe_jax.moe_layer": {"router": "ROUTERS", "non_causal_router": "NON_CAUSAL_ROUTERS", "dtype": "DTYPES"},
-    "moe_jax.layers": {"norm": "NORMS"},
-    "moe_jax.data.config": {"dataset": "DATASETS"},
+    "moe_jax.layers": {"norm": "NORMS", "positions": "POSITIONS"},
+    "moe_jax.models": {"architecture": "ARCHITECTURES"},
+    "moe_jax.data.config": {"dataset": "DATASETS", "objective": "OBJECTIVES"},
     "moe_jax.train": {"optimizer": "OPTIMIZERS", "schedule": "SCHEDULES"},
 }
 # kind -> (module, attribute)

@@ -74,9 +74,10 @@ def resolve(config: ml_collections.ConfigDict, device_count: int, *, platform: s
                      f"number of devices ({device_count})")
   config_lib.validate(resolved)
 
-  tokenizer_vocab = data_lib.get_tokenizer(resolved.data).vocab_size
+  tokenizer_vocab = data_lib.pipeline.model_vocab_size(resolved.data)
   if resolved.model.vocab_size == 0:
-    decide("model.vocab_size", tokenizer_vocab, f"the {resolved.data.tokenizer!r} tokenizer's vocabulary")
+    sentinels = f" and {resolved.data.num_sentinels} sentinels" if resolved.data.objective == "span_corruption" else ""
+    decide("model.vocab_size", tokenizer_vocab, f"the {resolved.data.tokenizer!r} tokenizer's vocabulary{sentinels}")
   elif resolved.model.vocab_size < tokenizer_vocab:
     raise ValueError(f"model.vocab_size={resolved.model.vocab_size} must be >= the tokenizer's vocabulary "
                      f"({tokenizer_vocab}), or 0 to use it")

@@ -41,9 +41,10 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moe_jax import config_lib, data as data_lib, flops, parallel
+from moe_jax import config_lib, data as data_lib, flops, models, parallel
 from moe_jax import resolve as resolve_lib
 from moe_jax.checkpoint import SUPERSEDED_DIR, Checkpointer
+from moe_jax.data import span_corruption
 from moe_jax.metrics import MetricWriter, Progress
 from moe_jax.model import TransformerLM
 from moe_jax.moe_layer import RouterBias
@@ -156,7 +157,7 @@ def summed_cross_entropy(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax
 def lm_loss(model: TransformerLM, batch: dict, *, deterministic: bool, aux_loss_weight: float,
             z_loss_weight: float):
   """Weighted token cross-entropy plus the router losses; returns (loss, (cross_entropy, aux))."""
-  logits, aux = model(batch["inputs"], deterministic=deterministic)
+  logits, aux = models.forward(model, batch, deterministic=deterministic)
   ce_sum, weight_sum = summed_cross_entropy(logits, batch)
   ce = ce_sum / jnp.maximum(weight_sum, 1.0)
   loss = ce + aux_loss_weight * aux.load_balancing_loss + z_loss_weight * aux.router_z_loss
@@ -243,7 +244,7 @@ def make_train_step(graphdef: nnx.GraphDef, train: ml_collections.ConfigDict, se
 @nnx.jit
 def eval_step(model: TransformerLM, batch: dict) -> tuple[jax.Array, jax.Array]:
   """Sum of weighted token cross-entropies and of weights (deterministic: no dropout, no jitter)."""
-  logits, _ = model(batch["inputs"], deterministic=True)
+  logits, _ = models.forward(model, batch, deterministic=True)
   return summed_cross_entropy(logits, batch)
 
 
@@ -388,13 +389,14 @@ class _WorkdirLock:
 
 
 # Fields a checkpoint's run must share with the config that resumes it: they shape the state or the data.
-RESUME_INVARIANT_FIELDS = ("seed", "model", "moe", "data.dataset", "data.tokenizer", "train.batch_size",
-                           "train.seq_len", "train.optimizer")
+RESUME_INVARIANT_FIELDS = ("seed", "model", "moe", "data.dataset", "data.tokenizer", "data.objective",
+                           "data.num_sentinels", "train.batch_size", "train.seq_len", "train.optimizer")
 # Fields that change the optimisation trajectory or the documents read: refused unless train.allow_changes.
 SCHEDULE_FIELDS = ("train.learning_rate", "train.warmup_steps", "train.schedule", "train.min_lr_ratio",
                    "train.weight_decay", "train.b1", "train.b2", "train.adafactor_decay_rate",
                    "train.grad_clip_norm", "train.aux_loss_weight", "train.z_loss_weight")
-DATA_FIELDS = ("data.text_dir", "data.text_glob", "data.validation_fraction")
+DATA_FIELDS = ("data.text_dir", "data.text_glob", "data.validation_fraction", "data.noise_density",
+               "data.mean_noise_span_length")
 # Schedules whose shape depends on train.num_steps (rsqrt and constant do not).
 SCHEDULES_OVER_NUM_STEPS = ("cosine", "linear")
 
@@ -672,7 +674,7 @@ def _train(config, workdir, stop_at_step, signals, checkpointer, model_cfg, star
   with parallel.mesh_context(mesh):
     # Initialised under jit: eager initialisers would run replicated on every device (17.6 GB peak for
     # 128 experts on 8 devices vs 0.4 GB jitted); jit creates each parameter directly in its sharding.
-    model = nnx.jit(lambda: TransformerLM(model_cfg, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1)))()
+    model = nnx.jit(lambda: models.build(model_cfg, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1)))()
     optimizer = nnx.Optimizer(model, make_optimizer(train), wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer))
     state_sharding = stable_shardings(state, mesh)
@@ -702,7 +704,7 @@ def _train(config, workdir, stop_at_step, signals, checkpointer, model_cfg, star
     train_step = make_train_step(graphdef, train, config.seed, skip_nonfinite=skip_limit > 0,
                                  state_sharding=state_sharding)
     tokens_per_step = train.batch_size * train.seq_len
-    train_flops_per_token = flops.flops_per_token(model_cfg, train.seq_len).train
+    train_flops_per_token = _train_flops_per_token(config, model_cfg)
     progress = Progress(train.num_steps, step)
     eval_loss = None
     status = "completed"
@@ -792,6 +794,16 @@ def _train(config, workdir, stop_at_step, signals, checkpointer, model_cfg, star
     checkpointer.wait()
   return TrainResult(status=status, step=step, eval_loss=eval_loss,
                      wall_time_s=time.perf_counter() - wall_start, workdir=workdir)
+
+
+def _train_flops_per_token(config: ml_collections.ConfigDict, model_cfg: config_lib.ModelConfig) -> float:
+  """Training FLOPs per token of train.seq_len (the encoder-decoder: per encoder input token, its decoder's
+  share included), for MFU."""
+  seq_len = config.train.seq_len
+  if model_cfg.architecture == "encoder_decoder":
+    targets = span_corruption.lengths(seq_len, config.data.noise_density, config.data.mean_noise_span_length)
+    return flops.flops_per_sequence(model_cfg, seq_len, targets.targets).train / seq_len
+  return flops.flops_per_token(model_cfg, seq_len).train
 
 
 def _stop_on_nonfinite(loss: float, step: int, checkpointer: Checkpointer) -> None:

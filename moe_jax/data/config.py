@@ -13,6 +13,9 @@ from moe_jax import config_lib
 from moe_jax.data import builders
 
 DATASETS: tuple[str, ...] = ("stdlib", "text_dir", *builders.REGISTERED)
+# What a batch asks of the model (data.objective): the next token (`pipeline`), or T5's masked spans
+# (`span_corruption`).
+OBJECTIVES: tuple[str, ...] = ("causal_lm", "span_corruption")
 
 
 def default_data_config() -> ml_collections.ConfigDict:

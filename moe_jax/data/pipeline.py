@@ -14,6 +14,9 @@ The path of one batch:
               no padding except the very end of a finite pass (weight 0 there)
   batch       {'inputs': int32 [B, L], 'targets': int32 [B, L] (inputs shifted by one),
                'weights': float32 [B, L] (1 = real target, 0 = padding)}
+  (data.objective = 'span_corruption', the encoder-decoder's: chunks of the raw length whose corrupted input
+   has L = seq_len tokens, each corrupted by `span_corruption` with a PRNG of (seed, chunk index), giving
+   {'inputs': int32 [B, L], 'decoder_inputs', 'targets': int32 [B, Lo], 'weights': float32 [B, Lo]})
   prefetch    one background thread keeps a few batches ready
 
 Packing and random access. Concatenate-and-chunk has no random access (where chunk k starts
@@ -54,6 +57,7 @@ import numpy as np
 
 from moe_jax.data import builders
 from moe_jax.data import config as config_lib
+from moe_jax.data import span_corruption
 from moe_jax.data import tokenizers
 
 PREFETCH_BATCHES = 4  # batches the background thread keeps ready
@@ -105,6 +109,13 @@ def get_tokenizer(cfg: Any) -> tokenizers.Tokenizer:
     return tokenizers.tokenizer_from_name(name)
   except ValueError as error:  # a file that is not a SentencePiece model, or one without EOS
     raise ValueError(f"data.tokenizer={name!r}: {error}") from None
+
+
+def model_vocab_size(cfg: Any) -> int:
+  """Ids the model must embed: the tokenizer's, and after them the sentinels of span corruption."""
+  sentinels = config_lib.get_field(cfg, "num_sentinels")
+  span = config_lib.get_field(cfg, "objective") == "span_corruption"
+  return get_tokenizer(cfg).vocab_size + (sentinels if span else 0)
 
 
 def document_source(cfg: Any, split: str) -> tuple[Any, str]:
@@ -317,6 +328,40 @@ def _to_model_batch(chunks: Mapping[str, np.ndarray], *, batch_size: int, pad_id
   }
 
 
+def _span_corrupt(chunk: Mapping[str, np.ndarray], rng: np.random.Generator, *, lengths: span_corruption.Lengths,
+                  noise_density: float, mean_noise_span_length: float, sentinels: np.ndarray, eos_id: int,
+                  pad_id: int) -> dict[str, np.ndarray]:
+  """One packed chunk {'tokens', 'mask'} [L] -> an encoder-decoder example, padded to the fixed lengths.
+
+  Only the chunk's real tokens are corrupted (a finite pass ends with a shorter chunk, giving shorter outputs);
+  the decoder reads the targets shifted right after a start id, which is `pad_id` as in T5. Padding carries
+  weight 0; the encoder masks padded inputs by their id.
+  """
+  tokens = chunk["tokens"][chunk["mask"]]  # [T <= L]
+  inputs = np.full((lengths.inputs,), pad_id, np.int32)  # [Li]
+  targets = np.full((lengths.targets,), pad_id, np.int32)  # [Lo]
+  if len(tokens) >= 2:
+    noise = span_corruption.random_spans_noise_mask(len(tokens), noise_density, mean_noise_span_length, rng)
+    corrupted, wanted = span_corruption.corrupt(tokens, noise, sentinels, eos_id)
+  elif len(tokens) == 1:  # nothing to mask: the token alone, and an empty answer
+    corrupted, wanted = np.append(tokens, eos_id), np.asarray([eos_id], np.int32)
+  else:
+    corrupted = wanted = np.zeros((0,), np.int32)
+  inputs[:len(corrupted)] = corrupted
+  targets[:len(wanted)] = wanted
+  weights = np.zeros((lengths.targets,), np.float32)
+  weights[:len(wanted)] = 1.0
+  return {"inputs": inputs, "decoder_inputs": np.concatenate([[pad_id], targets[:-1]]).astype(np.int32),
+          "targets": targets, "weights": weights}
+
+
+def _pad_rows(batch: Mapping[str, np.ndarray], *, batch_size: int, pad_id: int) -> dict[str, np.ndarray]:
+  """The last batch of a finite pass (b < B rows) padded to B rows of weight 0, to keep shapes static."""
+  missing = batch_size - len(batch["weights"])
+  return {k: np.concatenate([v, np.full((missing, *v.shape[1:]), 0 if k == "weights" else pad_id, v.dtype)])
+          for k, v in batch.items()}
+
+
 def create_iterator(
     cfg: Any, *, split: str, batch_size: int, seq_len: int, seed: int,
     shard_index: int = 0, shard_count: int = 1, repeat: bool = True,
@@ -328,7 +373,8 @@ def create_iterator(
     cfg: the data config (`default_data_config` fields).
     split: 'train' or 'validation'.
     batch_size: rows per batch in this process (B).
-    seq_len: L; each row is a packed chunk of L + 1 tokens, inputs = chunk[:-1], targets = chunk[1:].
+    seq_len: L; each row is a packed chunk of L + 1 tokens, inputs = chunk[:-1], targets = chunk[1:]. Span
+      corruption: the encoder input length; each row is a chunk of `span_corruption.lengths(L, ...).raw` tokens.
     seed: document order (and each epoch's reshuffle), in [0, 2**32).
     shard_index, shard_count: this process's part: rows [shard_index * B, (shard_index + 1) * B) of
       the global training batch of shard_count * B rows; documents [shard_index::shard_count] of an
@@ -342,7 +388,7 @@ def create_iterator(
   Returns:
     A grain DatasetIterator; `get_state()` / `set_state()` resume exactly (JSON-safe state).
   """
-  config_lib.validate_data_config(cfg)
+  data = config_lib.validate_data_config(cfg)
   if batch_size < 1 or seq_len < 1:
     raise ValueError(f"batch_size={batch_size} and seq_len={seq_len} must be >= 1")
   if not 0 <= shard_index < shard_count:
@@ -357,10 +403,32 @@ def create_iterator(
   docs = tokenized_documents(source, text_key=text_key, tokenizer=tokenizer, seed=seed,
                              shard_index=shard_index, shard_count=shard_count, repeat=repeat,
                              streams_per_shard=batch_size)
-  ds = PackedStreamsIterDataset(docs, length=seq_len + 1, num_streams=batch_size if repeat else 1,
-                                pad_id=tokenizer.pad_id, pad_forever=num_batches is not None)
-  ds = ds.batch(batch_size, drop_remainder=False)
-  ds = ds.map(functools.partial(_to_model_batch, batch_size=batch_size, pad_id=tokenizer.pad_id))
+  span = data.objective == "span_corruption"
+  if span:
+    lengths = span_corruption.lengths(seq_len, data.noise_density, data.mean_noise_span_length)
+  ds = PackedStreamsIterDataset(docs, length=lengths.raw if span else seq_len + 1,
+                                num_streams=batch_size if repeat else 1, pad_id=tokenizer.pad_id,
+                                pad_forever=num_batches is not None)
+  if span:
+    corrupt = functools.partial(
+        _span_corrupt, lengths=lengths, noise_density=data.noise_density,
+        mean_noise_span_length=data.mean_noise_span_length, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+        sentinels=span_corruption.sentinel_ids(tokenizer.vocab_size, data.num_sentinels))
+    # Each chunk's mask is drawn from (seed, the chunk's index in the global order), grain checkpointing the local
+    # index: a training chunk's global index is its row of the global batch and its round, so every process count
+    # draws the same masks for the same chunks (as it packs the same chunks, `_StreamBlock`).
+    def global_index(local: int) -> int:
+      if not repeat:
+        return local * shard_count + shard_index
+      round_, stream = divmod(local, batch_size)
+      return round_ * batch_size * shard_count + shard_index * batch_size + stream
+
+    ds = ds.map_with_index(lambda local, chunk: corrupt(chunk, np.random.default_rng([seed, global_index(local)])))
+    ds = ds.batch(batch_size, drop_remainder=False)
+    ds = ds.map(functools.partial(_pad_rows, batch_size=batch_size, pad_id=tokenizer.pad_id))
+  else:
+    ds = ds.batch(batch_size, drop_remainder=False)
+    ds = ds.map(functools.partial(_to_model_batch, batch_size=batch_size, pad_id=tokenizer.pad_id))
   if num_batches is not None:
     ds = grain.experimental.LimitIterDataset(ds, num_batches)
   ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=PREFETCH_BATCHES)

@@ -10,6 +10,9 @@ Id layout shared by both (the T5 / ByT5 convention, Xue et al. 2022, arXiv:2105.
   2          unk: never produced by the byte tokenizer (every byte has an id); SentencePiece's <unk>
   3 .. 258   byte b -> id b + 3                            (byte tokenizer: vocab_size = 259)
   3 .. V-1   learned pieces, and the 256 byte-fallback pieces (SentencePiece models we train)
+  V .. V+N-1 span corruption only (data.objective='span_corruption'): N = data.num_sentinels sentinel ids appended
+             after either vocabulary, T5's extra ids, sentinel k = V + N - 1 - k (`span_corruption`); the
+             tokenizer never produces them, the model's vocabulary is V + N (byte tokenizer: 259 + 100 = 359)
 
 A SentencePiece model trained elsewhere may use another layout (its default is unk=0, bos=1,
 eos=2, no pad); `SentencePieceTokenizer` then reports the model's own ids, and pad_id falls back

@@ -1,0 +1,135 @@
+"""Sparse upcycling (Komatsuzaki et al. 2022, arXiv:2212.05055, Sec. 3): a dense model's parameters as the start
+of a mixture-of-experts model, each expert of a MoE layer a copy of the dense FFN it replaces, the routers new.
+
+Axis legend: E experts · M d_model · F d_ff.
+
+Works on parameter states (`nnx.State`), so on any architecture built from the same blocks (the decoder LM,
+`moe_jax.model`, and the encoder-decoder, `moe_jax.encdec`): the MoE model is the dense config with
+`model.moe_layer_interval` > 0, so its parameter paths are the dense model's, except that a MoE block's
+`ffn.wi_0` / `ffn.wi_1` / `ffn.wo` gain a leading expert axis and its `ffn.router` (and DeepSeek-V3's
+`ffn.router_bias`) are new.
+
+Why the upcycled model starts where the dense one is. All E experts compute the dense FFN(x), so a layer's
+output is (sum of the token's combine weights) x FFN(x). With weights that sum to 1 and no token dropped
+(router='top_k' with `moe.renormalize`, and `moe.dropless` or enough capacity), the MoE layer equals the dense
+FFN exactly, whatever the fresh router says: the upcycled model's loss at step 0 is the dense model's. Switch's
+top-1 router scales by its softmax probability (< 1), and capacity drops tokens, so there the start differs
+(Komatsuzaki et al. keep top-k routing in the decoder and expert choice in the encoder; both start near the
+dense model rather than on it).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+EXPERT_WEIGHTS = ("wi_0", "wi_1", "wo")  # a MoE layer's stacked expert kernels [E, ...]
+NEW_IN_MOE = ("router", "router_bias")  # initialised fresh, not taken from the dense model
+
+
+def upcycle(dense: nnx.State, moe: nnx.State) -> nnx.State:
+  """`moe` (the state of a freshly initialised MoE model) with every parameter taken from `dense` (the state of
+  the dense model of the same widths): shared parameters copied, each MoE layer's expert kernels [E, M, F] /
+  [E, F, M] the dense FFN's [M, F] / [F, M] repeated E times, routers kept as initialised.
+
+  ValueError when the two do not correspond (a parameter of either without its counterpart, or a shape that is
+  neither the dense one nor E copies of it): upcycling silently from a different config would train something
+  else than intended.
+  """
+  dense_flat = dict(nnx.to_flat_state(dense))
+  used = set()
+  out = []
+  for path, variable in nnx.to_flat_state(moe):
+    name = ".".join(map(str, path))
+    if path[-1] in NEW_IN_MOE:
+      out.append((path, variable))
+      continue
+    if path not in dense_flat:
+      raise ValueError(f"upcycle: the MoE model's {name} has no counterpart in the dense model")
+    source = dense_flat[path][...]
+    used.add(path)
+    target_shape = variable[...].shape
+    if target_shape == source.shape:
+      value = source
+    elif path[-1] in EXPERT_WEIGHTS and target_shape[1:] == source.shape:
+      value = jnp.broadcast_to(source[None], target_shape)  # E copies of the dense FFN (Komatsuzaki Sec. 3.1)
+    else:
+      raise ValueError(f"upcycle: {name} has shape {target_shape} in the MoE model but {source.shape} in the dense "
+                       "one (the experts must have the dense FFN's width: moe.expert_d_ff = 0)")
+    out.append((path, variable.replace(value.astype(variable[...].dtype))))
+  unused = sorted(".".join(map(str, p)) for p in set(dense_flat) - used)
+  if unused:
+    raise ValueError(f"upcycle: the dense model's {unused[:5]} have no place in the MoE model")
+  return nnx.from_flat_state(out)
+
+
+def upcycle_model(dense_model: nnx.Module, moe_model: nnx.Module) -> nnx.Module:
+  """`moe_model` updated in place with `upcycle` of both models' parameters, and returned."""
+  nnx.update(moe_model, upcycle(nnx.state(dense_model, nnx.Param), nnx.state(moe_model, nnx.Param)))
+  return moe_model
+
+
+def upcycle_checkpoint(dense_workdir: str, config, workdir: str) -> int:
+  """Start the MoE run of `config` (an experiment ConfigDict) in `workdir` from the newest checkpoint of the dense
+  run in `dense_workdir`: writes `workdir`'s step-0 checkpoint, the upcycled parameters with a fresh optimizer
+  and data position, which `train.train_and_evaluate(config, workdir)` (or experiments/train.py) then resumes.
+  Returns the dense step it upcycled.
+
+  The dense run's widths must be `config`'s with every FFN dense (`upcycle` refuses anything else); its
+  optimizer state is not carried over (Komatsuzaki et al. reset it too: the expert copies and the new routers
+  start their own moments).
+  """
+  import json
+  import os
+
+  import jax
+  import ml_collections
+
+  from moe_jax import config_lib, models, parallel, train
+  from moe_jax import data as data_lib
+  from moe_jax import resolve as resolve_lib
+  from moe_jax.checkpoint import Checkpointer
+
+  record = os.path.join(dense_workdir, "config.json")
+  if not os.path.isfile(record):
+    raise ValueError(f"upcycle: {record} does not exist; --dense_workdir must be the workdir of a training run")
+  with open(record) as f:
+    dense_config = ml_collections.ConfigDict(json.load(f)["resolved"])
+  dense_cfg = config_lib.model_config(config_lib.typed(dense_config), vocab_size=dense_config.model.vocab_size)
+  if dense_cfg.moe_layer_interval:
+    raise ValueError(f"upcycle: the run in {dense_workdir} already has MoE blocks (model.moe_layer_interval="
+                     f"{dense_cfg.moe_layer_interval}); upcycling starts from a dense model")
+  run = resolve_lib.resolve(config, jax.device_count())
+  moe_cfg = config_lib.model_config(run.typed, vocab_size=run.config.model.vocab_size)
+  if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
+    raise ValueError(f"upcycle: {workdir} already holds checkpoints; pass a new workdir")
+  mesh = parallel.create_mesh(run.config.mesh.data, run.config.mesh.expert)
+  with parallel.mesh_context(mesh):
+    dense = nnx.jit(lambda: models.build(dense_cfg, rngs=nnx.Rngs(0)))()
+    dense_optimizer = nnx.Optimizer(dense, train.make_optimizer(dense_config.train), wrt=nnx.Param)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            train._checkpoint_tree(dense, dense_optimizer))
+    source = Checkpointer(os.path.join(dense_workdir, "checkpoints"), keep=dense_config.train.keep_checkpoints)
+    restored = source.restore_latest(abstract, check_meta=lambda meta: None)
+    source.close()
+    if restored is None:
+      raise ValueError(f"upcycle: {dense_workdir}/checkpoints holds no restorable checkpoint")
+    dense_step, tree, _ = restored
+    nnx.update(dense, tree["params"])
+    moe = nnx.jit(lambda: models.build(moe_cfg, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1)))()
+    upcycle_model(dense, moe)
+    optimizer = nnx.Optimizer(moe, train.make_optimizer(run.config.train), wrt=nnx.Param)
+    data_iter = data_lib.create_iterator(
+        run.config.data, split="train", batch_size=run.config.train.batch_size // jax.process_count(),
+        seq_len=run.config.train.seq_len, seed=run.config.seed, shard_index=jax.process_index(),
+        shard_count=jax.process_count(), repeat=True)
+    data_state = parallel.gather_strings(json.dumps(data_iter.get_state()))
+    data_iter.close()
+    os.makedirs(workdir, exist_ok=True)
+    target = Checkpointer(os.path.join(workdir, "checkpoints"), keep=run.config.train.keep_checkpoints)
+    target.save(0, train._checkpoint_tree(moe, optimizer),
+                {"data_state": data_state, "step": 0, "config": json.loads(run.config.to_json()),
+                 "upcycled_from": {"workdir": os.path.abspath(dense_workdir), "step": dense_step}})
+    target.wait()
+    target.close()
+  return dense_step
