@@ -195,6 +195,9 @@ class MoeConfig(Section):
                                 "router='soft_moe'")
   sinkhorn_iterations: int = field(8, at_least(0), "BASE layers: Sinkhorn steps balancing the affinities before the "
                                    "balanced assignment (router='base' only)")
+  decoder_router: str = field("", choice("decoder_router"),
+                              "encoder-decoder only: the router of the decoder stack's MoE layers ('' = moe.router), "
+                              "which must be causal; lets 'expert_choice' or 'soft_moe' route the encoder")
 
   def _check(self) -> None:
     """`top_k <= num_experts`, and `top_k = 1` unless router='top_k'; dropless, batch_prioritized are token-choice
@@ -206,7 +209,10 @@ class MoeConfig(Section):
     needs num_expert_groups > 1 and >= 2 experts per group. batch_prioritized is for 'switch' and 'top_k' only;
     router='soft_moe' needs dispatch='einsum' and refuses dropless, and with 'hash' refuses the options of a
     learned logit router (jitter_eps > 0, router_dtype='bfloat16', check_router_inputs); slots_per_expert != 1
-    needs router='soft_moe', sinkhorn_iterations != 8 router='base'."""
+    needs router='soft_moe', sinkhorn_iterations != 8 router='base'. `decoder_router` (encoder-decoder only, see
+    `ExperimentConfig`) differs from `router` when set."""
+    if self.decoder_router == self.router:
+      raise ValueError(f"moe.decoder_router={self.decoder_router!r} repeats moe.router; leave it '' (the default)")
     if self.top_k > self.num_experts:
       raise ValueError(f"moe.top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
     if self.router != "top_k" and self.top_k != 1:
@@ -268,6 +274,13 @@ class MoeConfig(Section):
     if self.group_score == "top2_sum" and (self.num_expert_groups == 1 or per_group < 2):
       raise ValueError(f"moe.group_score='top2_sum' needs num_expert_groups > 1 and >= 2 experts per group; got "
                        f"num_expert_groups={self.num_expert_groups} of {per_group} experts")
+
+  def decoder_stack(self) -> "MoeConfig":
+    """The MoE config of the encoder-decoder's decoder stack: `decoder_router` in place of `router`, without the
+    options of the encoder's router (Soft MoE slots); itself when `decoder_router` is ''."""
+    if not self.decoder_router:
+      return self
+    return dataclasses.replace(self, router=self.decoder_router, decoder_router="", slots_per_expert=1)
 
   @property
   def needs_token_ids(self) -> bool:
@@ -486,7 +499,8 @@ class ExperimentConfig(Section):
     """`train.seq_len <= model.max_seq_len`; `data.objective` is 'span_corruption' exactly for the encoder-decoder,
     with at least as many `data.num_sentinels` as noise spans per input; `train.batch_size` divisible by the
     mesh's devices; with MoE blocks: `moe.num_experts` divisible by `mesh.expert`, the non-causal routers
-    ('expert_choice', 'soft_moe') refused, routing groups (`moe.group_size`, 0: one per sequence) tiling the
+    ('expert_choice', 'soft_moe') refused in a causal stack (the decoder LM; the encoder-decoder's decoder stack,
+    which then routes with `moe.decoder_router`), routing groups (`moe.group_size`, 0: one per sequence) tiling the
     batch into a multiple of the mesh's devices, and for router='base' tokens per group a multiple of
     `moe.num_experts`."""
     model, moe, train, mesh = self.model, self.moe, self.train, self.mesh
@@ -511,10 +525,19 @@ class ExperimentConfig(Section):
       return
     if moe.num_experts % mesh.expert:
       raise ValueError(f"moe.num_experts={moe.num_experts} must be divisible by mesh.expert={mesh.expert}")
-    if moe.router in registry.names("non_causal_router"):
-      raise ValueError(f"moe.router={moe.router!r} is non-causal (a token's routing reads all tokens of its group, "
-                       "future ones included) and cannot train an autoregressive decoder; use 'switch', 'top_k', "
-                       "'base' or 'hash'")
+    non_causal = registry.names("non_causal_router")
+    if model.architecture == "decoder":
+      if moe.router in non_causal:
+        raise ValueError(f"moe.router={moe.router!r} is non-causal (a token's routing reads all tokens of its "
+                         "group, future ones included) and cannot train an autoregressive decoder; use 'switch', "
+                         "'top_k', 'base' or 'hash' (or model.architecture='encoder_decoder', where it may route "
+                         "the encoder)")
+      if moe.decoder_router:
+        raise ValueError(f"moe.decoder_router={moe.decoder_router!r} is for model.architecture='encoder_decoder'; "
+                         "the decoder LM routes with moe.router")
+    elif moe.router in non_causal and not moe.decoder_router:
+      raise ValueError(f"moe.router={moe.router!r} is non-causal: it may route the encoder, but the decoder stack's "
+                       "MoE layers need a causal router; set moe.decoder_router (e.g. 'switch')")
     # Routing groups tile the batch and never straddle devices (moe_layer.group_tokens, parallel).
     tokens = train.batch_size * train.seq_len
     if tokens % self.tokens_per_group:

@@ -31,10 +31,13 @@ from moe_jax.moe_layer import DTYPES, FeedForward, MoeFeedForward
 PAD_ID = 0  # the tokenizers' pad id (moe_jax.data.tokenizers), also T5's decoder start id
 
 
-def _make_ffn(cfg: ModelConfig, use_moe: bool, rngs: nnx.Rngs) -> nnx.Module:
+def _make_ffn(cfg: ModelConfig, use_moe: bool, *, decoder: bool, rngs: nnx.Rngs) -> nnx.Module:
+  """The block's FFN. An encoder MoE layer is non-causal (it may route with expert choice or Soft MoE); the
+  decoder stack's route causally, with `moe.decoder_router` when one is set."""
   dtype = DTYPES[cfg.dtype]
   if use_moe:
-    return MoeFeedForward(cfg.d_model, cfg.expert_d_ff, cfg.moe, shared_d_ff=cfg.shared_d_ff,
+    moe = cfg.moe.decoder_stack() if decoder else cfg.moe
+    return MoeFeedForward(cfg.d_model, cfg.expert_d_ff, moe, shared_d_ff=cfg.shared_d_ff, causal=decoder,
                           activation=cfg.activation, init_scale=cfg.init_scale, dtype=dtype, rngs=rngs)
   return FeedForward(cfg.d_model, cfg.d_ff, activation=cfg.activation, dropout=cfg.dropout,
                      init_scale=cfg.init_scale, dtype=dtype, rngs=rngs)
@@ -59,7 +62,7 @@ class EncoderDecoderBlock(nnx.Module):
     self.decoder = decoder
     self.ffn_norm = layers.make_norm(cfg.norm, cfg.d_model, rngs=rngs)
     self.use_moe = use_moe
-    self.ffn = _make_ffn(cfg, use_moe, rngs)
+    self.ffn = _make_ffn(cfg, use_moe, decoder=decoder, rngs=rngs)
     self.residual_dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
   def __call__(
@@ -70,6 +73,7 @@ class EncoderDecoderBlock(nnx.Module):
       mask: jax.Array | None,  # [B, 1, L, L] self-attention mask, or None (causal only)
       encoded: jax.Array | None = None,  # [B, Li, M] decoder only
       cross_mask: jax.Array | None = None,  # [B, 1, 1, Li] decoder only: encoder padding
+      token_ids: jax.Array,  # [B, L] this stack's tokens, which hash routing reads
       deterministic: bool,
   ):  # -> ([B, L, M], MoeAux | None)
     drop = lambda y: self.residual_dropout(y, deterministic=deterministic)  # noqa: E731
@@ -79,7 +83,8 @@ class EncoderDecoderBlock(nnx.Module):
                                         deterministic=deterministic))
     h = self.ffn_norm(x)
     if self.use_moe:
-      y, aux = self.ffn(h, deterministic=deterministic)
+      ids = token_ids if self.ffn.config.needs_token_ids else None
+      y, aux = self.ffn(h, deterministic=deterministic, token_ids=ids)
     else:
       y, aux = self.ffn(h, deterministic=deterministic), None
     return x + drop(y), aux
@@ -122,7 +127,7 @@ class EncoderDecoder(nnx.Module):
     x = self.input_dropout(self.embed(inputs), deterministic=deterministic)
     bias = self.encoder_position_bias(inputs.shape[1], inputs.shape[1]) if self.relative else None
     for index, block in enumerate(self.encoder):
-      x, aux = block(x, bias=bias, mask=padding, deterministic=deterministic)
+      x, aux = block(x, bias=bias, mask=padding, token_ids=inputs, deterministic=deterministic)
       if aux is not None:
         auxes[index] = aux
     encoded = self.input_dropout(self.encoder_norm(x), deterministic=deterministic)
@@ -131,7 +136,8 @@ class EncoderDecoder(nnx.Module):
     length = decoder_inputs.shape[1]
     bias = self.decoder_position_bias(length, length) if self.relative else None
     for index, block in enumerate(self.decoder):
-      y, aux = block(y, bias=bias, mask=None, encoded=encoded, cross_mask=padding, deterministic=deterministic)
+      y, aux = block(y, bias=bias, mask=None, encoded=encoded, cross_mask=padding, token_ids=decoder_inputs,
+                     deterministic=deterministic)
       if aux is not None:
         auxes[self.config.num_layers + index] = aux
     y = self.decoder_norm(y)

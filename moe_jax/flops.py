@@ -123,7 +123,7 @@ def flops_per_sequence(
   self_projections = 2.0 * m * (2 * q_dim + 2 * kv_dim)  # per token: q, k, v, out
   ffn = dict(executed=executed, capacity_factor=capacity_factor)
   enc_ffn = _ffn_stack_flops(cfg, enc, len(cfg.moe_layers), **ffn)
-  dec_ffn = _ffn_stack_flops(cfg, dec, len(cfg.moe_blocks(dec)), **ffn)
+  dec_ffn = _ffn_stack_flops(decoder_stack(cfg), dec, len(cfg.moe_blocks(dec)), **ffn)
   return FlopsBreakdown(
       attention_projections=(enc * li * self_projections + dec * lo * self_projections
                              + dec * (lo * 2.0 * m * 2 * q_dim + li * 2.0 * m * 2 * kv_dim)),  # cross: q, out; k, v
@@ -179,6 +179,19 @@ class _Stacks:
   position_tables: int  # relative position bias tables
 
 
+def decoder_stack(cfg: ModelConfig) -> ModelConfig:
+  """The config the encoder-decoder's decoder-stack MoE layers are built from (`MoeConfig.decoder_stack`)."""
+  return cfg if cfg.moe is None else dataclasses.replace(cfg, moe=cfg.moe.decoder_stack())
+
+
+def _moe_stacks(cfg: ModelConfig) -> list[tuple[ModelConfig, int]]:
+  """(config its MoE layers are built from, number of MoE blocks) per stack: the decoder LM's one stack, or the
+  encoder's and the decoder's (whose router may differ, `moe.decoder_router`)."""
+  if cfg.architecture == "decoder":
+    return [(cfg, len(cfg.moe_layers))]
+  return [(cfg, len(cfg.moe_layers)), (decoder_stack(cfg), len(cfg.moe_blocks(cfg.decoder_layers)))]
+
+
 def _stacks(cfg: ModelConfig) -> _Stacks:
   if cfg.architecture == "decoder":
     return _Stacks(blocks=cfg.num_layers, moe_blocks=len(cfg.moe_layers), attentions=cfg.num_layers,
@@ -201,8 +214,9 @@ def param_breakdown(cfg: ModelConfig) -> ParamBreakdown:
   if num_moe:
     one_expert = ffn_params(m, cfg.expert_d_ff, cfg.activation)
     routed = num_moe * cfg.moe.num_experts * one_expert
-    active = num_moe * experts_per_token(cfg, executed=False) * one_expert
-    router = num_moe * router_params_per_layer(cfg)
+    for stack, moe_blocks in _moe_stacks(cfg):
+      active += moe_blocks * experts_per_token(stack, executed=False) * one_expert
+      router += moe_blocks * router_params_per_layer(stack)
     shared = num_moe * ffn_params(m, cfg.shared_d_ff, cfg.activation)
   return ParamBreakdown(
       embeddings=cfg.vocab_size * m * (1 if cfg.tie_embeddings else 2),
@@ -269,10 +283,10 @@ def activation_bytes_per_token(cfg: ModelConfig, seq_len: int, dtype_bytes: int)
   stacks = _stacks(cfg)
   num_moe = stacks.moe_blocks
   per_token = stacks.attentions * attention + (stacks.blocks - num_moe) * (2 * cfg.d_model + gated * cfg.d_ff)
-  if num_moe:
-    rows = experts_per_token(cfg, executed=True)
-    per_token += num_moe * (rows * (2 * cfg.d_model + gated * cfg.expert_d_ff) + gated * cfg.shared_d_ff
-                            + cfg.moe.num_experts)  # + the router's probabilities
+  for stack, moe_blocks in _moe_stacks(cfg) if num_moe else ():
+    rows = experts_per_token(stack, executed=True)
+    per_token += moe_blocks * (rows * (2 * cfg.d_model + gated * cfg.expert_d_ff) + gated * cfg.shared_d_ff
+                               + cfg.moe.num_experts)  # + the router's probabilities
   return dtype_bytes * per_token + 4 * 3 * cfg.vocab_size
 
 

@@ -236,6 +236,8 @@ ROUTERS = {"switch": _token_choice, "top_k": _token_choice, "expert_choice": _ex
 # Routers whose routing of a token reads later tokens of its group: refused in causal layers (`MoeFeedForward`
 # with causal=True, the decoder LM), fine in an encoder. Looked up by moe_jax.registry (config field moe.router).
 NON_CAUSAL_ROUTERS = ("expert_choice", "soft_moe")
+# moe.decoder_router: the encoder-decoder's decoder stack routes causally; '' keeps moe.router.
+DECODER_ROUTERS = ("",) + tuple(r for r in ROUTERS if r not in NON_CAUSAL_ROUTERS)
 
 
 def report_nonfinite_router_inputs(bad_inputs, bad_logits) -> None:

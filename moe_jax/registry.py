@@ -18,7 +18,7 @@ _BY_MODULE: dict[str, dict[str, str]] = {
                         "second_expert_policy": "SecondExpertPolicy"},
     "moe_jax.dispatch": {"dispatch": "CHOICES", "dropless_dispatch": "DROPLESS"},
     "moe_jax.experts": {"activation": "ACTIVATIONS"},
-    "moe_jax.moe_layer": {"router": "ROUTERS", "non_causal_router": "NON_CAUSAL_ROUTERS", "dtype": "DTYPES"},
+    "moe_jax.moe_layer": {"router": "ROUTERS", "non_causal_router": "NON_CAUSAL_ROUTERS", "decoder_router": "DECODER_ROUTERS", "dtype": "DTYPES"},
     "moe_jax.layers": {"norm": "NORMS", "positions": "POSITIONS"},
     "moe_jax.models": {"architecture": "ARCHITECTURES"},
     "moe_jax.data.config": {"dataset": "DATASETS", "objective": "OBJECTIVES"},

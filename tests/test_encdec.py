@@ -153,3 +153,46 @@ def test_objective_must_match_the_architecture():
   config.model.architecture = "encoder_decoder"
   with pytest.raises(ValueError, match="data.objective='causal_lm' must be 'span_corruption'"):
     config_lib.validate(config)
+
+
+def _routed_cfg(vocab_size=64, **moe):
+  config = config_lib.default_config()
+  config.model.update(dict(architecture="encoder_decoder", positions="relative", d_model=D_MODEL, num_heads=HEADS,
+                           head_dim=HEAD_DIM, d_ff=48, num_layers=2, num_decoder_layers=2, max_seq_len=64,
+                           activation="geglu", relative_buckets=8, relative_max_distance=16))
+  config.moe.update(dict(num_experts=4, **moe))
+  config.data.objective = "span_corruption"
+  config.train.update(dict(seq_len=32, batch_size=4))
+  config_lib.validate(config)  # the whole experiment, as the CLI checks it
+  return config_lib.model_config(config, vocab_size=vocab_size)
+
+
+@pytest.mark.parametrize("moe", [
+    dict(router="expert_choice", decoder_router="switch"),
+    dict(router="soft_moe", dispatch="einsum", slots_per_expert=2, decoder_router="top_k", top_k=1),
+    dict(router="hash", decoder_router="switch"),
+], ids=["expert_choice", "soft_moe", "hash"])
+def test_a_non_causal_or_hash_encoder_router_routes_the_encoder_and_the_decoder_routes_causally(moe):
+  cfg = _routed_cfg(**moe)
+  model = build(cfg)
+  encoder_ffn, decoder_ffn = model.encoder[1].ffn, model.decoder[1].ffn
+  assert (encoder_ffn.config.router, encoder_ffn.causal) == (moe["router"], False)
+  assert (decoder_ffn.config.router, decoder_ffn.causal) == (moe["decoder_router"], True)
+  built = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert flops.param_count(cfg).total == built  # each stack's router counted as built
+  inputs = jax.random.randint(jax.random.key(0), (2, 32), 3, 64)
+  logits, aux = apply(model, inputs, inputs[:, :8])
+  assert logits.shape == (2, 8, 64) and bool(jnp.all(jnp.isfinite(logits)))
+  assert sorted(aux.blocks) == [1, 3]  # encoder block 1, decoder block 1 (= num_layers + 1)
+
+
+def test_a_non_causal_router_needs_a_causal_decoder_router_and_the_decoder_lm_refuses_both():
+  with pytest.raises(ValueError, match="set moe.decoder_router"):
+    _routed_cfg(router="expert_choice")
+  config = config_lib.default_config()
+  config.moe.decoder_router = "switch"
+  config.moe.router = "top_k"
+  with pytest.raises(ValueError, match="moe.decoder_router='switch' is for model.architecture='encoder_decoder'"):
+    config_lib.validate(config)
+  with pytest.raises(ValueError, match="moe.decoder_router"):
+    _routed_cfg(router="expert_choice", decoder_router="soft_moe")  # not a causal router: not a choice
