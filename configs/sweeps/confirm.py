@@ -2,11 +2,14 @@
 
   python experiments/sweep.py --sweep=configs/sweeps/confirm.py --workdir_root=... --results_root=results
 
-Run it from a copy of the commit that holds this file (e.g. `git archive`, with $MOE_JAX_COMMIT naming it):
-every result.json records its commit, and the model code there (moe_jax/, configs/lm.py) must equal
-PINNED_COMMIT's (`git diff --stat PINNED_COMMIT <run commit> -- moe_jax configs/lm.py` shows nothing but
-moe_jax/sweep.py, the runner). Every setting below is fixed by the protocol from the diagnosis on seed 100
-(results/diagnosis/); changing one after a confirmatory result is a deviation and is reported as one.
+Run it with the pinned model code, one CPU core per run (results/PROTOCOL.md, "Code"):
+
+  experiments/study.sh configs/sweeps/confirm.py 0 dense-s0,switch-e8-s0,... WORKDIR_ROOT
+
+builds a `git archive` of PINNED_COMMIT with this file copied in and records "<PINNED_COMMIT>+<this file>@<commit>"
+in every result.json. Every setting below is fixed by the protocol's rule (`diagnosis.protocol_choice`) applied
+to the complete diagnosis on seed 100 (results/diagnosis/, all 14 runs); changing one after a confirmatory result
+is a deviation and is reported as one.
 
 Primary: dense vs Switch E = 8, seeds 0, 1, 2, paired by seed. Secondary: E = 2, 4, 16, seeds 0, 1. Each run:
 2450 steps of 32 x 128 bytes = 10.04M tokens, 32% of the 31.07M-token training split (no packing stream reaches
@@ -21,10 +24,10 @@ RESERVED_SEED = 100  # diagnosis only: never a confirmatory seed
 STEPS = 2450
 SETTINGS = {"train.num_steps": STEPS, "train.warmup_steps": 245, "train.eval_every": 122, "train.eval_batches": 16,
             "train.checkpoint_every": 122, "train.log_every": 122}
-# Each arm's own learning rate and the Switch routing, chosen from the diagnosis by the rule of PROTOCOL.md
-# (applied to the 7 diagnosis runs finished when the protocol was written; the "freeze" commit re-applies it to
-# all 14 before the first confirmatory run).
-DENSE = {"train.learning_rate": 3e-3}
+# Each arm's own learning rate and the Switch routing: the rule of PROTOCOL.md applied to all 14 diagnosis runs
+# (the "freeze" commit, before any confirmatory run). Dense: 6e-3 (1.5606) beat 3e-3 (1.5656); Switch: 3e-3
+# (1.5616) beat 6e-3 (1.5750), one routing group per batch (1.5485) beat every other routing, alpha 1e-2 stays.
+DENSE = {"train.learning_rate": 6e-3}
 SWITCH = {"train.learning_rate": 3e-3, "moe.group_size": 4096}
 PRIMARY_EXPERTS, PRIMARY_SEEDS = 8, (0, 1, 2)
 SECONDARY_EXPERTS, SECONDARY_SEEDS = (16, 4, 2), (0, 1)
