@@ -23,11 +23,12 @@ if ! git diff --quiet HEAD -- "$sweep_file"; then
   exit 2
 fi
 tree=$workdir_root/code/$pinned+$(basename "$sweep_file")@$here
-if [ ! -d "$tree" ]; then
-  mkdir -p "$tree.tmp"
-  git archive "$pinned" | tar -x -C "$tree.tmp"
-  cp "$sweep_file" "$tree.tmp/$sweep_file"
-  mv "$tree.tmp" "$tree"
+if [ ! -d "$tree" ]; then  # built aside, then renamed: two runs started at once never see half a tree
+  mkdir -p "$workdir_root/code"
+  staging=$(mktemp -d "$tree.XXXXXX")
+  git archive "$pinned" | tar -x -C "$staging"
+  cp "$sweep_file" "$staging/$sweep_file"
+  mv -T "$staging" "$tree" 2>/dev/null || rm -rf "$staging"  # another run built it first
 fi
 cd "$tree"
 if git rev-parse --git-dir >/dev/null 2>&1; then  # the runner would record that repository's commit instead
