@@ -76,6 +76,9 @@ def test_notebook_runs_on_committed_results(name, tmp_path, monkeypatch):
   if name == "ablations" and (ROOT / "results" / "ablations-cpu" / "summary.json").exists():
     expected.add("ablations-cpu_capacity_final_loss")
   assert expected <= execute(name, tmp_path, monkeypatch)
+  if name == "scaling":  # results/README.md pastes the notebook's table
+    table = (tmp_path / "scaling-cpu_table.md").read_text().strip()
+    assert table in (ROOT / "results" / "README.md").read_text(), "results/README.md holds a stale scaling table"
 
 
 def test_missing_sweep_names_the_command_to_run(tmp_path, monkeypatch):
