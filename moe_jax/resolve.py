@@ -20,8 +20,9 @@ from typing import Any
 import jax
 import ml_collections
 
-from moe_jax import config_lib, dispatch, routing
+from moe_jax import config_lib, dispatch, flops, routing
 from moe_jax import data as data_lib
+from moe_jax.data import span_corruption
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,3 +118,13 @@ def _moe_facts(exp: config_lib.ExperimentConfig) -> dict[str, Any]:
 
   return {"moe.tokens_per_group": group, "moe.capacity": capacity(moe.capacity_factor),
           "moe.eval_capacity": capacity(moe.eval_capacity_factor)}
+
+
+def train_flops_per_token(config: ml_collections.ConfigDict, model_cfg: config_lib.ModelConfig) -> float:
+  """Training FLOPs per token of train.seq_len (the encoder-decoder: per encoder input token, its decoder's
+  share included), for MFU and the sweep summaries."""
+  seq_len = config.train.seq_len
+  if model_cfg.architecture == "encoder_decoder":
+    targets = span_corruption.lengths(seq_len, config.data.noise_density, config.data.mean_noise_span_length)
+    return flops.flops_per_sequence(model_cfg, seq_len, targets.targets).train / seq_len
+  return flops.flops_per_token(model_cfg, seq_len).train

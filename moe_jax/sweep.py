@@ -26,7 +26,7 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
-from moe_jax import config_lib, flops
+from moe_jax import config_lib, flops, resolve
 from moe_jax import metrics as metrics_lib
 
 RESULT_FILE = "result.json"
@@ -176,7 +176,7 @@ def aggregate(
     run_metrics = metrics_lib.read_metrics(workdir)
     train, evals = run_metrics.train, run_metrics.series("cross_entropy", kind="eval")
     model_cfg = config_lib.model_config(config, vocab_size=_vocab_size(config))
-    per_token = flops.flops_per_token(model_cfg, config.train.seq_len).train
+    per_token = resolve.train_flops_per_token(config, model_cfg)
     params = flops.param_count(model_cfg)
     rows.append({
         "run": run.name, "group": run.group, "seed": run.seed, "base": run.base, "status": "completed",

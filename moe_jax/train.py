@@ -44,7 +44,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from moe_jax import config_lib, data as data_lib, flops, models, parallel
 from moe_jax import resolve as resolve_lib
 from moe_jax.checkpoint import SUPERSEDED_DIR, Checkpointer
-from moe_jax.data import span_corruption
 from moe_jax.metrics import MetricWriter, Progress
 from moe_jax.model import TransformerLM
 from moe_jax.moe_layer import RouterBias
@@ -704,7 +703,7 @@ def _train(config, workdir, stop_at_step, signals, checkpointer, model_cfg, star
     train_step = make_train_step(graphdef, train, config.seed, skip_nonfinite=skip_limit > 0,
                                  state_sharding=state_sharding)
     tokens_per_step = train.batch_size * train.seq_len
-    train_flops_per_token = _train_flops_per_token(config, model_cfg)
+    train_flops_per_token = resolve_lib.train_flops_per_token(config, model_cfg)
     progress = Progress(train.num_steps, step)
     eval_loss = None
     status = "completed"
@@ -794,16 +793,6 @@ def _train(config, workdir, stop_at_step, signals, checkpointer, model_cfg, star
     checkpointer.wait()
   return TrainResult(status=status, step=step, eval_loss=eval_loss,
                      wall_time_s=time.perf_counter() - wall_start, workdir=workdir)
-
-
-def _train_flops_per_token(config: ml_collections.ConfigDict, model_cfg: config_lib.ModelConfig) -> float:
-  """Training FLOPs per token of train.seq_len (the encoder-decoder: per encoder input token, its decoder's
-  share included), for MFU."""
-  seq_len = config.train.seq_len
-  if model_cfg.architecture == "encoder_decoder":
-    targets = span_corruption.lengths(seq_len, config.data.noise_density, config.data.mean_noise_span_length)
-    return flops.flops_per_sequence(model_cfg, seq_len, targets.targets).train / seq_len
-  return flops.flops_per_token(model_cfg, seq_len).train
 
 
 def _stop_on_nonfinite(loss: float, step: int, checkpointer: Checkpointer) -> None:
