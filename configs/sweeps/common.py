@@ -1,9 +1,12 @@
 """Shared pieces of the sweep configs: sizes, run specs, and how a run's config is built.
 
-A sweep is a ConfigDict {name, size, runs: [ {name, group, base, seed, flop_matched, overrides} ]}; each run's
-config is `configs/lm.py:<base>-<size>` with `overrides` (dotted field paths) applied. The runner
+A sweep is a ConfigDict {name, size, runs: [ {name, group, base, seed, flop_matched, config_file, overrides} ]};
+each run's config is `configs/<config_file>.py:<base>-<size>` (configs/lm.py unless named) with `overrides`
+(dotted field paths) applied. The runner
 `experiments/sweep.py` trains them, skips finished ones, and aggregates results/<sweep>/.
 """
+
+import importlib
 
 import ml_collections
 
@@ -40,8 +43,9 @@ def new_sweep(name: str, size: str) -> ml_collections.ConfigDict:
 
 
 def add_run(sweep: ml_collections.ConfigDict, name: str, *, group: str, base: str, seed: int,
-            overrides: dict | None = None, flop_matched: bool = True) -> None:
-  """Append a run: `base` is 'switch' or 'dense'; `group` gathers the seeds of one setting."""
+            overrides: dict | None = None, flop_matched: bool = True, config_file: str = "lm") -> None:
+  """Append a run: `base` names the variant of `configs/<config_file>.py` without its size ('switch' or
+  'dense' of configs/lm.py; 'switch-base' of configs/switch_t5.py); `group` gathers the seeds of one setting."""
   size = sweep.size
   nested: dict = {}
   for path, value in dict(SIZE_SETTINGS[size], seed=seed, **(overrides or {})).items():
@@ -52,7 +56,7 @@ def add_run(sweep: ml_collections.ConfigDict, name: str, *, group: str, base: st
     node[leaf] = value
   sweep.runs.append(ml_collections.ConfigDict({
       "name": name, "group": group, "base": f"{base}-{LM_SIZE.get(size, size)}", "seed": seed,
-      "flop_matched": flop_matched,
+      "flop_matched": flop_matched, "config_file": config_file,
       "overrides": nested,
   }))
 
@@ -74,9 +78,7 @@ def flat_overrides(run: ml_collections.ConfigDict) -> dict:
 
 def build_config(run: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The full experiment config of one run."""
-  from configs import lm
-
-  config = lm.get_config(run.base)
+  config = importlib.import_module(f"configs.{run.get('config_file', 'lm')}").get_config(run.base)
   for path, value in flat_overrides(run).items():
     *parents, leaf = path.split(".")
     node = config
