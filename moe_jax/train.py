@@ -49,7 +49,7 @@ from moe_jax.model import TransformerLM
 from moe_jax.moe_layer import RouterBias
 
 
-BATCH_SPEC = P(("data", "expert"))  # sequences split over every device
+BATCH_SPEC = P(parallel.TOKEN_AXES)  # sequences split over every device but the 'tensor' ones
 # RNG streams reseeded from (seed, step) before every step ('params' is only used at initialisation): dropout,
 # router jitter and expert dropout all draw from forks of the 'dropout' stream.
 RUNTIME_STREAMS = ("dropout",)
@@ -107,28 +107,60 @@ def make_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
-def _drop_mismatched_shardings(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-  """`tx` whose state leaves keep a parameter's sharding annotation only when they have its shape.
+def _state_axes(param_shape: tuple[int, ...], names: tuple, shape: tuple[int, ...]) -> tuple | None:
+  """Logical axes for an optimizer-state leaf of `shape` derived from a parameter of `param_shape` with axes
+  `names`: the same when the shapes are equal (Adam's moments), the parameter's axes less the one reduced
+  for a factored moment of one rank less (Adafactor's row and column statistics; a dimension that could be
+  either of two equal-sized ones is left unsplit), None otherwise (Adafactor's (1,) placeholders)."""
+  if shape == param_shape:
+    return names
+  if len(shape) == len(param_shape) - 1:
+    candidates = [names[:i] + names[i + 1:] for i in range(len(param_shape))
+                  if param_shape[:i] + param_shape[i + 1:] == shape]
+    if candidates:
+      return tuple(name if all(c[j] == name for c in candidates) else None for j, name in enumerate(candidates[0]))
+  return None
 
-  nnx.Optimizer copies each parameter's metadata onto the optimizer state derived from it. Adafactor's factored
-  second moments are of lower rank ([E, M] and [E, F] for an [E, M, F] expert kernel), and the copied
-  ('expert', 'embed', 'mlp') annotation then fails eager sharding. Those leaves become plain arrays, placed by
-  the compiler; moments of the parameter's shape (Adam's, Adafactor's unfactored ones) stay sharded like it.
+
+def _shard_state_like_params(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`tx` whose state leaves are sharded along the parameter axes they keep (`_state_axes`).
+
+  nnx.Optimizer copies each parameter's metadata onto the optimizer state derived from it, so Adam's moments
+  are split like their parameters (over 'fsdp', 'expert', 'tensor'). Adafactor's factored second moments are of
+  lower rank ([E, M] and [E, F] for an [E, M, F] expert kernel) or placeholders of shape (1,), and the copied
+  annotation would fail eager sharding: they get the parameter's axes less the reduced one, so FSDP splits
+  them too, and the placeholders become plain (replicated) arrays.
   """
+  is_variable = lambda x: isinstance(x, nnx.Variable)
 
   def init(params):
     state = tx.init(params)
+    param_shapes = {path: jnp.shape(leaf.get_value()) for path, leaf in
+                    jax.tree_util.tree_flatten_with_path(params, is_leaf=is_variable)[0]}
 
-    def keep_if_same_rank(leaf):
-      if isinstance(leaf, nnx.Variable):
-        names = leaf.get_metadata().get("out_sharding")
-        if names is not None and len(names) != jnp.ndim(leaf.get_value()):
-          return leaf.get_value()
-      return leaf
+    def derive(path, leaf):
+      if not is_variable(leaf) or leaf.get_metadata().get("out_sharding") is None:
+        return leaf
+      shape, param_shape = jnp.shape(leaf.get_value()), _param_shape(path, param_shapes)
+      if shape == param_shape:
+        return leaf
+      axes = _state_axes(param_shape, tuple(leaf.get_metadata()["out_sharding"]), shape)
+      if axes is None:
+        return leaf.get_value()
+      return type(leaf)(leaf.get_value(), **{**leaf.get_metadata(), "out_sharding": axes})
 
-    return jax.tree.map(keep_if_same_rank, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree_util.tree_map_with_path(derive, state, is_leaf=is_variable)
 
   return optax.GradientTransformation(init, tx.update)
+
+
+def _param_shape(path: tuple, param_shapes: dict[tuple, tuple[int, ...]]) -> tuple[int, ...]:
+  """The shape of the parameter whose path ends `path` (optax nests each parameter tree under its state); the
+  longest such path, should one parameter's path end another's."""
+  matches = [p for p in param_shapes if len(p) <= len(path) and path[len(path) - len(p):] == p]
+  if not matches:
+    raise KeyError(f"no parameter for optimizer state {jax.tree_util.keystr(path)}")
+  return param_shapes[max(matches, key=len)]
 
 
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -140,7 +172,7 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
                          weight_decay_rate=train.weight_decay or None)
   if train.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(train.grad_clip_norm), tx)
-  return _drop_mismatched_shardings(tx)
+  return _shard_state_like_params(tx)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -474,7 +506,8 @@ def _check_memory(config: ml_collections.ConfigDict, model_cfg, checkpoint_dir: 
   gib = 2.0**30
   estimate = flops.memory_estimate(model_cfg, batch_size=config.train.batch_size, seq_len=config.train.seq_len,
                                    optimizer=config.train.optimizer, data_devices=config.mesh.data,
-                                   expert_devices=config.mesh.expert)
+                                   expert_devices=config.mesh.expert, fsdp_devices=config.mesh.fsdp,
+                                   tensor_devices=config.mesh.tensor)
   available, source = _device_memory()
   if estimate.total > available:
     raise ValueError(
@@ -662,7 +695,7 @@ def _train(config, workdir, stop_at_step, signals, checkpointer, model_cfg, star
             f"{checkpointer.set_aside(newer, SUPERSEDED_DIR)}", flush=True)
   writer = MetricWriter(workdir, enabled=is_lead)
   stack.callback(writer.close)
-  mesh = parallel.create_mesh(config.mesh.data, config.mesh.expert)
+  mesh = parallel.create_mesh_for(config.mesh)
   batch_sharding = NamedSharding(mesh, BATCH_SPEC)
   data_iter = start.data_iter
   skip_limit = train.skip_nonfinite_batches
