@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from moe_jax import config_lib, parallel, train
+from moe_jax.checkpoint import Checkpointer
 from moe_jax.model import TransformerLM
 
 STEPS, BATCH, LENGTH, VOCAB = 2, 8, 8, 64
@@ -114,3 +115,36 @@ def test_fsdp_and_tensor_axes_split_parameters_and_optimizer_state():
     assert tuple(array.sharding.spec) == ("expert", "fsdp", "tensor")
     assert array.addressable_shards[0].data.shape == (2, 8, 16)
   assert tuple(model.blocks[0].attention.qkv[...].sharding.spec)[:2] == ("fsdp", "tensor")
+
+
+def _model_and_optimizer(mesh_shape, seed: int):
+  """A Switch model and its AdamW state created on `mesh_shape` (data, fsdp, expert, tensor)."""
+  config = config_for("switch")
+  data, fsdp, expert, tensor = mesh_shape
+  mesh = parallel.create_mesh(data, expert, fsdp=fsdp, tensor=tensor)
+  with parallel.mesh_context(mesh):
+    model = nnx.jit(lambda: TransformerLM(config_lib.model_config(config, VOCAB), rngs=nnx.Rngs(seed)))()
+    optimizer = nnx.Optimizer(model, train.make_optimizer(config.train), wrt=nnx.Param)
+  return mesh, model, optimizer
+
+
+@pytest.mark.parametrize("target", [(1, 1, 2, 2), (1, 1, 1, 1)], ids=["4_devices", "1_device"])
+def test_checkpoint_saved_on_one_mesh_restores_exactly_on_another(tmp_path, target):
+  """Saved on 8 devices as (2, 2, 2, 1), restored on 4 devices (1, 1, 2, 2) or on one: orbax reads each array
+  into the target mesh's shardings (`train._checkpoint_tree`, the tree a run saves); every value is equal."""
+  _, model, optimizer = _model_and_optimizer((2, 2, 2, 1), seed=0)
+  saved = train._checkpoint_tree(model, optimizer)
+  checkpointer = Checkpointer(str(tmp_path), keep=1, async_save=False)
+  checkpointer.save(1, saved, {"step": 1})
+  checkpointer.wait()
+
+  mesh, model, optimizer = _model_and_optimizer(target, seed=1)  # other values, the target's shardings
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          train._checkpoint_tree(model, optimizer))
+  step, restored, _ = checkpointer.restore_latest(abstract)
+  checkpointer.close()
+  assert step == 1
+  chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(saved))
+  for array, like in zip(jax.tree.leaves(restored), jax.tree.leaves(abstract)):
+    assert array.sharding.is_equivalent_to(like.sharding, array.ndim)
+  assert jax.tree.leaves(restored)[0].sharding.mesh.size == mesh.size
