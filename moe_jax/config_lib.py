@@ -265,6 +265,8 @@ class ModelConfig(Section):
   dropout: float = field(0.0, in_range(0, 1), "dropout on residual branches and dense FFNs")
   init_scale: float = field(0.1, positive(), "Switch init: truncated normal with variance init_scale / fan_in")
   dtype: str = field("float32", choice("dtype"), "activation dtype (params and router stay float32)")
+  remat: str = field("none", choice("remat"), "rematerialise each block in the backward pass: none, full (keep "
+                     "only block inputs) or save_dots (also keep the dense matmuls' outputs); same values")
   moe: MoeConfig | None = None  # derived: the moe section when moe_layer_interval > 0
 
   def _check(self) -> None:

@@ -6,6 +6,12 @@ Architecture (Fedus et al. 2021, Sec. 2; a decoder-only variant of T5 as in thei
 pre-norm blocks x + Attn(Norm(x)), x + FFN(Norm(x)), where FFN is a `MoeFeedForward` on every
 `moe_layer_interval`-th block from `moe_start_block` on (Switch: every other block; DeepSeekMoE: every block but
 the first) and a dense `FeedForward` elsewhere. Attention is multi-head or grouped-query (`num_kv_heads`).
+
+Rematerialisation (`model.remat`, Chen et al. 2016, arXiv:1604.06174): each block's forward pass runs under
+`nnx.remat`, so the backward pass recomputes the block's activations instead of keeping them: 'full' keeps only
+each block's input, 'save_dots' also the matmul outputs (no batch dimension: jax's `dots_with_no_batch_dims_saveable`,
+the dense projections; attention scores are recomputed). Same math and same values either way; 'none' (the
+default) compiles the model as before.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax import layers
+from moe_jax import layers, parallel
 from moe_jax.config_lib import ModelConfig
 from moe_jax.init import switch_init
 from moe_jax.moe_layer import DTYPES, FeedForward, MoeAux, MoeFeedForward
@@ -65,6 +71,23 @@ class Block(nnx.Module):
     return x + self.residual_dropout(y, deterministic=deterministic), aux
 
 
+# model.remat -> the jax.checkpoint policy of what a block keeps for the backward pass (None: keep everything).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _run_block(block: Block, x: jax.Array, deterministic: bool, remat: str):
+  """`block(x)`, under `nnx.remat` with the policy of `remat` unless 'none' (nnx.remat carries the block's state
+  changes, RNG counters and DeepSeek-V3's router bias, out of the checkpointed function). Differentiate through it
+  with nnx.grad / nnx.value_and_grad, as the training step does."""
+  if remat == "none":
+    return block(x, deterministic=deterministic)
+  return nnx.remat(lambda block, x: block(x, deterministic=deterministic), policy=REMAT_POLICIES[remat])(block, x)
+
+
 class TransformerLM(nnx.Module):
   """Decoder-only LM: tokens [B, L] -> logits [B, L, V] (float32) and the MoE auxiliary outputs."""
 
@@ -85,7 +108,8 @@ class TransformerLM(nnx.Module):
     x = self.input_dropout(self.embed(tokens), deterministic=deterministic)
     auxes = {}
     for index, block in enumerate(self.blocks):
-      x, aux = block(x, deterministic=deterministic)
+      x = parallel.constrain(x, ("batch", "length", "activation_embed"))  # tokens stay split between blocks
+      x, aux = _run_block(block, x, deterministic, self.config.remat)
       if aux is not None:
         auxes[index] = aux
     x = self.final_norm(x)

@@ -20,6 +20,7 @@ _BY_MODULE: dict[str, dict[str, str]] = {
     "moe_jax.experts": {"activation": "ACTIVATIONS"},
     "moe_jax.moe_layer": {"router": "ROUTERS", "dtype": "DTYPES"},
     "moe_jax.layers": {"norm": "NORMS"},
+    "moe_jax.model": {"remat": "REMAT_POLICIES"},
     "moe_jax.data.config": {"dataset": "DATASETS"},
     "moe_jax.train": {"optimizer": "OPTIMIZERS", "schedule": "SCHEDULES"},
 }

@@ -446,10 +446,15 @@ def _under(path: str, prefixes: tuple[str, ...]) -> bool:
 
 
 def config_changes(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
-  """Every leaf field that differs between a checkpoint's config (JSON dict) and `config`: path -> (old, new)."""
+  """Every leaf field that differs between a checkpoint's config (JSON dict) and `config`: path -> (old, new).
+
+  A field the checkpoint's config lacks (added to the schema since) and that `config` leaves at its default is no
+  change: the checkpoint's run computed what the default computes (e.g. model.remat='none', mesh.fsdp=1).
+  """
   old, new = _leaves(saved), _leaves(json.loads(config.to_json()))
+  defaults = _leaves(config_lib.to_dict(config_lib.default_config()))
   return {path: (old.get(path), new.get(path)) for path in sorted(set(old) | set(new))
-          if old.get(path) != new.get(path)}
+          if old.get(path) != new.get(path) and not (path not in old and new.get(path) == defaults.get(path))}
 
 
 def check_resumable(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
