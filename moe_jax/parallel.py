@@ -127,6 +127,26 @@ def create_mesh_for(mesh_config) -> Mesh:
   return create_mesh(mesh_config.data, mesh_config.expert, fsdp=mesh_config.fsdp, tensor=mesh_config.tensor)
 
 
+def describe_mesh(mesh: Mesh) -> list[str]:
+  """Lines saying what `mesh` is: its axis sizes, which processes each axis spans (an axis whose devices sit
+  on several hosts sends its collectives over the network: 'tensor' should not, 'expert' may), and where this
+  process's devices sit in it."""
+  lines = [f"mesh {' '.join(f'{n}={mesh.shape[n]}' for n in MESH_AXES)} ({mesh.size} devices, "
+           f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''})"]
+  devices = mesh.devices  # [data, fsdp, expert, tensor] array of jax.Device
+  for axis, name in enumerate(MESH_AXES):
+    # Processes along one line of the axis (the others fixed), for the line through each device.
+    lines_along = np.moveaxis(devices, axis, -1).reshape(-1, devices.shape[axis])
+    spans = max(len({d.process_index for d in line}) for line in lines_along)
+    lines.append(f"  {name:<7} size {mesh.shape[name]:<4} "
+                 + (f"spans {spans} processes" if spans > 1 else "within each process"))
+  mine = [tuple(int(i) for i in index) for index, d in np.ndenumerate(devices)
+          if d.process_index == jax.process_index()]
+  lines.append(f"  process {jax.process_index()} holds {len(mine)} device(s) at (data, fsdp, expert, tensor) "
+               + ", ".join(map(str, mine[:8])) + (" ..." if len(mine) > 8 else ""))
+  return lines
+
+
 def mesh_shape_of(mesh: Mesh | AbstractMesh) -> MeshShape:
   return MeshShape(**{name: mesh.shape[name] for name in MESH_AXES})
 

@@ -45,15 +45,20 @@ def test_extrapolated_state_bytes_equal_the_full_depth_compile():
     assert extended[key] == pytest.approx(full[key], rel=1e-9), key
 
 
-def test_cli_prints_the_plan_and_refuses_a_bad_mesh(tmp_path):
+def test_cli_plans_less_temporary_memory_with_remat_and_refuses_a_bad_mesh(tmp_path):
   script = os.path.join(REPO, "experiments", "plan.py")
-  args = [sys.executable, script, f"--config={REPO}/configs/lm.py:switch-cpu", "--config.model.num_layers=2",
+  args = [sys.executable, script, f"--config={REPO}/configs/lm.py:switch-cpu", "--config.model.num_layers=4",
           "--config.model.d_model=32", "--config.model.d_ff=64", "--config.train.batch_size=8",
-          "--config.train.seq_len=32"]
-  ran = subprocess.run(args + ["--mesh=2,1,2,1", "--json"], env=cpu_env(1), capture_output=True, text=True,
-                       timeout=300)
-  assert ran.returncode == 0, ran.stderr[-3000:]
-  result = json.loads(ran.stdout)
-  assert result["devices"] == 4 and result["mesh"] == {"data": 2, "fsdp": 1, "expert": 2, "tensor": 1}
+          "--config.train.seq_len=128"]
+  results = {}
+  for remat in ("none", "full"):
+    ran = subprocess.run(args + ["--mesh=2,1,2,1", "--json", f"--config.model.remat={remat}"], env=cpu_env(1),
+                         capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    results[remat] = json.loads(ran.stdout)
+  assert results["none"]["devices"] == 4
+  assert results["none"]["mesh"] == {"data": 2, "fsdp": 1, "expert": 2, "tensor": 1}
+  # Under the memory-minimising schedule plan.py asks of XLA:CPU, recomputing blocks keeps fewer bytes.
+  assert results["full"]["xla"]["temporaries"] < results["none"]["xla"]["temporaries"]
   bad = subprocess.run(args + ["--mesh=2,2"], env=cpu_env(1), capture_output=True, text=True, timeout=60)
   assert bad.returncode == 2 and "--mesh='2,2' must be four integers" in bad.stderr
