@@ -237,6 +237,7 @@ def make_train_step(graphdef: nnx.GraphDef, train: ml_collections.ConfigDict, se
   """
   base_key = jax.random.key(seed)
   schedule = make_schedule(train)
+  grad_sharding = None if state_sharding is None else nnx.filter_state(state_sharding[0], nnx.Param)
 
   def train_step(state: nnx.State, batch: dict, step: jax.Array):
     # The arrays, not the State: merge shares its Variables with the modules, which the update mutates.
@@ -250,6 +251,10 @@ def make_train_step(graphdef: nnx.GraphDef, train: ml_collections.ConfigDict, se
         has_aux=True,
     )
     (loss, (ce, aux)), grads = grad_fn(model)
+    if grad_sharding is not None:
+      # Each gradient split like its parameter as soon as it exists (FSDP's reduce-scatter), not kept whole until
+      # the update: left to itself, GSPMD may hold every block's full gradient at once.
+      grads = jax.lax.with_sharding_constraint(grads, grad_sharding)
     optimizer.update(model, grads)
     new_state = nnx.state((model, optimizer))
     metrics = {
