@@ -135,7 +135,7 @@ def _shard_state_like_params(tx: optax.GradientTransformation) -> optax.Gradient
 
   def init(params):
     state = tx.init(params)
-    param_shapes = {path: jnp.shape(leaf.get_value()) for path, leaf in
+    param_shapes = {path: jnp.shape(leaf.get_value() if is_variable(leaf) else leaf) for path, leaf in
                     jax.tree_util.tree_flatten_with_path(params, is_leaf=is_variable)[0]}
 
     def derive(path, leaf):
