@@ -44,9 +44,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import AbstractMesh, AxisType, Mesh
 from jax.sharding import PartitionSpec as P
 
+from moe_jax import config_lib
 from moe_jax import experts as experts_lib
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = config_lib.MESH_AXES  # ("data", "fsdp", "expert", "tensor"), declared with the config schema
 TOKEN_AXES = ("data", "fsdp", "expert")  # the axes the batch (and the routing groups) are split over
 
 # Logical axis -> mesh axes, for parameters and activations alike. None = replicated. An activation's
@@ -82,14 +83,6 @@ class MeshShape:
   @property
   def devices(self) -> int:
     return math.prod(self.sizes)
-
-  @property
-  def token_devices(self) -> int:
-    """Devices the batch is split over: all but the 'tensor' ones."""
-    return self.data * self.fsdp * self.expert
-
-  def __str__(self) -> str:
-    return "x".join(map(str, self.sizes)) + " (" + ",".join(MESH_AXES) + ")"
 
 
 def validate_mesh_shape(shape: MeshShape) -> None:
@@ -145,10 +138,6 @@ def describe_mesh(mesh: Mesh) -> list[str]:
   lines.append(f"  process {jax.process_index()} holds {len(mine)} device(s) at (data, fsdp, expert, tensor) "
                + ", ".join(map(str, mine[:8])) + (" ..." if len(mine) > 8 else ""))
   return lines
-
-
-def mesh_shape_of(mesh: Mesh | AbstractMesh) -> MeshShape:
-  return MeshShape(**{name: mesh.shape[name] for name in MESH_AXES})
 
 
 def logical_to_spec(logical_axes: tuple[str | None, ...]) -> P:
