@@ -265,15 +265,24 @@ class ModelConfig(Section):
   dropout: float = field(0.0, in_range(0, 1), "dropout on residual branches and dense FFNs")
   init_scale: float = field(0.1, positive(), "Switch init: truncated normal with variance init_scale / fan_in")
   dtype: str = field("float32", choice("dtype"), "activation dtype (params and router stay float32)")
+  scan_layers: bool = field(False, boolean(), "run the repeated block pattern (moe_layer_interval blocks, the last "
+                            "one MoE) under nnx.scan: one compiled loop body instead of num_layers copies")
   remat: str = field("none", choice("remat"), "rematerialise each block in the backward pass: none, full (keep "
                      "only block inputs) or save_dots (also keep the dense matmuls' outputs); same values")
   moe: MoeConfig | None = None  # derived: the moe section when moe_layer_interval > 0
 
   def _check(self) -> None:
     """`num_kv_heads` divides `num_heads`; `moe_start_block + moe_layer_interval <= num_layers` (at least one
-    MoE block) when `moe_layer_interval > 0`."""
+    MoE block) when `moe_layer_interval > 0`; `scan_layers` needs no dense first blocks and `num_layers` a multiple
+    of the block pattern (`moe_layer_interval` blocks, 1 for a dense model)."""
     if self.num_kv_heads and self.num_heads % self.num_kv_heads:
       raise ValueError(f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}")
+    if self.scan_layers:
+      period = self.moe_layer_interval or 1
+      if self.moe_start_block or self.num_layers % period:
+        raise ValueError(f"model.scan_layers=True needs model.moe_start_block=0 (got {self.moe_start_block}) and "
+                         f"model.num_layers={self.num_layers} a multiple of the block pattern's "
+                         f"{period} blocks (model.moe_layer_interval)")
     if self.moe_layer_interval and self.moe_start_block + self.moe_layer_interval > self.num_layers:
       raise ValueError(f"model.moe_layer_interval={self.moe_layer_interval} must be <= model.num_layers="
                        f"{self.num_layers} - model.moe_start_block={self.moe_start_block}")

@@ -62,6 +62,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("heads", "tensor"),  # attention heads (query, key and value heads alike)
     ("kv", None),
     ("length", None),
+    ("layers", None),  # the repetitions of a scanned block pattern (model.scan_layers): each device holds all
     ("activation_embed", None),
     ("unmodeled", None),  # never sharded, e.g. the expert axis of the router kernel [M, E] (Flaxformer's name)
 )
