@@ -244,7 +244,10 @@ def make_train_step(graphdef: nnx.GraphDef, train: ml_collections.ConfigDict, se
     old_leaves = jax.tree.leaves(state)
     model, optimizer = nnx.merge(graphdef, state)
     step_key = jax.random.fold_in(base_key, step)
-    nnx.reseed(model, **{name: jax.random.fold_in(step_key, i) for i, name in enumerate(RUNTIME_STREAMS)})
+    # match_shape: a scalar key is set as is (as before), the stacked keys of scanned blocks (model.scan_layers)
+    # get one split per block.
+    nnx.reseed(model, policy="match_shape",
+               **{name: jax.random.fold_in(step_key, i) for i, name in enumerate(RUNTIME_STREAMS)})
     grad_fn = nnx.value_and_grad(
         lambda m: lm_loss(m, batch, deterministic=False, aux_loss_weight=train.aux_loss_weight,
                           z_loss_weight=train.z_loss_weight),

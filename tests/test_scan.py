@@ -40,7 +40,10 @@ def models(mesh, **kwargs):
     scanned = nnx.jit(lambda: TransformerLM(model_config(True, **kwargs), rngs=nnx.Rngs(1)))()
   period = kwargs.get("interval", PERIOD) or 1
   state = nnx.state(scanned, nnx.Param)
-  nnx.replace_by_pure_dict(state, blocks_to_scanned(nnx.to_pure_dict(nnx.state(flat, nnx.Param)), LAYERS, period))
+  converted = blocks_to_scanned(nnx.to_pure_dict(nnx.state(flat, nnx.Param)), LAYERS, period)
+  # Copies: the unstacked leaves (embeddings, final norm) would otherwise be the same buffers in both models,
+  # and a training step donates its input state.
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.copy, converted))
   nnx.update(scanned, state)
   return flat, scanned, period
 
@@ -64,6 +67,27 @@ def test_scanned_model_equals_the_unscanned_one_forward_and_backward(mesh_shape,
   chex.assert_trees_all_close(s_aux.blocks, aux.blocks, atol=1e-6)
   chex.assert_trees_all_close(scanned_to_blocks(nnx.to_pure_dict(s_grads), LAYERS, period),
                               nnx.to_pure_dict(grads), atol=1e-6)
+
+
+def test_training_steps_of_the_scanned_model_equal_the_unscanned_ones():
+  """`train.make_train_step` (which reseeds the stacked RNG streams of scanned blocks) on both layouts, from
+  the same parameters: the same losses, and parameters that convert into each other after the steps."""
+  mesh = parallel.create_mesh(1, 1)
+  flat, scanned, period = models(mesh)
+  config = config_lib.default_config().train
+  results = []
+  with parallel.mesh_context(mesh):
+    for model in (flat, scanned):
+      optimizer = nnx.Optimizer(model, train.make_optimizer(config), wrt=nnx.Param)
+      graphdef, state = nnx.split((model, optimizer))
+      step = train.make_train_step(graphdef, config, seed=0, skip_nonfinite=False)
+      losses = []
+      for i in range(2):
+        state, metrics = step(state, batch(), jnp.int32(i))
+        losses.append(metrics["loss"])
+      results.append((losses, nnx.to_pure_dict(nnx.filter_state(state[0], nnx.Param))))
+  chex.assert_trees_all_close(results[1][0], results[0][0], rtol=1e-6)
+  chex.assert_trees_all_close(scanned_to_blocks(results[1][1], LAYERS, period), results[0][1], atol=1e-6)
 
 
 def test_checkpoint_trees_convert_both_ways():
