@@ -12,6 +12,13 @@ Rematerialisation (`model.remat`, Chen et al. 2016, arXiv:1604.06174): each bloc
 each block's input, 'save_dots' also the matmul outputs (no batch dimension: jax's `dots_with_no_batch_dims_saveable`,
 the dense projections; attention scores are recomputed). Same math and same values either way; 'none' (the
 default) compiles the model as before.
+
+Scanned blocks (`model.scan_layers`): the blocks repeat a pattern of `moe_layer_interval` blocks whose last is MoE
+([dense, MoE] for Switch; one block for a dense model or MoE on every block). With scanning on, each pattern
+position's parameters are stacked over the R = num_layers / period repetitions (leading logical axis 'layers')
+and `nnx.scan` runs the pattern R times: one compiled loop body instead of num_layers copies (compile time and
+program size independent of depth, as MaxText's scan_layers). `blocks_to_scanned` / `scanned_to_blocks` convert
+parameter and checkpoint trees between the layouts; both compute the same function.
 """
 
 from __future__ import annotations
