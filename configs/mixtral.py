@@ -6,6 +6,25 @@ d_model 4096, 32 blocks, 32 query heads of 128 with 8 key/value heads (GQA), Swi
 8 experts on every block, top-2 with the softmax taken over the two chosen logits (= renormalised top-2),
 dropless (MegaBlocks), vocabulary 32000, untied embeddings, RMSNorm, 32k context. Published: 46.7B parameters,
 12.9B active per token.
+
+Pod mesh of the `full` variant: FSDP over every chip (mesh.fsdp = 0: all of them), experts not split (so the
+dropless routing runs its grouped matmul, not capacity buffers of C = S rows), blocks scanned and rematerialised
+(model.scan_layers, model.remat='full'). AdamW state in float32 is 16 bytes a parameter, 747 GB in all, and
+'data' or 'expert' axes alone (parameters replicated outside the expert weights) need ~116 GB per chip at 8-way
+expert parallelism: FSDP is what makes the state fit.
+
+`python experiments/plan.py --config=configs/mixtral.py:full --mesh=1,256,1,1` (a v5p-256 slice; XLA:CPU on 256
+emulated devices, all 32 blocks compiled as one scanned loop; per chip; 2026-12-02):
+
+  batch       parameters  optimizer  temporaries  peak        fits
+  1024x4096   0.68 GiB    1.36 GiB   48.96 GiB    51.00 GiB   TPU v5p 95 GiB, H100 80 GB, H200 141 GB (not v4, v5e, v6e)
+  256x4096    0.68 GiB    1.36 GiB   20.88 GiB    22.92 GiB   also TPU v4 and v6e 32 GiB (not v5e 16 GiB)
+
+Parameter and optimizer bytes are the compiled step's shards and equal flops.memory_estimate's; the analytical
+activations (227.87 GiB at 1024x4096) count every block's activations as kept, i.e. no remat. The temporaries are
+XLA:CPU's buffer assignment under its memory-minimising schedule, an estimate of a TPU compiler's (which also
+reserves memory for itself). Unscanned, XLA:CPU does not reuse the recomputed blocks' buffers from one block to
+the next: `--config.model.scan_layers=False --extrapolate` plans 837.72 GiB a chip at 1024x4096.
 """
 
 from configs import moe_systems
@@ -20,4 +39,8 @@ SYSTEM = moe_systems.System(
 
 
 def get_config(arg: str = "cpu"):
-  return moe_systems.get_config(SYSTEM, arg)
+  config = moe_systems.get_config(SYSTEM, arg)
+  if arg == "full":
+    config.mesh.update(dict(data=1, fsdp=0, expert=1, tensor=1))
+    config.model.update(dict(remat="full", scan_layers=True))
+  return config

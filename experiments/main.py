@@ -36,7 +36,7 @@ def per_batch_eval_losses(config, workdir: str, num_batches: int) -> np.ndarray:
   run = resolve.resolve(config, jax.device_count())
   config = run.config
   model_cfg = config_lib.model_config(run.typed, vocab_size=config.model.vocab_size)
-  mesh = parallel.create_mesh(config.mesh.data, config.mesh.expert)
+  mesh = parallel.create_mesh_for(config.mesh)
   sharding = NamedSharding(mesh, train.BATCH_SPEC)
   with parallel.mesh_context(mesh):
     model = nnx.jit(lambda: train.TransformerLM(model_cfg, rngs=nnx.Rngs(params=0, dropout=1)))()  # overwritten

@@ -10,12 +10,14 @@ span-corruption targets they imply (512 -> 114).
 
 Every figure comes from moe_jax.flops, the same code the FLOPs of training runs and the tests use, applied to
 the typed model config that the model is built from. Memory is per device for the config's batch, sequence
-length, optimizer, compute dtype and mesh (`mesh.data = 0`: all --devices over mesh.expert), experts split over
-the 'expert' axis and everything else replicated, as moe_jax trains today.
+length, optimizer, compute dtype and mesh (the axis of size 0 takes the --devices the others leave), split as
+moe_jax.parallel splits it (fsdp, expert, tensor; `flops.memory_estimate`). experiments/plan.py compiles the
+step for a mesh and prints XLA's figures next to these.
 """
 
 import dataclasses
 import json
+import math
 import os
 import sys
 
@@ -27,7 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from moe_jax import config_lib, flops  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/mixtral.py:full.")
-_DEVICES = flags.DEFINE_integer("devices", 0, "devices for mesh.data = 0 (default: mesh.expert)")
+_DEVICES = flags.DEFINE_integer("devices", 0, "devices for the mesh axis of size 0 (default: the other axes' product)")
 _SERVE_BATCH = flags.DEFINE_integer("serve_batch", 1, "sequences served at once, for the KV cache")
 _SERVE_CONTEXT = flags.DEFINE_integer("serve_context", 0, "tokens per served sequence (default: max_seq_len)")
 _JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of the table")
@@ -41,8 +43,14 @@ def stats(config, *, devices: int = 0, serve_batch: int = 1, serve_context: int 
   """Every figure the calculator prints, for `config` (an experiment ConfigDict)."""
   # The tokenizer's vocabulary is only needed when model.vocab_size = 0 (the byte tokenizer's 259).
   cfg = config_lib.model_config(config, vocab_size=259)
-  expert = config.mesh.expert if cfg.moe_layers else 1
-  devices = devices or (config.mesh.data * config.mesh.expert if config.mesh.data else expert)
+  sizes = {name: config.mesh[name] for name in config_lib.MESH_AXES}
+  given = math.prod(v for v in sizes.values() if v)
+  devices = devices or given
+  for name, size in sizes.items():  # the axis of size 0 (at most one) takes the devices the others leave
+    if size == 0:
+      sizes[name] = devices // given
+  devices = math.prod(sizes.values())
+  expert = sizes["expert"] if cfg.moe_layers else 1
   breakdown = flops.param_breakdown(cfg)
   sequence = None
   if cfg.architecture == "encoder_decoder":  # FLOPs of one (inputs, targets) pair of span corruption
@@ -58,8 +66,9 @@ def stats(config, *, devices: int = 0, serve_batch: int = 1, serve_context: int 
   else:
     per_token = flops.flops_per_token(cfg, config.train.seq_len)
   memory = flops.memory_estimate(cfg, batch_size=config.train.batch_size, seq_len=config.train.seq_len,
-                                 optimizer=config.train.optimizer, data_devices=devices // expert,
-                                 expert_devices=expert)
+                                 optimizer=config.train.optimizer, data_devices=devices // (
+                                     expert * sizes["fsdp"] * sizes["tensor"]),
+                                 expert_devices=expert, fsdp_devices=sizes["fsdp"], tensor_devices=sizes["tensor"])
   context = serve_context or cfg.max_seq_len
   return {
       "params": {**{k: getattr(breakdown, k) for k in (
@@ -68,7 +77,8 @@ def stats(config, *, devices: int = 0, serve_batch: int = 1, serve_context: int 
       "flops_per_token": {"forward": per_token.forward, "train": per_token.train, "seq_len": config.train.seq_len},
       # encoder-decoder only: one sequence of inputs_length encoder and targets_length decoder tokens
       **({"flops_per_sequence": sequence} if sequence else {}),
-      "train_memory_per_device": {"devices": devices, "expert_shards": expert, "weights": memory.params,
+      "train_memory_per_device": {"devices": devices, "mesh": sizes, "expert_shards": expert,
+                                  "weights": memory.params,
                                   "gradients": memory.gradients, "optimizer": memory.optimizer,
                                   "activations": memory.activations, "total": memory.total,
                                   "checkpoint_on_disk": memory.checkpoint},
@@ -96,7 +106,8 @@ def table(s: dict) -> str:
                f"{s['flops_per_sequence']['targets_length']} target tokens (per token above: per input token)",
                f"  {'forward':<24} {s['flops_per_sequence']['forward'] / 1e9:>11,.1f}G"]
               if "flops_per_sequence" in s else []),
-            f"training memory per device ({m['devices']} devices, experts over {m['expert_shards']})"]
+            f"training memory per device ({m['devices']} devices, mesh "
+            + " ".join(f"{k}={v}" for k, v in m["mesh"].items()) + ")"]
   lines += [f"  {k:<24} {_gib(m[k]):>12}" for k in ("weights", "gradients", "optimizer", "activations", "total")]
   lines += [f"  {'checkpoint (all devices)':<24} {_gib(m['checkpoint_on_disk']):>12}"]
   lines += [f"inference (bf16): weights {_gib(i['weights_bf16'])}, KV cache {_gib(i['kv_cache_bf16'])} for "

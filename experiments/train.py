@@ -34,6 +34,11 @@ _DISTRIBUTED = flags.DEFINE_bool(
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0, e.g. 10.0.0.1:1234.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False,
+    "Check the config, connect the processes (with --distributed), resolve the config for the devices found, build "
+    "the mesh and print what this process would run, then exit without compiling, reading data or writing "
+    "--workdir.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 STARTUP_REPORT_EVERY_S = 10  # how often a waiting process says whom it waits for
@@ -108,6 +113,12 @@ def main(argv):
   elif _COORDINATOR.value or _NUM_PROCESSES.value or _PROCESS_ID.value is not None:
     _fail("--coordinator_address/--num_processes/--process_id need --distributed")
 
+  if _DRY_RUN.value:
+    try:
+      dry_run(jax, config)
+    except ValueError as error:
+      _fail(f"invalid configuration: {error}")
+    return
   try:
     result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except train.Interrupted as stop:
@@ -122,6 +133,30 @@ def main(argv):
   evaluated = f"; eval cross-entropy {result.eval_loss:.4f}" if result.eval_loss is not None else ""
   print(f"{result.status} at step {result.step}{evaluated}; wall time {result.wall_time_s:.0f} s; "
         f"workdir {result.workdir}")
+
+
+def dry_run(jax, config) -> None:
+  """Print this process's view of the run: host, devices, the command every process runs, the resolved mesh
+  (and which axes cross hosts), its share of the batch. The coordinator is process 0 (its log is enough for a
+  single-host check; on a pod each host prints its own lines, prefixed by its process index)."""
+  import socket
+
+  from moe_jax import parallel
+  from moe_jax import resolve as resolve_lib
+
+  run = resolve_lib.resolve(config, jax.device_count())
+  prefix = f"[process {jax.process_index()}/{jax.process_count()} on {socket.gethostname()}]"
+  mesh = parallel.create_mesh_for(run.config.mesh)
+  lines = [f"dry run: {jax.process_count()} process(es), {jax.device_count()} {jax.default_backend()} devices, "
+           f"{jax.local_device_count()} on this host",
+           "command (the same on every host): " + " ".join(sys.argv),
+           *(decision.line() for decision in run.decisions),
+           *parallel.describe_mesh(mesh),
+           f"batch: {run.config.train.batch_size} sequences of {run.config.train.seq_len} tokens, "
+           f"{run.config.train.batch_size // jax.process_count()} read by this process",
+           f"workdir: {os.path.abspath(_WORKDIR.value)} (not touched by a dry run)"]
+  for line in lines:
+    print(prefix, line, flush=True)
 
 
 def _fail_to_load(error: Exception, argv: list[str]) -> None:

@@ -330,12 +330,18 @@ class ModelConfig(Section):
                                 "relative positions: buckets per direction pair (T5: 32)")
   relative_max_distance: int = field(128, at_least(2), "relative positions: distance from which all share the "
                                      "last bucket (T5: 128)")
+  scan_layers: bool = field(False, boolean(), "run the repeated block pattern (moe_layer_interval blocks, the last "
+                            "one MoE) under nnx.scan: one compiled loop body instead of num_layers copies")
+  remat: str = field("none", choice("remat"), "rematerialise each block in the backward pass: none, full (keep "
+                     "only block inputs) or save_dots (also keep the dense matmuls' outputs); same values")
   moe: MoeConfig | None = None  # derived: the moe section when moe_layer_interval > 0
 
   def _check(self) -> None:
     """`num_kv_heads` divides `num_heads`; `moe_start_block + moe_layer_interval <= num_layers` (at least one
     MoE block) when `moe_layer_interval > 0`; the decoder LM has rotary positions and no `num_decoder_layers`;
-    relative positions need `relative_max_distance > relative_buckets / 2` (exact buckets below it)."""
+    relative positions need `relative_max_distance > relative_buckets / 2` (exact buckets below it); `scan_layers`
+    needs no dense first blocks and `num_layers` a multiple of the block pattern (`moe_layer_interval` blocks, 1
+    for a dense model)."""
     if self.architecture == "decoder":
       if self.positions != "rotary":
         raise ValueError(f"model.positions={self.positions!r} must be 'rotary' for model.architecture='decoder'")
@@ -347,6 +353,12 @@ class ModelConfig(Section):
                        f"{self.relative_buckets // 2}")
     if self.num_kv_heads and self.num_heads % self.num_kv_heads:
       raise ValueError(f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}")
+    if self.scan_layers:
+      period = self.moe_layer_interval or 1
+      if self.moe_start_block or self.num_layers % period:
+        raise ValueError(f"model.scan_layers=True needs model.moe_start_block=0 (got {self.moe_start_block}) and "
+                         f"model.num_layers={self.num_layers} a multiple of the block pattern's "
+                         f"{period} blocks (model.moe_layer_interval)")
     if self.moe_layer_interval and self.moe_start_block + self.moe_layer_interval > self.num_layers:
       raise ValueError(f"model.moe_layer_interval={self.moe_layer_interval} must be <= model.num_layers="
                        f"{self.num_layers} - model.moe_start_block={self.moe_start_block}")
@@ -465,18 +477,45 @@ class TrainConfig(Section):
                                  "connect at start-up")
 
 
+MESH_AXES = ("data", "fsdp", "expert", "tensor")  # the order of moe_jax.parallel's mesh axes
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig(Section):
-  """The device mesh ('data', 'expert'): batches split over both axes, experts over 'expert'."""
+  """The device mesh ('data', 'fsdp', 'expert', 'tensor'), moe_jax.parallel: the batch is split over 'data',
+  'fsdp' and 'expert'; parameters, gradients and optimizer state over 'fsdp' (along d_model); experts over
+  'expert'; attention heads and FFN hidden units over 'tensor'. The defaults (every size 1 but a 0 on
+  'data' in most configs) are the ('data', 'expert') meshes of earlier versions."""
 
   NAME: ClassVar[str] = "mesh"
-  data: int = field(1, at_least(0), "data-parallel mesh axis size; 0 = all devices / mesh.expert")
-  expert: int = field(1, at_least(1), "expert-parallel mesh axis size (experts split over it)")
+  data: int = field(1, at_least(0), "data-parallel axis size (parameters replicated); 0 = the devices the other "
+                    "axes leave")
+  fsdp: int = field(1, at_least(0), "fully-sharded data-parallel axis size (parameters, gradients, optimizer "
+                    "state split along d_model); 0 = the rest")
+  expert: int = field(1, at_least(0), "expert-parallel axis size (experts split over it); 0 = the rest")
+  tensor: int = field(1, at_least(0), "tensor-parallel axis size (heads and FFN/expert hidden units split); "
+                      "0 = the rest")
+
+  def _check(self) -> None:
+    """At most one axis is 0 ("the rest of the devices")."""
+    rest = [name for name in MESH_AXES if getattr(self, name) == 0]
+    if len(rest) > 1:
+      raise ValueError(f"mesh.{rest[1]}=0: only one mesh axis may be 0 (the rest of the devices); "
+                       + ", ".join(f"mesh.{n}=0" for n in rest) + " are")
+
+  @property
+  def sizes(self) -> tuple[int, int, int, int]:
+    return tuple(getattr(self, name) for name in MESH_AXES)
 
   @property
   def devices(self) -> int | None:
-    """Devices the mesh spans; None until resolve() fills mesh.data = 0."""
-    return self.data * self.expert if self.data else None
+    """Devices the mesh spans; None until resolve() fills in the axis that is 0."""
+    return math.prod(self.sizes) or None
+
+  @property
+  def token_devices(self) -> int | None:
+    """Devices the batch is split over (all but 'tensor'); None until resolved."""
+    return self.data * self.fsdp * self.expert if self.devices else None
 
 
 SECTIONS: tuple[type[Section], ...] = (ModelConfig, MoeConfig, DataConfig, TrainConfig, MeshConfig)
@@ -498,7 +537,10 @@ class ExperimentConfig(Section):
   def _check(self) -> None:
     """`train.seq_len <= model.max_seq_len`; `data.objective` is 'span_corruption' exactly for the encoder-decoder,
     with at least as many `data.num_sentinels` as noise spans per input; `train.batch_size` divisible by the
-    mesh's devices; with MoE blocks: `moe.num_experts` divisible by `mesh.expert`, the non-causal routers
+    devices the batch is split over (mesh.data * mesh.fsdp * mesh.expert); `mesh.fsdp` divides `model.d_model`;
+    `mesh.tensor` divides `model.num_heads`, the key/value heads and every FFN width (`model.d_ff` where a block is
+    dense, the experts' and shared experts' widths); `model.scan_layers` refuses hash routing (scanned blocks get
+    no token ids); with MoE blocks: `moe.num_experts` divisible by `mesh.expert`, the non-causal routers
     ('expert_choice', 'soft_moe') refused in a causal stack (the decoder LM; the encoder-decoder's decoder stack,
     which then routes with `moe.decoder_router`), routing groups (`moe.group_size`, 0: one per sequence) tiling the
     batch into a multiple of the mesh's devices, and for router='base' tokens per group a multiple of
@@ -517,13 +559,32 @@ class ExperimentConfig(Section):
       if lengths.num_spans > self.data.num_sentinels:
         raise ValueError(f"data.num_sentinels={self.data.num_sentinels} must be >= the {lengths.num_spans} noise "
                          f"spans of a train.seq_len={train.seq_len} input")
-    devices = mesh.devices
+    devices = mesh.token_devices
     if devices is not None and train.batch_size % devices:
-      raise ValueError(f"train.batch_size={train.batch_size} must be divisible by mesh.data * mesh.expert = "
-                       f"{devices}")
+      raise ValueError(f"train.batch_size={train.batch_size} must be divisible by mesh.data * mesh.fsdp * "
+                       f"mesh.expert = {mesh.data} * {mesh.fsdp} * {mesh.expert} = {devices}")
+    # Split dimensions must divide evenly (a NamedSharding refuses a ragged split).
+    if mesh.fsdp > 1 and model.d_model % mesh.fsdp:
+      raise ValueError(f"mesh.fsdp={mesh.fsdp} must divide model.d_model={model.d_model} (FSDP splits d_model)")
+    if mesh.tensor > 1:
+      moe_blocks = model.moe_layer_interval > 0
+      widths = {"model.num_heads": model.num_heads, "model.num_kv_heads": model.num_kv_heads or model.num_heads}
+      if not moe_blocks or model.moe_layer_interval > 1 or model.moe_start_block > 0:
+        widths["model.d_ff"] = model.d_ff
+      if moe_blocks:
+        widths["moe.expert_d_ff"] = moe.expert_d_ff or model.d_ff
+        if moe.num_shared_experts:
+          widths["moe.num_shared_experts * width"] = moe.num_shared_experts * (
+              moe.shared_expert_d_ff or moe.expert_d_ff or model.d_ff)
+      for name, width in widths.items():
+        if width % mesh.tensor:
+          raise ValueError(f"mesh.tensor={mesh.tensor} must divide {name}={width} (tensor parallelism splits it)")
     if model.moe_layer_interval == 0:
       return
-    if moe.num_experts % mesh.expert:
+    if model.scan_layers and moe.router == "hash":
+      raise ValueError("model.scan_layers=True cannot run moe.router='hash': scanned blocks get no token ids; "
+                       "leave model.scan_layers=False")
+    if mesh.expert and moe.num_experts % mesh.expert:
       raise ValueError(f"moe.num_experts={moe.num_experts} must be divisible by mesh.expert={mesh.expert}")
     non_causal = registry.names("non_causal_router")
     if model.architecture == "decoder":
@@ -548,7 +609,7 @@ class ExperimentConfig(Section):
     groups = tokens // self.tokens_per_group
     if devices is not None and groups % devices:
       raise ValueError(f"moe.group_size={moe.group_size} gives {groups} routing groups, which must be a multiple "
-                       f"of mesh.data * mesh.expert = {devices}")
+                       f"of mesh.data * mesh.fsdp * mesh.expert = {devices}")
 
   @property
   def tokens_per_group(self) -> int:
@@ -640,8 +701,10 @@ def dense_twin(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """
   twin = copy.deepcopy(config)
   twin.model.moe_layer_interval = 0
-  if config.mesh.data:
+  if config.mesh.data and config.mesh.expert:  # the expert axis becomes data parallelism
     twin.mesh.data = config.mesh.data * config.mesh.expert
+  elif config.mesh.expert == 0:  # it was "the rest": now 'data' is
+    twin.mesh.data = 0
   twin.mesh.expert = 1
   return twin
 
@@ -658,8 +721,9 @@ def config_docs() -> str:
       "it is current). Every config in `configs/` starts from `config_lib.default_config()` and the command line",
       "overrides fields (`--config.train.num_steps=400`). A bad value raises `ValueError` naming the field and its",
       "valid range before anything is built; an unknown field is refused. `moe_jax.resolve` then makes the",
-      "\"auto\" values concrete (`mesh.data = 0`, `model.vocab_size = 0`, the dispatch backend that runs) and",
-      "checks what needs the machine: `mesh.data * mesh.expert` must equal the number of devices and a non-zero",
+      "\"auto\" values concrete (a mesh axis of size 0, `model.vocab_size = 0`, the dispatch backend that runs)",
+      "and checks what needs the machine: `mesh.data * mesh.fsdp * mesh.expert * mesh.tensor` must equal the",
+      "number of devices and a non-zero",
       "`model.vocab_size` must cover the tokenizer's vocabulary. Each run's `config.json` records the requested",
       "config, the resolved one and every decision.",
   ]

@@ -274,10 +274,13 @@ def grouped_matmul(
   over e's tiles in float32), so no gradient of a gather or scatter is ever formed over the weights, and
   each expert's weights are read once per product. Deterministic: every output tile is written once.
 
-  Under shard_map the weights are first made to vary over x's mesh axes (adding a zero of x's type, which
-  XLA folds away): the VJP then returns dw with the weights' own type, its transpose summing over those axes.
+  Under shard_map the weights are first made to vary over x's mesh axes and x over the weights' (adding a zero
+  of the other's type, which XLA folds away): the VJP then returns dx and dw of that common type, and the
+  transposes of the additions sum each over the axes its primal does not vary over (dw over the token axes;
+  dx over 'tensor' when the weights hold a slice of the hidden units).
   """
-  return _grouped_matmul_vjp(x, w + jnp.zeros_like(x, shape=()), layout)
+  return _grouped_matmul_vjp(x + jnp.zeros_like(w, x.dtype, shape=()), w + jnp.zeros_like(x, w.dtype, shape=()),
+                             layout)
 
 
 @jax.custom_vjp

@@ -271,43 +271,51 @@ def _weight_matrices(cfg: ModelConfig) -> list[tuple[int, int, int]]:
   ]
 
 
-def activation_bytes_per_token(cfg: ModelConfig, seq_len: int, dtype_bytes: int) -> float:
+def activation_bytes_per_token(cfg: ModelConfig, seq_len: int, dtype_bytes: int, tensor_devices: int = 1) -> float:
   """Activations one token keeps for the backward pass: per block the block input and two norm outputs (3M),
   q, k, v and the attention output ((2H + 2K) D), the attention probabilities (H L, materialised by a dense
   attention), and each FFN's input, hidden units (twice for gated units) and output for every expert row it
   executes (an MoE FFN: capacity_factor x k rows, plus its shared experts); and the float32 logits, their
-  softmax and gradient (3 V). The encoder-decoder is counted as if every block ran on `seq_len` tokens (its
-  decoder runs on fewer: an upper bound of its share)."""
+  softmax and gradient (3 V). With tensor parallelism over `tensor_devices`, a device keeps its share of the
+  heads and hidden units (the terms in H, K and F). The encoder-decoder is counted as if every block ran on
+  `seq_len` tokens (its decoder runs on fewer: an upper bound of its share)."""
   gated = 2 if experts.is_gated(cfg.activation) else 1
-  attention = 3 * cfg.d_model + (2 * cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim + cfg.num_heads * seq_len
+  t = tensor_devices
+  attention = 3 * cfg.d_model + ((2 * cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_dim + cfg.num_heads * seq_len) / t
   stacks = _stacks(cfg)
   num_moe = stacks.moe_blocks
-  per_token = stacks.attentions * attention + (stacks.blocks - num_moe) * (2 * cfg.d_model + gated * cfg.d_ff)
+  per_token = stacks.attentions * attention + (stacks.blocks - num_moe) * (2 * cfg.d_model + gated * cfg.d_ff / t)
   for stack, moe_blocks in _moe_stacks(cfg) if num_moe else ():
     rows = experts_per_token(stack, executed=True)
-    per_token += moe_blocks * (rows * (2 * cfg.d_model + gated * cfg.expert_d_ff) + gated * cfg.shared_d_ff
+    per_token += moe_blocks * (rows * (2 * cfg.d_model + gated * cfg.expert_d_ff / t) + gated * cfg.shared_d_ff / t
                                + cfg.moe.num_experts)  # + the router's probabilities
   return dtype_bytes * per_token + 4 * 3 * cfg.vocab_size
 
 
 def memory_estimate(cfg: ModelConfig, *, batch_size: int, seq_len: int, optimizer: str, data_devices: int,
-                    expert_devices: int, min_dim_to_factor: int = 128) -> MemoryEstimate:
+                    expert_devices: int, fsdp_devices: int = 1, tensor_devices: int = 1,
+                    min_dim_to_factor: int = 128) -> MemoryEstimate:
   """Training memory per device from the parameter counts: float32 parameters, gradients and optimizer state
   (AdamW: two moments; Adafactor: factored second moments, rows + columns per matrix of both sides
-  >= `min_dim_to_factor` as in optax), routed experts split over `expert_devices` and everything else
-  replicated, and the activations the backward pass keeps for this device's share of the batch."""
+  >= `min_dim_to_factor` as in optax), and the activations the backward pass keeps for this device's share of
+  the batch (split over data, fsdp and expert devices). Parameters are split as `moe_jax.parallel`'s rules say:
+  every one over `fsdp_devices` (along d_model), attention and FFN weights (dense, shared and routed experts)
+  also over `tensor_devices`, routed experts also over `expert_devices`; the vocabulary is not split."""
   breakdown = param_breakdown(cfg)
-  local_params = breakdown.total - breakdown.routed_experts + breakdown.routed_experts / expert_devices
+  f, t = fsdp_devices, tensor_devices
+  local_params = ((breakdown.embeddings + breakdown.norms + breakdown.router) / f
+                  + (breakdown.attention + breakdown.dense_ffn + breakdown.shared_experts) / (f * t)
+                  + breakdown.routed_experts / (expert_devices * f * t))
   if optimizer == "adafactor":
     factored = sum(n * ((r + c) if min(r, c) >= min_dim_to_factor else r * c) for n, r, c in _weight_matrices(cfg))
     optimizer_fraction = factored / max(breakdown.total, 1)
   else:
     optimizer_fraction = 2.0
   act_bytes = 2 if cfg.dtype == "bfloat16" else 4
-  tokens = batch_size * seq_len / (data_devices * expert_devices)
+  tokens = batch_size * seq_len / (data_devices * f * expert_devices)
   return MemoryEstimate(
       params=4 * local_params, gradients=4 * local_params, optimizer=4 * optimizer_fraction * local_params,
-      activations=tokens * activation_bytes_per_token(cfg, seq_len, act_bytes),
+      activations=tokens * activation_bytes_per_token(cfg, seq_len, act_bytes, t),
       checkpoint=4 * breakdown.total * (1 + optimizer_fraction))
 
 

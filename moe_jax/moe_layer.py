@@ -22,8 +22,9 @@ groups over devices and refuses a group count that does not divide evenly), so t
 same outputs on one device and on any mesh: the single-device layer is the reference of the sharded one.
 
 Expert parallelism. Called under a mesh of more than one device (`parallel.mesh_context`, a
-('data', 'expert') mesh with Auto axes), the layer runs the whole MoE block in one shard_map
-(`parallel.shard_moe_block`): experts split over 'expert', groups over both axes, all-to-all in between;
+('data', 'fsdp', 'expert', 'tensor') mesh with Auto axes), the layer runs the whole MoE block in one shard_map
+(`parallel.shard_moe_block`): experts split over 'expert' and their hidden units over 'tensor', groups over
+the token axes ('data', 'fsdp', 'expert'), all-to-all in between;
 without a mesh (or a one-device mesh) it runs the same block directly. num_experts must be a multiple of
 the 'expert' axis size. The dropless backends cannot run ragged across devices (no `ragged_all_to_all` in
 XLA:CPU): when the 'expert' axis is larger than 1 they resolve to the gather backend on the dropless routing's
@@ -274,6 +275,8 @@ def moe_block(
     if distributed:
       key = jax.random.fold_in(key, parallel.device_index())
     jitter_key, policy_key, dropout_key = jax.random.split(key, 3)
+    if distributed and parallel.tensor_axis_size() > 1:  # each 'tensor' device drops its own slice of F
+      dropout_key = jax.random.fold_in(dropout_key, parallel.tensor_index())
 
   inputs = RouterInputs(groups, kernel, scale, bias, token_ids, jitter_key, policy_key)
   route = ROUTERS[config.router](inputs, config, deterministic)
@@ -287,12 +290,14 @@ def moe_block(
   else:
     backend = dispatch.resolve_backend(config.dispatch, jax.default_backend(), experts_across_devices)
     out = dispatch.get_backend(backend)(groups, route, experts)
+  if distributed:
+    out = parallel.sum_tensor_partials(out)  # combining is linear: summing after it moves the fewest bytes
   weight = config.sequence_aux_loss_weight
   sequence_aux_loss = (weight * routing.sequence_balance_loss(route.router_probs, route.expert_index, sequence_length)
                        if weight else jnp.zeros((), jnp.float32))
   aux = MoeAux(route.load_balancing_loss, route.router_z_loss, route.metrics, sequence_aux_loss)
   if distributed:
-    aux = jax.lax.pmean(aux, parallel.MESH_AXES)
+    aux = jax.lax.pmean(aux, parallel.TOKEN_AXES)
   return out, aux
 
 
@@ -419,7 +424,7 @@ class MoeFeedForward(nnx.Module):
     if mesh is not None:
       parallel.validate_expert_parallelism(self.config.num_experts, mesh)
       parallel.validate_group_sharding(groups.shape[0], mesh)
-      block = parallel.shard_moe_block(block)
+      block = parallel.shard_moe_block(block, weights)
     bias = None if self.router_bias is None else self.router_bias[...]
     value = lambda param: None if param is None else param[...]
     out, aux = block(groups, (value(self.router), key, bias, value(self.router_scale)), weights, token_ids)

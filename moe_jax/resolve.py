@@ -1,7 +1,7 @@
 """From the config a user asked for to the config a run executes: every "auto" value made concrete, once.
 
 `resolve(config, device_count)` validates the config (moe_jax.config_lib), then decides, in this order:
-  * mesh.data = 0            -> device_count / mesh.expert (and the mesh must cover the devices);
+  * a mesh axis of size 0    -> device_count / the other axes' sizes (and the mesh must cover the devices);
   * model.vocab_size = 0     -> the tokenizer's vocabulary (a smaller non-zero value is refused);
   * moe.dispatch             -> the backend that actually runs on this platform and mesh
                                 (`dispatch.resolve_backend`: 'auto' and ragged backends);
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -65,14 +66,18 @@ def resolve(config: ml_collections.ConfigDict, device_count: int, *, platform: s
   # The mesh first: a mesh that does not fit the machine is the most basic mistake, and the rules relating
   # batch, experts and groups to the mesh need its size.
   mesh = config_lib.section_from_config(config_lib.MeshConfig, config.mesh)
-  if mesh.data == 0:
-    if device_count % mesh.expert:
-      raise ValueError(f"mesh.expert={mesh.expert} must divide the number of devices ({device_count})")
-    decide("mesh.data", device_count // mesh.expert, f"{device_count} devices / mesh.expert={mesh.expert}")
-  data = resolved.mesh.data
-  if data * mesh.expert != device_count:
-    raise ValueError(f"mesh.data * mesh.expert = {data} * {mesh.expert} = {data * mesh.expert} must equal the "
-                     f"number of devices ({device_count})")
+  rest = [name for name in config_lib.MESH_AXES if getattr(mesh, name) == 0]
+  if rest:  # MeshConfig allows at most one
+    others = math.prod(size for size in mesh.sizes if size)
+    given = " * ".join(f"mesh.{n}={getattr(mesh, n)}" for n in config_lib.MESH_AXES
+                       if n != rest[0] and getattr(mesh, n) != 1) or "1"
+    if device_count % others:
+      raise ValueError(f"{given} must divide the number of devices ({device_count})")
+    decide(f"mesh.{rest[0]}", device_count // others, f"{device_count} devices / {given}")
+  sizes = tuple(resolved.mesh[name] for name in config_lib.MESH_AXES)
+  if math.prod(sizes) != device_count:
+    raise ValueError(f"mesh.data * mesh.fsdp * mesh.expert * mesh.tensor = {' * '.join(map(str, sizes))} = "
+                     f"{math.prod(sizes)} must equal the number of devices ({device_count})")
   config_lib.validate(resolved)
 
   tokenizer_vocab = data_lib.pipeline.model_vocab_size(resolved.data)

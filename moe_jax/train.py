@@ -49,7 +49,7 @@ from moe_jax.model import TransformerLM
 from moe_jax.moe_layer import RouterBias
 
 
-BATCH_SPEC = P(("data", "expert"))  # sequences split over every device
+BATCH_SPEC = P(parallel.TOKEN_AXES)  # sequences split over every device but the 'tensor' ones
 # RNG streams reseeded from (seed, step) before every step ('params' is only used at initialisation): dropout,
 # router jitter and expert dropout all draw from forks of the 'dropout' stream.
 RUNTIME_STREAMS = ("dropout",)
@@ -107,28 +107,60 @@ def make_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
-def _drop_mismatched_shardings(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-  """`tx` whose state leaves keep a parameter's sharding annotation only when they have its shape.
+def _state_axes(param_shape: tuple[int, ...], names: tuple, shape: tuple[int, ...]) -> tuple | None:
+  """Logical axes for an optimizer-state leaf of `shape` derived from a parameter of `param_shape` with axes
+  `names`: the same when the shapes are equal (Adam's moments), the parameter's axes less the one reduced
+  for a factored moment of one rank less (Adafactor's row and column statistics; a dimension that could be
+  either of two equal-sized ones is left unsplit), None otherwise (Adafactor's (1,) placeholders)."""
+  if shape == param_shape:
+    return names
+  if len(shape) == len(param_shape) - 1:
+    candidates = [names[:i] + names[i + 1:] for i in range(len(param_shape))
+                  if param_shape[:i] + param_shape[i + 1:] == shape]
+    if candidates:
+      return tuple(name if all(c[j] == name for c in candidates) else None for j, name in enumerate(candidates[0]))
+  return None
 
-  nnx.Optimizer copies each parameter's metadata onto the optimizer state derived from it. Adafactor's factored
-  second moments are of lower rank ([E, M] and [E, F] for an [E, M, F] expert kernel), and the copied
-  ('expert', 'embed', 'mlp') annotation then fails eager sharding. Those leaves become plain arrays, placed by
-  the compiler; moments of the parameter's shape (Adam's, Adafactor's unfactored ones) stay sharded like it.
+
+def _shard_state_like_params(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`tx` whose state leaves are sharded along the parameter axes they keep (`_state_axes`).
+
+  nnx.Optimizer copies each parameter's metadata onto the optimizer state derived from it, so Adam's moments
+  are split like their parameters (over 'fsdp', 'expert', 'tensor'). Adafactor's factored second moments are of
+  lower rank ([E, M] and [E, F] for an [E, M, F] expert kernel) or placeholders of shape (1,), and the copied
+  annotation would fail eager sharding: they get the parameter's axes less the reduced one, so FSDP splits
+  them too, and the placeholders become plain (replicated) arrays.
   """
+  is_variable = lambda x: isinstance(x, nnx.Variable)
 
   def init(params):
     state = tx.init(params)
+    param_shapes = {path: jnp.shape(leaf.get_value() if is_variable(leaf) else leaf) for path, leaf in
+                    jax.tree_util.tree_flatten_with_path(params, is_leaf=is_variable)[0]}
 
-    def keep_if_same_rank(leaf):
-      if isinstance(leaf, nnx.Variable):
-        names = leaf.get_metadata().get("out_sharding")
-        if names is not None and len(names) != jnp.ndim(leaf.get_value()):
-          return leaf.get_value()
-      return leaf
+    def derive(path, leaf):
+      if not is_variable(leaf) or leaf.get_metadata().get("out_sharding") is None:
+        return leaf
+      shape, param_shape = jnp.shape(leaf.get_value()), _param_shape(path, param_shapes)
+      if shape == param_shape:
+        return leaf
+      axes = _state_axes(param_shape, tuple(leaf.get_metadata()["out_sharding"]), shape)
+      if axes is None:
+        return leaf.get_value()
+      return type(leaf)(leaf.get_value(), **{**leaf.get_metadata(), "out_sharding": axes})
 
-    return jax.tree.map(keep_if_same_rank, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree_util.tree_map_with_path(derive, state, is_leaf=is_variable)
 
   return optax.GradientTransformation(init, tx.update)
+
+
+def _param_shape(path: tuple, param_shapes: dict[tuple, tuple[int, ...]]) -> tuple[int, ...]:
+  """The shape of the parameter whose path ends `path` (optax nests each parameter tree under its state); the
+  longest such path, should one parameter's path end another's."""
+  matches = [p for p in param_shapes if len(p) <= len(path) and path[len(path) - len(p):] == p]
+  if not matches:
+    raise KeyError(f"no parameter for optimizer state {jax.tree_util.keystr(path)}")
+  return param_shapes[max(matches, key=len)]
 
 
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -140,7 +172,7 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
                          weight_decay_rate=train.weight_decay or None)
   if train.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(train.grad_clip_norm), tx)
-  return _drop_mismatched_shardings(tx)
+  return _shard_state_like_params(tx)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -205,19 +237,27 @@ def make_train_step(graphdef: nnx.GraphDef, train: ml_collections.ConfigDict, se
   """
   base_key = jax.random.key(seed)
   schedule = make_schedule(train)
+  grad_sharding = None if state_sharding is None else nnx.filter_state(state_sharding[0], nnx.Param)
 
   def train_step(state: nnx.State, batch: dict, step: jax.Array):
     # The arrays, not the State: merge shares its Variables with the modules, which the update mutates.
     old_leaves = jax.tree.leaves(state)
     model, optimizer = nnx.merge(graphdef, state)
     step_key = jax.random.fold_in(base_key, step)
-    nnx.reseed(model, **{name: jax.random.fold_in(step_key, i) for i, name in enumerate(RUNTIME_STREAMS)})
+    # match_shape: a scalar key is set as is (as before), the stacked keys of scanned blocks (model.scan_layers)
+    # get one split per block.
+    nnx.reseed(model, policy="match_shape",
+               **{name: jax.random.fold_in(step_key, i) for i, name in enumerate(RUNTIME_STREAMS)})
     grad_fn = nnx.value_and_grad(
         lambda m: lm_loss(m, batch, deterministic=False, aux_loss_weight=train.aux_loss_weight,
                           z_loss_weight=train.z_loss_weight),
         has_aux=True,
     )
     (loss, (ce, aux)), grads = grad_fn(model)
+    if grad_sharding is not None:
+      # Each gradient split like its parameter as soon as it exists (FSDP's reduce-scatter), not kept whole until
+      # the update: left to itself, GSPMD may hold every block's full gradient at once.
+      grads = jax.lax.with_sharding_constraint(grads, grad_sharding)
     optimizer.update(model, grads)
     new_state = nnx.state((model, optimizer))
     metrics = {
@@ -415,10 +455,15 @@ def _under(path: str, prefixes: tuple[str, ...]) -> bool:
 
 
 def config_changes(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
-  """Every leaf field that differs between a checkpoint's config (JSON dict) and `config`: path -> (old, new)."""
+  """Every leaf field that differs between a checkpoint's config (JSON dict) and `config`: path -> (old, new).
+
+  A field the checkpoint's config lacks (added to the schema since) and that `config` leaves at its default is no
+  change: the checkpoint's run computed what the default computes (e.g. model.remat='none', mesh.fsdp=1).
+  """
   old, new = _leaves(saved), _leaves(json.loads(config.to_json()))
+  defaults = _leaves(config_lib.to_dict(config_lib.default_config()))
   return {path: (old.get(path), new.get(path)) for path in sorted(set(old) | set(new))
-          if old.get(path) != new.get(path)}
+          if old.get(path) != new.get(path) and not (path not in old and new.get(path) == defaults.get(path))}
 
 
 def check_resumable(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
@@ -475,7 +520,8 @@ def _check_memory(config: ml_collections.ConfigDict, model_cfg, checkpoint_dir: 
   gib = 2.0**30
   estimate = flops.memory_estimate(model_cfg, batch_size=config.train.batch_size, seq_len=config.train.seq_len,
                                    optimizer=config.train.optimizer, data_devices=config.mesh.data,
-                                   expert_devices=config.mesh.expert)
+                                   expert_devices=config.mesh.expert, fsdp_devices=config.mesh.fsdp,
+                                   tensor_devices=config.mesh.tensor)
   available, source = _device_memory()
   if estimate.total > available:
     raise ValueError(
@@ -663,7 +709,7 @@ def _train(config, workdir, stop_at_step, signals, checkpointer, model_cfg, star
             f"{checkpointer.set_aside(newer, SUPERSEDED_DIR)}", flush=True)
   writer = MetricWriter(workdir, enabled=is_lead)
   stack.callback(writer.close)
-  mesh = parallel.create_mesh(config.mesh.data, config.mesh.expert)
+  mesh = parallel.create_mesh_for(config.mesh)
   batch_sharding = NamedSharding(mesh, BATCH_SPEC)
   data_iter = start.data_iter
   skip_limit = train.skip_nonfinite_batches

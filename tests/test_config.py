@@ -48,8 +48,25 @@ INVALID = {
         r"moe.num_experts=6 must be divisible by mesh.expert=4"),
     "batch not divisible by the mesh": (
         lambda c: (_set("mesh.data", 8)(c), _set("mesh.expert", 1)(c), _set("train.batch_size", 12)(c)),
-        r"train.batch_size=12 must be divisible by mesh.data \* mesh.expert = 8"),
+        r"train.batch_size=12 must be divisible by mesh.data \* mesh.fsdp \* mesh.expert = 8 \* 1 \* 1 = 8"),
     "mesh larger than the devices": (_set("mesh.data", 16), r"must equal the number of devices \(8\)"),
+    "two mesh axes of size 0": (
+        lambda c: (_set("mesh.data", 0)(c), _set("mesh.fsdp", 0)(c)), r"mesh.fsdp=0: only one mesh axis may be 0"),
+    "negative mesh axis": (_set("mesh.tensor", -1), r"mesh.tensor=-1 must be >= 0"),
+    "mesh axes not dividing the devices": (
+        lambda c: (_set("mesh.data", 0)(c), _set("mesh.fsdp", 3)(c)),
+        r"mesh.fsdp=3 \* mesh.expert=4 must divide the number of devices \(8\)"),
+    "four-axis mesh larger than the devices": (
+        lambda c: (_set("mesh.data", 2)(c), _set("mesh.fsdp", 2)(c), _set("mesh.expert", 2)(c),
+                   _set("mesh.tensor", 2)(c), _set("train.batch_size", 8)(c)),
+        r"mesh.data \* mesh.fsdp \* mesh.expert \* mesh.tensor = 2 \* 2 \* 2 \* 2 = 16 must equal"),
+    "fsdp not dividing d_model": (
+        lambda c: (_set("mesh.data", 1)(c), _set("mesh.fsdp", 8)(c), _set("mesh.expert", 1)(c),
+                   _set("model.d_model", 100)(c)),
+        r"mesh.fsdp=8 must divide model.d_model=100"),
+    "tensor not dividing the heads": (
+        lambda c: (_set("mesh.data", 1)(c), _set("mesh.tensor", 8)(c), _set("mesh.expert", 1)(c)),
+        r"mesh.tensor=8 must divide model.num_heads=4"),
     "sequence longer than the model's maximum": (
         _set("train.seq_len", 512), r"train.seq_len=512 must be <= model.max_seq_len=256"),
     "top_k > num_experts": (

@@ -1,7 +1,8 @@
 """Expert parallelism on 8 emulated CPU devices: the sharded MoE layer equals the single-device layer.
 
-Meshes are (data, expert). The default run covers every mesh with 8 experts and 16/32 experts on one mesh;
-`-m slow` runs the whole grid of meshes x experts x dispatch backends.
+Meshes are (data, expert), with 'fsdp' and 'tensor' of size 1, except in the four-axis tests below. The
+default run covers every mesh with 8 experts and 16/32 experts on one mesh; `-m slow` runs the whole grid of
+meshes x experts x dispatch backends.
 """
 
 import functools
@@ -40,7 +41,7 @@ TOKEN_IDS = jax.random.randint(jax.random.key(2), (BATCH, LENGTH), 0, 1000)  # f
 
 
 @functools.cache
-def run(config: MoeConfig, mesh_shape: tuple[int, int] | None, activation: str = "gelu", deterministic: bool = False):
+def run(config: MoeConfig, mesh_shape: tuple[int, ...] | None, activation: str = "gelu", deterministic: bool = False):
   """(output, aux, grads wrt params, grad wrt x, router kernel) of a fresh layer (same init on every mesh),
   on one device (mesh_shape None) or sharded. The loss uses a random cotangent and both auxiliary losses,
   so every gradient path (experts, combine weights, aux losses through the router) is compared."""
@@ -63,7 +64,12 @@ def run(config: MoeConfig, mesh_shape: tuple[int, int] | None, activation: str =
 
   if mesh_shape is None:
     return compute()
-  with parallel.mesh_context(parallel.create_mesh(*mesh_shape)):
+  if len(mesh_shape) == 4:  # (data, fsdp, expert, tensor)
+    data, fsdp, expert, tensor = mesh_shape
+    mesh = parallel.create_mesh(data, expert, fsdp=fsdp, tensor=tensor)
+  else:
+    mesh = parallel.create_mesh(*mesh_shape)
+  with parallel.mesh_context(mesh):
     return compute()
 
 
@@ -126,6 +132,17 @@ def test_router_options_sharded_equal_single_device(config, activation, determin
 def test_new_routers_sharded_equal_single_device_forward_and_backward(config, mesh_shape, deterministic):
   """Soft MoE (an encoder layer), BASE and Hash under shard_map expert parallelism = the single-device layer."""
   assert_sharded_equals_single_device(config, mesh_shape, deterministic=deterministic)
+
+
+# (data, fsdp, expert, tensor): experts' hidden units split over 'tensor', groups over 'fsdp' too.
+FOUR_AXIS_MESHES = ((1, 2, 2, 2), (2, 1, 2, 2), (1, 1, 1, 8), (2, 2, 2, 1))
+
+
+@pytest.mark.parametrize("mesh_shape", FOUR_AXIS_MESHES)
+@pytest.mark.parametrize("dispatch", ["gather", "dropless"])
+def test_tensor_and_fsdp_sharded_layer_equals_single_device(mesh_shape, dispatch):
+  """Top-2 routing with SwiGLU experts (gated: wi_0 and wi_1 both column-parallel)."""
+  assert_sharded_equals_single_device(config_for(dispatch, 8), mesh_shape, activation="swiglu")
 
 
 def test_backends_agree_with_each_other_under_shard_map():
@@ -218,12 +235,12 @@ class TestValidation:
   def test_mesh_with_other_axis_names_raises(self):
     layer = MoeFeedForward(D_MODEL, D_FF, MoeConfig(), rngs=nnx.Rngs(0))
     mesh = jax.make_mesh((8,), ("batch",), axis_types=(AxisType.Auto,))
-    with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"needs a mesh with axes \('data', 'expert'\)"):
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"needs a mesh with axes \('data', 'fsdp', 'expert', 'tensor'\)"):
       layer(inputs()[0])
 
   def test_explicit_mesh_axes_raise(self):
     layer = MoeFeedForward(D_MODEL, D_FF, MoeConfig(), rngs=nnx.Rngs(0))
-    mesh = jax.make_mesh((2, 4), parallel.MESH_AXES, axis_types=(AxisType.Explicit,) * 2)
+    mesh = jax.make_mesh((2, 1, 4, 1), parallel.MESH_AXES, axis_types=(AxisType.Explicit,) * 4)
     with jax.set_mesh(mesh), pytest.raises(ValueError, match="needs Auto mesh axes"):
       layer(inputs()[0])
 
@@ -234,6 +251,6 @@ class TestValidation:
 
   def test_no_mesh_or_one_device_mesh_means_single_device_path(self):
     assert parallel.moe_mesh() is None
-    one_device = jax.make_mesh((1, 1), parallel.MESH_AXES, (AxisType.Auto,) * 2, devices=jax.devices()[:1])
+    one_device = jax.make_mesh((1, 1, 1, 1), parallel.MESH_AXES, (AxisType.Auto,) * 4, devices=jax.devices()[:1])
     with jax.set_mesh(one_device):
       assert parallel.moe_mesh() is None
