@@ -119,6 +119,7 @@ def _corrupt(step_dir: str) -> None:
           f.truncate(size // 2)
 
 
+@pytest.mark.slow  # 40-70 s: the longest of the default tier
 def test_corrupted_latest_checkpoint_is_reported_kept_and_the_previous_one_used(data_dir, tmp_path, capsys):
   config = tiny_config(data_dir, steps=8)
   train.train_and_evaluate(config, str(tmp_path / "straight"))
@@ -141,6 +142,7 @@ def test_corrupted_latest_checkpoint_is_reported_kept_and_the_previous_one_used(
 # Row 1: the checkpoint directory cannot be written.
 
 
+@pytest.mark.slow  # 40-70 s: the longest of the default tier
 def test_failed_save_is_reported_and_leaves_the_previous_checkpoint_intact(data_dir, tmp_path, monkeypatch):
   config = tiny_config(data_dir, steps=8)
   train.train_and_evaluate(config, str(tmp_path / "straight"))
@@ -179,6 +181,7 @@ os.makedirs = _disk_full
 """
 
 
+@pytest.mark.slow  # 40-70 s: the longest of the default tier
 def test_disk_full_during_an_async_save_exits_nonzero_naming_the_path_and_keeps_earlier_checkpoints(
     data_dir, tmp_path):
   workdir = tmp_path / "run"

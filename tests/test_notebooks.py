@@ -74,8 +74,11 @@ def test_notebook_runs_on_committed_results(name, tmp_path, monkeypatch):
         "when its runs have finished) and commit results/scaling-cpu/")
   expected = set(FIGURES_ON_REAL_RESULTS[name])
   if name == "ablations" and (ROOT / "results" / "ablations-cpu" / "summary.json").exists():
-    expected.add("ablations-cpu_capacity_final_loss")
+    expected.add("ablations-cpu_precision_final_loss")
   assert expected <= execute(name, tmp_path, monkeypatch)
+  if name == "ablations" and (ROOT / "results" / "ablations-cpu" / "summary.json").exists():
+    table = (tmp_path / "ablations_table.md").read_text().strip()
+    assert table in (ROOT / "results" / "README.md").read_text(), "results/README.md holds a stale ablations table"
   if name == "scaling":  # results/README.md pastes the notebook's table
     table = (tmp_path / "scaling-cpu_table.md").read_text().strip()
     assert table in (ROOT / "results" / "README.md").read_text(), "results/README.md holds a stale scaling table"
