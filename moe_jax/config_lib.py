@@ -544,7 +544,8 @@ class ExperimentConfig(Section):
     ('expert_choice', 'soft_moe') refused in a causal stack (the decoder LM; the encoder-decoder's decoder stack,
     which then routes with `moe.decoder_router`), routing groups (`moe.group_size`, 0: one per sequence) tiling the
     batch into a multiple of the mesh's devices, and for router='base' tokens per group a multiple of
-    `moe.num_experts`."""
+    `moe.num_experts`, in each stack with MoE layers (the encoder-decoder's decoder: batch x span-corruption
+    targets length)."""
     model, moe, train, mesh = self.model, self.moe, self.train, self.mesh
     if train.seq_len > model.max_seq_len:
       raise ValueError(f"train.seq_len={train.seq_len} must be <= model.max_seq_len={model.max_seq_len}")
@@ -599,17 +600,25 @@ class ExperimentConfig(Section):
     elif moe.router in non_causal and not moe.decoder_router:
       raise ValueError(f"moe.router={moe.router!r} is non-causal: it may route the encoder, but the decoder stack's "
                        "MoE layers need a causal router; set moe.decoder_router (e.g. 'switch')")
-    # Routing groups tile the batch and never straddle devices (moe_layer.group_tokens, parallel).
-    tokens = train.batch_size * train.seq_len
-    if tokens % self.tokens_per_group:
-      raise ValueError(f"moe.group_size={moe.group_size} must divide train.batch_size * train.seq_len = {tokens}")
-    if moe.router == "base" and self.tokens_per_group % moe.num_experts:
-      raise ValueError(f"moe.router='base' gives every expert exactly S / E tokens of a group: tokens per group "
-                       f"S={self.tokens_per_group} must be a multiple of moe.num_experts={moe.num_experts}")
-    groups = tokens // self.tokens_per_group
-    if devices is not None and groups % devices:
-      raise ValueError(f"moe.group_size={moe.group_size} gives {groups} routing groups, which must be a multiple "
-                       f"of mesh.data * mesh.fsdp * mesh.expert = {devices}")
+    # Routing groups tile the batch and never straddle devices (moe_layer.group_tokens, parallel), in each stack
+    # that has MoE layers: the encoder-decoder's decoder routes its batch x target-length tokens the same way.
+    stacks = [("train.seq_len", train.seq_len, moe.router)]
+    decoder_has_moe = model.moe_start_block + model.moe_layer_interval <= model.decoder_layers  # moe_blocks' rule
+    if model.architecture == "encoder_decoder" and decoder_has_moe:
+      stacks.append((f"span-corruption targets length (of train.seq_len={train.seq_len})", lengths.targets,
+                     moe.decoder_stack().router))
+    for what, length, router in stacks:
+      tokens, per_group = train.batch_size * length, moe.group_size or length
+      if tokens % per_group:
+        raise ValueError(f"moe.group_size={moe.group_size} must divide train.batch_size * {what} = "
+                         f"{train.batch_size} * {length} = {tokens}")
+      if router == "base" and per_group % moe.num_experts:
+        raise ValueError(f"moe.router='base' gives every expert exactly S / E tokens of a group: tokens per group "
+                         f"S={per_group} ({what} {length}) must be a multiple of moe.num_experts={moe.num_experts}")
+      groups = tokens // per_group
+      if devices is not None and groups % devices:
+        raise ValueError(f"moe.group_size={moe.group_size} gives {groups} routing groups ({what} {length}), which "
+                         f"must be a multiple of mesh.data * mesh.fsdp * mesh.expert = {devices}")
 
   @property
   def tokens_per_group(self) -> int:

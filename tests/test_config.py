@@ -216,3 +216,21 @@ def test_config_json_records_requested_and_resolved_values(tmp_path):
   assert record["requested"]["mesh"]["data"] == 0
   assert record["resolved"]["mesh"]["data"] == 2
   assert {"field": "mesh.data", "requested": 0, "resolved": 2, "why": "8 devices / mesh.expert=4"} in record["decisions"]
+
+
+def test_routing_groups_must_tile_the_decoder_targets_of_an_encoder_decoder():
+  """The decoder stack routes batch x targets-length tokens: 16 x 29 at 128 inputs, which 64 does not divide."""
+  from configs import switch_t5
+
+  config = switch_t5.get_config("switch-base-cpu")
+  config.moe.group_size = 64
+  with pytest.raises(ValueError, match=r"moe.group_size=64 must divide train.batch_size \* span-corruption targets "
+                                       r"length \(of train.seq_len=128\) = 16 \* 29 = 464"):
+    resolve.resolve(config, device_count=1)
+  config.train.seq_len = 104  # 24 targets: 64 tiles 16 x 104 and 16 x 24
+  resolve.resolve(config, device_count=1)
+  config.moe.router, config.moe.group_size = "base", 0  # one group per sequence: 24 targets, 104 inputs, 8 | both
+  resolve.resolve(config, device_count=1)
+  config.train.seq_len = 128  # 29 decoder tokens cannot split evenly over 8 experts
+  with pytest.raises(ValueError, match=r"S=29 \(span-corruption targets length .*\) must be a multiple"):
+    resolve.resolve(config, device_count=1)

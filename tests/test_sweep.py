@@ -1,5 +1,6 @@
 """The sweep runner: runs in sequence, skips finished runs, prints commands, aggregates honest summaries."""
 
+import importlib
 import json
 import os
 import shutil
@@ -52,6 +53,17 @@ def test_ablations_pair_every_setting_with_the_baseline_seed_and_train_on_2_5m_t
     assert config.train.num_steps * config.train.batch_size * config.train.seq_len >= 2_500_000 - 2000
   init_seeds = {run.seed for run in sweep.runs if run.group == "init1"}
   assert init_seeds == {0, 1, 2}  # Table 3 reports 3 seeds
+
+
+@pytest.mark.parametrize("module,size", [("scaling", "cpu"), ("ablations", "cpu"), ("routers", "cpu"),
+                                         ("diagnosis", "cpu"), ("confirm", "cpu")])
+def test_every_run_of_the_cpu_sweeps_passes_validation(module, size):
+  """Every run config of a sweep validates (both stacks of the encoder-decoder included) before it is launched."""
+  from moe_jax import resolve
+
+  sweep = importlib.import_module(f"configs.sweeps.{module}").get_config(size)
+  for run in sweep.runs:
+    resolve.resolve(common.build_config(run), device_count=1)
 
 
 def test_unknown_ablation_size_and_sweep_size_are_refused():

@@ -4,7 +4,7 @@
 
 The model is `configs/switch_t5.py:switch-base-cpu` (a T5.1.1-style encoder-decoder with MoE on every other FFN
 of each stack, 8 experts, byte tokens with 100 sentinels, span corruption at 15% noise and mean span 3 on the
-stdlib corpus), 1000 steps of 16 x 128 input tokens, seeds 0 and 1. One field set per router:
+stdlib corpus), 1000 steps of 16 x 104 input tokens (24 targets), seeds 0 and 1. One field set per router:
 
   switch         top-1 token choice, capacity factor 1.25 (Fedus et al. 2021)                   FLOP-matched
   top2           top-2 token choice, renormalised gates (GShard, Lepikhin et al. 2020)            2x expert FLOPs
@@ -24,8 +24,10 @@ replaces the loss by design.
 
 from configs.sweeps import common
 
-# Routing groups of S = 64 tokens in both stacks: half an encoder input, and a multiple of the number of experts that
-# also tiles the decoder's 16 x 28 targets (BASE gives every expert exactly S / E tokens of a group).
+# Routing groups of S = 64 tokens in both stacks, a multiple of the number of experts (BASE gives every expert exactly
+# S / E tokens of a group) that tiles the encoder's 16 x 104 inputs and the decoder's 16 x 24 targets. 104 inputs, not
+# the config's 128: 128 give 29 targets, and no such S tiles 16 x 29.
+INPUT_TOKENS = 104
 TOKENS_PER_GROUP = 64
 EXPERTS = 8
 ROUTERS = {  # name -> (overrides of switch-base-cpu, FLOP-matched to Switch)
@@ -42,7 +44,7 @@ ROUTERS = {  # name -> (overrides of switch-base-cpu, FLOP-matched to Switch)
 SEEDS = (0, 1)
 SETTINGS = {"train.num_steps": 1000, "train.warmup_steps": 100, "train.eval_every": 100, "train.eval_batches": 8,
             "train.checkpoint_every": 100, "train.log_every": 100, "moe.num_experts": EXPERTS,
-            "moe.group_size": TOKENS_PER_GROUP}
+            "moe.group_size": TOKENS_PER_GROUP, "train.seq_len": INPUT_TOKENS}
 
 
 def get_config(arg: str = "cpu"):
