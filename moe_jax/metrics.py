@@ -106,11 +106,11 @@ class RunMetrics:
     return [entry["block"] for entry in first.get("moe", [])]
 
   def block_series(self, block: int, stat: str) -> dict[int, Any]:
-    """step -> one MoE block's statistic over training."""
+    """step -> one MoE block's statistic over training (empty if the run never logged it)."""
     out = {}
     for step, record in sorted(self.train.items()):
       for entry in record.get("moe", []):
-        if entry["block"] == block:
+        if entry["block"] == block and stat in entry:
           out[step] = entry[stat]
     return out
 

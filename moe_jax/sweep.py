@@ -10,7 +10,8 @@ results/<sweep>/
                               apart in summary.json ("diverged"), never silently left out
   curves.json                 per run: eval loss by step; training loss every few steps, and per MoE block
                               ("routing": [{"block": 1, "dropped_token_fraction": [...], ...}, ...]) its
-                              routing metrics at the same steps
+                              routing metrics at the same steps, and its per-expert vectors at the last
+                              training record ("at_end": {"step": s, "expert_selection": [E], ...})
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from moe_jax import metrics as metrics_lib
 RESULT_FILE = "result.json"
 CURVE_STRIDE = 5  # keep every 5th training record in curves.json (the full JSONL stays in the workdir)
 ROUTING_KEYS = ("dropped_token_fraction", "max_expert_load", "mean_expert_load", "router_entropy", "mean_top_gate")
+# Per-expert [E] routing vectors (moe_jax.routing.RoutingMetrics), kept for the last training record only.
+EXPERT_KEYS = ("expert_selection", "expert_load")
 
 
 def code_commit() -> str:
@@ -131,14 +134,19 @@ def steps_to_reach(evals: dict[int, float], target: float) -> float | None:
 
 
 def _routing_curve(run: metrics_lib.RunMetrics, steps: list[int]) -> list[dict[str, Any]]:
-  """Per MoE block, its routing metrics at `steps`: [{"block": b, metric: [values], ...}, ...]."""
+  """Per MoE block, its routing metrics at `steps` and its per-expert vectors at the last training record:
+  [{"block": b, metric: [values], ..., "at_end": {"step": s, "expert_selection": [E], ...}}, ...]."""
   curves = []
+  last = max(run.train) if run.train else None
   for block in run.moe_blocks():
     entry: dict[str, Any] = {"block": block}
     for metric in ROUTING_KEYS:
       series = run.block_series(block, metric)
       if series:  # runs logged before a metric existed lack it
         entry[metric] = [series[s] for s in steps]
+    at_end = {key: run.block_series(block, key).get(last) for key in EXPERT_KEYS}
+    if any(value is not None for value in at_end.values()):
+      entry["at_end"] = {"step": last, **{key: value for key, value in at_end.items() if value is not None}}
     curves.append(entry)
   return curves
 

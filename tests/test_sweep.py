@@ -107,6 +107,9 @@ def test_sweep_runs_skips_finished_runs_and_aggregates(tmp_path, capsys):
   curves = json.load(open(os.path.join(results, "unit-cpu", "curves.json")))
   assert [step for step, _ in curves["dense-s0"]["eval"]] == [2, 4, 6]
   assert [entry["block"] for entry in curves["switch-e4-s0"]["routing"]] == [1]
+  at_end = curves["switch-e4-s0"]["routing"][0]["at_end"]  # per-expert vectors of the last training record
+  assert at_end["step"] == 6 and sum(at_end["expert_selection"]) == pytest.approx(1.0, abs=1e-5)
+  assert len(at_end["expert_load"]) == 4
   assert curves["dense-s0"]["routing"] == []
 
   # Continued on another machine: the dense run's workdir is gone; its committed row and curves stay.
@@ -125,6 +128,7 @@ def test_records_of_the_pinned_study_code_read_as_per_block_entries(tmp_path):
   assert run.moe_blocks() == [1, 3]
   assert run.block_series(1, "mean_top_gate") == {3: 0.25} and run.block_series(3, "mean_top_gate") == {3: 0.5}
   assert run.block_series(1, "dropped_token_fraction") == {3: 0.125}
+  assert run.block_series(3, "dropped_token_fraction") == {}  # never logged by that block
   assert run.series("loss") == {3: 2.0}
 
 
