@@ -16,7 +16,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from configs.sweeps import ablations, common, scaling
+from configs.sweeps import ablations, common, routers, scaling
 from moe_jax import stats
 from moe_jax import sweep as sweep_lib
 
@@ -34,7 +34,10 @@ FIGURES_ON_REAL_RESULTS = {
     "routing": ["scaling-cpu_expert_load", "scaling-cpu_drop_rate", "scaling-cpu_router_entropy",
                 "scaling-cpu_capacity_tradeoff"],
     "ablations": [],  # only for the ablation sweeps present; none need be
+    "routers": [],  # only once results/routers-cpu/ exists
 }
+ROUTER_FIGURES = ["routers-cpu_eval_vs_tokens", "routers-cpu_drop_rate", "routers-cpu_expert_load"]
+NOTEBOOKS_TESTED = ["scaling", "routing", "ablations", "routers"]
 
 
 def execute(name: str, figures: pathlib.Path, monkeypatch, results: pathlib.Path | None = None) -> set[str]:
@@ -50,7 +53,7 @@ def execute(name: str, figures: pathlib.Path, monkeypatch, results: pathlib.Path
   return {path.stem for path in figures.glob("*.png")}
 
 
-@pytest.mark.parametrize("name", ["scaling", "routing", "ablations"])
+@pytest.mark.parametrize("name", NOTEBOOKS_TESTED)
 def test_notebooks_are_stored_without_outputs(name):
   notebook = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
   nbformat.validate(notebook)
@@ -66,19 +69,25 @@ def test_kernel_runs_this_python(tmp_path):
   assert notebook.cells[0].outputs[0]["text"].strip() == sys.executable
 
 
-@pytest.mark.parametrize("name", ["scaling", "routing", "ablations"])
+@pytest.mark.parametrize("name", NOTEBOOKS_TESTED)
 def test_notebook_runs_on_committed_results(name, tmp_path, monkeypatch):
-  if name != "ablations":  # CI commits results/scaling-cpu/: missing is an error, not a skip
+  if name not in ("ablations", "routers"):  # CI commits results/scaling-cpu/: missing is an error, not a skip
     assert SCALING_SUMMARY.exists(), (
         f"{SCALING_SUMMARY} is missing: run `{plotting.sweep_command('scaling-cpu')}` (or add --aggregate_only "
         "when its runs have finished) and commit results/scaling-cpu/")
   expected = set(FIGURES_ON_REAL_RESULTS[name])
   if name == "ablations" and (ROOT / "results" / "ablations-cpu" / "summary.json").exists():
     expected.add("ablations-cpu_precision_final_loss")
+  routers_done = (ROOT / "results" / "routers-cpu" / "summary.json").exists()
+  if name == "routers" and routers_done:
+    expected |= set(ROUTER_FIGURES)
   assert expected <= execute(name, tmp_path, monkeypatch)
   if name == "ablations" and (ROOT / "results" / "ablations-cpu" / "summary.json").exists():
     table = (tmp_path / "ablations_table.md").read_text().strip()
     assert table in (ROOT / "results" / "README.md").read_text(), "results/README.md holds a stale ablations table"
+  if name == "routers" and routers_done:
+    table = (tmp_path / "routers_table.md").read_text().strip()
+    assert table in (ROOT / "results" / "README.md").read_text(), "results/README.md holds a stale routers table"
   if name == "scaling":  # results/README.md pastes the notebook's table
     table = (tmp_path / "scaling-cpu_table.md").read_text().strip()
     assert table in (ROOT / "results" / "README.md").read_text(), "results/README.md holds a stale scaling table"
@@ -110,7 +119,11 @@ def _fake_run(workdir: pathlib.Path, floor: float, num_experts: int, drop: float
         record["moe"] = [{"block": block, "dropped_token_fraction": dropped,
                           "max_expert_load": min(1.0, 0.9 + dropped), "mean_expert_load": 0.8 * (1 - dropped),
                           "router_entropy": math.log(num_experts) * (1 - 0.3 * math.exp(-step / 10)),
-                          "mean_top_gate": 0.5} for block in (1, 3)]
+                          "mean_top_gate": 0.5,
+                          "expert_selection": [2 * (e + 1) / (num_experts * (num_experts + 1))
+                                               for e in range(num_experts)],
+                          "expert_load": [min(1.0, 0.5 + e / num_experts) for e in range(num_experts)]}
+                         for block in (1, 3)]
       f.write(json.dumps(record) + "\n")
       if step % FIXTURE_EVAL_EVERY == 0:
         f.write(json.dumps({"step": step, "kind": "eval", "cross_entropy": ce + 0.05}) + "\n")
@@ -158,12 +171,20 @@ def fixture_results(tmp_path_factory) -> pathlib.Path:
   floors.update({f"baseline-s{seed}": 2.0 + 0.003 * seed for seed in (0, 1, 2)})
   _aggregate(sweep, floors, root)
   _diverge(sweep, "router-bfloat16-s0", root)
+  # Routers: Switch on both seeds, most routers on one or two, BASE diverged, hash not run.
+  sweep = routers.get_config("cpu")
+  floors = {f"{name}-s{seed}": 2.0 + 0.01 * i + 0.002 * seed for i, name in enumerate(routers.ROUTERS)
+            for seed in (0, 1) if name not in ("base", "hash") and (seed == 0 or name != "soft-moe")}
+  _aggregate(sweep, floors, root)
+  _diverge(sweep, "base-s0", root)
   return root / "results"
 
 
-@pytest.mark.parametrize("name", ["scaling", "routing", "ablations"])
+@pytest.mark.parametrize("name", NOTEBOOKS_TESTED)
 def test_notebook_runs_on_fixture(name, fixture_results, tmp_path, monkeypatch):
   expected = set(FIGURES_ON_REAL_RESULTS[name])
+  if name == "routers":
+    expected = set(ROUTER_FIGURES)
   if name == "ablations":
     expected = {f"ablations-cpu_{ablation}_{kind}" for ablation in ("capacity", "init_scale")
                 for kind in ("final_loss", "eval_curves")}
@@ -175,3 +196,11 @@ def test_notebook_runs_on_fixture(name, fixture_results, tmp_path, monkeypatch):
     assert f"{gap.mean:+.4f}" in init and "| agrees |" in init  # worse, as Table 3
     assert "diverged: seed 0" in next(line for line in table.splitlines() if "| router-bfloat16 |" in line)
     assert "(not run yet)" in next(line for line in table.splitlines() if "| jitter0.01 |" in line)
+  if name == "routers":
+    table = (tmp_path / "routers_table.md").read_text()
+    top2 = next(line for line in table.splitlines() if line.startswith("| top2 |"))
+    gap = stats.paired_difference([2.01, 2.012], [2.0, 2.002])
+    assert f"{gap.mean:+.4f}" in top2 and "| no |" in top2  # paired with Switch; not FLOP-matched
+    assert "(one pair)" in next(line for line in table.splitlines() if line.startswith("| soft-moe |"))
+    assert "(diverged: seeds 0)" in next(line for line in table.splitlines() if line.startswith("| base |"))
+    assert "(not run yet)" in next(line for line in table.splitlines() if line.startswith("| hash |"))
