@@ -20,9 +20,15 @@ At `cpu` size every run is the confirmatory Switch arm of results/PROTOCOL.md (i
 group, `confirm.SWITCH`) for 610 steps of 32 x 128 bytes = 2.5M fresh tokens (`diagnosis.SETTINGS`), seeds 0 and
 1 (and 2 for the init-scale comparison). Expert choice (Zhou et al. 2022) is left out: it routes on future
 tokens, which the causal LM objective forbids (config_lib.validate refuses it in the decoder).
+
+The cpu runs are made with `experiments/study.sh configs/sweeps/ablations.py CORE RUNS WORKDIR_ROOT`, from the
+model code of PINNED_COMMIT, the commit the first ablation runs were made at: later refactors of moe_jax/ (the
+four-axis mesh, scanned blocks) must not change what the remaining runs of the same table compute.
 """
 
 from configs.sweeps import common, confirm, diagnosis
+
+PINNED_COMMIT = "2cea60e9f5a8d5887a589cba48d961e8ba773d21"  # the model code of the first 6 ablation runs
 
 BASELINE = "baseline"
 # setting -> (overrides of the baseline, FLOP-matched to the dense twin)
