@@ -614,7 +614,7 @@ class ExperimentConfig(Section):
                          f"{train.batch_size} * {length} = {tokens}")
       if router == "base" and per_group % moe.num_experts:
         raise ValueError(f"moe.router='base' gives every expert exactly S / E tokens of a group: tokens per group "
-                         f"S={per_group} ({what} {length}) must be a multiple of moe.num_experts={moe.num_experts}")
+                         f"S={per_group} must be a multiple of moe.num_experts={moe.num_experts} ({what} {length})")
       groups = tokens // per_group
       if devices is not None and groups % devices:
         raise ValueError(f"moe.group_size={moe.group_size} gives {groups} routing groups ({what} {length}), which "

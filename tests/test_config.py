@@ -232,5 +232,5 @@ def test_routing_groups_must_tile_the_decoder_targets_of_an_encoder_decoder():
   config.moe.router, config.moe.group_size = "base", 0  # one group per sequence: 24 targets, 104 inputs, 8 | both
   resolve.resolve(config, device_count=1)
   config.train.seq_len = 128  # 29 decoder tokens cannot split evenly over 8 experts
-  with pytest.raises(ValueError, match=r"S=29 \(span-corruption targets length .*\) must be a multiple"):
+  with pytest.raises(ValueError, match=r"S=29 must be a multiple of moe.num_experts=8 \(span-corruption targets length"):
     resolve.resolve(config, device_count=1)
