@@ -370,8 +370,9 @@ class ModelConfig(Section):
     return self.moe_blocks(self.num_layers)
 
   def moe_blocks(self, num_blocks: int) -> tuple[int, ...]:
-    """The MoE block indices of a stack of `num_blocks` blocks, by the rule of `moe_layers`."""
-    if self.moe_layer_interval == 0 or self.moe is None:
+    """The MoE block indices of a stack of `num_blocks` blocks, by the rule of `moe_layers`. A rule of the block
+    fields alone, so validation can ask it before the `moe` section is attached (`model_config`)."""
+    if self.moe_layer_interval == 0:
       return ()
     start, interval = self.moe_start_block, self.moe_layer_interval
     return tuple(i for i in range(start, num_blocks) if (i - start + 1) % interval == 0)
@@ -603,8 +604,7 @@ class ExperimentConfig(Section):
     # Routing groups tile the batch and never straddle devices (moe_layer.group_tokens, parallel), in each stack
     # that has MoE layers: the encoder-decoder's decoder routes its batch x target-length tokens the same way.
     stacks = [("train.seq_len", train.seq_len, moe.router)]
-    decoder_has_moe = model.moe_start_block + model.moe_layer_interval <= model.decoder_layers  # moe_blocks' rule
-    if model.architecture == "encoder_decoder" and decoder_has_moe:
+    if model.architecture == "encoder_decoder" and model.moe_blocks(model.decoder_layers):
       stacks.append((f"span-corruption targets length (of train.seq_len={train.seq_len})", lengths.targets,
                      moe.decoder_stack().router))
     for what, length, router in stacks:
