@@ -11,7 +11,8 @@ in every result.json. Every setting below is fixed by the protocol's rule (`diag
 to the complete diagnosis on seed 100 (results/diagnosis/, all 14 runs); changing one after a confirmatory result
 is a deviation and is reported as one.
 
-Primary: dense vs Switch E = 8, seeds 0, 1, 2, paired by seed. Secondary: E = 2, 4, 16, seeds 0, 1. Each run:
+Primary: dense vs Switch E = 8, seeds 0, 1, 2, paired by seed. Secondary: E = 2, 4, 16, seeds 0, 1. Exploratory, not
+pre-registered: E = 32, seeds 0, 1. Each run:
 2450 steps of 32 x 128 bytes = 10.04M tokens, 32% of the 31.07M-token training split (no packing stream reaches
 a second epoch for seeds 0-2: the largest document index read is 1186 of 1752), evaluated every 122 steps and at
 the end on the fixed 16 validation batches (65,536 tokens of the file-disjoint validation split).
@@ -31,6 +32,10 @@ DENSE = {"train.learning_rate": 6e-3}
 SWITCH = {"train.learning_rate": 3e-3, "moe.group_size": 4096}
 PRIMARY_EXPERTS, PRIMARY_SEEDS = 8, (0, 1, 2)
 SECONDARY_EXPERTS, SECONDARY_SEEDS = (16, 4, 2), (0, 1)
+# Not pre-registered: added after all 12 protocol runs had finished, because issue 11 asks for E = 32 "if the budget
+# allows" and the budget did. Same settings and seeds as the secondary arms; results/README.md reports them as
+# exploratory (a deviation from PROTOCOL.md's list of runs), and they enter no test of the protocol.
+EXPLORATORY_EXPERTS = (32,)
 
 
 def get_config(arg: str = "cpu"):
@@ -50,5 +55,8 @@ def get_config(arg: str = "cpu"):
     switch(PRIMARY_EXPERTS, seed)
   for seed in SECONDARY_SEEDS:
     for experts in SECONDARY_EXPERTS:
+      switch(experts, seed)
+  for seed in SECONDARY_SEEDS:
+    for experts in EXPLORATORY_EXPERTS:
       switch(experts, seed)
   return sweep
