@@ -51,3 +51,22 @@ def paired_difference(a, b, confidence: float = 0.95) -> PairedDifference:
   standard_error = float(np.std(differences, ddof=1) / np.sqrt(n))
   half_width = float(scipy.stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * standard_error
   return PairedDifference(float(np.mean(differences)), standard_error, half_width, n, tuple(differences.tolist()))
+
+
+def paired_t_power(difference: float, sd: float, n: int, confidence: float = 0.95) -> float:
+  """Probability that n pairs give a t-interval excluding 0 when the true mean difference is `difference`.
+
+  The power of the two-sided paired t-test that `paired_difference(...).verdict` applies: with df = n - 1 and the
+  noncentrality difference * sqrt(n) / sd, P(|T| > t(0.5 + confidence / 2, df)) for T ~ noncentral t. Used to plan
+  a replication's seed count from a study's observed spread, never to re-read that study's own verdict.
+  """
+  if n < 2:
+    raise ValueError(f"n={n} pairs: a t-interval needs n >= 2")
+  if not sd > 0:
+    raise ValueError(f"sd={sd} must be > 0")
+  if not 0 < confidence < 1:
+    raise ValueError(f"confidence={confidence} must be in (0, 1)")
+  df = n - 1
+  critical = scipy.stats.t.ppf(0.5 + confidence / 2, df=df)
+  noncentrality = difference * np.sqrt(n) / sd
+  return float(scipy.stats.nct.sf(critical, df, noncentrality) + scipy.stats.nct.cdf(-critical, df, noncentrality))

@@ -82,7 +82,7 @@ def test_confirm_notebook_regenerates_the_committed_table(tmp_path, monkeypatch)
     pytest.skip("no confirmatory run has finished yet (results/confirm/ is written by the first)")
   execute("confirm", tmp_path, monkeypatch)
   readme = (ROOT / "results" / "README.md").read_text()
-  for name in ("confirm_table", "confirm_vs_paper"):
+  for name in ("confirm_table", "confirm_vs_paper", "confirm_power"):
     table = (tmp_path / f"{name}.md").read_text().strip()
     assert table in readme, f"results/README.md holds a stale {name} table"
 

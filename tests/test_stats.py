@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from moe_jax import stats
@@ -30,3 +31,30 @@ def test_one_pair_has_no_interval_and_unpaired_samples_are_refused():
     stats.paired_difference([1.0, 2.0], [1.0])
   with pytest.raises(ValueError, match="confidence"):
     stats.paired_difference([1.0, 2.0], [1.0, 1.0], confidence=1.5)
+
+
+def test_power_with_no_true_difference_is_the_tests_false_positive_rate():
+  for n in (2, 3, 5, 10):
+    assert stats.paired_t_power(0.0, 0.01, n) == pytest.approx(0.05, abs=1e-9)
+
+
+def test_power_matches_the_rate_at_which_simulated_studies_exclude_zero():
+  rng = np.random.default_rng(0)
+  difference, sd = -0.02, 0.012
+  for n in (3, 5):
+    trials = rng.normal(difference, sd, size=(4000, n))
+    excluded = [stats.paired_difference(row, np.zeros(n)).verdict("lo", "hi") != "inconclusive" for row in trials]
+    assert stats.paired_t_power(difference, sd, n) == pytest.approx(np.mean(excluded), abs=0.025)
+
+
+def test_power_of_ten_pairs_at_effect_size_one_is_the_textbook_0_803():
+  assert stats.paired_t_power(1.0, 1.0, 10) == pytest.approx(0.8031, abs=1e-4)  # Cohen (1988), G*Power
+
+
+def test_power_rises_with_pairs_and_refuses_a_study_without_an_interval():
+  powers = [stats.paired_t_power(0.02, 0.012, n) for n in (3, 4, 5, 8)]
+  assert powers == sorted(powers) and powers[-1] > 0.95
+  with pytest.raises(ValueError, match="n >= 2"):
+    stats.paired_t_power(0.02, 0.012, 1)
+  with pytest.raises(ValueError, match="sd"):
+    stats.paired_t_power(0.02, 0.0, 3)
