@@ -36,6 +36,11 @@ class PairedDifference:
     return "inconclusive"
 
 
+def t_critical(n: int, confidence: float = 0.95) -> float:
+  """t(0.5 + confidence / 2, n - 1): the multiplier of the standard error in the two-sided interval of n pairs."""
+  return float(scipy.stats.t.ppf(0.5 + confidence / 2, df=n - 1))
+
+
 def paired_difference(a, b, confidence: float = 0.95) -> PairedDifference:
   """Paired t-interval of a - b (Student 1908): mean +- t(0.5 + confidence / 2, n - 1) * sd / sqrt(n)."""
   a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
@@ -49,7 +54,7 @@ def paired_difference(a, b, confidence: float = 0.95) -> PairedDifference:
     return PairedDifference(float(np.mean(differences)) if n else float("nan"), float("nan"), float("nan"), n,
                             tuple(differences.tolist()))
   standard_error = float(np.std(differences, ddof=1) / np.sqrt(n))
-  half_width = float(scipy.stats.t.ppf(0.5 + confidence / 2, df=n - 1)) * standard_error
+  half_width = t_critical(n, confidence) * standard_error
   return PairedDifference(float(np.mean(differences)), standard_error, half_width, n, tuple(differences.tolist()))
 
 
@@ -66,7 +71,6 @@ def paired_t_power(difference: float, sd: float, n: int, confidence: float = 0.9
     raise ValueError(f"sd={sd} must be > 0")
   if not 0 < confidence < 1:
     raise ValueError(f"confidence={confidence} must be in (0, 1)")
-  df = n - 1
-  critical = scipy.stats.t.ppf(0.5 + confidence / 2, df=df)
+  df, critical = n - 1, t_critical(n, confidence)
   noncentrality = difference * np.sqrt(n) / sd
   return float(scipy.stats.nct.sf(critical, df, noncentrality) + scipy.stats.nct.cdf(-critical, df, noncentrality))
