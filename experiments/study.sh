@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run runs of a study sweep from the pinned model code, as results/PROTOCOL.md prescribes.
 #
-#   experiments/study.sh configs/sweeps/confirm.py CORE RUN[,RUN...] [WORKDIR_ROOT]
+#   experiments/study.sh configs/sweeps/confirm.py[:ARG] CORE RUN[,RUN...] [WORKDIR_ROOT]
 #
 # Builds (once) a tree from `git archive` of the sweep's PINNED_COMMIT (configs/sweeps/confirm.py names one; a
 # sweep without one, e.g. the ablations, runs the code of this commit) with this checkout's sweep config copied
@@ -13,8 +13,9 @@
 #   python experiments/sweep.py --sweep=<sweep file> --workdir_root=WORKDIR_ROOT --aggregate_only
 set -euo pipefail
 cd "$(dirname "$0")/.."
-sweep_file=$1 core=$2 runs=$3 workdir_root=${4:-$HOME/moe_jax_study}
+sweep=$1 core=$2 runs=$3 workdir_root=${4:-$HOME/moe_jax_study}
 python=${PYTHON:-$PWD/.venv/bin/python}
+sweep_file=${sweep%%:*}  # the file; ":ARG" (e.g. confirm.py:replication) goes to its get_config
 here=$(git rev-parse HEAD)
 module=$(echo "${sweep_file%.py}" | tr / .)
 pinned=$(PYTHONPATH=. "$python" -c "import importlib; print(getattr(importlib.import_module('$module'), 'PINNED_COMMIT', '$here'))")
@@ -36,5 +37,5 @@ if git rev-parse --git-dir >/dev/null 2>&1; then  # the runner would record that
   exit 2
 fi
 export MOE_JAX_COMMIT="$pinned+$sweep_file@$here" PYTHONPATH=.
-exec taskset -c "$core" nice -n 19 "$python" experiments/sweep.py --sweep="$sweep_file" \
+exec taskset -c "$core" nice -n 19 "$python" experiments/sweep.py --sweep="$sweep" \
   --workdir_root="$workdir_root" --results_root="$workdir_root/results-core$core" --only="$runs"

@@ -107,3 +107,21 @@ def test_protocol_rule_keeps_the_default_on_a_tie_and_takes_a_clear_winner():
   del final_loss["switch-cap-2"]
   with pytest.raises(ValueError, match="switch-cap-2"):
     diagnosis.protocol_choice(final_loss)
+
+
+def test_replication_reruns_the_primary_arms_on_new_seeds_only():
+  """The replication (results/REPLICATION.md) changes nothing of the primary pairs but their seeds."""
+  primary, replication = confirm.get_config(), confirm.get_config("replication")
+  assert replication.name == "replication" and primary.name == "confirm"
+  arms = {run.name.rsplit("-s", 1)[0]: (run.base, run.group, run.overrides.to_dict())
+          for run in primary.runs if run.seed in confirm.PRIMARY_SEEDS and run.group in ("dense", "switch-e8")}
+  seeds = {run.seed for run in replication.runs}
+  assert seeds == set(confirm.REPLICATION_SEEDS) and len(seeds) == 8
+  assert not seeds & ({run.seed for run in primary.runs} | {3, 4, diagnosis.SEED})
+  for run in replication.runs:
+    base, group, overrides = arms[run.name.rsplit("-s", 1)[0]]
+    assert (run.base, run.group) == (base, group)
+    assert dict(overrides, seed=run.seed) == run.overrides.to_dict(), run.name
+  assert [run.name for run in replication.runs[:2]] == ["dense-s10", "switch-e8-s10"]  # pairs first
+  with pytest.raises(ValueError, match="replication"):
+    confirm.get_config("gpu")

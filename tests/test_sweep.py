@@ -56,7 +56,8 @@ def test_ablations_pair_every_setting_with_the_baseline_seed_and_train_on_2_5m_t
 
 
 @pytest.mark.parametrize("module,size", [("scaling", "cpu"), ("ablations", "cpu"), ("routers", "cpu"),
-                                         ("diagnosis", "cpu"), ("confirm", "cpu")])
+                                         ("diagnosis", "cpu"), ("confirm", "cpu"),
+                                         ("confirm", "replication")])
 def test_every_run_of_the_cpu_sweeps_passes_validation(module, size):
   """Every run config of a sweep validates (both stacks of the encoder-decoder included) before it is launched."""
   from moe_jax import resolve

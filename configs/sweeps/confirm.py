@@ -16,6 +16,13 @@ pre-registered: E = 32, seeds 0, 1. Each run:
 2450 steps of 32 x 128 bytes = 10.04M tokens, 32% of the 31.07M-token training split (no packing stream reaches
 a second epoch for seeds 0-2: the largest document index read is 1186 of 1752), evaluated every 122 steps and at
 the end on the fixed 16 validation batches (65,536 tokens of the file-disjoint validation split).
+
+`get_config("replication")` is the pre-registered replication of the primary comparison (results/REPLICATION.md,
+written after the primary result was seen and before any replication run): the same two E = 8 arms, code and
+budget, eight new seeds 10-17 (largest document index read after 2450 steps: 1294 of 1752, still one epoch), into
+results/replication/.
+
+  experiments/study.sh configs/sweeps/confirm.py:replication 0 dense-s10,dense-s11,... WORKDIR_ROOT
 """
 
 from configs.sweeps import common
@@ -36,23 +43,28 @@ SECONDARY_EXPERTS, SECONDARY_SEEDS = (16, 4, 2), (0, 1)
 # allows" and the budget did. Same settings and seeds as the secondary arms; results/README.md reports them as
 # exploratory (a deviation from PROTOCOL.md's list of runs), and they enter no test of the protocol.
 EXPLORATORY_EXPERTS = (32,)
+# The replication's seeds, fixed before its first run: disjoint from every seed above, from the protocol's optional
+# seeds 3 and 4 and from the reserved seed. Eight pairs: REPLICATION.md's power from the primary's spread of d.
+REPLICATION_SEEDS = tuple(range(10, 18))
 
 
 def get_config(arg: str = "cpu"):
-  if arg != "cpu":
-    raise ValueError(f"the confirmatory sweep is CPU-sized only; got size {arg!r}")
-  if RESERVED_SEED in PRIMARY_SEEDS + SECONDARY_SEEDS:
+  if arg not in ("cpu", "replication"):
+    raise ValueError(f"the confirmatory sweep is 'cpu' (the protocol's runs) or 'replication'; got {arg!r}")
+  if RESERVED_SEED in PRIMARY_SEEDS + SECONDARY_SEEDS + REPLICATION_SEEDS:
     raise ValueError(f"seed {RESERVED_SEED} is reserved for the diagnosis")
-  sweep = common.new_sweep("confirm", arg)
-  sweep.name = "confirm"  # results/confirm/
+  sweep = common.new_sweep("confirm", "cpu")
+  sweep.name = "confirm" if arg == "cpu" else "replication"  # results/<name>/
 
   def switch(experts: int, seed: int) -> None:
     common.add_run(sweep, f"switch-e{experts}-s{seed}", group=f"switch-e{experts}", base="switch", seed=seed,
                    overrides=dict(SETTINGS, **SWITCH, **{"moe.num_experts": experts}))
 
-  for seed in PRIMARY_SEEDS:  # pairs first: a stopped sweep has whole pairs
+  for seed in PRIMARY_SEEDS if arg == "cpu" else REPLICATION_SEEDS:  # pairs first: a stopped sweep has whole pairs
     common.add_run(sweep, f"dense-s{seed}", group="dense", base="dense", seed=seed, overrides=dict(SETTINGS, **DENSE))
     switch(PRIMARY_EXPERTS, seed)
+  if arg == "replication":
+    return sweep
   for seed in SECONDARY_SEEDS:
     for experts in SECONDARY_EXPERTS:
       switch(experts, seed)
