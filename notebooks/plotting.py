@@ -124,6 +124,23 @@ def routing_curve(sweep: Sweep, rows: list[dict], block: int, metric: str):
   return seed_curves([(sweep.curves[row["run"]]["train_steps"], values(sweep.curves[row["run"]])) for row in rows])
 
 
+def routing_end(sweep: Sweep, row: dict, metric: str, tail: int = 5) -> list[float]:
+  """End-of-training value of a routing metric of one run, one per MoE block: the mean of its last `tail` logged
+  training records (one record is noisy)."""
+  return [float(np.mean(entry[metric][-tail:])) for entry in sweep.curves[row["run"]]["routing"]]
+
+
+def fmt(value, spec: str) -> str:
+  """format(value, spec), or '-' for a missing value (None or NaN)."""
+  return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
+
+
+def tokens_per_s(rows: list[dict]) -> str:
+  """Mean of the runs' median training throughput (runs logged without it are left out)."""
+  rates = [row["tokens_per_s"] for row in rows if row.get("tokens_per_s")]
+  return fmt(float(np.mean(rates)) if rates else None, ".0f")
+
+
 def moe_blocks(sweep: Sweep) -> list[int]:
   """Indices of the MoE blocks that logged routing metrics in any run of the sweep."""
   return sorted({entry["block"] for curve in sweep.curves.values() for entry in curve["routing"]})

@@ -125,3 +125,60 @@ def test_replication_reruns_the_primary_arms_on_new_seeds_only():
   assert [run.name for run in replication.runs[:2]] == ["dense-s10", "switch-e8-s10"]  # pairs first
   with pytest.raises(ValueError, match="replication"):
     confirm.get_config("gpu")
+
+
+REPLICATION = ROOT / "results" / "replication"
+
+
+def test_replication_notebook_is_stored_without_outputs():
+  notebook = nbformat.read(NOTEBOOKS / "replication.ipynb", as_version=4)
+  nbformat.validate(notebook)
+  assert all(not cell.outputs for cell in notebook.cells if cell.cell_type == "code")
+
+
+def _replication_row(table: str, study: str) -> str:
+  return next(line for line in table.splitlines() if line.startswith(f"| {study}"))
+
+
+def test_replication_verdict_waits_for_all_eight_pairs_then_applies_the_rule(tmp_path, monkeypatch):
+  # Fake finished runs through the real aggregator: the confirmatory primary pairs and 3, then 8, replication pairs.
+  first = {"dense-s0": 2.0, "dense-s1": 2.03, "dense-s2": 1.98,
+           "switch-e8-s0": 1.96, "switch-e8-s1": 2.01, "switch-e8-s2": 1.95}
+  _aggregate(confirm.get_config(), first, tmp_path)
+  dense = [2.0 + 0.01 * i for i in range(8)]
+  switch = [d - 0.02 + 0.003 * (i % 3) for i, d in enumerate(dense)]
+  floors = {}
+  for seed, d, s in list(zip(confirm.REPLICATION_SEEDS, dense, switch))[:3]:
+    floors.update({f"dense-s{seed}": d, f"switch-e8-s{seed}": s})
+  _aggregate(confirm.get_config("replication"), floors, tmp_path)
+  figures = execute("replication", tmp_path / "figures", monkeypatch, results=tmp_path / "results")
+  assert {"replication_differences", "replication_eval_vs_tokens"} <= figures
+  table = (tmp_path / "figures" / "replication_table.md").read_text()
+  assert "pending (3 of 8 pairs" in _replication_row(table, "replication")
+  assert len((tmp_path / "figures" / "replication_pairs.md").read_text().strip().splitlines()) == 2 + 3
+
+  rest = {}  # the other five pairs finish
+  for seed, d, s in list(zip(confirm.REPLICATION_SEEDS, dense, switch))[3:]:
+    rest.update({f"dense-s{seed}": d, f"switch-e8-s{seed}": s})
+  _aggregate(confirm.get_config("replication"), rest, tmp_path)
+  execute("replication", tmp_path / "figures", monkeypatch, results=tmp_path / "results")
+  table = (tmp_path / "figures" / "replication_table.md").read_text()
+  # The fixture's eval loss ends at floor + 0.05 for every run, so d_s is the difference of the floors.
+  gap = stats.paired_difference(switch, dense)
+  low, high = gap.interval
+  row = _replication_row(table, "replication")
+  assert f"{gap.mean:+.4f}" in row and f"{low:+.4f} .. {high:+.4f}" in row and "8 of 8" in row
+  assert gap.verdict("Switch better", "dense better") == "Switch better" and "| Switch better |" in row
+  pooled = stats.paired_difference([1.96, 2.01, 1.95] + switch, [2.0, 2.03, 1.98] + dense)
+  row = _replication_row(table, "both, pooled")
+  assert f"{pooled.mean:+.4f}" in row and "descriptive only" in row
+
+
+def test_replication_notebook_regenerates_the_committed_tables(tmp_path, monkeypatch):
+  if not (REPLICATION / "summary.json").exists():
+    pytest.skip("no replication run has finished yet (results/replication/ is written by the first)")
+  execute("replication", tmp_path, monkeypatch)
+  readme = (ROOT / "results" / "README.md").read_text()
+  for name in ("replication_table", "replication_pairs"):
+    table = (tmp_path / f"{name}.md").read_text().strip()
+    assert table in readme, f"results/README.md holds a stale {name} table"
