@@ -8,10 +8,19 @@ Results go to <results_root>/<sweep>/{summary.json, summary.csv, curves.json} wh
 with --aggregate_only, from the runs finished so far). Each run's result.json and summary row record the git
 commit of the code that trained it ("+dirty" when the checkout had uncommitted changes; $MOE_JAX_COMMIT names
 it for a copy without .git, e.g. `git archive` of a commit), and the summary its median tokens/s.
+
+--compare_steps=N answers "does this machine, or this commit, compute what the committed runs computed?": it
+compares the --only runs' training records up to step N under --workdir_root with the committed curves,
+bitwise, and writes <results_root>/<sweep>/numerics_check.json (exit status 1 on any difference).
+experiments/check_numerics.sh trains the runs for it.
 """
 
+import importlib.metadata
+import json
 import os
+import platform
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -27,6 +36,8 @@ _RESULTS_ROOT = flags.DEFINE_string("results_root", "results", "Summaries: <root
 _ONLY = flags.DEFINE_list("only", [], "Run only these runs (names from the sweep config).")
 _PRINT = flags.DEFINE_bool("print_commands", False, "Print one command per run instead of running.")
 _AGGREGATE_ONLY = flags.DEFINE_bool("aggregate_only", False, "Only rebuild the summaries from the workdirs.")
+_COMPARE_STEPS = flags.DEFINE_integer(
+    "compare_steps", 0, "Compare the --only runs under --workdir_root up to this step with the committed curves.")
 flags.mark_flag_as_required("sweep")
 
 
@@ -39,6 +50,8 @@ def main(argv):
     sweep_arg = config_flags.get_config_filename(flags.FLAGS["sweep"])
     print("\n".join(sweep_lib.commands(sweep, sweep_arg, _WORKDIR_ROOT.value, _RESULTS_ROOT.value)))
     return
+  if _COMPARE_STEPS.value:
+    return compare(sweep)
   if not _AGGREGATE_ONLY.value:
     sweep_lib.run_sweep(sweep, common.build_config, _WORKDIR_ROOT.value, only=tuple(_ONLY.value))
   rows = sweep_lib.aggregate(sweep, common.build_config, _WORKDIR_ROOT.value, _RESULTS_ROOT.value)
@@ -47,6 +60,39 @@ def main(argv):
     to_dense = f"{row['steps_to_dense_loss']:.0f}" if row["steps_to_dense_loss"] else "-"
     print(f"  {row['run']:<22} eval {row['final_eval_loss']:.4f}  steps to dense loss {to_dense:>6}  "
           f"{row['wall_time_s']:.0f} s  {row['tokens_per_s']:.0f} tokens/s")
+
+
+def compare(sweep) -> None:
+  """--compare_steps: print and write the exact comparison with the committed curves; exit 1 on a difference."""
+  if not _ONLY.value or _COMPARE_STEPS.value < 1:
+    raise app.UsageError("--compare_steps needs --only=RUN[,RUN...] and a step >= 1")
+  rows = sweep_lib.compare_with_committed(sweep, tuple(_ONLY.value), _WORKDIR_ROOT.value, _RESULTS_ROOT.value,
+                                          _COMPARE_STEPS.value)
+  for row in rows:
+    print(f"  {row['run']:<16} step {row['step']:>4} {row['key']:<14} committed {row['committed']!r:<20} "
+          f"here {row['measured']!r:<20} {'equal' if row['equal'] else 'DIFFERENT'}")
+  trained_by = {}
+  for name in _ONLY.value:  # the code that trained the check runs (e.g. the pinned tree of study.sh), not this one
+    result = os.path.join(_WORKDIR_ROOT.value, sweep.name, name, sweep_lib.RESULT_FILE)
+    if os.path.exists(result):
+      with open(result) as f:
+        trained_by[name] = json.load(f).get("commit")
+  check = {"sweep": sweep.name, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": _cpu_model(),
+           "cpu_count": os.cpu_count(), "jax": importlib.metadata.version("jax"), "trained_by": trained_by, "all_equal": all(r["equal"] for r in rows), "rows": rows}
+  out = os.path.join(_RESULTS_ROOT.value, sweep.name, "numerics_check.json")
+  with open(out, "w") as f:
+    json.dump(check, f, indent=1)
+  print(f"{sum(r['equal'] for r in rows)} of {len(rows)} values equal -> {out}")
+  if not check["all_equal"]:
+    sys.exit(1)
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

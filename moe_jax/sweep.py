@@ -239,6 +239,41 @@ def _committed(sweep: ml_collections.ConfigDict, results_root: str) -> tuple[dic
   return rows, curves
 
 
+def compare_with_committed(
+    sweep: ml_collections.ConfigDict, runs: tuple[str, ...], workdir_root: str, results_root: str, max_step: int,
+) -> list[dict]:
+  """The training loss and cross-entropy of `runs` as trained again under `workdir_root`, step by step up to
+  `max_step`, against the sweep's committed curves in `results_root`: one row per (run, step, key) with
+  `equal` true only when the two float values are identical.
+
+  Bitwise equality is the claim being checked: another machine, or a later refactor, computes exactly what a
+  committed (pinned) run computed, so runs of one study split across machines or commits are one study.
+  """
+  _, committed = _committed(sweep, results_root)
+  rows = []
+  for name in runs:
+    if name not in committed:
+      raise ValueError(f"run {name!r} has no committed curves in {os.path.join(results_root, sweep.name)}")
+    train = metrics_lib.read_metrics(run_workdir(workdir_root, sweep, _run(sweep, name))).train
+    curve = committed[name]
+    steps = [(i, step) for i, step in enumerate(curve["train_steps"]) if step <= max_step and step in train]
+    if not steps:
+      raise ValueError(f"run {name!r}: no training step <= {max_step} both committed and logged under "
+                       f"{workdir_root}; committed steps start {curve['train_steps'][:3]}")
+    for i, step in steps:
+      for key, values in (("loss", curve["train_loss"]), ("cross_entropy", curve["cross_entropy"])):
+        rows.append({"run": name, "step": step, "key": key, "committed": values[i], "measured": train[step][key],
+                     "equal": values[i] == train[step][key]})
+  return rows
+
+
+def _run(sweep: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  for run in sweep.runs:
+    if run.name == name:
+      return run
+  raise ValueError(f"run {name!r} is not in sweep {sweep.name}: {[run.name for run in sweep.runs]}")
+
+
 def _median_tokens_per_s(train: dict[int, dict]) -> float | None:
   """Median training throughput over the logged steps (None for metrics written without it)."""
   rates = [record["tokens_per_s"] for record in train.values() if "tokens_per_s" in record]

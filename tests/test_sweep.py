@@ -151,3 +151,27 @@ def test_a_diverged_run_is_recorded_and_listed_not_dropped(tmp_path, monkeypatch
   assert summary["runs"] == []
   assert [row["run"] for row in summary["diverged"]] == ["init1-s0"]
   assert "step 7" in summary["diverged"][0]["error"]
+
+
+def test_numerics_check_reports_equal_only_for_bitwise_identical_training_records(tmp_path):
+  sweep = common.new_sweep("unit", "cpu")
+  common.add_run(sweep, "dense-s0", group="dense", base="dense", seed=0, overrides=TINY)
+  results, workdirs = tmp_path / "results", tmp_path / "work"
+  (results / "unit-cpu").mkdir(parents=True)
+  (results / "unit-cpu" / "summary.json").write_text(json.dumps({"sweep": "unit-cpu", "runs": [], "diverged": []}))
+  committed = {"train_steps": [1, 6, 11], "train_loss": [5.5, 5.25, 5.0], "cross_entropy": [5.5, 5.25, 5.0]}
+  (results / "unit-cpu" / "curves.json").write_text(json.dumps({"dense-s0": committed}))
+  run_dir = workdirs / "unit-cpu" / "dense-s0"
+  run_dir.mkdir(parents=True)
+  records = [{"step": s, "kind": "train", "loss": loss, "cross_entropy": 5.5 if s == 1 else loss}
+             for s, loss in [(1, 5.5), (2, 5.4), (6, 5.25), (11, 5.000001)]]
+  (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+  rows = sweep_lib.compare_with_committed(sweep, ("dense-s0",), str(workdirs), str(results), max_step=6)
+  assert [(r["step"], r["key"]) for r in rows] == [(1, "loss"), (1, "cross_entropy"), (6, "loss"),
+                                                   (6, "cross_entropy")]  # only committed steps <= max_step
+  assert all(r["equal"] for r in rows)
+  rows = sweep_lib.compare_with_committed(sweep, ("dense-s0",), str(workdirs), str(results), max_step=11)
+  assert [r["equal"] for r in rows if r["step"] == 11] == [False, False]  # 1e-6 apart is a difference
+  with pytest.raises(ValueError, match="no committed curves"):
+    sweep_lib.compare_with_committed(sweep, ("switch-s0",), str(workdirs), str(results), max_step=6)
