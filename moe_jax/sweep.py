@@ -254,7 +254,11 @@ def compare_with_committed(
   for name in runs:
     if name not in committed:
       raise ValueError(f"run {name!r} has no committed curves in {os.path.join(results_root, sweep.name)}")
-    train = metrics_lib.read_metrics(run_workdir(workdir_root, sweep, _run(sweep, name))).train
+    workdir = run_workdir(workdir_root, sweep, _run(sweep, name))
+    if not os.path.exists(os.path.join(workdir, metrics_lib.METRICS_FILE)):
+      raise ValueError(f"run {name!r} has no {metrics_lib.METRICS_FILE} in {workdir}: train it there first "
+                       "(experiments/check_numerics.sh)")
+    train = metrics_lib.read_metrics(workdir).train
     curve = committed[name]
     steps = [(i, step) for i, step in enumerate(curve["train_steps"]) if step <= max_step and step in train]
     if not steps:

@@ -175,3 +175,5 @@ def test_numerics_check_reports_equal_only_for_bitwise_identical_training_record
   assert [r["equal"] for r in rows if r["step"] == 11] == [False, False]  # 1e-6 apart is a difference
   with pytest.raises(ValueError, match="no committed curves"):
     sweep_lib.compare_with_committed(sweep, ("switch-s0",), str(workdirs), str(results), max_step=6)
+  with pytest.raises(ValueError, match="no metrics.jsonl"):
+    sweep_lib.compare_with_committed(sweep, ("dense-s0",), str(tmp_path / "elsewhere"), str(results), max_step=6)
