@@ -37,7 +37,8 @@ _ONLY = flags.DEFINE_list("only", [], "Run only these runs (names from the sweep
 _PRINT = flags.DEFINE_bool("print_commands", False, "Print one command per run instead of running.")
 _AGGREGATE_ONLY = flags.DEFINE_bool("aggregate_only", False, "Only rebuild the summaries from the workdirs.")
 _COMPARE_STEPS = flags.DEFINE_integer(
-    "compare_steps", 0, "Compare the --only runs under --workdir_root up to this step with the committed curves.")
+    "compare_steps", 0, "Compare the --only runs under --workdir_root up to this step with the committed curves.",
+    lower_bound=0)
 flags.mark_flag_as_required("sweep")
 
 
@@ -64,8 +65,8 @@ def main(argv):
 
 def compare(sweep) -> None:
   """--compare_steps: print and write the exact comparison with the committed curves; exit 1 on a difference."""
-  if not _ONLY.value or _COMPARE_STEPS.value < 1:
-    raise app.UsageError("--compare_steps needs --only=RUN[,RUN...] and a step >= 1")
+  if not _ONLY.value:
+    raise app.UsageError("--compare_steps needs --only=RUN[,RUN...]")
   rows = sweep_lib.compare_with_committed(sweep, tuple(_ONLY.value), _WORKDIR_ROOT.value, _RESULTS_ROOT.value,
                                           _COMPARE_STEPS.value)
   for row in rows:
@@ -78,7 +79,8 @@ def compare(sweep) -> None:
       with open(result) as f:
         trained_by[name] = json.load(f).get("commit")
   check = {"sweep": sweep.name, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": _cpu_model(),
-           "cpu_count": os.cpu_count(), "jax": importlib.metadata.version("jax"), "trained_by": trained_by, "all_equal": all(r["equal"] for r in rows), "rows": rows}
+           "cpu_count": os.cpu_count(), "jax": importlib.metadata.version("jax"), "trained_by": trained_by,
+           "all_equal": all(r["equal"] for r in rows), "rows": rows}
   out = os.path.join(_RESULTS_ROOT.value, sweep.name, "numerics_check.json")
   with open(out, "w") as f:
     json.dump(check, f, indent=1)
