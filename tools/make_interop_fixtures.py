@@ -18,7 +18,7 @@ reference.npz holds, with T = 2 x 12 tokens flattened row-major (batch-major, as
   moe.{i}.topk_index [T, k] int64, moe.{i}.topk_weight [T, k] float32  the experts the block ran and their weights,
                                                                       as handed to its experts module;
   moe.{i}.kept [T] bool                                              Switch only: False where capacity dropped the token;
-  generate_prompt_ids [2, 6] int64 (Switch: the encoder input)       and generate_ids, the full output of
+  generate_prompt_ids [2, 6] int64 (Switch: encoder input [2, 12])  and generate_ids, the full output of
   generate_ids [2, 6 + 8] int64 (Switch: [2, 1 + 8] decoder ids)     `generate(do_sample=False, max_new_tokens=8)`
   generate_step_logits [8, 2, V] float32                             with EOS disabled, and the raw logits of each step.
 
@@ -31,7 +31,11 @@ rescaled so its logits have standard deviation ROUTER_LOGIT_STD on the reference
 uniform nor one-hot). Near-ties would make "same experts chosen" flaky, so a fixture is only accepted when the gap
 between the k-th and (k+1)-th router logit of every routed token (reference forward and generation) is at least
 MIN_ROUTER_MARGIN and the gap between the two largest output logits at every position and generation step is at
-least MIN_LOGIT_MARGIN; otherwise the next seed is tried (seeds are fixed, so the output is deterministic).
+least MIN_LOGIT_MARGIN; settings that act through a threshold must act, away from it: clip_qkv clips between 1 % and
+50 % of the entries, Phi-3.5-MoE's sparsemixer mask both keeps and drops experts beside the chosen one with every
+decision at least MIN_SPARSEMIXER_MARGIN from its threshold, Switch's capacity drops tokens in every MoE layer.
+Otherwise the next seed is tried (seeds are fixed, so the output is deterministic: a rerun rewrites identical
+files).
 
 How to run (from the repository root, with the `interop-dev` extra installed in its own venv; CPU is enough):
   python3 -m venv /tmp/venv-interop && /tmp/venv-interop/bin/pip install -e '.[interop-dev]'
@@ -55,7 +59,7 @@ import safetensors
 import torch
 import transformers
 
-# Deterministic CPU math: one thread (reduction order), no TF32, deterministic kernels.
+# Deterministic CPU math: one thread (a fixed reduction order) and deterministic kernels.
 torch.set_num_threads(1)
 torch.use_deterministic_algorithms(True)
 
