@@ -200,7 +200,8 @@ def test_moe_layers(family):
     assert index.shape == weight.shape == (tokens, route["k"]) and index.dtype == np.int64
     assert index.min() >= 0 and index.max() < route["experts"]
     # The chosen experts are the top-k router logits (as a set: the order is the router's own).
-    np.testing.assert_array_equal(np.sort(index, -1), np.sort(np.argsort(-logits, -1, kind="stable")[:, :route["k"]], -1))
+    top_k = np.argsort(-logits, -1, kind="stable")[:, :route["k"]]
+    np.testing.assert_array_equal(np.sort(index, -1), np.sort(top_k, -1))
     if route["rule"] == "sparsemixer":  # its order matters: weight j belongs to stage j
       np.testing.assert_array_equal(index, sparsemixer(logits, route["eps"])[0])
     np.testing.assert_allclose(weight, expected_weights(logits, index, route), rtol=0, atol=1e-5)

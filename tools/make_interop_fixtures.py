@@ -17,7 +17,7 @@ reference.npz holds, with T = 2 x 12 tokens flattened row-major (batch-major, as
   moe.{i}.router_logits [T, E] float32                               the router's logits (before any softmax);
   moe.{i}.topk_index [T, k] int64, moe.{i}.topk_weight [T, k] float32  the experts the block ran and their weights,
                                                                       as handed to its experts module;
-  moe.{i}.kept [T] bool                                              Switch only: False where capacity dropped the token;
+  moe.{i}.kept [T] bool                                              Switch only: False where capacity dropped it;
   generate_prompt_ids [2, 6] int64 (Switch: encoder input [2, 12])  and generate_ids, the full output of
   generate_ids [2, 6 + 8] int64 (Switch: [2, 1 + 8] decoder ids)     `generate(do_sample=False, max_new_tokens=8)`
   generate_step_logits [8, 2, V] float32                             with EOS disabled, and the raw logits of each step.
@@ -181,7 +181,8 @@ FAMILIES = {
              pad_token_id=0, eos_token_id=1, decoder_start_token_id=0),
         ("8 experts, top-1 (softmax, argmax; output scaled by the top probability, not renormalised)",
          "expert_capacity 3 per expert per sequence (12 tokens, 8 experts: capacity factor 2; switch-base-8 has "
-         "64 x 8 / 512 = 1.0): tokens beyond capacity, in sequence order, are dropped (kept=False, output 0 + residual)",
+         "64 x 8 / 512 = 1.0): tokens beyond capacity, in sequence order, are dropped (kept=False, output 0 + "
+         "residual)",
          "every 2nd block sparse (block 1 of 2 in encoder and decoder), ReLU experts, no biases",
          "T5 attention: no 1/sqrt(d) scaling, relative position bias (32 buckets, max distance 128) from block 0 "
          "shared by all blocks, bidirectional in the encoder, causal in the decoder",
@@ -447,7 +448,8 @@ def attempt(family, seed):
     stats["sparsemixer_threshold_margin_min"] = min(distance)
     stats["sparsemixer_mixed_fraction"] = round(float(np.mean(mixed[:len(records)])), 4)
     # Both behaviours of the mask (experts kept beside the chosen one, and not) must occur, away from the threshold.
-    accepted &= stats["sparsemixer_threshold_margin_min"] >= MIN_SPARSEMIXER_MARGIN and 0 < min(mixed) and max(mixed) < 1
+    accepted &= (stats["sparsemixer_threshold_margin_min"] >= MIN_SPARSEMIXER_MARGIN
+                 and 0 < min(mixed) and max(mixed) < 1)
   if family.clip_qkv is not None:
     stats["clipped_fraction"] = round(clipped_fraction, 4)
     accepted &= 0.01 < clipped_fraction < 0.5  # clipping must matter, without dominating
@@ -537,8 +539,9 @@ def write_readme(out_root, metas):
                             rmargin=MIN_ROUTER_MARGIN, lmargin=MIN_LOGIT_MARGIN)
   for name, meta in metas.items():
     settings = "; ".join(meta["settings"])
-    extras = [f"{key} {meta[key]:.3g}" if isinstance(meta[key], float) else f"{key} {meta[key]}" for key in ("clipped_fraction", "dropped_tokens", "sparsemixer_mixed_fraction",
-                                               "sparsemixer_threshold_margin_min") if key in meta]
+    measured = ("clipped_fraction", "dropped_tokens", "sparsemixer_mixed_fraction", "sparsemixer_threshold_margin_min")
+    extras = [f"{key} {meta[key]:.3g}" if isinstance(meta[key], float) else f"{key} {meta[key]}"
+              for key in measured if key in meta]
     if extras:
       settings += " (measured: " + ", ".join(extras) + ")"
     router = (f"{min(meta['router_margin_min'], meta['generate_router_margin_min']):.3g}"
@@ -554,7 +557,8 @@ def directory_bytes(path):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated subset of: " + ", ".join(FAMILIES))
+  parser.add_argument("--families", default=",".join(FAMILIES),
+                      help="comma-separated subset of: " + ", ".join(FAMILIES))
   parser.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
   args = parser.parse_args()
   names = args.families.split(",")
