@@ -351,6 +351,10 @@ def test_files_with_the_same_content_are_one_document_in_one_split(tmp_path):
   config = builders.text_dir_config(text_dir, "**/*.txt", validation_fraction=0.5)
   assert config.relative_paths == tuple(f"copy{i:02d}.txt" for i in range(20))  # the first path of each content
   builders.check_disjoint(config, builders.split_files(config.relative_paths, 0.5))
+  leaky = builders.FilesConfig(name="leaky", root=text_dir, relative_paths=("doc00.txt", "doc01.txt"),
+                               content_hashes=("same", "same"))
+  with pytest.raises(ValueError, match="splits of .* share 1 document"):  # the check a preparation makes
+    builders.check_disjoint(leaky, {"train": ["doc00.txt"], "validation": ["doc01.txt"]})
 
 
 def test_the_walk_matches_what_glob_matches_where_there_is_no_loop(tmp_path):

@@ -22,7 +22,8 @@ files from train to validation, never back.
 Disjoint splits. A document must not be in both splits under two names. The walk of `text_dir`
 follows symlinks but never enters a directory it has already walked (a symlink loop once turned
 20 files into 820), reads a file reached through several links once, and keeps one file of each
-content (sha256): so the splits are disjoint by content, by construction, and `prepare` checks it.
+content (sha256; empty files, which hold no text, all stay): so the splits are disjoint by content, by
+construction, and preparation checks it.
 The stdlib corpus is pinned by committed results and kept as it is: its walk follows no symlinks,
 so each file is in one split, but a few files are byte-identical (empty `__init__.py` files).
 
@@ -71,6 +72,8 @@ _STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache_
 MAX_FILE_BYTES = 256 * 2**20
 # Next to a prepared builder's files: their sha256, checked at every use (`_verify_prepared`).
 INTEGRITY_FILE = "moe_jax_integrity.json"
+# Empty files share this content but hold no text, so they can be in both splits without leaking any.
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -210,12 +213,15 @@ def stdlib_config(validation_fraction: float = DEFAULT_VALIDATION_FRACTION) -> F
 
 
 def check_disjoint(config: FilesConfig, splits: Mapping[str, Sequence[str]]) -> None:
-  """ValueError unless no file (by real path) and, where hashed, no content is in both splits."""
+  """ValueError unless no content (sha256, `config.content_hashes`) and no file (real path) is in both splits.
+  A config without hashes (the pinned stdlib corpus, see the module docstring) is not checked."""
+  if not config.content_hashes:
+    return
+  digest = dict(zip(config.relative_paths, config.content_hashes))
+
   def identities(paths):
     found = {os.path.realpath(os.path.join(config.root, p)): p for p in paths}
-    if config.content_hashes:
-      digest = dict(zip(config.relative_paths, config.content_hashes))
-      found.update({digest[p]: p for p in paths})
+    found.update({digest[p]: p for p in paths if digest[p] != _EMPTY_SHA256})
     return found
 
   train, validation = identities(splits["train"]), identities(splits["validation"])
@@ -322,7 +328,7 @@ def text_dir_config(
                      f"data.text_glob={text_glob!r} cannot be read, e.g. {unreadable[:3]}")
   first_of = {}
   for p in paths:  # sorted: the first path of each content is kept, on every machine
-    first_of.setdefault(hashes[p], p)
+    first_of.setdefault(p if hashes[p] == _EMPTY_SHA256 else hashes[p], p)
   if len(first_of) < len(paths):
     logging.warning("data.text_dir=%r: %d of the %d files repeat the content of another and are read once",
                     text_dir, len(paths) - len(first_of), len(paths))
@@ -410,6 +416,7 @@ def prepare(builder_cls: type[_FilesBuilder], config: FilesConfig, data_dir: str
   them, and prepare again if they were damaged). A read-only data_dir serves a copy already prepared there."""
   data_dir = os.path.expanduser(data_dir or default_data_dir())
   doing = f"preparing {builder_cls.name}/{config.name}"
+  check_disjoint(config, split_files(config.relative_paths, config.validation_fraction))  # at every use
   with contextlib.ExitStack() as stack:
     try:
       os.makedirs(data_dir, exist_ok=True)
