@@ -55,6 +55,7 @@ def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:  # orbax and tfds log every step at INFO; keep the progress readable
     logging.set_verbosity(logging.WARNING)
+    fileio.quiet_library_tracebacks()  # a full disk: orbax's threads log it once each, our line says what to do
   try:
     workdir_lib.check_path_given(_WORKDIR_ROOT.value, "--workdir_root")
     workdir_lib.check_path_given(_RESULTS_ROOT.value, "--results_root")

@@ -8,6 +8,9 @@ was and removes its temporary file.
 
 Append-only logs (metrics.jsonl) cannot be renamed into place; `start_fresh_line` makes appending to one whose
 last line was cut short safe instead (see `moe_jax.metrics`).
+
+A failure of the machine is one line (`EnvironmentFailure`, exit status 1). `quiet_library_tracebacks` keeps it
+one: the background threads of orbax log the same failure with a traceback each, which would bury the line.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ import csv
 import errno
 import io
 import json
+import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Mapping
 
@@ -117,3 +122,26 @@ def start_fresh_line(handle: io.TextIOBase, path: str | os.PathLike) -> bool:
   handle.write("\n")
   handle.flush()
   return True
+
+
+class _WithoutTraceback(logging.Filter):
+  """Log records of `packages` keep their message (which names the error) but lose the attached traceback."""
+
+  def __init__(self, packages: tuple[str, ...]):
+    super().__init__()
+    self._markers = tuple(f"{os.sep}{package}{os.sep}" for package in packages)
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info and any(marker in record.pathname for marker in self._markers):
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+def quiet_library_tracebacks(packages: tuple[str, ...] = ("orbax",)) -> None:
+  """For a command line: errors that `packages` log from their threads (orbax's asynchronous saves, on a full
+  disk) print as their one log line, without a traceback; the caller reports the failure itself. Also silences
+  the "coroutine ... was never awaited" warnings of the save stages orbax abandons, printed at exit."""
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+
+  absl_logging.get_absl_handler().addFilter(_WithoutTraceback(packages))
+  warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)

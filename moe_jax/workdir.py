@@ -20,8 +20,8 @@ import time
 
 FILE, DIRECTORY = "file", "directory"
 
-# Every entry a run's workdir may hold, and its type. moe_jax.train writes the first six; `result.json` and
-# `sweep.lock` are the sweep's (moe_jax.sweep).
+# Every entry a run's workdir may hold, and its type. moe_jax.train writes the first six; `result.json` is the
+# sweep's (moe_jax.sweep).
 ENTRIES: dict[str, str] = {
     "config.json": FILE,
     "lock": FILE,
@@ -30,7 +30,6 @@ ENTRIES: dict[str, str] = {
     "checkpoints": DIRECTORY,
     "tensorboard": DIRECTORY,
     "result.json": FILE,
-    "sweep.lock": FILE,
 }
 
 

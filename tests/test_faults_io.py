@@ -459,3 +459,63 @@ def test_a_workdir_that_cannot_be_used_is_refused_and_a_new_one_is_fine(tmp_path
 def test_an_empty_workdir_is_refused_rather_than_meaning_the_current_directory(value):
   with pytest.raises(ValueError, match="--workdir=.* is empty"):
     workdir.check_workdir(value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The same faults in real runs (slow tier: each trains).
+
+
+def _error_lines(stderr: str) -> list[str]:
+  """stderr without absl's log lines (orbax logs the failure it met from its threads, one line each)."""
+  return [line for line in stderr.strip().splitlines() if line and not (line[0] in "IWE" and line[1:5].isdigit())]
+
+
+# The asynchronous save of step 4 cannot create its directory: what a full disk does in the background.
+SWEEP_ON_A_DISK_FULL_FROM_STEP_4 = """
+import errno, os, runpy, sys
+_makedirs = os.makedirs
+def _disk_full(path, *args, **kwargs):
+  name = os.path.basename(str(path))
+  step = name.split(".")[0]
+  if ".orbax-checkpoint-tmp" in name and step.isdigit() and int(step) >= 4:
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+  return _makedirs(path, *args, **kwargs)
+os.makedirs = _disk_full
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+TINY_RUN = {"model.d_model": 16, "model.num_heads": 2, "model.head_dim": 8, "model.num_layers": 2, "model.d_ff": 32,
+            "train.seq_len": 16, "train.batch_size": 4, "train.num_steps": 8, "train.eval_every": 4,
+            "train.eval_batches": 1, "train.checkpoint_every": 2, "train.log_every": 1, "train.peak_tflops": 1.0}
+
+
+@pytest.mark.slow  # trains until the disk fills: ~40 s on 2 cores
+def test_a_full_disk_during_a_real_sweep_is_one_line_with_status_1(tmp_path):
+  data_dir = str(tmp_path / "tfds")
+  pipeline.document_source({"dataset": "stdlib", "data_dir": data_dir}, "train")  # prepared: no progress bars
+  sweep_arg = _sweep_config_file(tmp_path, dict(TINY_RUN, **{"data.data_dir": data_dir}))
+  run = subprocess.run(
+      [sys.executable, "-c", SWEEP_ON_A_DISK_FULL_FROM_STEP_4, os.path.join(REPO, "experiments", "sweep.py"),
+       f"--sweep={sweep_arg}", f"--workdir_root={tmp_path}/work", f"--results_root={tmp_path}/results"],
+      env=dict(cpu_env(1), PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
+  assert run.returncode == 1, run.stderr[-3000:]
+  (line,) = _error_lines(run.stderr)
+  assert line.startswith("sweep tiny-cpu stopped at run dense-s0: saving checkpoint at step") and \
+      "No space left on device" in line, run.stderr[-3000:]
+
+
+@pytest.mark.slow  # two training invocations: ~30 s on 2 cores
+def test_a_run_resumed_after_a_torn_metrics_record_keeps_every_later_record_readable(tmp_path, capsys):
+  config = tiny_config(str(tmp_path / "tfds"), steps=4)
+  config.train.log_every = 1
+  train.train_and_evaluate(config, str(tmp_path / "run"), stop_at_step=2)
+  path = tmp_path / "run" / "metrics.jsonl"
+  text = path.read_text()
+  path.write_text(text[:-40])  # the disk filled in the middle of step 2's record
+  result = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert result.status == "completed"
+  run = metrics_lib.read_metrics(str(tmp_path / "run"))
+  # Step 2's record is the torn one (its checkpoint resumes at step 3); every record after it is whole.
+  assert sorted(run.train) == [1, 3, 4] and len(run.damaged_lines) == 1
+  assert "cut short" in capsys.readouterr().out
