@@ -54,26 +54,31 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Ite
 
   The temporary file is `.<name>.<random>.tmp` next to `path` (same file system, so the rename is atomic; a dot
   name, so globs of results skip a leftover from a kill -9). Raises `EnvironmentFailure` naming `path` when the
-  disk is full or fails; other OSErrors (e.g. a missing directory) propagate unchanged.
+  disk is full or fails, and ValueError naming it when the path cannot be written (a directory there, a missing
+  or read-only folder): one line either way.
   """
   if mode not in ("w", "wb"):
     raise ValueError(f"mode={mode!r} must be 'w' or 'wb'")
   path = os.fspath(path)
   directory, name = os.path.split(os.path.abspath(path))
-  fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+  temporary = None
   try:
+    fd, temporary = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     with os.fdopen(fd, mode, **open_kwargs) as f:
       yield f
       f.flush()
       os.fsync(f.fileno())
     os.replace(temporary, path)
   except BaseException as error:
-    with contextlib.suppress(OSError):
-      os.remove(temporary)
-    if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS:
+    if temporary is not None:
+      with contextlib.suppress(OSError):
+        os.remove(temporary)
+    if not isinstance(error, OSError) or isinstance(error, EnvironmentFailure):
+      raise
+    if error.errno in ENVIRONMENT_ERRNOS:
       raise EnvironmentFailure(f"cannot write {path}: {describe(error)}; the previous version (if any) is "
                                "unchanged", error.errno) from error
-    raise
+    raise ValueError(f"cannot write {path}: {describe(error)}") from error
 
 
 def write_json(path: str | os.PathLike, value: Any, **dump_kwargs) -> None:
@@ -99,8 +104,13 @@ def read_json(path: str | os.PathLike) -> Any:
   """The JSON value in `path`. FileNotFoundError if absent; ValueError naming the path if it is not whole JSON
   (e.g. written in place by older code and cut short), so callers can tell "missing" from "damaged"."""
   path = os.fspath(path)
-  with open(path) as f:
-    text = f.read()
+  try:
+    with open(path) as f:
+      text = f.read()
+  except FileNotFoundError:
+    raise
+  except OSError as error:  # a directory there, a symlink loop, no permission: one line naming the path
+    raise ValueError(f"{path} cannot be read ({describe(error)})") from None
   try:
     return json.loads(text)
   except json.JSONDecodeError as error:

@@ -38,7 +38,7 @@ import numpy as np
 
 from moe_jax import config_lib, fileio, flops, resolve
 from moe_jax import metrics as metrics_lib
-from moe_jax.workdir import DirectoryLock
+from moe_jax.workdir import DirectoryLock, check_workdir
 
 RESULT_FILE = "result.json"
 CURVE_STRIDE = 5  # keep every 5th training record in curves.json (the full JSONL stays in the workdir)
@@ -173,6 +173,7 @@ def run_sweep(
       print(f"[{index}/{len(selected)}] {run.name} -> {workdir}", flush=True)
       start = time.perf_counter()
       try:
+        check_workdir(workdir)  # every entry the right type, before the trainer or this loop writes one
         outcome = dataclasses.asdict(train.train_and_evaluate(build_config(run), workdir))
       except train.NonFiniteLossError as error:  # a diverged run is a result (Switch Table 3), not a crash
         print(f"  {run.name} diverged: {error}", flush=True)
@@ -239,6 +240,11 @@ def aggregate(
   sweep continued elsewhere adds to its committed results instead of dropping them. Steps to the dense loss are
   recomputed over all rows.
   """
+  out = os.path.join(results_root, sweep.name)
+  try:
+    os.makedirs(out, exist_ok=True)
+  except OSError as error:
+    raise ValueError(f"--results_root={results_root!r}: cannot create {out} ({fileio.describe(error)})") from None
   committed_rows, committed_curves = _committed(sweep, results_root)
   rows, curves, incomplete = [], {}, []
   for run in sweep.runs:
@@ -296,8 +302,6 @@ def aggregate(
   diverged = [row for row in rows if row["status"] == "diverged"]
   rows = [row for row in rows if row["status"] == "completed"]
   _add_steps_to_dense(rows, curves)
-  out = os.path.join(results_root, sweep.name)
-  os.makedirs(out, exist_ok=True)
   # Each file whole or not at all: a full disk here used to leave an empty curves.json (a committed one too).
   fileio.write_json(os.path.join(out, "summary.json"),
                     {"sweep": sweep.name, "runs": rows, "diverged": diverged, "incomplete": incomplete}, indent=1)

@@ -23,6 +23,7 @@ from moe_jax import metrics as metrics_lib
 from moe_jax import sweep as sweep_lib
 from moe_jax.data import builders, pipeline
 from tests.helpers import REPO, cpu_env, tiny_config
+from tests.test_faults import DISK_FULL_FROM_STEP_4, _error_lines, _forbid_building_the_model
 
 # ----------------------------------------------------------------------------------------------------------
 # Helpers: a write that fills the disk half-way, a finished run without training, a sweep of two runs.
@@ -313,7 +314,7 @@ def test_the_sweep_command_line_reports_a_refused_run_in_one_line_with_status_2(
   run = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "sweep.py"), f"--sweep={sweep_arg}",
                         f"--workdir_root={tmp_path}/work", f"--results_root={tmp_path}/results"],
                        env=dict(cpu_env(1), PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
-  lines = [line for line in run.stderr.strip().splitlines() if not (line[:1] in "IWE" and line[1:5].isdigit())]
+  lines = _error_lines(run.stderr)
   assert run.returncode == 2, run.stderr[-3000:]
   assert len(lines) == 1 and lines[0].startswith("sweep refused: 1 run(s) refused: dense-s0:") and "moe.top_k" in \
       lines[0], run.stderr[-3000:]
@@ -367,13 +368,6 @@ def test_the_walk_matches_what_glob_matches_where_there_is_no_loop(tmp_path):
   for pattern in ["**/*.txt", "*.txt", "x/**/*.txt", "**/?1.txt", "**/[!e]*.txt", "**", "**/.*", "[a].txt"]:
     expected = sorted(p for p in glob.glob(pattern, root_dir=tmp_path, recursive=True) if (tmp_path / p).is_file())
     assert [p for p in files if builders._glob_regex(pattern).fullmatch(p)] == expected, pattern
-
-
-def _forbid_building_the_model(monkeypatch):
-  def built(*args, **kwargs):
-    raise AssertionError("the model was built (and compiled) before the bad input was refused")
-
-  monkeypatch.setattr(train, "TransformerLM", built)
 
 
 def test_a_file_too_large_to_prepare_in_memory_is_refused_with_its_size_before_compiling(tmp_path, monkeypatch):
@@ -465,22 +459,9 @@ def test_an_empty_workdir_is_refused_rather_than_meaning_the_current_directory(v
 # The same faults in real runs (slow tier: each trains).
 
 
-def _error_lines(stderr: str) -> list[str]:
-  """stderr without absl's log lines (orbax logs the failure it met from its threads, one line each)."""
-  return [line for line in stderr.strip().splitlines() if line and not (line[0] in "IWE" and line[1:5].isdigit())]
-
-
-# The asynchronous save of step 4 cannot create its directory: what a full disk does in the background.
-SWEEP_ON_A_DISK_FULL_FROM_STEP_4 = """
-import errno, os, runpy, sys
-_makedirs = os.makedirs
-def _disk_full(path, *args, **kwargs):
-  name = os.path.basename(str(path))
-  step = name.split(".")[0]
-  if ".orbax-checkpoint-tmp" in name and step.isdigit() and int(step) >= 4:
-    raise OSError(errno.ENOSPC, "No space left on device", str(path))
-  return _makedirs(path, *args, **kwargs)
-os.makedirs = _disk_full
+# tests/test_faults.py's full disk from step 4 on, around the sweep's command line.
+SWEEP_ON_A_DISK_FULL_FROM_STEP_4 = DISK_FULL_FROM_STEP_4 + """
+import runpy, sys
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -519,3 +500,18 @@ def test_a_run_resumed_after_a_torn_metrics_record_keeps_every_later_record_read
   # Step 2's record is the torn one (its checkpoint resumes at step 3); every record after it is whole.
   assert sorted(run.train) == [1, 3, 4] and len(run.damaged_lines) == 1
   assert "cut short" in capsys.readouterr().out
+
+
+def test_sweep_roots_and_run_entries_of_the_wrong_type_are_refused_naming_the_path(tmp_path, monkeypatch, capsys):
+  (tmp_path / "a-file").write_text("")
+  sweep = _sweep("a-s0", "b-s0")
+  calls = []
+  _stand_in_trainer(monkeypatch, calls=calls)
+  with pytest.raises(ValueError, match=f"--workdir_root='{tmp_path}/a-file': cannot create"):
+    sweep_lib.run_sweep(sweep, common.build_config, str(tmp_path / "a-file"))
+  with pytest.raises(ValueError, match=f"--results_root='{tmp_path}/a-file': cannot create"):
+    sweep_lib.aggregate(sweep, common.build_config, str(tmp_path / "work"), str(tmp_path / "a-file"))
+  os.makedirs(tmp_path / "work" / "unit-cpu" / "a-s0" / "result.json")
+  refused = sweep_lib.run_sweep(sweep, common.build_config, str(tmp_path / "work"))
+  assert "a-s0/result.json is a directory, not a file" in refused["a-s0"]
+  assert [os.path.basename(d) for d in calls] == ["b-s0"]
