@@ -268,10 +268,17 @@ def aggregate(
       run_metrics = None
     else:
       problem = None if run_metrics.eval else f"its {metrics_lib.METRICS_FILE} holds no evaluation record"
-    if problem:
-      message = f"run {run.name} finished but {problem} in {workdir}: listed under 'incomplete' in summary.json"
+    if problem:  # never silently left out: its committed row stays, else it is listed as incomplete
+      kept = run.name in committed_rows
+      message = (f"run {run.name} finished but {problem} in {workdir}: "
+                 + ("its committed row is kept" if kept else "listed under 'incomplete' in summary.json"))
       print(f"WARNING: {message}", file=sys.stderr, flush=True)
-      incomplete.append({**identity, "status": "incomplete", "error": message})
+      if kept:
+        rows.append(committed_rows[run.name])
+        if run.name in committed_curves:
+          curves[run.name] = committed_curves[run.name]
+      else:
+        incomplete.append({**identity, "status": "incomplete", "error": message})
       continue
     train, evals = run_metrics.train, run_metrics.series("cross_entropy", kind="eval")
     model_cfg = config_lib.model_config(config, vocab_size=_vocab_size(config))

@@ -252,6 +252,13 @@ def test_a_finished_run_whose_metrics_are_missing_is_listed_as_incomplete_in_one
   summary = json.loads((tmp_path / "results" / "unit-cpu" / "summary.json").read_text())
   assert [row["run"] for row in summary["incomplete"]] == ["gone-s0"]
 
+  _write_metrics(sweep_lib.run_workdir(str(tmp_path / "work"), sweep, sweep.runs[1]))  # aggregated once whole,
+  sweep_lib.aggregate(sweep, common.build_config, str(tmp_path / "work"), str(tmp_path / "results"))
+  os.remove(os.path.join(sweep_lib.run_workdir(str(tmp_path / "work"), sweep, sweep.runs[1]), "metrics.jsonl"))
+  rows = sweep_lib.aggregate(sweep, common.build_config, str(tmp_path / "work"), str(tmp_path / "results"))
+  assert [row["run"] for row in rows] == ["dense-s0", "gone-s0"]  # then lost: its committed row stays
+  assert "its committed row is kept" in capsys.readouterr().err
+
 
 def test_damaged_committed_summaries_are_refused_not_overwritten(tmp_path):
   sweep = _sweep("dense-s0")
