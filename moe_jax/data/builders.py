@@ -48,7 +48,6 @@ import errno
 import fcntl
 import hashlib
 import importlib
-import json
 import os
 import re
 import shutil
