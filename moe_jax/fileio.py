@@ -27,8 +27,9 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, Mapping
 
-# errnos that mean the machine, not the input, failed: the run or sweep stops with exit status 1.
-ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
+# errnos that mean the machine, not the input, failed: the run or sweep stops with exit status 1. (A read-only or
+# unwritable path is the input: ValueError naming it, exit status 2.)
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
 
 
 class EnvironmentFailure(OSError):

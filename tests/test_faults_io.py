@@ -412,6 +412,18 @@ def test_an_unusable_data_dir_is_refused_naming_the_field_and_a_full_one_is_an_e
   with pytest.raises(ValueError, match=f"data.data_dir='{tmp_path}/a-file/tfds' cannot be used for preparing"):
     builders.prepare(builders.TextDirBuilder, files, str(tmp_path / "a-file" / "tfds"))
 
+  def read_only(path):  # what opening the lock file does on a read-only mount (root ignores chmod)
+    raise OSError(errno.EROFS, "Read-only file system", path)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(builders, "_file_lock", read_only)
+    with pytest.raises(ValueError, match="cannot be used for preparing .*Read-only file system"):
+      builders.prepare(builders.TextDirBuilder, files, str(tmp_path / "shared"))
+  builders.prepare(builders.TextDirBuilder, files, str(tmp_path / "shared"))  # prepared while it was writable,
+  with monkeypatch.context() as patch:  # then read from the read-only mount as it is
+    patch.setattr(builders, "_file_lock", read_only)
+    assert builders.prepare(builders.TextDirBuilder, files, str(tmp_path / "shared")).is_prepared()
+
   def disk_full(self, *args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device")
 
