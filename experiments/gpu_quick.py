@@ -83,7 +83,7 @@ def main() -> None:
         f"({time.perf_counter() - start:.0f} s to prepare and count)", flush=True)
 
   sweep_start = time.perf_counter()
-  sweep_lib.run_sweep(sweep, common.build_config, args.workdir_root)
+  refused = sweep_lib.run_sweep(sweep, common.build_config, args.workdir_root)
   elapsed = time.perf_counter() - sweep_start
   rows = sweep_lib.aggregate(sweep, common.build_config, args.workdir_root, args.results_root)
   print(f"\n{sweep.name} -> {os.path.join(args.results_root, sweep.name)}")
@@ -92,6 +92,9 @@ def main() -> None:
           f"{row['tokens_per_s']:9.0f} tokens/s (median step)")
   within = "within" if elapsed <= BUDGET_S else "OVER"
   print(f"all runs {elapsed:.0f} s, {within} the {BUDGET_S // 60}-minute budget (corpus preparation excluded)")
+  if refused:  # reported one line each as they happened; the others ran
+    print(f"{len(refused)} run(s) refused: {sorted(refused)}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,12 @@ A record of `<workdir>/metrics.jsonl` is one JSON object per step and kind:
 parse metric names. Names are made in one place, here: `block_stats` (the per-block statistics) and
 `tensorboard_name` (the TensorBoard tags). `read_metrics` is the one reader, used by the sweep, the notebooks
 and the tests.
+
+Damage. A process stopped mid-write (kill -9, a full disk) can leave a last line without its newline. The reader
+skips every line that is not a whole JSON record and reports it (`RunMetrics.damaged_lines`, and a warning on
+stderr); the writer, opening the file to append, first ends such a line, so the next record starts on its own
+line. A file deleted, replaced or turned into a directory while the run writes is noticed at the next record:
+recreated with a warning, or a one-line `EnvironmentFailure`.
 """
 
 from __future__ import annotations
@@ -17,10 +23,14 @@ import json
 import math
 import os
 import re
+import sys
 import time
 from typing import Any, Mapping
 
 import numpy as np
+
+from moe_jax import fileio
+from moe_jax.workdir import FileIdentity
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -60,10 +70,36 @@ class MetricWriter:
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a", buffering=1)
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self._jsonl = self._open()
     from tensorboardX import SummaryWriter  # heavy import, only where used
 
     self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def _open(self):
+    """The file in append mode, after ending a torn last line; remembers which file it is (device, inode)."""
+    if os.path.isdir(self.path):
+      raise fileio.EnvironmentFailure(f"metrics: {self.path} is a directory, not a file; move it away and rerun")
+    try:
+      handle = open(self.path, "a", buffering=1)
+      if fileio.start_fresh_line(handle, self.path):
+        print(f"WARNING: the last line of {self.path} was cut short (a stopped writer); it is kept on its own line "
+              "and skipped by readers", flush=True)
+    except OSError as error:
+      raise fileio.EnvironmentFailure(f"metrics: cannot write {self.path}: {fileio.describe(error)}",
+                                      error.errno) from None
+    self._identity = FileIdentity(self.path, handle)
+    return handle
+
+  def _check_file(self) -> None:
+    """The path still names the file this writer appends to. Deleted or replaced (by a user, a clean-up script,
+    a sync tool): every later record would go to an unlinked inode and be lost with exit 0; so reopen the path
+    with a warning (the records before are whatever the path holds now). A directory there: stop in one line."""
+    if self._identity.changed():
+      self._jsonl.close()
+      print(f"WARNING: {self.path} was deleted or replaced while the run wrote it; later records go to the file "
+            "now at that path (records written before are not in it)", flush=True)
+      self._jsonl = self._open()
 
   def write(self, step: int, kind: str, values: Mapping[str, Any], moe: Mapping[int, Any] | None = None) -> None:
     """`kind` is 'train' or 'eval'; `values` are scalars or arrays, `moe` maps block index -> MoeAux (host
@@ -75,7 +111,12 @@ class MetricWriter:
     blocks = {block: block_stats(aux) for block, aux in sorted((moe or {}).items())}
     if blocks:
       record["moe"] = [{"block": block, **stats} for block, stats in blocks.items()]
-    self._jsonl.write(json.dumps(record) + "\n")
+    self._check_file()
+    try:
+      self._jsonl.write(json.dumps(record) + "\n")
+    except OSError as error:  # ENOSPC, EIO: one line naming the file, not a traceback per record
+      raise fileio.EnvironmentFailure(f"metrics: cannot write {self.path}: {fileio.describe(error)}",
+                                      error.errno) from None
     tags = [(tensorboard_name(kind, k), v) for k, v in record.items() if k not in ("step", "kind", "time", "moe")]
     tags += [(tensorboard_name(kind, k, block), v) for block, stats in blocks.items() for k, v in stats.items()]
     for tag, value in tags:
@@ -84,7 +125,10 @@ class MetricWriter:
 
   def close(self) -> None:
     if self.enabled:
-      self._jsonl.close()
+      try:
+        self._jsonl.close()
+      except OSError:  # the failed write was reported already; closing must not raise a second error
+        pass
       self._tensorboard.close()
 
 
@@ -94,6 +138,8 @@ class RunMetrics:
 
   train: dict[int, dict]
   eval: dict[int, dict]
+  # 1-based numbers of the lines that are not whole records (cut short by a stopped writer), skipped.
+  damaged_lines: tuple[int, ...] = ()
 
   def series(self, key: str, kind: str = "train") -> dict[int, Any]:
     """step -> value of `key` for every record of `kind` that has it."""
@@ -115,14 +161,29 @@ class RunMetrics:
     return out
 
 
-def read_metrics(workdir: str) -> RunMetrics:
-  """The one reader of `<workdir>/metrics.jsonl` (either record format, see `_per_block`)."""
+def read_metrics(workdir: str, *, warn: bool = True) -> RunMetrics:
+  """The one reader of `<workdir>/metrics.jsonl` (either record format, see `_per_block`).
+
+  A line that is not a whole JSON record (the torn last record of a process stopped mid-write, or one that an
+  older writer appended a record to) is skipped, listed in `damaged_lines` and, with `warn`, reported on stderr
+  in one line. FileNotFoundError if the file is missing.
+  """
   by_kind: dict[str, dict[int, dict]] = {"train": {}, "eval": {}}
-  with open(os.path.join(workdir, METRICS_FILE)) as f:
-    for line in f:
-      record = _per_block(json.loads(line))
-      by_kind[record["kind"]][record["step"]] = record
-  return RunMetrics(train=by_kind["train"], eval=by_kind["eval"])
+  damaged = []
+  path = os.path.join(workdir, METRICS_FILE)
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = _per_block(json.loads(line))
+        by_kind[record["kind"]][record["step"]] = record
+      except (json.JSONDecodeError, AttributeError, KeyError, TypeError):
+        damaged.append(number)
+  if damaged and warn:
+    print(f"WARNING: {path}: skipped {len(damaged)} damaged line(s) {damaged[:5]} (records cut short by a stopped "
+          "writer)", file=sys.stderr, flush=True)
+  return RunMetrics(train=by_kind["train"], eval=by_kind["eval"], damaged_lines=tuple(damaged))
 
 
 _LEGACY_BLOCK_KEY = re.compile(r"layer(\d+)/(.+)")

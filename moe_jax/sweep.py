@@ -12,23 +12,33 @@ results/<sweep>/
                               ("routing": [{"block": 1, "dropped_token_fraction": [...], ...}, ...]) its
                               routing metrics at the same steps, and its per-expert vectors at the last
                               training record ("at_end": {"step": s, "expert_selection": [E], ...})
+
+Faults (docs/faults.md). Every result file is written atomically (`moe_jax.fileio`), so a full disk or a kill
+leaves the previous version. A second sweep over the same runs is refused (a lock per run under
+`<workdir_root>/<sweep>/.locks/`, released however the holder ends). A run refused for its config or input is
+reported in one line and the other runs go on; the machine failing (full disk, I/O error) stops the sweep in one
+line (`fileio.EnvironmentFailure`). A result.json that is not whole JSON counts as unfinished: the run resumes.
+A run's wall time sums every invocation that ended with a result (`invocations` in result.json).
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import dataclasses
 import json
 import os
 import shlex
 import subprocess
+import sys
+import time
 from typing import Any, Callable
 
 import ml_collections
 import numpy as np
 
-from moe_jax import config_lib, flops, resolve
+from moe_jax import config_lib, fileio, flops, resolve
 from moe_jax import metrics as metrics_lib
+from moe_jax.workdir import DirectoryLock, check_workdir
 
 RESULT_FILE = "result.json"
 CURVE_STRIDE = 5  # keep every 5th training record in curves.json (the full JSONL stays in the workdir)
@@ -57,15 +67,29 @@ def run_workdir(workdir_root: str, sweep: ml_collections.ConfigDict, run: ml_col
 
 
 FINAL_STATUSES = ("completed", "diverged")
+LOCK_DIR = ".locks"  # <workdir_root>/<sweep>/.locks/<run>.lock: which sweep process owns a run
+
+
+def read_result(workdir: str) -> dict | None:
+  """The run's result.json, or None when there is none or it is not whole JSON (written in place by older code
+  and cut short): then the run counts as unfinished, with a warning, and a rerun resumes it from its checkpoint
+  instead of crashing."""
+  path = os.path.join(workdir, RESULT_FILE)
+  try:
+    result = fileio.read_json(path)
+  except FileNotFoundError:
+    return None
+  except ValueError as error:
+    print(f"WARNING: {error}; the run counts as unfinished (resumed from its checkpoint when the sweep runs)",
+          file=sys.stderr, flush=True)
+    return None
+  return result if isinstance(result, dict) else None
 
 
 def run_status(workdir: str) -> str | None:
   """'completed', 'diverged', 'preempted', 'stopped', or None when the run never finished a call."""
-  path = os.path.join(workdir, RESULT_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f).get("status")
+  result = read_result(workdir)
+  return None if result is None else result.get("status")
 
 
 def is_finished(workdir: str) -> bool:
@@ -83,40 +107,92 @@ def commands(sweep: ml_collections.ConfigDict, sweep_arg: str, workdir_root: str
   return lines
 
 
+@contextlib.contextmanager
+def _lock_runs(workdir_root: str, sweep: ml_collections.ConfigDict, runs: list):
+  """Hold the lock of every run in `runs` for the whole sweep: a second sweep over any of them (same
+  workdir_root, the same or an overlapping --only) is refused at once, naming the holder; disjoint --only
+  commands (one per run on a cluster) do not block each other."""
+  directory = os.path.join(workdir_root, sweep.name, LOCK_DIR)
+  try:
+    os.makedirs(directory, exist_ok=True)
+  except OSError as error:
+    raise ValueError(f"--workdir_root={workdir_root!r}: cannot create {directory} "
+                     f"({fileio.describe(error)})") from None
+  with contextlib.ExitStack() as stack:
+    for run in runs:
+      stack.enter_context(DirectoryLock(
+          os.path.join(directory, f"{run.name}.lock"), what=f"run {run.name} of sweep {sweep.name} under "
+          f"--workdir_root={workdir_root}", hint="another sweep is running it; wait for that sweep to end"))
+    yield
+
+
+def _record_result(workdir: str, outcome: dict, commit: str, wall_time_s: float) -> None:
+  """Write result.json (atomically) for one invocation of a run, carrying over the earlier invocations so that
+  `wall_time_s` is the run's total: a preempted and resumed run spent the time of every invocation."""
+  previous = read_result(workdir) or {}
+  invocations = list(previous.get("invocations", []))
+  if not invocations and "wall_time_s" in previous:  # written before invocations were recorded
+    invocations = [{"status": previous.get("status"), "wall_time_s": previous["wall_time_s"],
+                    "commit": previous.get("commit")}]
+  this = outcome.get("wall_time_s")
+  invocations.append({"status": outcome["status"], "wall_time_s": wall_time_s if this is None else this,
+                      "commit": commit, "ended": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())})
+  outcome.update(commit=commit, invocations=invocations,
+                 wall_time_s=sum(invocation["wall_time_s"] for invocation in invocations))
+  fileio.write_json(os.path.join(workdir, RESULT_FILE), outcome)
+
+
 def run_sweep(
     sweep: ml_collections.ConfigDict,
     build_config: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict],
     workdir_root: str,
     *,
     only: tuple[str, ...] = (),
-) -> None:
-  """Train every run (or those named in `only`) in sequence, skipping finished ones. Each result.json records
-  the commit of the code that trained it (`code_commit`)."""
+) -> dict[str, str]:
+  """Train every run (or those named in `only`) in sequence, skipping finished ones; returns {run name: reason}
+  for the runs refused (bad config or input, one line each, printed as they happen) while the others went on.
+
+  Each result.json records the commit of the code that trained it (`code_commit`). The machine failing (a full
+  disk, an I/O error, a failed checkpoint save) stops the sweep: `fileio.EnvironmentFailure`, one line.
+  """
   from moe_jax import train  # heavy: not needed to print commands or aggregate
+  from moe_jax.checkpoint import CheckpointError
 
   unknown = set(only) - {run.name for run in sweep.runs}
   if unknown:
     raise ValueError(f"--only names runs not in sweep {sweep.name}: {sorted(unknown)}")
   selected = [run for run in sweep.runs if not only or run.name in only]
   commit = code_commit()
-  for index, run in enumerate(selected, 1):
-    workdir = run_workdir(workdir_root, sweep, run)
-    if is_finished(workdir):
-      print(f"[{index}/{len(selected)}] {run.name}: finished earlier, skipped", flush=True)
-      continue
-    print(f"[{index}/{len(selected)}] {run.name} -> {workdir}", flush=True)
-    try:
-      outcome = dataclasses.asdict(train.train_and_evaluate(build_config(run), workdir))
-    except train.NonFiniteLossError as error:  # a diverged run is a result (Switch Table 3), not a crash
-      print(f"  {run.name} diverged: {error}", flush=True)
-      outcome = {"status": "diverged", "error": str(error)}
-    outcome["commit"] = commit
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, RESULT_FILE), "w") as f:
-      json.dump(outcome, f)
-    if outcome["status"] == "preempted":
-      print("preempted: stopping the sweep; run the same command again to continue", flush=True)
-      return
+  refused: dict[str, str] = {}
+  with _lock_runs(workdir_root, sweep, selected):
+    for index, run in enumerate(selected, 1):
+      workdir = run_workdir(workdir_root, sweep, run)
+      if is_finished(workdir):
+        print(f"[{index}/{len(selected)}] {run.name}: finished earlier, skipped", flush=True)
+        continue
+      print(f"[{index}/{len(selected)}] {run.name} -> {workdir}", flush=True)
+      start = time.perf_counter()
+      try:
+        check_workdir(workdir)  # every entry the right type, before the trainer or this loop writes one
+        outcome = dataclasses.asdict(train.train_and_evaluate(build_config(run), workdir))
+      except train.NonFiniteLossError as error:  # a diverged run is a result (Switch Table 3), not a crash
+        print(f"  {run.name} diverged: {error}", flush=True)
+        outcome = {"status": "diverged", "error": str(error)}
+      except (ValueError, FileNotFoundError) as error:  # refused before training: the next runs go on
+        refused[run.name] = str(error).strip().splitlines()[0]
+        print(f"  {run.name} refused: {refused[run.name]}", flush=True)
+        continue
+      except (OSError, CheckpointError) as error:  # the machine failed: every later run would fail the same way
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        raise fileio.EnvironmentFailure(f"sweep {sweep.name} stopped at run {run.name}: {reason}") from error
+      if outcome["status"] == "already_finished":  # result.json was lost or damaged after the run completed
+        outcome["status"] = "completed"
+      os.makedirs(workdir, exist_ok=True)
+      _record_result(workdir, outcome, commit, time.perf_counter() - start)
+      if outcome["status"] == "preempted":
+        print("preempted: stopping the sweep; run the same command again to continue", flush=True)
+        return refused
+  return refused
 
 
 def steps_to_reach(evals: dict[int, float], target: float) -> float | None:
@@ -164,8 +240,13 @@ def aggregate(
   sweep continued elsewhere adds to its committed results instead of dropping them. Steps to the dense loss are
   recomputed over all rows.
   """
+  out = os.path.join(results_root, sweep.name)
+  try:
+    os.makedirs(out, exist_ok=True)
+  except OSError as error:
+    raise ValueError(f"--results_root={results_root!r}: cannot create {out} ({fileio.describe(error)})") from None
   committed_rows, committed_curves = _committed(sweep, results_root)
-  rows, curves = [], {}
+  rows, curves, incomplete = [], {}, []
   for run in sweep.runs:
     workdir = run_workdir(workdir_root, sweep, run)
     if not is_finished(workdir):
@@ -175,13 +256,30 @@ def aggregate(
           curves[run.name] = committed_curves[run.name]
       continue
     config = build_config(run)
-    with open(os.path.join(workdir, RESULT_FILE)) as f:
-      result = json.load(f)
+    result = read_result(workdir)
+    identity = {"run": run.name, "group": run.group, "seed": run.seed, "base": run.base}
     if result["status"] == "diverged":
-      rows.append({"run": run.name, "group": run.group, "seed": run.seed, "base": run.base, "status": "diverged",
-                   "error": result["error"]})
+      rows.append({**identity, "status": "diverged", "error": result["error"]})
       continue
-    run_metrics = metrics_lib.read_metrics(workdir)
+    try:
+      run_metrics = metrics_lib.read_metrics(workdir)
+    except OSError as error:  # finished, but its metrics.jsonl was deleted, moved or made unreadable since
+      problem = f"its {metrics_lib.METRICS_FILE} cannot be read ({fileio.describe(error)})"
+      run_metrics = None
+    else:
+      problem = None if run_metrics.eval else f"its {metrics_lib.METRICS_FILE} holds no evaluation record"
+    if problem:  # never silently left out: its committed row stays, else it is listed as incomplete
+      kept = run.name in committed_rows
+      message = (f"run {run.name} finished but {problem} in {workdir}: "
+                 + ("its committed row is kept" if kept else "listed under 'incomplete' in summary.json"))
+      print(f"WARNING: {message}", file=sys.stderr, flush=True)
+      if kept:
+        rows.append(committed_rows[run.name])
+        if run.name in committed_curves:
+          curves[run.name] = committed_curves[run.name]
+      else:
+        incomplete.append({**identity, "status": "incomplete", "error": message})
+      continue
     train, evals = run_metrics.train, run_metrics.series("cross_entropy", kind="eval")
     model_cfg = config_lib.model_config(config, vocab_size=_vocab_size(config))
     per_token = resolve.train_flops_per_token(config, model_cfg)
@@ -211,17 +309,12 @@ def aggregate(
   diverged = [row for row in rows if row["status"] == "diverged"]
   rows = [row for row in rows if row["status"] == "completed"]
   _add_steps_to_dense(rows, curves)
-  out = os.path.join(results_root, sweep.name)
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "summary.json"), "w") as f:
-    json.dump({"sweep": sweep.name, "runs": rows, "diverged": diverged}, f, indent=1)
-  with open(os.path.join(out, "curves.json"), "w") as f:
-    json.dump(curves, f)
+  # Each file whole or not at all: a full disk here used to leave an empty curves.json (a committed one too).
+  fileio.write_json(os.path.join(out, "summary.json"),
+                    {"sweep": sweep.name, "runs": rows, "diverged": diverged, "incomplete": incomplete}, indent=1)
+  fileio.write_json(os.path.join(out, "curves.json"), curves)
   if rows:
-    with open(os.path.join(out, "summary.csv"), "w", newline="") as f:
-      writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-      writer.writeheader()
-      writer.writerows(rows)
+    fileio.write_csv(os.path.join(out, "summary.csv"), rows, fieldnames=list(rows[0]))
   return rows
 
 
@@ -229,12 +322,12 @@ def _committed(sweep: ml_collections.ConfigDict, results_root: str) -> tuple[dic
   """(rows by run name, curves by run name) of the sweep's results already in `results_root`; empty if none."""
   out = os.path.join(results_root, sweep.name)
   try:
-    with open(os.path.join(out, "summary.json")) as f:
-      summary = json.load(f)
-    with open(os.path.join(out, "curves.json")) as f:
-      curves = json.load(f)
+    summary = fileio.read_json(os.path.join(out, "summary.json"))
+    curves = fileio.read_json(os.path.join(out, "curves.json"))
   except FileNotFoundError:
     return {}, {}
+  except ValueError as error:  # rewriting would drop the committed rows it holds: refuse instead
+    raise ValueError(f"{error} Restore it (e.g. `git checkout -- {out}`) before aggregating again") from None
   rows = {row["run"]: row for row in summary["runs"] + summary["diverged"]}
   return rows, curves
 

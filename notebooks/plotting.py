@@ -21,6 +21,8 @@ matplotlib.use("Agg")  # headless: notebooks run under nbclient in tests and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from moe_jax import fileio  # noqa: E402
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DENSE_COLOR = "black"
 
@@ -176,7 +178,8 @@ def band(ax, steps, mean, lo, hi, *, color, label, **kwargs) -> None:
 def save(fig, name: str) -> pathlib.Path:
   """Write the figure as <figures>/<name>.png and say where."""
   path = figures_dir() / f"{name}.png"
-  fig.savefig(path, dpi=110, bbox_inches="tight")
+  with fileio.atomic_write(path, "wb") as f:  # a committed figure is replaced whole or kept
+    fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
   print(f"saved {path}")
   return path
 

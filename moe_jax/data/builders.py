@@ -19,22 +19,38 @@ Split: a file is in `validation` iff sha256(relative path) / 2**64 < validation_
 function of the path, so every machine and every run agrees. Raising the fraction only moves
 files from train to validation, never back.
 
+Disjoint splits. A document must not be in both splits under two names. The walk of `text_dir`
+follows symlinks but never enters a directory it has already walked (a symlink loop once turned
+20 files into 820), reads a file reached through several links once, and keeps one file of each
+content (sha256; empty files, which hold no text, all stay): so the splits are disjoint by content, by
+construction, and preparation checks it.
+The stdlib corpus is pinned by committed results and kept as it is: its walk follows no symlinks,
+so each file is in one split, but a few files are byte-identical (empty `__init__.py` files).
+
 Cache: prepared builders live under `data_dir/<builder>/<config>/<version>/`, `data_dir` being
 `data.data_dir`, else $MOE_JAX_DATA_DIR, else $XDG_CACHE_HOME/moe_jax/tfds (~/.cache/moe_jax/tfds).
 The config name carries the validation fraction and a fingerprint of the file list (paths and
-sizes, plus mtimes for `text_dir`), so a changed corpus is prepared afresh instead of served
-stale. Preparation takes a file lock, so processes sharing a disk prepare once.
+sizes, plus each file's sha256 for `text_dir`), so a changed corpus is prepared afresh instead of
+served stale. Preparation takes a file lock, so processes sharing a disk prepare once. The
+prepared files' sha256 are recorded next to them (`INTEGRITY_FILE`) and checked at every use: a
+prepared copy that was damaged since is prepared again, with a warning.
+
+Limits. One file is one example, read whole into memory and stored as one record; files over
+`MAX_FILE_BYTES` are refused with their size (split them). A data_dir that cannot be written is
+refused naming data.data_dir; one that fills up while preparing is `fileio.EnvironmentFailure`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
-import glob as glob_lib
 import hashlib
 import importlib
 import os
+import re
+import shutil
 import sys
 import sysconfig
 import time
@@ -44,10 +60,19 @@ from typing import Any
 from absl import logging
 import tensorflow_datasets as tfds
 
+from moe_jax import fileio
+
 SPLITS = ("train", "validation")
 DEFAULT_VALIDATION_FRACTION = 0.02
 # Directory names never descended into when listing the standard library.
 _STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+# A file is one example, held in memory whole (several times over while TFDS encodes it) and stored as one
+# protobuf record (2 GiB at most): larger files are refused with their size instead of exhausting memory.
+MAX_FILE_BYTES = 256 * 2**20
+# Next to a prepared builder's files: their sha256, checked at every use (`_verify_prepared`).
+INTEGRITY_FILE = "moe_jax_integrity.json"
+# Empty files share this content but hold no text, so they can be in both splits without leaking any.
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -104,6 +129,8 @@ class FilesConfig(tfds.core.BuilderConfig):
   validation_fraction: float = DEFAULT_VALIDATION_FRACTION
   # Hidden from repr: TFDS logs the config, and the list has thousands of entries.
   relative_paths: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+  # sha256 of each file's bytes, aligned with relative_paths (text_dir); empty when not hashed (stdlib).
+  content_hashes: tuple[str, ...] = dataclasses.field(default=(), repr=False)
 
 
 class _FilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -133,10 +160,9 @@ class _FilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
     cfg = self.builder_config
-    return {
-        split: self._generate_examples(paths)
-        for split, paths in split_files(cfg.relative_paths, cfg.validation_fraction).items()
-    }
+    splits = split_files(cfg.relative_paths, cfg.validation_fraction)
+    check_disjoint(cfg, splits)
+    return {split: self._generate_examples(paths) for split, paths in splits.items()}
 
   def _generate_examples(self, relative_paths):
     root = self.builder_config.root
@@ -185,40 +211,137 @@ def stdlib_config(validation_fraction: float = DEFAULT_VALIDATION_FRACTION) -> F
       root=root, validation_fraction=validation_fraction, relative_paths=tuple(paths))
 
 
+def check_disjoint(config: FilesConfig, splits: Mapping[str, Sequence[str]]) -> None:
+  """ValueError unless no content (sha256, `config.content_hashes`) and no file (real path) is in both splits.
+  A config without hashes (the pinned stdlib corpus, see the module docstring) is not checked."""
+  if not config.content_hashes:
+    return
+  digest = dict(zip(config.relative_paths, config.content_hashes))
+
+  def identities(paths):
+    found = {os.path.realpath(os.path.join(config.root, p)): p for p in paths}
+    found.update({digest[p]: p for p in paths if digest[p] != _EMPTY_SHA256})
+    return found
+
+  train, validation = identities(splits["train"]), identities(splits["validation"])
+  shared = sorted(set(train) & set(validation))
+  if shared:
+    raise ValueError(f"the train and validation splits of {config.root} share {len(shared)} document(s), e.g. "
+                     f"{train[shared[0]]!r} and {validation[shared[0]]!r}")
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+  """The relative paths `glob.glob(pattern, recursive=True)` matches, as a regex over '/'-joined paths: '**' is
+  any number of directories, '*', '?' and '[...]' stay within one name, and no wildcard matches a leading dot.
+  (`glob` itself follows symlink loops: `walk_files` lists the files, this decides which match.)"""
+  parts = []
+  segments = pattern.split("/")
+  for number, segment in enumerate(segments, 1):
+    last = number == len(segments)
+    if segment == "**":  # zero or more directories; last, also the file below them
+      parts.append(r"(?:(?!\.)[^/]*/)*" + (r"(?!\.)[^/]+" if last else ""))
+      continue
+    out = "" if segment.startswith(".") else r"(?!\.)"
+    i = 0
+    while i < len(segment):
+      char = segment[i]
+      close = segment.find("]", i + 2 if segment[i + 1:i + 2] == "!" else i + 1) if char == "[" else -1
+      if char == "*":
+        out += "[^/]*"
+      elif char == "?":
+        out += "[^/]"
+      elif close > i + 1:  # a class such as [a-z] or [!0-9]; without its ']' a '[' is literal
+        body = segment[i + 1:close]
+        out += "[" + ("^" + body[1:] if body.startswith("!") else body).replace("\\", "\\\\") + "]"
+        i = close
+      else:
+        out += re.escape(char)
+      i += 1
+    parts.append(out + ("" if last else "/"))
+  return re.compile("".join(parts))
+
+
+def walk_files(root: str) -> list[str]:
+  """Every regular file under `root` ('/'-joined relative paths, sorted), following symlinks to directories but
+  never into a directory already walked (a symlink loop, or two links to one folder), and naming a file reached
+  by several paths once (its first path in walk order)."""
+  seen_dirs, seen_files, paths = set(), set(), []
+  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    status = os.stat(dirpath)
+    seen_dirs.add((status.st_dev, status.st_ino))
+    kept = []
+    for name in sorted(dirnames):
+      try:
+        child = os.stat(os.path.join(dirpath, name))
+      except OSError:  # a dangling link or a loop of links: not a directory to walk
+        continue
+      if (child.st_dev, child.st_ino) not in seen_dirs:
+        seen_dirs.add((child.st_dev, child.st_ino))
+        kept.append(name)
+    dirnames[:] = kept
+    for name in sorted(filenames):
+      path = os.path.join(dirpath, name)
+      try:
+        status = os.stat(path)
+      except OSError:
+        continue
+      if os.path.isfile(path) and (status.st_dev, status.st_ino) not in seen_files:
+        seen_files.add((status.st_dev, status.st_ino))
+        paths.append(os.path.relpath(path, root).replace(os.sep, "/"))
+  return sorted(paths)
+
+
+def _sha256(path: str) -> str | None:
+  """The file's sha256, read in blocks (never whole); None if it cannot be read."""
+  try:
+    with open(path, "rb") as f:
+      digest = hashlib.sha256()
+      while block := f.read(2**20):
+        digest.update(block)
+      return digest.hexdigest()
+  except OSError:
+    return None
+
+
 def text_dir_config(
     text_dir: str, text_glob: str, validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
 ) -> FilesConfig:
   """The config of the files under `text_dir` (an existing directory: `config_lib.DataConfig` checks it)
-  matching `text_glob` ('**' recurses)."""
+  matching `text_glob` ('**' recurses), one per content (see the module docstring)."""
   root = os.path.realpath(os.path.expanduser(text_dir))
-  matches = glob_lib.glob(text_glob, root_dir=root, recursive=True)
-  paths = sorted(p.replace(os.sep, "/") for p in matches if os.path.isfile(os.path.join(root, p)))
+  matcher = _glob_regex(text_glob)
+  paths = [p for p in walk_files(root) if matcher.fullmatch(p)]
   if not paths:
     raise ValueError(f"data.text_dir={text_dir!r} has no files matching data.text_glob={text_glob!r}")
-  if len(paths) < 2:
+  sizes = {p: os.path.getsize(os.path.join(root, p)) for p in paths}
+  too_big = sorted((p for p in paths if sizes[p] > MAX_FILE_BYTES), key=lambda p: -sizes[p])
+  if too_big:
     raise ValueError(
-        f"data.text_dir={text_dir!r} has 1 file matching data.text_glob={text_glob!r}; the train/validation "
-        "split is by file, so split the text into several files")
-  unreadable = [p for p in paths if not _readable(os.path.join(root, p))]
+        f"data.text_dir={text_dir!r}: {len(too_big)} file(s) over {MAX_FILE_BYTES / 2**20:.0f} MiB, e.g. "
+        f"{too_big[0]!r} ({sizes[too_big[0]] / 2**20:.1f} MiB): a file is one document, read into memory whole; "
+        "split it into smaller files")
+  hashes = {p: _sha256(os.path.join(root, p)) for p in paths}
+  unreadable = [p for p in paths if hashes[p] is None]
   if unreadable:
     raise ValueError(f"data.text_dir={text_dir!r}: {len(unreadable)} of the {len(paths)} files matching "
                      f"data.text_glob={text_glob!r} cannot be read, e.g. {unreadable[:3]}")
-  stats = [os.stat(os.path.join(root, p)) for p in paths]
-  fingerprint = _fingerprint([root, text_glob] + [(p, s.st_size, s.st_mtime_ns) for p, s in zip(paths, stats)])
+  first_of = {}
+  for p in paths:  # sorted: the first path of each content is kept, on every machine
+    first_of.setdefault(p if hashes[p] == _EMPTY_SHA256 else hashes[p], p)
+  if len(first_of) < len(paths):
+    logging.warning("data.text_dir=%r: %d of the %d files repeat the content of another and are read once",
+                    text_dir, len(paths) - len(first_of), len(paths))
+  paths = sorted(first_of.values())
+  if len(paths) < 2:
+    raise ValueError(
+        f"data.text_dir={text_dir!r} has 1 distinct file matching data.text_glob={text_glob!r}; the "
+        "train/validation split is by file, so split the text into several files")
+  fingerprint = _fingerprint([root, text_glob] + [(p, sizes[p], hashes[p]) for p in paths])
   return FilesConfig(
       name=f"val{float(validation_fraction)!r}-{fingerprint}",
       description=f"{len(paths)} files matching {text_glob!r} under {root}.",
-      root=root, validation_fraction=validation_fraction, relative_paths=tuple(paths))
-
-
-def _readable(path: str) -> bool:
-  """Can the file be opened and read (checked before preparation, which would fail minutes later)?"""
-  try:
-    with open(path, "rb") as f:
-      f.read(1)
-    return True
-  except OSError:
-    return False
+      root=root, validation_fraction=validation_fraction, relative_paths=tuple(paths),
+      content_hashes=tuple(hashes[p] for p in paths))
 
 
 @contextlib.contextmanager
@@ -232,18 +355,89 @@ def _file_lock(path: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def prepare(builder_cls: type[_FilesBuilder], config: FilesConfig, data_dir: str | None = None) -> _FilesBuilder:
-  """The builder for `config`, prepared under `data_dir` (once; later calls reuse the files)."""
-  data_dir = os.path.expanduser(data_dir or default_data_dir())
-  os.makedirs(data_dir, exist_ok=True)
-  with _file_lock(os.path.join(data_dir, f".{builder_cls.name}-{config.name}.lock")):
-    # Built inside the lock, so it sees whatever another process finished meanwhile.
+def _prepared_files(directory: str) -> dict[str, str]:
+  """{name: sha256} of the files of a prepared builder version directory (`INTEGRITY_FILE` aside)."""
+  return {name: _sha256(os.path.join(directory, name)) for name in sorted(os.listdir(directory))
+          if name != INTEGRITY_FILE and os.path.isfile(os.path.join(directory, name))}
+
+
+def _verify_prepared(builder: _FilesBuilder) -> str | None:
+  """None if the prepared files are those recorded when they were made, else what differs. A copy prepared
+  before checksums were recorded gets its record now (nothing to compare it with)."""
+  directory = builder.data_dir
+  record = os.path.join(directory, INTEGRITY_FILE)
+  files = _prepared_files(directory)
+  try:
+    recorded = fileio.read_json(record)["files"]
+  except FileNotFoundError:
+    with contextlib.suppress(OSError):  # a read-only data_dir: nothing recorded, nothing checked
+      fileio.write_json(record, {"files": files}, indent=1)
+    return None
+  except (ValueError, KeyError, TypeError):
+    return f"its checksum record {record} is damaged"
+  differing = sorted(name for name in set(recorded) | set(files) if recorded.get(name) != files.get(name))
+  if differing:
+    return f"{len(differing)} of its files are missing or changed since it was prepared, e.g. {differing[0]}"
+  return None
+
+
+def _refuse_data_dir(data_dir: str, error: OSError, doing: str):
+  """The one-line error for a data_dir that failed while `doing`: the machine (full, I/O) or the input."""
+  if error.errno in fileio.ENVIRONMENT_ERRNOS:
+    raise fileio.EnvironmentFailure(
+        f"data.data_dir={data_dir!r}: {fileio.describe(error)} while {doing}; free space there or set "
+        "data.data_dir (or $MOE_JAX_DATA_DIR) to another disk", error.errno) from None
+  raise ValueError(f"data.data_dir={data_dir!r} cannot be used for {doing} ({fileio.describe(error)}); set "
+                   "data.data_dir (or $MOE_JAX_DATA_DIR) to a writable directory") from None
+
+
+def _open_prepared(builder_cls: type[_FilesBuilder], config: FilesConfig, data_dir: str) -> _FilesBuilder:
+  """The builder, after moving away a prepared copy that is damaged (its files changed since they were
+  recorded, or its dataset_info unreadable): such a copy is prepared again, with a warning."""
+  version_dir = os.path.join(data_dir, builder_cls.name, config.name, str(builder_cls.VERSION))
+  try:
     builder = builder_cls(config=config, data_dir=data_dir)
+    damage = _verify_prepared(builder) if builder.is_prepared() else None
+  except OSError:
+    raise
+  except Exception as error:  # pylint: disable=broad-except  # TFDS parsing a damaged dataset_info.json
+    damage = f"its dataset info cannot be read: {type(error).__name__}"
+  if damage:
+    print(f"WARNING: the prepared data set at {version_dir} is damaged ({damage}); preparing it again",
+          file=sys.stderr, flush=True)
+    shutil.rmtree(version_dir)
+    builder = builder_cls(config=config, data_dir=data_dir)
+  return builder
+
+
+def prepare(builder_cls: type[_FilesBuilder], config: FilesConfig, data_dir: str | None = None) -> _FilesBuilder:
+  """The builder for `config`, prepared under `data_dir` (once; later calls reuse the files after checking
+  them, and prepare again if they were damaged). A read-only data_dir serves a copy already prepared there."""
+  data_dir = os.path.expanduser(data_dir or default_data_dir())
+  doing = f"preparing {builder_cls.name}/{config.name}"
+  check_disjoint(config, split_files(config.relative_paths, config.validation_fraction))  # at every use
+  with contextlib.ExitStack() as stack:
+    try:
+      os.makedirs(data_dir, exist_ok=True)
+      stack.enter_context(_file_lock(os.path.join(data_dir, f".{builder_cls.name}-{config.name}.lock")))
+    except OSError as error:
+      if os.path.isdir(data_dir) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        builder = builder_cls(config=config, data_dir=data_dir)
+        if builder.is_prepared():  # a shared read-only copy: used unlocked (nobody can write there either)
+          return builder
+      _refuse_data_dir(data_dir, error, doing)
+    # Opened inside the lock, so it sees whatever another process finished meanwhile.
+    builder = _open_prepared(builder_cls, config, data_dir)
     if not builder.is_prepared():
       start = time.perf_counter()
-      builder.download_and_prepare(
-          file_format="array_record",
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+      try:
+        builder.download_and_prepare(
+            file_format="array_record",
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        fileio.write_json(os.path.join(builder.data_dir, INTEGRITY_FILE),
+                          {"files": _prepared_files(builder.data_dir)}, indent=1)
+      except OSError as error:
+        _refuse_data_dir(data_dir, error, doing)
       logging.info("Prepared %s/%s in %.1f s at %s", builder.name, config.name,
                    time.perf_counter() - start, builder.data_dir)
   return builder
