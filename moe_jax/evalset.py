@@ -44,6 +44,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from flax import nnx
+import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -358,15 +360,31 @@ def compare_documents(a: Sequence[EvalResult] | EvalResult, b: Sequence[EvalResu
                                          a[0].tokens, resamples=resamples, seed=seed, confidence=confidence)
 
 
-def token_cross_entropy_fn(model) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
-  """forward_fn for a decoder LM on one process: batch -> float32 [B, L] token cross-entropies (deterministic)."""
+@nnx.jit
+def token_cross_entropy(model: nnx.Module, batch: dict) -> jax.Array:
+  """float32 [B, L]: each target's cross-entropy in nats under a deterministic forward pass (no dropout, no
+  jitter; a capacity-limited MoE routes at its evaluation capacity factor). The per-token form of
+  `train.eval_step`, which sums the same numbers."""
+  logits, _ = models.forward(model, batch, deterministic=True)  # [B, L, V]
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
 
-  @nnx.jit
-  def token_cross_entropy(model, batch):
-    logits, _ = models.forward(model, batch, deterministic=True)  # [B, L, V]
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
 
-  return lambda batch: np.asarray(token_cross_entropy(model, batch))
+def token_cross_entropy_fn(model: nnx.Module, place: Callable[[dict], dict] | None = None
+                           ) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+  """forward_fn for `evaluate_documents`: a global batch -> float64 numpy [B, L] token cross-entropies.
+
+  `place` turns the numpy batch into the arrays the model runs on (the trainer: this process's rows of it, laid out
+  over the mesh); None runs it as it is, on one device. A result spread over several processes is gathered, so every
+  process gets the whole [B, L] and sums the same per-document losses.
+  """
+
+  def forward(batch: dict[str, np.ndarray]) -> np.ndarray:
+    losses = token_cross_entropy(model, place(batch) if place else batch)  # [B, L]
+    if not losses.is_fully_addressable:
+      losses = multihost_utils.process_allgather(losses, tiled=True)
+    return np.asarray(losses, np.float64)
+
+  return forward
 
 
 def main(argv: Sequence[str] | None = None) -> None:
