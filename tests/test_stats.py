@@ -58,3 +58,78 @@ def test_power_rises_with_pairs_and_refuses_a_study_without_an_interval():
     stats.paired_t_power(0.02, 0.012, 1)
   with pytest.raises(ValueError, match="sd"):
     stats.paired_t_power(0.02, 0.0, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# The bootstrap over documents (results/SCALING.md: intervals over the text).
+
+
+def test_identical_documents_give_a_zero_width_interval_at_their_mean():
+  # Dyadic values: every resampled sum is exact, so every resample's ratio is exactly 2.5 / 8.
+  interval = stats.document_bootstrap(np.full(40, 2.5), np.full(40, 8.0))
+  assert interval.mean == interval.low == interval.high == 2.5 / 8
+  assert interval.n == 40 and interval.resamples == stats.DEFAULT_RESAMPLES
+
+
+def test_the_mean_is_the_token_weighted_ratio_of_sums_and_lies_in_its_interval():
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(1, 500, size=60).astype(float)
+  nats = tokens * rng.uniform(1.0, 2.0, size=60)
+  interval = stats.document_bootstrap(nats, tokens)
+  assert interval.mean == pytest.approx(nats.sum() / tokens.sum())
+  assert interval.low < interval.mean < interval.high
+
+
+def test_a_shift_of_every_document_by_c_nats_per_token_is_a_paired_difference_of_exactly_c():
+  rng = np.random.default_rng(2)
+  tokens = rng.integers(1, 300, size=50).astype(float)
+  b = np.round(tokens * rng.uniform(1.0, 3.0, size=50) * 64) / 64  # multiples of 1/64: sums are exact
+  a = b + 0.25 * tokens
+  gap = stats.paired_document_bootstrap(a, b, tokens)
+  assert gap.mean == gap.low == gap.high == 0.25
+  assert gap.verdict("lower", "higher") == "higher"
+
+
+def test_paired_pairs_of_runs_average_their_differences_and_share_the_resampled_documents():
+  rng = np.random.default_rng(3)
+  tokens = rng.integers(10, 100, size=30).astype(float)
+  a = tokens * rng.uniform(1.0, 2.0, size=(4, 30))
+  b = tokens * rng.uniform(1.0, 2.0, size=(4, 30))
+  gap = stats.paired_document_bootstrap(a, b, tokens, resamples=200)
+  assert gap.mean == pytest.approx(np.mean((a - b).sum(axis=1) / tokens.sum()))
+  index = stats.resample_indices(30, 200)  # the same documents for all four pairs in each resample
+  by_hand = np.mean([(a[s][index] - b[s][index]).sum(axis=1) / tokens[index].sum(axis=1) for s in range(4)], axis=0)
+  assert (gap.low, gap.high) == pytest.approx(tuple(np.percentile(by_hand, [2.5, 97.5])))
+
+
+def test_the_interval_covers_the_true_mean_at_about_its_confidence():
+  # 300 evaluation sets of 60 documents with a per-document effect (tokens of one document share a mean): the 95%
+  # percentile interval of the ratio should cover the population ratio in about 95% of them (fixed seeds).
+  rng = np.random.default_rng(4)
+  covered = 0
+  for trial in range(300):
+    tokens = rng.integers(50, 2000, size=60).astype(float)
+    per_token = 1.5 + 0.3 * rng.standard_normal(60)  # the population mean of nats per token is 1.5
+    interval = stats.document_bootstrap(per_token * tokens, tokens, resamples=400, seed=trial)
+    covered += interval.low <= 1.5 <= interval.high
+  assert 0.90 <= covered / 300 <= 0.98
+
+
+def test_resampling_is_a_pure_function_of_its_seed():
+  nats, tokens = np.arange(1.0, 21.0), np.arange(2.0, 22.0)
+  assert stats.document_bootstrap(nats, tokens, seed=7) == stats.document_bootstrap(nats, tokens, seed=7)
+  assert stats.document_bootstrap(nats, tokens, seed=7) != stats.document_bootstrap(nats, tokens, seed=8)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: stats.document_bootstrap([1.0, 2.0], [1.0]), "two 1-d arrays of one length"),
+    (lambda: stats.document_bootstrap([1.0], [0.0]), "denominator must be >= 0 per document and > 0 in total"),
+    (lambda: stats.document_bootstrap([1.0], [1.0], resamples=0), "resamples=0 must be >= 1"),
+    (lambda: stats.document_bootstrap([1.0], [1.0], confidence=1.0), r"confidence=1.0 must be in \(0, 1\)"),
+    (lambda: stats.paired_document_bootstrap([[1.0, 2.0]], [1.0, 2.0], [1.0, 1.0]), "of one shape"),
+    (lambda: stats.paired_document_bootstrap([1.0, 2.0], [1.0, 2.0], [1.0]), "denominator \\[n\\]"),
+    (lambda: stats.resample_indices(0), "n=0 documents"),
+])
+def test_bootstraps_refuse_unmatched_or_empty_inputs_naming_the_argument(call, message):
+  with pytest.raises(ValueError, match=message):
+    call()
