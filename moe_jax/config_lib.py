@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from moe_jax import registry, routers
 from moe_jax.routers import family as family_lib
-from moe_jax.schema import (Rule, Section, at_least, boolean, check_value, choice, config_fields, field, finite,
-                            in_range, non_negative, one_of, positive, text)
+from moe_jax.schema import (Rule, Section, at_least, boolean, choice, config_fields, field, finite, in_range,
+                            non_negative, one_of, positive, text)
 
 if TYPE_CHECKING:
   import ml_collections
@@ -107,11 +107,9 @@ class MoeConfig(Section):
 
   def _check(self) -> None:
     """`decoder_router` (encoder-decoder only, see `ExperimentConfig`) differs from `router` when set; the router
-    family's own rules (`RouterFamily.check`; top_k: `k <= num_experts`, `num_expert_groups` divides
-    `num_experts`, `k <= topk_expert_groups * num_experts / num_expert_groups`, group_score='top2_sum' needs >= 2
-    experts per group; soft_moe: dispatch='einsum'); a shared option the router does not read, or a section of a
-    router not used, keeps its default; capacity factors > 0 unless dropless; a dropless dispatch ('dropless',
-    'ragged_dot', 'auto') needs dropless=True."""
+    family's own rules (`RouterFamily.check`, listed with its section below); a shared option the router does not
+    read, or a section of a router not used, keeps its default; capacity factors > 0 unless dropless; a dropless
+    dispatch ('dropless', 'ragged_dot', 'auto') needs dropless=True."""
     if self.decoder_router == self.router:
       raise ValueError(f"moe.decoder_router={self.decoder_router!r} repeats moe.router; leave it '' (the default)")
     used = (self.router, self.decoder_router) if self.decoder_router else (self.router,)
@@ -693,8 +691,11 @@ def config_docs() -> str:
     lines += _section_docs(section)
     if section is MoeConfig:
       lines += _router_docs()
-      for nested in MoeConfig.option_sections().values():
+      for name, nested in MoeConfig.option_sections().items():
         lines += _section_docs(nested)
+        check = routers.get(name).check.__doc__
+        if check:
+          lines += ["", "Rules with the other moe fields: " + " ".join(check.split())]
   return "\n".join(lines) + "\n"
 
 

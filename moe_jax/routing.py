@@ -1,7 +1,9 @@
 """Who goes where: pure routers for Mixture-of-Experts layers.
 
 Arrays in, arrays out: no Flax state, no global state, an explicit PRNG key wherever noise is drawn.
-Every router returns one `RoutingResult`; dispatch backends (`moe_jax.dispatch`) only read that.
+Every router returns one `RoutingResult`; dispatch backends (`moe_jax.dispatch`) only read that. The router
+families a config names (`moe.router`: each one's options, parameters and facts) are `moe_jax.routers`, one module
+each, which call these functions.
 
 Axis legend (used in names and shape comments throughout the package):
   G groups · S tokens per group · E experts · C capacity per expert · K choices per token ·

@@ -37,7 +37,7 @@ def _params(d_model: int, num_experts: int, options: SoftMoeOptions) -> dict[str
 
 
 def _check(moe, options: SoftMoeOptions) -> None:
-  """dispatch='einsum': the slot weights are dense [G, S, E, P], which no index-based backend takes."""
+  """`moe.dispatch='einsum'`: the slot weights are dense [G, S, E, P], which no index-based backend takes."""
   if moe.dispatch != "einsum":
     raise ValueError(f"moe.dispatch={moe.dispatch!r} must be 'einsum' for moe.router='soft_moe' (its dense slot "
                      "weights have no index form)")

@@ -53,8 +53,8 @@ class TopKOptions(Section):
 
 
 def _check(moe, options: TopKOptions) -> None:
-  """`k <= num_experts`; `num_expert_groups` divides `num_experts`, `k <= topk_expert_groups * experts per group`
-  and group_score='top2_sum' needs >= 2 experts per group."""
+  """`k <= moe.num_experts`; `num_expert_groups` divides `moe.num_experts`, `k <= topk_expert_groups * experts per
+  group` and group_score='top2_sum' needs >= 2 experts per group."""
   if options.k > moe.num_experts:
     raise ValueError(f"moe.top_k.k={options.k} must be in [1, moe.num_experts={moe.num_experts}]")
   if moe.num_experts % options.num_expert_groups:
