@@ -80,7 +80,8 @@ FEATURES = {
     "gqa": dict(num_kv_heads=2),
     "multi-query, tied": dict(num_kv_heads=1, tie_embeddings=True),
     "deepseekmoe-like": dict(moe_layer_interval=1, moe_start_block=1, activation="swiglu",
-                             moe=dict(num_experts=8, router="top_k", top_k=2, expert_d_ff=32, num_shared_experts=2)),
+                             moe=dict(num_experts=8, router="top_k", top_k=dict(k=2), expert_d_ff=32,
+                                      num_shared_experts=2)),
     "layernorm, shared of own width": dict(norm="layernorm", moe=dict(num_shared_experts=1, shared_expert_d_ff=48)),
     "hash layers, no router": dict(moe=dict(router="hash")),
 }
