@@ -62,7 +62,8 @@ def run(config: MoeConfig, mesh_shape: tuple[int, ...] | None, activation: str =
     (_, (out, aux)), (grad_params, grad_x) = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))(
         layer, x
     )
-    return out, aux, nnx.to_pure_dict(grad_params), grad_x, None if layer.router is None else layer.router[...]
+    router = getattr(layer, "router", None)  # hash layers hold no router
+    return out, aux, nnx.to_pure_dict(grad_params), grad_x, None if router is None else router[...]
 
   if mesh_shape is None:
     return compute()
