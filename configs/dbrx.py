@@ -14,7 +14,7 @@ SYSTEM = moe_systems.System(
     name="dbrx",
     model=dict(vocab_size=100352, d_model=6144, num_heads=48, num_kv_heads=8, head_dim=128, d_ff=10752,
                num_layers=40, max_seq_len=32768, moe_layer_interval=1, activation="swiglu", norm="layernorm"),
-    moe=dict(num_experts=16, router="top_k", top_k=4, renormalize=True, dropless=True),
+    moe=dict(num_experts=16, router="top_k", top_k=dict(k=4, renormalize=True), dropless=True),
     published_total=132e9, published_active=36e9,
 )
 

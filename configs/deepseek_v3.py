@@ -27,12 +27,13 @@ SYSTEM = moe_systems.System(
     name="deepseek-v3-style",
     model=dict(vocab_size=129280, d_model=7168, num_heads=128, head_dim=128, d_ff=18432, num_layers=61,
                max_seq_len=4096, moe_layer_interval=1, moe_start_block=3, activation="swiglu"),
-    moe=dict(num_experts=256, router="top_k", top_k=8, renormalize=True, expert_d_ff=2048, num_shared_experts=1,
-             dropless=True, score_function="sigmoid", routed_scaling=2.5, num_expert_groups=8, topk_expert_groups=4,
-             group_score="top2_sum", balancing_bias_rate=1e-3, sequence_aux_loss_weight=1e-4),
+    moe=dict(num_experts=256, router="top_k", expert_d_ff=2048, num_shared_experts=1, dropless=True,
+             top_k=dict(k=8, renormalize=True, score_function="sigmoid", routed_scaling=2.5, num_expert_groups=8,
+                        topk_expert_groups=4, group_score="top2_sum", balancing_bias_rate=1e-3,
+                        sequence_aux_loss_weight=1e-4)),
     published_total=671e9, published_active=37e9, not_modelled="multi-head latent attention",
     train=dict(aux_loss_weight=0.0),  # auxiliary-loss-free: the bias balances, the sequence-wise loss complements
-    cpu_moe=dict(num_expert_groups=4, topk_expert_groups=2),
+    cpu_moe=dict(top_k=dict(num_expert_groups=4, topk_expert_groups=2)),
 )
 
 

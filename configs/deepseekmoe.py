@@ -15,7 +15,7 @@ SYSTEM = moe_systems.System(
     name="deepseekmoe-16b",
     model=dict(vocab_size=102400, d_model=2048, num_heads=16, head_dim=128, d_ff=10944, num_layers=28,
                max_seq_len=4096, moe_layer_interval=1, moe_start_block=1, activation="swiglu"),
-    moe=dict(num_experts=64, router="top_k", top_k=6, expert_d_ff=1408, num_shared_experts=2),
+    moe=dict(num_experts=64, router="top_k", top_k=dict(k=6), expert_d_ff=1408, num_shared_experts=2),
     published_total=16.4e9, published_active=2.8e9,
 )
 

@@ -20,7 +20,7 @@ SYSTEM = moe_systems.System(
     name="glam-64b-64e",
     model=dict(vocab_size=256000, d_model=8192, num_heads=128, head_dim=128, d_ff=32768, num_layers=64,
                max_seq_len=1024, moe_layer_interval=2, activation="gelu"),
-    moe=dict(num_experts=64, router="top_k", top_k=2, capacity_factor=2.0),
+    moe=dict(num_experts=64, router="top_k", top_k=dict(k=2), capacity_factor=2.0),
     published_total=1.2e12, published_active=96.6e9, not_modelled="relative position bias",
 )
 

@@ -33,7 +33,7 @@ SYSTEM = moe_systems.System(
     name="mixtral-8x7b",
     model=dict(vocab_size=32000, d_model=4096, num_heads=32, num_kv_heads=8, head_dim=128, d_ff=14336,
                num_layers=32, max_seq_len=32768, moe_layer_interval=1, activation="swiglu"),
-    moe=dict(num_experts=8, router="top_k", top_k=2, renormalize=True, dropless=True),
+    moe=dict(num_experts=8, router="top_k", top_k=dict(k=2, renormalize=True), dropless=True),
     published_total=46.7e9, published_active=12.9e9,
 )
 

@@ -61,13 +61,14 @@ def _cpu(config, system: System):
   group = model["num_heads"] // (model.get("num_kv_heads") or model["num_heads"])  # query heads per kv head
   experts = min(moe["num_experts"], CPU_MAX_EXPERTS)
   # Experts per token scale with the expert count, but a top-k router stays top-k (k >= 2).
-  top_k = max(2, round(moe["top_k"] * experts / moe["num_experts"])) if moe.get("top_k", 1) > 1 else 1
+  k = moe.get("top_k", {}).get("k", 1)
+  top_k = max(2, round(k * experts / moe["num_experts"])) if k > 1 else 1
   ffn_ratio = model["d_ff"] / model["d_model"]
   config.model.update(dict(CPU_WIDTH, vocab_size=0, num_heads=heads, num_kv_heads=max(1, heads // group),
                            d_ff=int(CPU_WIDTH["d_model"] * ffn_ratio), num_layers=CPU_LAYERS,
                            moe_start_block=min(model.get("moe_start_block", 0), 1)))
   expert_ratio = (moe.get("expert_d_ff") or model["d_ff"]) / model["d_model"]
-  config.moe.update(dict(num_experts=experts, top_k=top_k,
+  config.moe.update(dict(num_experts=experts, top_k=dict(k=top_k),
                          expert_d_ff=max(8, int(CPU_WIDTH["d_model"] * expert_ratio)) if moe.get("expert_d_ff") else 0))
   config.moe.update(system.cpu_moe)
   if moe.get("shared_expert_d_ff"):

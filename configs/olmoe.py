@@ -13,7 +13,7 @@ SYSTEM = moe_systems.System(
     name="olmoe-1b-7b",
     model=dict(vocab_size=50304, d_model=2048, num_heads=16, head_dim=128, d_ff=1024, num_layers=16,
                max_seq_len=4096, moe_layer_interval=1, activation="swiglu"),
-    moe=dict(num_experts=64, router="top_k", top_k=8, dropless=True),
+    moe=dict(num_experts=64, router="top_k", top_k=dict(k=8), dropless=True),
     published_total=6.9e9, published_active=1.3e9, not_modelled="QK-norm",
 )
 

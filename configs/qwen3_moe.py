@@ -15,7 +15,7 @@ SYSTEM = moe_systems.System(
     name="qwen3-30b-a3b",
     model=dict(vocab_size=151936, d_model=2048, num_heads=32, num_kv_heads=4, head_dim=128, d_ff=768,
                num_layers=48, max_seq_len=32768, moe_layer_interval=1, activation="swiglu"),
-    moe=dict(num_experts=128, router="top_k", top_k=8, renormalize=True, dropless=True),
+    moe=dict(num_experts=128, router="top_k", top_k=dict(k=8, renormalize=True), dropless=True),
     published_total=30.5e9, published_active=3.3e9, not_modelled="QK-norm",
 )
 

@@ -1,7 +1,7 @@
 """Sparse upcycling of a dense run (Komatsuzaki et al. 2022): its newest checkpoint becomes step 0 of a MoE run.
 
   python experiments/upcycle.py --dense_workdir=/tmp/dense --config=configs/lm.py:switch-cpu \
-      --config.moe.router=top_k --config.moe.renormalize=True --workdir=/tmp/upcycled
+      --config.moe.router=top_k --config.moe.top_k.renormalize=True --workdir=/tmp/upcycled
   python experiments/train.py --config=<the same config and overrides> --workdir=/tmp/upcycled
 
 The config is the MoE model of the dense run's widths (moe_jax.upcycle explains when the upcycled model starts

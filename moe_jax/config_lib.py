@@ -13,9 +13,13 @@ sections are `ExperimentConfig._check`. Rules that need the machine (device coun
 where those are known, in `moe_jax.resolve`. Modules deeper down receive already-valid typed configs and do not
 check the same ranges again.
 
-Fields that choose an implementation (router, dispatch backend, activation, norm, ...) name a registry kind;
-`moe_jax.registry` looks the valid names up in the module that implements them, so this module imports no
-model code.
+The field vocabulary (`field`, the rules, `Section`) is `moe_jax.schema`. Fields that choose an implementation
+(dispatch backend, activation, norm, ...) draw from the names `moe_jax.registry` declares, and `moe.router` from
+the router families of `moe_jax.routers`, each of which also declares its options section `moe.<router>`: this
+module imports no model or training code (no flax, optax or orbax), so validating a config builds nothing.
+
+Saved configs of earlier versions (a checkpoint's or a run's config.json, a committed sweep's overrides) name
+fields that have moved since; `migrate` rewrites them by the one table `RENAMED` before they are read.
 """
 
 from __future__ import annotations
@@ -25,108 +29,18 @@ import dataclasses
 import json
 import math
 import os
-from typing import TYPE_CHECKING, Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
-from moe_jax import registry
+from moe_jax import registry, routers
+from moe_jax.routers import family as family_lib
+from moe_jax.schema import (Rule, Section, at_least, boolean, choice, config_fields, field, finite, in_range,
+                            non_negative, one_of, positive, text)
 
 if TYPE_CHECKING:
   import ml_collections
 
 # ml_collections is imported where ConfigDicts are made, not here: the typed sections (MoeConfig, ModelConfig)
 # are all the model needs, and a machine without ml_collections (benchmarks/gpu.py) can still build the model.
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Rules: a field's type and valid range, checked in one function.
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-  kinds: tuple[type, ...]  # accepted Python types (bool is accepted only where listed)
-  ok: Callable[[Any], bool]
-  allowed: Callable[[], str]  # the valid range in words; a callable because registry names load lazily
-  nullable: bool = False  # None is valid (e.g. an optional path)
-
-
-def at_least(n: int) -> Rule:
-  return Rule((int,), lambda v: v >= n, lambda: f">= {n}")
-
-
-def in_range(low: float, high: float, *, closed_low: bool = True, closed_high: bool = False) -> Rule:
-  def ok(v):
-    return (low <= v if closed_low else low < v) and (v <= high if closed_high else v < high)
-
-  text = f"in {'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
-  return Rule((int, float), lambda v: math.isfinite(v) and ok(v), lambda: text)
-
-
-def positive() -> Rule:
-  return Rule((int, float), lambda v: math.isfinite(v) and v > 0, lambda: "> 0")
-
-
-def non_negative() -> Rule:
-  return Rule((int, float), lambda v: math.isfinite(v) and v >= 0, lambda: ">= 0")
-
-
-def finite() -> Rule:
-  return Rule((int, float), math.isfinite, lambda: "a finite number")
-
-
-def boolean() -> Rule:
-  return Rule((bool,), lambda v: True, lambda: "True or False")
-
-
-def choice(kind: str) -> Rule:
-  """One of the names registered for `kind` (moe_jax.registry)."""
-  return Rule((str,), lambda v: v in registry.names(kind),
-              lambda: "one of " + ", ".join(repr(n) for n in registry.names(kind)))
-
-
-def text(*, nullable: bool = False) -> Rule:
-  return Rule((str,), lambda v: bool(v), lambda: "a non-empty string" + (" or None" if nullable else ""),
-              nullable=nullable)
-
-
-def check_value(path: str, value: Any, rule: Rule) -> None:
-  """ValueError naming `path`, the value and the rule's range, unless value satisfies the rule."""
-  if value is None and rule.nullable:
-    return
-  # bool is an int in Python: accept it only where a bool is asked for.
-  if isinstance(value, bool) and bool not in rule.kinds:
-    raise ValueError(f"{path}={value!r} has type bool; expected {rule.allowed()}")
-  if not isinstance(value, rule.kinds):
-    names = "/".join(k.__name__ for k in rule.kinds)
-    raise ValueError(f"{path}={value!r} has type {type(value).__name__}; expected {names} {rule.allowed()}")
-  if not rule.ok(value):
-    raise ValueError(f"{path}={value!r} must be {rule.allowed()}")
-
-
-def field(default: Any, rule: Rule, doc: str) -> Any:
-  """Declare a config field: its default, valid range and one-line meaning."""
-  return dataclasses.field(default=default, metadata={"rule": rule, "doc": doc})
-
-
-class Section:
-  """A config section: a frozen dataclass whose `field`s are checked on construction."""
-
-  NAME: ClassVar[str]
-
-  def __post_init__(self):
-    for f in config_fields(type(self)):
-      check_value(self.path(f.name), getattr(self, f.name), f.metadata["rule"])
-    self._check()
-
-  def _check(self) -> None:
-    """Rules relating several fields of the section."""
-
-  @classmethod
-  def path(cls, name: str) -> str:
-    return f"{cls.NAME}.{name}" if cls.NAME else name
-
-
-def config_fields(section: type) -> list[dataclasses.Field]:
-  """The declared config fields of a section (fields without a rule are derived, not configured)."""
-  return [f for f in dataclasses.fields(section) if "rule" in f.metadata]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -137,33 +51,22 @@ def config_fields(section: type) -> list[dataclasses.Field]:
 class MoeConfig(Section):
   """An MoE feed-forward layer (used where model.moe_layer_interval > 0).
 
-  Combinations that would be silently ignored are refused: `top_k` > 1 outside router='top_k', `renormalize`
-  and the random second-expert policy outside 'top_k', `batch_prioritized` or `dropless` with expert choice
-  (whose capacity is its definition), dispatch='dropless' without dropless=True.
-
-  Routers (moe.router): 'switch', 'top_k' (token choice, with the DeepSeek options), 'expert_choice' (Zhou et al.
-  2022), 'soft_moe' (Puigcerver et al. 2023: P = `slots_per_expert` slots per expert, each a softmax mixture of
-  the group's tokens; dispatch='einsum' only, never drops), 'base' (BASE layers, Lewis et al. 2021: exactly
-  S / E tokens per expert in training, `sinkhorn_iterations` Sinkhorn steps then a balanced greedy assignment;
-  greedy top-1 without drops at evaluation; the capacity factors are unused, S must be a multiple of E), 'hash'
-  (Hash layers, Roller et al. 2021: a fixed hash of the token id, no learned router; the model passes it the
-  token ids). 'expert_choice' and 'soft_moe' are non-causal: encoder layers only (MoeFeedForward causal=False).
+  `router` names a router family of `moe_jax.routers` (listed below the table), which declares its own options
+  as the section `moe.<router>` (e.g. `moe.top_k.k`, `moe.soft_moe.slots_per_expert`) and which of the options
+  shared by several routers it reads (capacity factors, dropless, batch_prioritized, jitter, router precision).
+  A non-default value of an option the chosen router does not read, or in another router's section, is refused:
+  nothing is silently ignored. 'expert_choice' and 'soft_moe' are non-causal: encoder layers only (MoeFeedForward
+  causal=False; the encoder-decoder's decoder stack routes with `decoder_router`).
   """
 
   NAME: ClassVar[str] = "moe"
   num_experts: int = field(8, at_least(1), "experts E per MoE layer")
-  router: str = field("switch", choice("router"), "routing algorithm")
-  top_k: int = field(1, at_least(1), "experts per token K (1 for switch; <= num_experts)")
+  router: str = field("switch", one_of(routers.names), "routing algorithm: a router family of moe_jax.routers")
   capacity_factor: float = field(1.25, finite(), "training capacity factor; > 0 unless dropless")
   # Mesh-TensorFlow MoE: 1.25 in training, 2.0 in evaluation.
   eval_capacity_factor: float = field(2.0, finite(), "evaluation capacity factor; > 0 unless dropless")
   dropless: bool = field(False, boolean(), "no capacity limit: no token is ever dropped")
-  renormalize: bool = field(False, boolean(), "renormalise the top-k weights to sum to 1 (Mixtral)")
   batch_prioritized: bool = field(False, boolean(), "tokens with higher top gate claim capacity first (V-MoE BPR)")
-  second_expert_policy: str = field("all", choice("second_expert_policy"),
-                                    "GShard policy for choices after the first ('all' when deterministic)")
-  second_expert_threshold: float = field(0.2, in_range(0, 1, closed_low=False, closed_high=True),
-                                         "GShard 'random' policy threshold")
   jitter_eps: float = field(0.0, in_range(0, 1), "multiplicative router-input noise U[1-eps, 1+eps] in training")
   dispatch: str = field("gather", choice("dispatch"), "token dispatch backend requested (resolve picks the one run)")
   expert_dropout: float = field(0.0, in_range(0, 1), "dropout inside experts (Switch Table 4), training only")
@@ -178,119 +81,108 @@ class MoeConfig(Section):
                                   "(DeepSeekMoE shared experts)")
   shared_expert_d_ff: int = field(0, at_least(0), "hidden width of each shared expert; 0 = the routed experts'")
   check_router_inputs: bool = field(False, boolean(), "debug: report NaN/inf router inputs on stderr (host callback)")
-  # DeepSeek routing, options of router='top_k' (DeepSeek-V2 arXiv:2405.04434; DeepSeek-V3 arXiv:2412.19437).
-  score_function: str = field("softmax", choice("score_function"),
-                              "router scores: softmax over experts, or sigmoid affinities (DeepSeek-V3 eq. 15)")
-  routed_scaling: float = field(1.0, positive(), "factor on every routed combine weight (DeepSeek-V3: 2.5)")
-  num_expert_groups: int = field(1, at_least(1), "group-limited routing: experts form this many groups of "
-                                 "consecutive experts (DeepSeek-V3: 8); 1 = off")
-  topk_expert_groups: int = field(1, at_least(1), "group-limited routing: groups each token may use (DeepSeek-V3: 4)")
-  group_score: str = field("max", choice("group_score"),
-                           "a group's score: its best expert's (DeepSeek-V2) or its best two's sum (DeepSeek-V3)")
-  balancing_bias_rate: float = field(0.0, non_negative(), "gamma of DeepSeek-V3's auxiliary-loss-free balancing: "
-                                     "step of the per-expert selection bias after each training step; 0 = off")
-  sequence_aux_loss_weight: float = field(0.0, non_negative(), "alpha of DeepSeek-V3's sequence-wise balance loss "
-                                          "(eqs. 17-20; V3: 1e-4); 0 = off")
-  slots_per_expert: int = field(1, at_least(1), "Soft MoE slots P per expert (Puigcerver et al. 2023); 1 unless "
-                                "router='soft_moe'")
-  sinkhorn_iterations: int = field(8, at_least(0), "BASE layers: Sinkhorn steps balancing the affinities before the "
-                                   "balanced assignment (router='base' only)")
-  decoder_router: str = field("", choice("decoder_router"),
+  decoder_router: str = field("", one_of(lambda: ("",) + tuple(n for n in routers.names() if routers.get(n).causal)),
                               "encoder-decoder only: the router of the decoder stack's MoE layers ('' = moe.router), "
                               "which must be causal; lets 'expert_choice' or 'soft_moe' route the encoder")
+  # moe.<router>.*: the options section of every router family that has one, in `routers.FAMILIES` order. Given as
+  # a mapping {router: section or mapping of its fields} (missing ones take their defaults); held as a tuple so
+  # that the config stays hashable (the layer keeps it as a static attribute).
+  options: tuple[Section, ...] = dataclasses.field(default=())
+
+  def __post_init__(self):
+    given = dict(self.options) if isinstance(self.options, Mapping) else {type(s).NAME[len("moe."):]: s
+                                                                         for s in self.options}
+    sections = MoeConfig.option_sections()
+    for name in given:
+      if name not in sections:
+        raise ValueError(f"unknown config field 'moe.{name}'; router options sections are "
+                         + ", ".join(f"moe.{n}" for n in sections))
+    object.__setattr__(self, "options", tuple(_as_section(cls, given.get(name, {})) for name, cls in sections.items()))
+    super().__post_init__()
+
+  @staticmethod
+  def option_sections() -> dict[str, type[Section]]:
+    """router -> its options section class, for the routers registered now."""
+    return {name: f.options for name, f in routers.FAMILIES.items() if f.options is not None}
 
   def _check(self) -> None:
-    """`top_k <= num_experts`, and `top_k = 1` unless router='top_k'; dropless, batch_prioritized are token-choice
-    options (not for 'expert_choice'); capacity factors > 0 unless dropless; a dropless dispatch ('dropless',
-    'ragged_dot', 'auto') needs dropless=True; renormalize and second_expert_policy='random' need
-    router='top_k'; so do the DeepSeek options (score_function='sigmoid', routed_scaling != 1, num_expert_groups > 1, balancing_bias_rate > 0,
-    sequence_aux_loss_weight > 0); `num_expert_groups` divides `num_experts`, `topk_expert_groups <=
-    num_expert_groups`, `top_k <= topk_expert_groups * num_experts / num_expert_groups`; group_score='top2_sum'
-    needs num_expert_groups > 1 and >= 2 experts per group. batch_prioritized is for 'switch' and 'top_k' only;
-    router='soft_moe' needs dispatch='einsum' and refuses dropless, and with 'hash' refuses the options of a
-    learned logit router (jitter_eps > 0, router_dtype='bfloat16', check_router_inputs); slots_per_expert != 1
-    needs router='soft_moe', sinkhorn_iterations != 8 router='base'. `decoder_router` (encoder-decoder only, see
-    `ExperimentConfig`) differs from `router` when set."""
+    """`decoder_router` (encoder-decoder only, see `ExperimentConfig`) differs from `router` when set; the router
+    family's own rules (`RouterFamily.check`, listed with its section below); a shared option the router does not
+    read, or a section of a router not used, keeps its default; capacity factors > 0 unless dropless; a dropless
+    dispatch ('dropless', 'ragged_dot', 'auto') needs dropless=True."""
     if self.decoder_router == self.router:
       raise ValueError(f"moe.decoder_router={self.decoder_router!r} repeats moe.router; leave it '' (the default)")
-    if self.top_k > self.num_experts:
-      raise ValueError(f"moe.top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
-    if self.router != "top_k" and self.top_k != 1:
-      raise ValueError(f"moe.top_k={self.top_k} must be 1 for router={self.router!r} (use router='top_k')")
-    if self.dropless and self.router == "expert_choice":
-      raise ValueError("moe.dropless=True is not available for router='expert_choice' (its capacity is its "
-                       "definition)")
-    if not self.dropless:
+    used = (self.router, self.decoder_router) if self.decoder_router else (self.router,)
+    for name in used:  # the family's own rules first: they name what the router needs (Soft MoE: dispatch)
+      routers.get(name).check(self, self.options_of(name))
+    reads = {option for name in used for option in routers.get(name).reads}
+    for option in family_lib.SHARED_OPTIONS:
+      value, default = getattr(self, option), MoeConfig.__dataclass_fields__[option].default
+      if option not in reads and value != default:
+        raise ValueError(f"moe.{option}={value!r} is not read by moe.router={self.router!r}"
+                         + (f" nor moe.decoder_router={self.decoder_router!r}" if self.decoder_router else "")
+                         + f"; leave it at {default!r}")
+    for options in self.options:
+      name = type(options).NAME[len("moe."):]
+      changed = [f.name for f in config_fields(type(options)) if getattr(options, f.name) != f.default]
+      if name not in used and changed:
+        raise ValueError(f"moe.{name}.{changed[0]}={getattr(options, changed[0])!r} is an option of router {name!r}, "
+                         f"which this config does not use (moe.router={self.router!r}); leave it at its default")
+    if "capacity_factor" in reads and not self.dropless:
       for name in ("capacity_factor", "eval_capacity_factor"):
-        value = getattr(self, name)
-        if not value > 0:
-          raise ValueError(f"moe.{name}={value} must be > 0 (or set moe.dropless=True)")
+        if getattr(self, name) <= 0:
+          raise ValueError(f"moe.{name}={getattr(self, name)} must be > 0 (or set moe.dropless=True)")
     if self.dispatch in registry.names("dropless_dispatch") and not self.dropless:
       raise ValueError(f"moe.dispatch={self.dispatch!r} needs dropless=True (capacity routing drops; use "
                        "'gather' or 'einsum')")
-    if self.renormalize and self.router != "top_k":
-      raise ValueError(f"moe.renormalize=True needs router='top_k'; got router={self.router!r}")
-    if self.batch_prioritized and self.router not in ("switch", "top_k"):
-      raise ValueError(f"moe.batch_prioritized=True is a token-choice option; moe.router={self.router!r} has no "
-                       "use for it")
-    if self.router == "soft_moe":
-      if self.dispatch != "einsum":
-        raise ValueError(f"moe.dispatch={self.dispatch!r} cannot run router='soft_moe', whose slots are weighted "
-                         "sums of every token; use dispatch='einsum'")
-      if self.dropless:
-        raise ValueError("moe.dropless=True is not available for router='soft_moe' (it never drops: every token "
-                         "reaches every slot)")
-    if self.router in ("soft_moe", "hash"):
-      learned_logits = dict(jitter_eps=self.jitter_eps > 0, router_dtype=self.router_dtype != "float32",
-                            check_router_inputs=self.check_router_inputs)
-      for name, used in learned_logits.items():
-        if used:
-          raise ValueError(f"moe.{name}={getattr(self, name)!r} is an option of the router logits x W, which "
-                           f"router={self.router!r} does not compute")
-    if self.slots_per_expert != 1 and self.router != "soft_moe":
-      raise ValueError(f"moe.slots_per_expert={self.slots_per_expert} needs router='soft_moe'; got "
-                       f"router={self.router!r}")
-    if self.sinkhorn_iterations != 8 and self.router != "base":
-      raise ValueError(f"moe.sinkhorn_iterations={self.sinkhorn_iterations} needs router='base'; got "
-                       f"router={self.router!r}")
-    if self.second_expert_policy == "random" and self.router != "top_k":
-      raise ValueError(f"moe.second_expert_policy='random' needs router='top_k'; got router={self.router!r}")
-    deepseek = dict(score_function=self.score_function != "softmax", routed_scaling=self.routed_scaling != 1.0,
-                    num_expert_groups=self.num_expert_groups > 1, balancing_bias_rate=self.balancing_bias_rate > 0,
-                    sequence_aux_loss_weight=self.sequence_aux_loss_weight > 0)
-    for name, used in deepseek.items():
-      if used and self.router != "top_k":
-        raise ValueError(f"moe.{name}={getattr(self, name)!r} needs router='top_k'; got router={self.router!r}")
-    if self.num_experts % self.num_expert_groups:
-      raise ValueError(f"moe.num_expert_groups={self.num_expert_groups} must divide moe.num_experts="
-                       f"{self.num_experts}")
-    if self.topk_expert_groups > self.num_expert_groups:
-      raise ValueError(f"moe.topk_expert_groups={self.topk_expert_groups} must be in [1, num_expert_groups="
-                       f"{self.num_expert_groups}]")
-    per_group = self.num_experts // self.num_expert_groups
-    if self.top_k > self.topk_expert_groups * per_group:
-      raise ValueError(f"moe.top_k={self.top_k} must be <= topk_expert_groups * experts per group = "
-                       f"{self.topk_expert_groups} * {per_group}")
-    if self.group_score == "top2_sum" and (self.num_expert_groups == 1 or per_group < 2):
-      raise ValueError(f"moe.group_score='top2_sum' needs num_expert_groups > 1 and >= 2 experts per group; got "
-                       f"num_expert_groups={self.num_expert_groups} of {per_group} experts")
+
+  def options_of(self, router: str) -> Section | None:
+    """The options section of `router` (None for a router without options)."""
+    return next((s for s in self.options if type(s).NAME == f"moe.{router}"), None)
+
+  @property
+  def family(self) -> family_lib.RouterFamily:
+    """The router family of `router` (moe_jax.routers)."""
+    return routers.get(self.router)
+
+  @property
+  def router_options(self) -> Section | None:
+    """The options section of the chosen router, `moe.<router>`."""
+    return self.options_of(self.router)
 
   def decoder_stack(self) -> "MoeConfig":
-    """The MoE config of the encoder-decoder's decoder stack: `decoder_router` in place of `router`, without the
-    options of the encoder's router (Soft MoE slots); itself when `decoder_router` is ''."""
+    """The MoE config of the encoder-decoder's decoder stack: `decoder_router` in place of `router`, the encoder
+    router's options section back at its defaults; itself when `decoder_router` is ''."""
     if not self.decoder_router:
       return self
-    return dataclasses.replace(self, router=self.decoder_router, decoder_router="", slots_per_expert=1)
+    options = {type(s).NAME[len("moe."):]: s for s in self.options if type(s).NAME != f"moe.{self.router}"}
+    return dataclasses.replace(self, router=self.decoder_router, decoder_router="", options=options)
+
+  def capacity(self, tokens_per_group: int, *, training: bool) -> int | None:
+    """Slots per expert and routing group of S = `tokens_per_group` tokens; None where the router has none."""
+    return self.family.capacity(self, self.router_options, tokens_per_group, training)
 
   @property
   def needs_token_ids(self) -> bool:
     """Whether the router reads token ids instead of (only) token features: Hash layers."""
-    return self.router == "hash"
+    return self.family.needs_token_ids
 
   @property
   def needs_rng(self) -> bool:
     """Whether a training call draws noise."""
-    return self.jitter_eps > 0 or self.expert_dropout > 0 or self.second_expert_policy == "random"
+    return self.jitter_eps > 0 or self.expert_dropout > 0 or self.family.draws_noise(self.router_options)
+
+
+def _as_section(cls: type[Section], value: Section | Mapping[str, Any]) -> Section:
+  """A nested section from itself or from a mapping of its fields (missing ones take their defaults)."""
+  if isinstance(value, cls):
+    return value
+  values = value.to_dict() if hasattr(value, "to_dict") else dict(value)
+  known = {f.name for f in config_fields(cls)}
+  for name in values:
+    if name not in known:
+      raise ValueError(f"unknown config field {cls.path(name)!r}; known fields are listed in docs/config.md")
+  return cls(**values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -540,13 +432,13 @@ class ExperimentConfig(Section):
     with at least as many `data.num_sentinels` as noise spans per input; `train.batch_size` divisible by the
     devices the batch is split over (mesh.data * mesh.fsdp * mesh.expert); `mesh.fsdp` divides `model.d_model`;
     `mesh.tensor` divides `model.num_heads`, the key/value heads and every FFN width (`model.d_ff` where a block is
-    dense, the experts' and shared experts' widths); `model.scan_layers` refuses hash routing (scanned blocks get
-    no token ids); with MoE blocks: `moe.num_experts` divisible by `mesh.expert`, the non-causal routers
-    ('expert_choice', 'soft_moe') refused in a causal stack (the decoder LM; the encoder-decoder's decoder stack,
-    which then routes with `moe.decoder_router`), routing groups (`moe.group_size`, 0: one per sequence) tiling the
-    batch into a multiple of the mesh's devices, and for router='base' tokens per group a multiple of
-    `moe.num_experts`, in each stack with MoE layers (the encoder-decoder's decoder: batch x span-corruption
-    targets length)."""
+    dense, the experts' and shared experts' widths); `model.scan_layers` refuses a router that reads token ids
+    (hash: scanned blocks get none); with MoE blocks: `moe.num_experts` divisible by `mesh.expert`, a non-causal
+    router ('expert_choice', 'soft_moe') refused in a causal stack (the decoder LM; the encoder-decoder's decoder
+    stack, which then routes with `moe.decoder_router`), routing groups (`moe.group_size`, 0: one per sequence)
+    tiling the batch into a multiple of the mesh's devices, and the router's capacity defined on a group's tokens
+    (router='base': tokens per group a multiple of `moe.num_experts`), in each stack with MoE layers (the
+    encoder-decoder's decoder: batch x span-corruption targets length)."""
     model, moe, train, mesh = self.model, self.moe, self.train, self.mesh
     if train.seq_len > model.max_seq_len:
       raise ValueError(f"train.seq_len={train.seq_len} must be <= model.max_seq_len={model.max_seq_len}")
@@ -583,38 +475,39 @@ class ExperimentConfig(Section):
           raise ValueError(f"mesh.tensor={mesh.tensor} must divide {name}={width} (tensor parallelism splits it)")
     if model.moe_layer_interval == 0:
       return
-    if model.scan_layers and moe.router == "hash":
-      raise ValueError("model.scan_layers=True cannot run moe.router='hash': scanned blocks get no token ids; "
-                       "leave model.scan_layers=False")
+    if model.scan_layers and moe.needs_token_ids:
+      raise ValueError(f"model.scan_layers=True cannot run moe.router={moe.router!r}: it reads token ids and "
+                       "scanned blocks get none; leave model.scan_layers=False")
     if mesh.expert and moe.num_experts % mesh.expert:
       raise ValueError(f"moe.num_experts={moe.num_experts} must be divisible by mesh.expert={mesh.expert}")
-    non_causal = registry.names("non_causal_router")
+    causal = [name for name in routers.names() if routers.get(name).causal]
     if model.architecture == "decoder":
-      if moe.router in non_causal:
+      if not moe.family.causal:
         raise ValueError(f"moe.router={moe.router!r} is non-causal (a token's routing reads all tokens of its "
-                         "group, future ones included) and cannot train an autoregressive decoder; use 'switch', "
-                         "'top_k', 'base' or 'hash' (or model.architecture='encoder_decoder', where it may route "
-                         "the encoder)")
+                         "group, future ones included) and cannot train an autoregressive decoder; use one of "
+                         + ", ".join(map(repr, causal)) + " (or model.architecture='encoder_decoder', where it "
+                         "may route the encoder)")
       if moe.decoder_router:
         raise ValueError(f"moe.decoder_router={moe.decoder_router!r} is for model.architecture='encoder_decoder'; "
                          "the decoder LM routes with moe.router")
-    elif moe.router in non_causal and not moe.decoder_router:
+    elif not moe.family.causal and not moe.decoder_router:
       raise ValueError(f"moe.router={moe.router!r} is non-causal: it may route the encoder, but the decoder stack's "
-                       "MoE layers need a causal router; set moe.decoder_router (e.g. 'switch')")
+                       f"MoE layers need a causal router; set moe.decoder_router (one of {', '.join(map(repr, causal))})")
     # Routing groups tile the batch and never straddle devices (moe_layer.group_tokens, parallel), in each stack
     # that has MoE layers: the encoder-decoder's decoder routes its batch x target-length tokens the same way.
-    stacks = [("train.seq_len", train.seq_len, moe.router)]
+    stacks = [("train.seq_len", train.seq_len, moe)]
     if model.architecture == "encoder_decoder" and model.moe_blocks(model.decoder_layers):
       stacks.append((f"span-corruption targets length (of train.seq_len={train.seq_len})", lengths.targets,
-                     moe.decoder_stack().router))
-    for what, length, router in stacks:
+                     moe.decoder_stack()))
+    for what, length, stack in stacks:
       tokens, per_group = train.batch_size * length, moe.group_size or length
       if tokens % per_group:
         raise ValueError(f"moe.group_size={moe.group_size} must divide train.batch_size * {what} = "
                          f"{train.batch_size} * {length} = {tokens}")
-      if router == "base" and per_group % moe.num_experts:
-        raise ValueError(f"moe.router='base' gives every expert exactly S / E tokens of a group: tokens per group "
-                         f"S={per_group} must be a multiple of moe.num_experts={moe.num_experts} ({what} {length})")
+      try:  # the router's own rules on a group's tokens (BASE: a multiple of the experts)
+        stack.capacity(per_group, training=True)
+      except ValueError as error:
+        raise ValueError(f"{error} ({what} {length})") from None
       groups = tokens // per_group
       if devices is not None and groups % devices:
         raise ValueError(f"moe.group_size={moe.group_size} gives {groups} routing groups ({what} {length}), which "
@@ -638,7 +531,14 @@ def _section_defaults(section: type[Section]) -> ml_collections.ConfigDict:
     rule = f.metadata["rule"]
     # A None default needs its type declared, so that --config.data.text_dir=/path can override it.
     values[f.name] = ml_collections.FieldReference(None, field_type=rule.kinds[0]) if f.default is None else f.default
+  for name, nested in _nested_sections(section).items():
+    values[name] = _section_defaults(nested)
   return ml_collections.ConfigDict(values)
+
+
+def _nested_sections(section: type[Section]) -> dict[str, type[Section]]:
+  """The sections nested in `section`, by name: the router families' options in `moe` (moe.<router>.*)."""
+  return MoeConfig.option_sections() if section is MoeConfig else {}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -657,13 +557,20 @@ def section_from_config(section: type[Section], values: Any) -> Section:
   fields and checking each value."""
   values = values.to_dict() if hasattr(values, "to_dict") else dict(values)  # a ConfigDict or a mapping
   known = {f.name: f for f in config_fields(section)}
+  nested = _nested_sections(section)
   for name in values:
-    if name not in known:
+    if name not in known and name not in nested:
       raise ValueError(f"unknown config field {section.path(name)!r}; known fields are listed in docs/config.md")
   for name, f in known.items():
     if name not in values:
       raise ValueError(f"config field {section.path(name)!r} is missing ({f.metadata['doc']})")
-  return section(**values)
+  for name in nested:
+    if name not in values:
+      raise ValueError(f"config section {section.path(name)!r} is missing")
+  if not nested:
+    return section(**values)
+  options = {name: section_from_config(cls, values.pop(name)) for name, cls in nested.items()}
+  return section(**values, options=options)
 
 
 def typed(config: ml_collections.ConfigDict) -> ExperimentConfig:
@@ -702,6 +609,50 @@ def to_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json())
 
 
+# Fields that have moved since a config was saved: old dotted path -> new dotted path, applied by `migrate`.
+# Append a line when a field moves; never reuse an old path for another meaning.
+RENAMED: dict[str, str] = {
+    # Issue 29: a router family's own options moved into its section moe.<router>.
+    "moe.top_k": "moe.top_k.k",
+    "moe.renormalize": "moe.top_k.renormalize",
+    "moe.second_expert_policy": "moe.top_k.second_expert_policy",
+    "moe.second_expert_threshold": "moe.top_k.second_expert_threshold",
+    "moe.score_function": "moe.top_k.score_function",
+    "moe.routed_scaling": "moe.top_k.routed_scaling",
+    "moe.num_expert_groups": "moe.top_k.num_expert_groups",
+    "moe.topk_expert_groups": "moe.top_k.topk_expert_groups",
+    "moe.group_score": "moe.top_k.group_score",
+    "moe.balancing_bias_rate": "moe.top_k.balancing_bias_rate",
+    "moe.sequence_aux_loss_weight": "moe.top_k.sequence_aux_loss_weight",
+    "moe.slots_per_expert": "moe.soft_moe.slots_per_expert",
+    "moe.sinkhorn_iterations": "moe.base.sinkhorn_iterations",
+}
+
+
+def migrate(saved: Mapping[str, Any]) -> dict:
+  """A saved config, whole or partial (a checkpoint's or config.json's config, a sweep run's overrides), as nested
+  plain data with every field of `RENAMED` at its new path. Fields already at their new path stay as they are.
+
+  All old fields are taken out before any is put back, because a section may take an old field's name
+  (`moe.top_k` was the int K and is now the section holding `moe.top_k.k`)."""
+  out = copy.deepcopy(saved.to_dict() if hasattr(saved, "to_dict") else dict(saved))
+  moved = {}
+  for old, new in RENAMED.items():
+    *parents, leaf = old.split(".")
+    node = out
+    for part in parents:
+      node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict) and leaf in node and not isinstance(node[leaf], dict):
+      moved[new] = node.pop(leaf)
+  for new, value in moved.items():
+    *parents, leaf = new.split(".")
+    node = out
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return out
+
+
 def dense_twin(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The dense model with the FLOPs per token of a top-1 Switch config: same widths, every FFN dense.
 
@@ -737,15 +688,40 @@ def config_docs() -> str:
       "config, the resolved one and every decision.",
   ]
   for section in (ExperimentConfig, *SECTIONS):
-    lines += ["", f"## {section.NAME or 'run'}", "", "| field | valid values | default | meaning |",
-              "| --- | --- | --- | --- |"]
-    for f in config_fields(section):
-      lines.append(f"| `{section.path(f.name)}` | {f.metadata['rule'].allowed()} | `{f.default!r}` | "
-                   f"{f.metadata['doc']} |")
-    rules = section._check.__doc__
-    if section._check is not Section._check and rules:
-      lines += ["", "Rules: " + " ".join(rules.split())]
+    lines += _section_docs(section)
+    if section is MoeConfig:
+      lines += _router_docs()
+      for name, nested in MoeConfig.option_sections().items():
+        lines += _section_docs(nested)
+        check = routers.get(name).check.__doc__
+        if check:
+          lines += ["", "Rules with the other moe fields: " + " ".join(check.split())]
   return "\n".join(lines) + "\n"
+
+
+def _section_docs(section: type[Section]) -> list[str]:
+  lines = ["", f"## {section.NAME or 'run'}", "", "| field | valid values | default | meaning |",
+           "| --- | --- | --- | --- |"]
+  for f in config_fields(section):
+    lines.append(f"| `{section.path(f.name)}` | {f.metadata['rule'].allowed()} | `{f.default!r}` | "
+                 f"{f.metadata['doc']} |")
+  rules = section._check.__doc__
+  if section._check is not Section._check and rules:
+    lines += ["", "Rules: " + " ".join(rules.split())]
+  return lines
+
+
+def _router_docs() -> list[str]:
+  """The router families (moe_jax.routers) and what each declares."""
+  lines = ["", "Routers (`moe.router`, one module each in `moe_jax/routers/`):", "",
+           "| router | what it does | options | shared options it reads | causal | reads token ids |",
+           "| --- | --- | --- | --- | --- | --- |"]
+  for name, family in routers.FAMILIES.items():
+    options = f"`moe.{name}.*`" if family.options else "none"
+    reads = ", ".join(f"`{option}`" for option in family.reads) or "none"
+    lines.append(f"| `{name}` | {family.summary} | {options} | {reads} | {'yes' if family.causal else 'no'} | "
+                 f"{'yes' if family.needs_token_ids else 'no'} |")
+  return lines
 
 
 if __name__ == "__main__":

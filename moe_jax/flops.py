@@ -54,27 +54,21 @@ def ffn_flops(d_model: int, d_ff: int, activation: str) -> float:
 
 
 def experts_per_token(cfg: ModelConfig, *, executed: bool, capacity_factor: float | None = None) -> float:
-  """How many expert FFNs one token costs: k (active); capacity_factor * k with padded buffers.
+  """How many expert FFNs one token costs, as its router family declares (`RouterFamily.experts_per_token`): k
+  (active; expert choice: c on average); with `executed`, the rows of the capacity-padded buffers.
 
   `capacity_factor` defaults to the training one (pass moe.eval_capacity_factor for evaluation passes).
   """
   moe = cfg.moe
-  k = 1 if moe.router == "expert_choice" else moe.top_k
-  if executed and not moe.dropless:
-    return (capacity_factor or moe.capacity_factor) * k
-  if moe.router == "expert_choice":
-    return moe.capacity_factor  # Zhou et al.: c experts per token on average
-  return float(k)
+  factor = (capacity_factor or moe.capacity_factor) if executed else None
+  return moe.family.experts_per_token(moe, moe.router_options, factor)
 
 
 def router_params_per_layer(cfg: ModelConfig) -> int:
-  """The router of one MoE layer: the kernel [M, E]; Soft MoE's phi [M, E, P] and scale; none for hash layers."""
+  """The router of one MoE layer as its family declares it (`RouterFamily.params`): e.g. the kernel [M, E]; Soft
+  MoE's phi [M, E, P] and scale; none for hash layers."""
   moe = cfg.moe
-  if moe.router == "hash":
-    return 0
-  if moe.router == "soft_moe":
-    return cfg.d_model * moe.num_experts * moe.slots_per_expert + 1
-  return cfg.d_model * moe.num_experts
+  return moe.family.router_params(cfg.d_model, moe.num_experts, moe.router_options)
 
 
 def _ffn_stack_flops(cfg: ModelConfig, num_blocks: int, num_moe: int, *, executed: bool,

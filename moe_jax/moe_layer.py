@@ -4,11 +4,12 @@ Axis legend (as in `moe_jax.routing`):
   G groups · S tokens per group · E experts · C capacity per expert · K choices per token ·
   M d_model · F d_ff · B batch · L sequence length.
 
-`MoeFeedForward` = router (`moe_jax.routing`) -> dispatch backend (`moe_jax.dispatch`) -> experts
-(`moe_jax.experts`), the Switch Transformer FFN layer (Fedus et al. 2021) generalised to top-k, expert choice,
-Soft MoE, BASE layers and Hash layers (`ROUTERS`). Hash layers read token ids, which the caller passes as
-`token_ids` (the decoder LM does so only for them); Soft MoE and expert choice are non-causal and need
-causal=False (an encoder). It returns its output and a `MoeAux` with the auxiliary losses; adding them to the
+`MoeFeedForward` = router (a router family of `moe_jax.routers`, chosen by `moe.router`) -> dispatch backend
+(`moe_jax.dispatch`) -> experts (`moe_jax.experts`), the Switch Transformer FFN layer (Fedus et al. 2021)
+generalised to top-k, expert choice, Soft MoE, BASE layers and Hash layers. The layer asks the family for its
+parameters, its routing call and its facts, and tests no router name. Hash layers read token ids, which the
+caller passes as `token_ids` (the model does so only where `moe.needs_token_ids`); Soft MoE and expert choice
+are non-causal and need causal=False (an encoder). It returns its output and a `MoeAux` with the auxiliary losses; adding them to the
 training loss (scaled, Switch alpha = 1e-2, ST-MoE z-loss 1e-3) is the caller's job, as is the residual
 connection that carries dropped tokens.
 
@@ -31,11 +32,11 @@ XLA:CPU): when the 'expert' axis is larger than 1 they resolve to the gather bac
 capacity C = S (`dispatch.resolve_backend`, which `moe_jax.resolve` also records for a run), still dropping
 nothing, with buffers sized for the worst case (E*S rows per group).
 
-DeepSeek-V3's auxiliary-loss-free balancing (`moe.balancing_bias_rate` > 0): the layer holds a per-expert selection
-bias, a `RouterBias` (model state, not a parameter: no gradient, no optimizer state; the training loop checkpoints
-it with the parameters). Every training call (deterministic=False) routes with the bias as it is, then moves it
-from that call's load over the whole batch (`routing.balancing_bias_update`), the paper's update at the end of
-each step; evaluation leaves it alone.
+Router state (`RouterParam.update`), e.g. DeepSeek-V3's auxiliary-loss-free balancing (`moe.top_k.balancing_bias_rate`
+> 0): the layer holds a per-expert selection bias, a `RouterBias` (model state, not a parameter: no gradient, no
+optimizer state; the training loop checkpoints it with the parameters). Every training call (deterministic=False)
+routes with the bias as it is, then moves it from that call's load over the whole batch
+(`routing.balancing_bias_update`), the paper's update at the end of each step; evaluation leaves it alone.
 
 Randomness (router jitter, the random second-expert policy, expert dropout) is drawn only when
 deterministic=False, from an nnx RNG stream kept in the module state (a fork of the 'dropout' stream, which
@@ -45,21 +46,19 @@ the mesh layout, deterministic ones do not.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import sys
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax import dispatch, parallel, routing
+from moe_jax import dispatch, parallel, routers, routing
 from moe_jax import experts as experts_lib
 from moe_jax.config_lib import MoeConfig
 from moe_jax.init import switch_init
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # registry of compute dtypes (config "dtype")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # compute dtypes: the names of registry "dtype"
 
 
 @flax.struct.dataclass
@@ -160,100 +159,11 @@ class FeedForward(nnx.Module):
     return y.reshape(batch, length, d_model)
 
 
-@dataclasses.dataclass(frozen=True)
-class RouterInputs:
-  """What a router may read inside the MoE block; each router takes what it needs."""
-
-  groups: jax.Array  # [G, S, M] compute dtype
-  kernel: jax.Array | None  # router kernel [M, E] float32; Soft MoE's slot parameters phi [M, E, P]; None for hash
-  scale: jax.Array | None  # [] Soft MoE's learned logit scale; None otherwise
-  bias: jax.Array | None  # [E] DeepSeek-V3 balancing bias; None when off
-  token_ids: jax.Array | None  # [G, S] int32 for routers that read token ids (hash); None otherwise
-  jitter_key: jax.Array | None
-  policy_key: jax.Array | None
-
-
-def _logits(inputs: RouterInputs, config: MoeConfig, deterministic: bool) -> jax.Array:  # [G, S, E]
-  # moe.router_dtype='bfloat16': the ablation of Switch Table 2, the whole router (logits and softmax) in bf16.
-  logits = routing.router_logits(
-      inputs.groups, inputs.kernel, jitter_eps=0.0 if deterministic else config.jitter_eps, key=inputs.jitter_key,
-      dtype=DTYPES[config.router_dtype],
-  )
-  if config.check_router_inputs:  # debug only: a host callback per call
-    jax.debug.callback(report_nonfinite_router_inputs, jnp.sum(~jnp.isfinite(inputs.groups)),
-                       jnp.sum(~jnp.isfinite(logits)))
-  return logits
-
-
-def _capacity_factor(config: MoeConfig, deterministic: bool) -> float:
-  return config.eval_capacity_factor if deterministic else config.capacity_factor
-
-
-def _expert_choice(inputs: RouterInputs, config: MoeConfig, deterministic: bool) -> routing.RoutingResult:
-  return routing.expert_choice_route(_logits(inputs, config, deterministic),
-                                     capacity_factor=_capacity_factor(config, deterministic))
-
-
-def _token_choice(inputs: RouterInputs, config: MoeConfig, deterministic: bool) -> routing.RoutingResult:
-  random_policy = config.second_expert_policy == "random" and not deterministic
-  return routing.top_k_route(
-      _logits(inputs, config, deterministic),
-      k=config.top_k,
-      capacity_factor=_capacity_factor(config, deterministic),
-      dropless=config.dropless,
-      renormalize=config.renormalize,
-      batch_prioritized=config.batch_prioritized,
-      second_expert_policy="random" if random_policy else "all",
-      second_expert_threshold=config.second_expert_threshold,
-      key=inputs.policy_key,
-      score_function=config.score_function,
-      routed_scaling=config.routed_scaling,
-      selection_bias=inputs.bias,
-      num_expert_groups=config.num_expert_groups,
-      topk_expert_groups=config.topk_expert_groups,
-      group_score=config.group_score,
-      dtype=DTYPES[config.router_dtype],
-  )
-
-
-def _soft_moe(inputs: RouterInputs, config: MoeConfig, deterministic: bool) -> routing.SoftRoutingResult:
-  return routing.soft_moe_route(inputs.groups, inputs.kernel, inputs.scale)
-
-
-def _base(inputs: RouterInputs, config: MoeConfig, deterministic: bool) -> routing.RoutingResult:
-  # Balanced assignment in training only: the paper routes greedily (top-1) at test time.
-  return routing.base_route(_logits(inputs, config, deterministic), balanced=not deterministic,
-                            sinkhorn_iterations=config.sinkhorn_iterations)
-
-
-def _hash(inputs: RouterInputs, config: MoeConfig, deterministic: bool) -> routing.RoutingResult:
-  return routing.hash_route(inputs.token_ids, num_experts=config.num_experts,
-                            capacity_factor=_capacity_factor(config, deterministic), dropless=config.dropless)
-
-
-# The routers a config can name (moe.router), looked up by moe_jax.registry. Switch is top-k with k = 1.
-ROUTERS = {"switch": _token_choice, "top_k": _token_choice, "expert_choice": _expert_choice,
-           "soft_moe": _soft_moe, "base": _base, "hash": _hash}
-# Routers whose routing of a token reads later tokens of its group: refused in causal layers (`MoeFeedForward`
-# with causal=True, the decoder LM), fine in an encoder. Looked up by moe_jax.registry (config field moe.router).
-NON_CAUSAL_ROUTERS = ("expert_choice", "soft_moe")
-# moe.decoder_router: the encoder-decoder's decoder stack routes causally; '' keeps moe.router.
-DECODER_ROUTERS = ("",) + tuple(r for r in ROUTERS if r not in NON_CAUSAL_ROUTERS)
-
-
-def report_nonfinite_router_inputs(bad_inputs, bad_logits) -> None:
-  """Host side of `moe.check_router_inputs`: the pure routers do no host checks, so a NaN or inf reaching the
-  router would otherwise only surface later as a NaN loss."""
-  if bad_inputs or bad_logits:
-    print(f"moe: non-finite router input: {int(bad_inputs)} token features, {int(bad_logits)} router logits",
-          file=sys.stderr, flush=True)
-
-
 def moe_block(
     groups: jax.Array,  # [G, S, M] compute dtype
-    # router kernel [M, E] float32 ([M, E, P] Soft MoE phi, None for hash), PRNG key or None, balancing bias [E]
-    # or None, Soft MoE logit scale [] or None
-    replicated: tuple[jax.Array | None, jax.Array | None, jax.Array | None, jax.Array | None],
+    # The router family's arrays by name (`RouterFamily.params`: kernel, Soft MoE's scale, DeepSeek-V3's bias...)
+    # and the PRNG key of this call (None when it draws no noise): replicated on every device.
+    replicated: tuple[dict[str, jax.Array], jax.Array | None],
     weights: experts_lib.ExpertWeights,  # [E, M, F] / [E, F, M], or the local E/n under a mesh
     token_ids: jax.Array | None,  # [G, S] int32 for routers that read them (moe.router='hash'), else None
     *,
@@ -269,7 +179,7 @@ def moe_block(
   all-to-all, keys are folded with the device index and the auxiliary outputs are averaged over devices
   (every device holds the same number of groups, so that is the mean over all groups).
   """
-  kernel, key, bias, scale = replicated
+  router_params, key = replicated
   jitter_key = policy_key = dropout_key = None
   if key is not None:
     if distributed:
@@ -278,8 +188,9 @@ def moe_block(
     if distributed and parallel.tensor_axis_size() > 1:  # each 'tensor' device drops its own slice of F
       dropout_key = jax.random.fold_in(dropout_key, parallel.tensor_index())
 
-  inputs = RouterInputs(groups, kernel, scale, bias, token_ids, jitter_key, policy_key)
-  route = ROUTERS[config.router](inputs, config, deterministic)
+  family, options = config.family, config.router_options
+  inputs = routers.RouterInputs(groups, router_params, token_ids, jitter_key, policy_key)
+  route = family.route(inputs, config, options, deterministic)
 
   experts: experts_lib.Experts = experts_lib.StackedExperts(weights, activation, config.expert_dropout, dropout_key)
   experts_across_devices = distributed and parallel.expert_axis_size() > 1
@@ -292,9 +203,8 @@ def moe_block(
     out = dispatch.get_backend(backend)(groups, route, experts)
   if distributed:
     out = parallel.sum_tensor_partials(out)  # combining is linear: summing after it moves the fewest bytes
-  weight = config.sequence_aux_loss_weight
-  sequence_aux_loss = (weight * routing.sequence_balance_loss(route.router_probs, route.expert_index, sequence_length)
-                       if weight else jnp.zeros((), jnp.float32))
+  sequence_aux_loss = (family.aux_loss(route, options, sequence_length) if family.aux_loss is not None
+                       else jnp.zeros((), jnp.float32))
   aux = MoeAux(route.load_balancing_loss, route.router_z_loss, route.metrics, sequence_aux_loss)
   if distributed:
     aux = jax.lax.pmean(aux, parallel.TOKEN_AXES)
@@ -302,15 +212,16 @@ def moe_block(
 
 
 class RouterBias(nnx.Variable):
-  """DeepSeek-V3's per-expert selection bias b [E] (arXiv:2412.19437, eq. 16): model state that is not a
-  parameter, so the optimizer (wrt=nnx.Param) never sees it; moved by `routing.balancing_bias_update`."""
+  """Router state that is not a parameter (`RouterParam.update` is set), e.g. DeepSeek-V3's per-expert selection
+  bias b [E] (arXiv:2412.19437, eq. 16): the optimizer (wrt=nnx.Param) never sees it, the training loop checkpoints
+  it with the parameters, and every training call moves it by its family's `update`."""
 
 
-def _router_bias(num_experts: int) -> RouterBias:
-  """A zero bias [E], replicated like the router kernel (placed on the context mesh as `_param` does)."""
+def _router_state(spec: routers.RouterParam, init_scale: float) -> RouterBias:
+  """Router state placed like a router parameter (on the context mesh as `_param` does); it draws no key."""
   with nnx.use_eager_sharding(not jax.sharding.get_abstract_mesh().empty):
-    zeros = nnx.with_partitioning(nnx.initializers.zeros_init(), ("unmodeled",))
-    return RouterBias(zeros(None, (num_experts,), jnp.float32))
+    init = nnx.with_partitioning(spec.init(init_scale), spec.axes)
+    return RouterBias(init(None, spec.shape, jnp.float32))
 
 
 class MoeFeedForward(nnx.Module):
@@ -326,17 +237,18 @@ class MoeFeedForward(nnx.Module):
   Create it inside `parallel.mesh_context(mesh)` to shard the experts over the 'expert' axis, and for large
   layers inside `nnx.jit` too (`nnx.jit(lambda: MoeFeedForward(...))()`): eagerly, every initialiser op under
   a mesh runs replicated on all devices, so each device would briefly hold every expert's weights. See the
-  module docstring for routing groups, expert parallelism and randomness. With `moe.balancing_bias_rate` > 0 it
-  also holds `router_bias` [E], DeepSeek-V3's selection bias (a `RouterBias`, see the module docstring).
+  module docstring for routing groups, expert parallelism and randomness.
 
-  Router parameters by `moe.router`: 'soft_moe' holds phi [M, E, P] as `router` ('embed', 'unmodeled',
-  'unmodeled'; P = moe.slots_per_expert) and its learned logit scale `router_scale` [] (initialised to 1,
-  Puigcerver et al. Sec. 2.3); 'hash' learns no router (`router` is None) and needs the token ids at every call.
+  The router's arrays are those its family declares (`moe.family.params`, moe_jax.routers), attributes under
+  their declared names: the logit routers' kernel `router` [M, E] ('embed', 'unmodeled'); Soft MoE's phi
+  [M, E, P] as `router` and its logit scale `router_scale` []; none for hash layers, which need the token ids at
+  every call; with `moe.top_k.balancing_bias_rate` > 0 also `router_bias` [E], DeepSeek-V3's selection bias (a
+  `RouterBias`, see the module docstring).
 
   `causal`: whether the layer sits in a causal (autoregressive) stack. True, the default, is the decoder LM:
-  routers that read later tokens of the group (`NON_CAUSAL_ROUTERS`: expert choice, Soft MoE) are refused with a
-  ValueError at construction. An encoder (e.g. of an encoder-decoder model) builds its MoE layers with
-  causal=False, which admits them.
+  a router family that is not causal (its routing reads later tokens of the group: expert choice, Soft MoE) is
+  refused with a ValueError at construction. An encoder (e.g. of an encoder-decoder model) builds its MoE layers
+  with causal=False, which admits them.
   """
 
   def __init__(
@@ -352,11 +264,11 @@ class MoeFeedForward(nnx.Module):
       causal: bool = True,
       rngs: nnx.Rngs,
   ):
-    if causal and moe.router in NON_CAUSAL_ROUTERS:
+    if causal and not moe.family.causal:
       raise ValueError(f"moe.router={moe.router!r} is non-causal (a token's routing reads the later tokens of its "
                        "group) and is refused in a causal layer; build an encoder's MoeFeedForward with "
-                       "causal=False, or use one of " + ", ".join(repr(r) for r in ROUTERS if r not in
-                                                                   NON_CAUSAL_ROUTERS))
+                       "causal=False, or use one of "
+                       + ", ".join(repr(n) for n in routers.names() if routers.get(n).causal))
     gated = experts_lib.is_gated(activation)
     mesh = parallel.moe_mesh()
     if mesh is not None:  # before creating sharded params, whose error would be less clear
@@ -367,15 +279,10 @@ class MoeFeedForward(nnx.Module):
     self.activation = activation
     self.dtype = dtype
     num_experts = moe.num_experts
-    if moe.router == "hash":
-      self.router = None
-    elif moe.router == "soft_moe":
-      self.router = _param(switch_init(init_scale), ("embed", "unmodeled", "unmodeled"),
-                           (d_model, num_experts, moe.slots_per_expert), rngs)
-    else:
-      self.router = _param(switch_init(init_scale), ("embed", "unmodeled"), (d_model, num_experts), rngs)
-    self.router_scale = (_param(nnx.initializers.ones_init(), (), (), rngs) if moe.router == "soft_moe"
-                         else None)
+    specs = self._router_specs()
+    for name, spec in specs.items():  # parameters first, in declared order: each draws the next 'params' key
+      if spec.update is None:
+        setattr(self, name, _param(spec.init(init_scale), spec.axes, spec.shape, rngs))
     self.wi_0, self.wi_1, self.wo = _ffn_params(
         (num_experts, d_model, d_ff),
         (num_experts, d_ff, d_model),
@@ -389,21 +296,26 @@ class MoeFeedForward(nnx.Module):
     self.rngs = rngs["dropout"].fork()
     self.shared = (FeedForward(d_model, shared_d_ff, activation=activation, init_scale=init_scale, dtype=dtype,
                                rngs=rngs) if shared_d_ff else None)
-    self.router_bias = _router_bias(num_experts) if moe.balancing_bias_rate > 0 else None
+    for name, spec in specs.items():
+      if spec.update is not None:
+        setattr(self, name, _router_state(spec, init_scale))
+
+  def _router_specs(self) -> dict[str, routers.RouterParam]:
+    return self.config.family.params(self.d_model, self.config.num_experts, self.config.router_options)
 
   def __call__(
       self,
       x: jax.Array,  # [B, L, M]
       *,
       deterministic: bool = True,
-      token_ids: jax.Array | None = None,  # [B, L] integer, only for routers that read them (moe.router='hash')
+      token_ids: jax.Array | None = None,  # [B, L] integer, only for routers that read them (hash layers)
   ) -> tuple[jax.Array, MoeAux]:
     if x.ndim != 3 or x.shape[-1] != self.d_model:
       raise ValueError(f"x must be [batch, length, d_model={self.d_model}]; got shape {x.shape}")
     if x.shape[0] * x.shape[1] == 0:  # no routing group: every mean over groups would be NaN
       raise ValueError(f"x must hold at least one token to route; got shape {x.shape}")
     if self.config.needs_token_ids != (token_ids is not None):
-      raise ValueError(f"token_ids must be given exactly when the router reads them (moe.router='hash'); "
+      raise ValueError(f"token_ids must be given exactly when the router reads them (hash layers); "
                        f"moe.router={self.config.router!r}, token_ids {'missing' if token_ids is None else 'given'}")
     if token_ids is not None and token_ids.shape != x.shape[:2]:
       raise ValueError(f"token_ids must be [batch, length] = {x.shape[:2]}; got shape {token_ids.shape}")
@@ -425,12 +337,13 @@ class MoeFeedForward(nnx.Module):
       parallel.validate_expert_parallelism(self.config.num_experts, mesh)
       parallel.validate_group_sharding(groups.shape[0], mesh)
       block = parallel.shard_moe_block(block, weights)
-    bias = None if self.router_bias is None else self.router_bias[...]
-    value = lambda param: None if param is None else param[...]
-    out, aux = block(groups, (value(self.router), key, bias, value(self.router_scale)), weights, token_ids)
-    if bias is not None and not deterministic:
-      self.router_bias[...] = routing.balancing_bias_update(bias, aux.metrics.expert_selection,
-                                                            self.config.balancing_bias_rate)
+    specs = self._router_specs()
+    router_params = {name: getattr(self, name)[...] for name in specs}
+    out, aux = block(groups, (router_params, key), weights, token_ids)
+    if not deterministic:
+      for name, spec in specs.items():
+        if spec.update is not None:
+          getattr(self, name)[...] = spec.update(router_params[name], aux.metrics, self.config.router_options)
     out = out.reshape(x.shape)
     if self.shared is not None:
       out = out + self.shared(x, deterministic=deterministic)

@@ -1,41 +1,51 @@
-"""Named implementations that a config chooses between, looked up where they are implemented.
+"""The names a config may choose between, declared here so that the schema checks a choice without importing the
+code that implements it.
 
-Each kind of choice (a router, a dispatch backend, an activation, ...) is a mapping or tuple of names kept in
-the module that implements it, next to the code the names select. The config schema (`moe_jax.config_lib`)
-validates a choice by asking `names(kind)`, which imports the implementing module only then: the schema
-declares *which registry* a field draws from, never the names themselves, and imports no model code.
+Each kind of choice (a dispatch backend, an activation, an optimizer, ...) lists its valid names; the config
+schema (`moe_jax.schema.choice`) validates a field against them, and `moe_jax.config_lib` never imports model
+or training code (tests/test_registry.py runs a full validation in a fresh process and checks that). The module
+that implements a kind keeps its own table next to the code the names select (`IMPLEMENTED_BY`), and a test
+checks that table against the names here: adding a name means adding it in both places, and forgetting one
+fails that test. Routers are not listed here: each router family declares itself in `moe_jax.routers`, which
+the schema reads directly (it imports no flax either).
 """
 
 from __future__ import annotations
 
-import importlib
-import typing
-
-# module -> {kind: attribute}: the attribute is a dict or tuple whose keys/items are the valid names of that kind
-# of choice, or a typing.Literal of them. Listed by module, in the order of the data path.
-_BY_MODULE: dict[str, dict[str, str]] = {
-    "moe_jax.routing": {"score_function": "SCORE_FUNCTIONS", "group_score": "GroupScore",
-                        "second_expert_policy": "SecondExpertPolicy"},
-    "moe_jax.dispatch": {"dispatch": "CHOICES", "dropless_dispatch": "DROPLESS"},
-    "moe_jax.experts": {"activation": "ACTIVATIONS"},
-    "moe_jax.moe_layer": {"router": "ROUTERS", "non_causal_router": "NON_CAUSAL_ROUTERS",
-                          "decoder_router": "DECODER_ROUTERS", "dtype": "DTYPES"},
-    "moe_jax.layers": {"norm": "NORMS", "positions": "POSITIONS"},
-    "moe_jax.model": {"remat": "REMAT_POLICIES"},
-    "moe_jax.models": {"architecture": "ARCHITECTURES"},
-    "moe_jax.data.config": {"dataset": "DATASETS", "objective": "OBJECTIVES"},
-    "moe_jax.train": {"optimizer": "OPTIMIZERS", "schedule": "SCHEDULES"},
+# kind -> the valid names, in the implementing module's order.
+NAMES: dict[str, tuple[str, ...]] = {
+    "dispatch": ("auto", "einsum", "gather", "dropless", "ragged_dot"),
+    "dropless_dispatch": ("auto", "dropless", "ragged_dot"),  # the backends that need moe.dropless=True
+    "activation": ("relu", "gelu", "geglu", "swiglu"),
+    "dtype": ("float32", "bfloat16"),
+    "norm": ("rmsnorm", "layernorm"),
+    "positions": ("rotary", "relative"),
+    "remat": ("none", "full", "save_dots"),
+    "architecture": ("decoder", "encoder_decoder"),
+    "dataset": ("stdlib", "text_dir", "c4/en", "lm1b", "wiki40b/en"),
+    "objective": ("causal_lm", "span_corruption"),
+    "optimizer": ("adamw", "adafactor"),
+    "schedule": ("cosine", "linear", "rsqrt", "constant"),
 }
-# kind -> (module, attribute)
-PROVIDERS: dict[str, tuple[str, str]] = {
-    kind: (module, attribute) for module, kinds in _BY_MODULE.items() for kind, attribute in kinds.items()
+
+# kind -> (module, attribute) of the table that implements it: a dict or tuple whose keys/items are the names.
+# Read only by the test that checks the two agree; nothing here imports these modules.
+IMPLEMENTED_BY: dict[str, tuple[str, str]] = {
+    "dispatch": ("moe_jax.dispatch", "CHOICES"),
+    "dropless_dispatch": ("moe_jax.dispatch", "DROPLESS"),
+    "activation": ("moe_jax.experts", "ACTIVATIONS"),
+    "dtype": ("moe_jax.moe_layer", "DTYPES"),
+    "norm": ("moe_jax.layers", "NORMS"),
+    "positions": ("moe_jax.layers", "POSITIONS"),
+    "remat": ("moe_jax.model", "REMAT_POLICIES"),
+    "architecture": ("moe_jax.models", "ARCHITECTURES"),
+    "dataset": ("moe_jax.data.config", "DATASETS"),
+    "objective": ("moe_jax.data.config", "OBJECTIVES"),
+    "optimizer": ("moe_jax.train", "OPTIMIZERS"),
+    "schedule": ("moe_jax.train", "SCHEDULES"),
 }
 
 
 def names(kind: str) -> tuple[str, ...]:
-  """The valid names of a kind of choice, in the implementing module's order."""
-  module, attribute = PROVIDERS[kind]
-  provided = getattr(importlib.import_module(module), attribute)
-  if typing.get_origin(provided) is typing.Literal:
-    return typing.get_args(provided)
-  return tuple(provided)
+  """The valid names of a kind of choice."""
+  return NAMES[kind]

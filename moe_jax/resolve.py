@@ -6,9 +6,9 @@
   * moe.dispatch             -> the backend that actually runs on this platform and mesh
                                 (`dispatch.resolve_backend`: 'auto' and ragged backends);
 and derives the facts a reader of a run wants next to them: tokens per routing group and the expert capacity
-in training and evaluation (routing.compute_capacity). Each decision is a `Decision` (field, requested,
-resolved, why); `Resolved.record()` is what `config.json` stores: the requested config, the resolved one and
-the decisions, so a run says what ran, not only what was asked.
+in training and evaluation, as the router family declares it (none for Soft MoE). Each decision is a `Decision`
+(field, requested, resolved, why); `Resolved.record()` is what `config.json` stores: the requested config, the
+resolved one and the decisions, so a run says what ran, not only what was asked.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from moe_jax import config_lib, dispatch, flops, routing
+from moe_jax import config_lib, dispatch, flops
 from moe_jax import data as data_lib
 from moe_jax.data import span_corruption
 
@@ -111,18 +111,15 @@ def resolve(config: ml_collections.ConfigDict, device_count: int, *, platform: s
 
 
 def _moe_facts(exp: config_lib.ExperimentConfig) -> dict[str, Any]:
-  """Tokens per routing group and expert capacity C (per group) in training and evaluation."""
+  """Tokens per routing group, and the expert capacity C (per group) in training and evaluation where the router
+  has one (`MoeConfig.capacity`: Soft MoE has none)."""
   moe, group = exp.moe, exp.tokens_per_group
-  k = moe.top_k if moe.router == "top_k" else 1
-
-  def capacity(factor: float) -> int:
-    return group if moe.dropless else routing.compute_capacity(group, moe.num_experts, factor, k)
-
-  if moe.router == "base":  # exactly S / E in training; greedy top-1 without drops at evaluation
-    return {"moe.tokens_per_group": group, "moe.capacity": group // moe.num_experts, "moe.eval_capacity": group}
-
-  return {"moe.tokens_per_group": group, "moe.capacity": capacity(moe.capacity_factor),
-          "moe.eval_capacity": capacity(moe.eval_capacity_factor)}
+  facts = {"moe.tokens_per_group": group}
+  for key, training in (("moe.capacity", True), ("moe.eval_capacity", False)):
+    capacity = moe.capacity(group, training=training)
+    if capacity is not None:
+      facts[key] = capacity
+  return facts
 
 
 def train_flops_per_token(config: ml_collections.ConfigDict, model_cfg: config_lib.ModelConfig) -> float:

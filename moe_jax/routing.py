@@ -1,7 +1,9 @@
 """Who goes where: pure routers for Mixture-of-Experts layers.
 
 Arrays in, arrays out: no Flax state, no global state, an explicit PRNG key wherever noise is drawn.
-Every router returns one `RoutingResult`; dispatch backends (`moe_jax.dispatch`) only read that.
+Every router returns one `RoutingResult`; dispatch backends (`moe_jax.dispatch`) only read that. The router
+families a config names (`moe.router`: each one's options, parameters and facts) are `moe_jax.routers`, one module
+each, which call these functions.
 
 Axis legend (used in names and shape comments throughout the package):
   G groups · S tokens per group · E experts · C capacity per expert · K choices per token ·
@@ -41,20 +43,30 @@ Precision: router math runs in float32 whatever the input dtype ("selective prec
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Literal
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 
 SecondExpertPolicy = Literal["all", "random"]
 # A group's score in group-limited routing (`select_experts`): its best expert's score (DeepSeek-V2) or the sum
-# of its two best (DeepSeek-V3). Looked up by moe_jax.registry (config field moe.group_score).
+# of its two best (DeepSeek-V3). The config field moe.top_k.group_score (moe_jax.routers.top_k).
 GroupScore = Literal["max", "top2_sum"]
 
 
-@flax.struct.dataclass
+def _pytree(cls):
+  """A frozen dataclass that is a pytree (jit and shard_map carry it); `static()` fields are not traced."""
+  return jax.tree_util.register_dataclass(dataclasses.dataclass(frozen=True)(cls))
+
+
+def static():
+  """A pytree dataclass field held as static metadata (a Python int), not as an array."""
+  return dataclasses.field(metadata={"static": True})
+
+
+@_pytree
 class RoutingMetrics:
   """Diagnostics of one routing call, averaged over groups. Not differentiated through."""
 
@@ -68,7 +80,7 @@ class RoutingMetrics:
   expert_selection: jax.Array
 
 
-@flax.struct.dataclass
+@_pytree
 class RoutingResult:
   """Where each (token, choice) goes. Shapes use the module legend; K = E for expert choice."""
 
@@ -80,8 +92,8 @@ class RoutingResult:
   load_balancing_loss: jax.Array  # [] Switch eq. 4: E * sum_i f_i * P_i, 1.0 when uniform
   router_z_loss: jax.Array  # [] ST-MoE eq. 5: mean_s logsumexp(logits_s)^2
   metrics: RoutingMetrics
-  num_experts: int = flax.struct.field(pytree_node=False)
-  capacity: int = flax.struct.field(pytree_node=False)
+  num_experts: int = static()
+  capacity: int = static()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -240,7 +252,7 @@ def _sigmoid_scores(logits: jax.Array) -> tuple[jax.Array, jax.Array]:  # [G, S,
 
 
 # moe.score_function -> f(logits [G, S, E] float32) = (scores s, which top-k ranks and combine weights are made of;
-# router_probs, the distribution over experts that the losses and metrics read). Looked up by moe_jax.registry.
+# router_probs, the distribution over experts that the losses and metrics read); moe.top_k.score_function.
 SCORE_FUNCTIONS = {"softmax": _softmax_scores, "sigmoid": _sigmoid_scores}
 
 
@@ -462,15 +474,17 @@ def switch_route(
     capacity_factor: float | None = 1.0,
     dropless: bool = False,
     batch_prioritized: bool = False,
+    dtype: jnp.dtype = jnp.float32,
 ) -> RoutingResult:
   """Switch Transformer top-1 routing (Fedus et al. 2021, eqs. 1-3).
 
   Each token goes to its argmax expert i while the expert has room; the combine weight is p_i(x), the
   router probability of that expert (eq. 2), so the router is trained through the output scaling.
-  Tokens over capacity are dropped and pass through the layer's residual connection.
+  Tokens over capacity are dropped and pass through the layer's residual connection. `dtype` as in `top_k_route`.
   """
   return top_k_route(
-      logits, k=1, capacity_factor=capacity_factor, dropless=dropless, batch_prioritized=batch_prioritized
+      logits, k=1, capacity_factor=capacity_factor, dropless=dropless, batch_prioritized=batch_prioritized,
+      dtype=dtype,
   )
 
 
@@ -530,14 +544,14 @@ def _expert_choice_metrics(
   """Expert choice drops a token when no expert picks it; every expert fills exactly C slots."""
   base = _metrics(probs, expert_index, kept, kept, capacity)
   unpicked = jnp.mean(~jnp.any(kept, axis=-1))
-  return base.replace(dropped_token_fraction=unpicked, dropped_assignment_fraction=unpicked)
+  return dataclasses.replace(base, dropped_token_fraction=unpicked, dropped_assignment_fraction=unpicked)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Soft MoE.
 
 
-@flax.struct.dataclass
+@_pytree
 class SoftRoutingResult:
   """Soft MoE's dense routing (Puigcerver et al. 2023, Sec. 2.1): P slots per expert, each a convex combination
   of the group's tokens, and each token's output a convex combination of all E * P slot outputs. Nothing is
@@ -548,8 +562,8 @@ class SoftRoutingResult:
   load_balancing_loss: jax.Array  # [] 1.0: every slot is full by construction (no loss to add, Sec. 2.2)
   router_z_loss: jax.Array  # [] 0.0: the paper uses no router loss; the normalised logits are bounded by `scale`
   metrics: RoutingMetrics
-  num_experts: int = flax.struct.field(pytree_node=False)
-  slots_per_expert: int = flax.struct.field(pytree_node=False)
+  num_experts: int = static()
+  slots_per_expert: int = static()
 
 
 def l2_normalize(x: jax.Array, axis: int, eps: float = 1e-6) -> jax.Array:

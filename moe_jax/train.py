@@ -192,7 +192,7 @@ def lm_loss(model: TransformerLM, batch: dict, *, deterministic: bool, aux_loss_
   ce_sum, weight_sum = summed_cross_entropy(logits, batch)
   ce = ce_sum / jnp.maximum(weight_sum, 1.0)
   loss = ce + aux_loss_weight * aux.load_balancing_loss + z_loss_weight * aux.router_z_loss
-  loss = loss + aux.sequence_aux_loss  # DeepSeek-V3's sequence-wise loss, weighted by moe.sequence_aux_loss_weight
+  loss = loss + aux.sequence_aux_loss  # DeepSeek-V3's sequence-wise loss, weighted (moe.top_k.sequence_aux_loss_weight)
   return loss, (ce, aux)
 
 
@@ -460,7 +460,7 @@ def config_changes(saved: dict, config: ml_collections.ConfigDict) -> dict[str, 
   A field the checkpoint's config lacks (added to the schema since) and that `config` leaves at its default is no
   change: the checkpoint's run computed what the default computes (e.g. model.remat='none', mesh.fsdp=1).
   """
-  old, new = _leaves(saved), _leaves(json.loads(config.to_json()))
+  old, new = _leaves(config_lib.migrate(saved)), _leaves(json.loads(config.to_json()))
   defaults = _leaves(config_lib.to_dict(config_lib.default_config()))
   return {path: (old.get(path), new.get(path)) for path in sorted(set(old) | set(new))
           if old.get(path) != new.get(path) and not (path not in old and new.get(path) == defaults.get(path))}

@@ -11,7 +11,7 @@ Works on parameter states (`nnx.State`), so on any architecture built from the s
 
 Why the upcycled model starts where the dense one is. All E experts compute the dense FFN(x), so a layer's
 output is (sum of the token's combine weights) x FFN(x). With weights that sum to 1 and no token dropped
-(router='top_k' with `moe.renormalize`, and `moe.dropless` or enough capacity), the MoE layer equals the dense
+(router='top_k' with `moe.top_k.renormalize`, and `moe.dropless` or enough capacity), the MoE layer equals the dense
 FFN exactly, whatever the fresh router says: the upcycled model's loss at step 0 is the dense model's. Switch's
 top-1 router scales by its softmax probability (< 1), and capacity drops tokens, so there the start differs
 (Komatsuzaki et al. keep top-k routing in the decoder and expert choice in the encoder; both start near the
@@ -94,7 +94,7 @@ def upcycle_checkpoint(dense_workdir: str, config, workdir: str) -> int:
   if not os.path.isfile(record):
     raise ValueError(f"upcycle: {record} does not exist; --dense_workdir must be the workdir of a training run")
   with open(record) as f:
-    dense_config = ml_collections.ConfigDict(json.load(f)["resolved"])
+    dense_config = ml_collections.ConfigDict(config_lib.migrate(json.load(f)["resolved"]))
   dense_cfg = config_lib.model_config(config_lib.typed(dense_config), vocab_size=dense_config.model.vocab_size)
   if dense_cfg.moe_layer_interval:
     raise ValueError(f"upcycle: the run in {dense_workdir} already has MoE blocks (model.moe_layer_interval="

@@ -169,7 +169,7 @@ def _routed_cfg(vocab_size=64, **moe):
 
 @pytest.mark.parametrize("moe", [
     dict(router="expert_choice", decoder_router="switch"),
-    dict(router="soft_moe", dispatch="einsum", slots_per_expert=2, decoder_router="top_k", top_k=1),
+    dict(router="soft_moe", dispatch="einsum", soft_moe=dict(slots_per_expert=2), decoder_router="top_k"),
     dict(router="hash", decoder_router="switch"),
 ], ids=["expert_choice", "soft_moe", "hash"])
 def test_a_non_causal_or_hash_encoder_router_routes_the_encoder_and_the_decoder_routes_causally(moe):

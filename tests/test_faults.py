@@ -533,8 +533,8 @@ def test_validation_split_of_empty_documents_is_refused_as_no_evaluation_tokens(
      "data.tokenizer='/etc/hostname': '/etc/hostname' is not a SentencePiece .model file"),
     ("new option out of range", {"train__skip_nonfinite_batches": "-1"}, [], "train.skip_nonfinite_batches=-1"),
     ("unknown config field", {"moe__top_kk": "2"}, [], "unknown config field 'top_kk'"),
-    ("non-integer top_k", {"moe__top_k": "2.0"}, [], "moe.top_k"),
-    ("boolean top_k", {"moe__top_k": "True"}, [], "moe.top_k"),
+    ("non-integer top_k", {"moe__top_k__k": "2.0"}, [], "moe.top_k.k"),
+    ("boolean top_k", {"moe__top_k__k": "True"}, [], "moe.top_k.k"),
 ])
 def test_bad_command_line_is_one_line_naming_the_argument(data_dir, tmp_path, case, overrides, flags, expected):
   args = _cli(tmp_path / "run", data_dir, 1, **overrides)

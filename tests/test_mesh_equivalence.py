@@ -36,7 +36,7 @@ def config_for(kind: str, optimizer: str = "adamw"):
                            moe_layer_interval=0 if kind == "dense" else 2))
   config.moe.update(dict(num_experts=4, capacity_factor=1.0))
   if kind == "top2":
-    config.moe.update(dict(router="top_k", top_k=2))
+    config.moe.update(dict(router="top_k", top_k=dict(k=2)))
   config.train.update(dict(batch_size=BATCH, seq_len=LENGTH, num_steps=STEPS, warmup_steps=1, learning_rate=1e-2,
                            optimizer=optimizer))
   return config

@@ -37,7 +37,7 @@ def test_grouped_query_attention_equals_its_reference_forward_and_backward(num_k
 
 
 def test_shared_experts_add_a_dense_ffn_of_their_total_width_forward_and_backward():
-  moe = MoeConfig(num_experts=4, router="top_k", top_k=2, capacity_factor=1.0)
+  moe = MoeConfig(num_experts=4, router="top_k", capacity_factor=1.0, options={"top_k": dict(k=2)})
   with parallel.mesh_context(parallel.create_mesh(1, 1)):  # the shared FFN's params carry logical axes
     layer = MoeFeedForward(D_MODEL, 24, moe, shared_d_ff=2 * 12, activation="swiglu", rngs=nnx.Rngs(0))
   assert layer.wi_0.shape == (4, D_MODEL, 24) and layer.shared.wi_0.shape == (D_MODEL, 24)
@@ -80,7 +80,8 @@ FEATURES = {
     "gqa": dict(num_kv_heads=2),
     "multi-query, tied": dict(num_kv_heads=1, tie_embeddings=True),
     "deepseekmoe-like": dict(moe_layer_interval=1, moe_start_block=1, activation="swiglu",
-                             moe=dict(num_experts=8, router="top_k", top_k=2, expert_d_ff=32, num_shared_experts=2)),
+                             moe=dict(num_experts=8, router="top_k", top_k=dict(k=2), expert_d_ff=32,
+                                      num_shared_experts=2)),
     "layernorm, shared of own width": dict(norm="layernorm", moe=dict(num_shared_experts=1, shared_expert_d_ff=48)),
     "hash layers, no router": dict(moe=dict(router="hash")),
 }

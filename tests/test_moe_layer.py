@@ -11,7 +11,7 @@ from flax import nnx
 
 from moe_jax import reference, routing
 from moe_jax import experts as experts_lib
-from moe_jax.moe_layer import NON_CAUSAL_ROUTERS, FeedForward, MoeAux, MoeConfig, MoeFeedForward, group_tokens
+from moe_jax.moe_layer import FeedForward, MoeAux, MoeConfig, MoeFeedForward, group_tokens
 
 BATCH, LENGTH, D_MODEL, D_FF = 4, 8, 16, 32
 
@@ -33,24 +33,25 @@ class TestMoeConfigValidation:
       [
           (dict(num_experts=0), "num_experts=0"),
           (dict(router="lsh"), "router='lsh'"),
-          (dict(top_k=2), "top_k=2 must be 1 for router='switch'"),
-          (dict(router="expert_choice", top_k=2), "top_k=2 must be 1 for router='expert_choice'"),
-          (dict(router="top_k", top_k=9), r"top_k=9 must be in \[1, num_experts=8\]"),
-          (dict(router="top_k", top_k=0), "top_k=0 must be >= 1"),
+          (dict(options={"top_k": dict(k=2)}), "moe.top_k.k=2 is an option of router 'top_k'.*router='switch'"),
+          (dict(router="expert_choice", options={"top_k": dict(k=2)}), "moe.top_k.k=2 is an option of router"),
+          (dict(router="top_k", options={"top_k": dict(k=9)}), r"moe.top_k.k=9 must be in \[1, moe.num_experts=8\]"),
+          (dict(router="top_k", options={"top_k": dict(k=0)}), "moe.top_k.k=0 must be >= 1"),
+          (dict(options={"top_p": dict(p=0.5)}), "unknown config field 'moe.top_p'"),
           (dict(capacity_factor=0.0), r"capacity_factor=0.0 must be > 0"),
           (dict(capacity_factor=float("inf")), "capacity_factor=inf must be a finite number"),
           (dict(eval_capacity_factor=-1.0), r"eval_capacity_factor=-1.0 must be > 0"),
           (dict(dispatch="scatter"), "dispatch='scatter' must be one of"),
           (dict(dispatch="dropless"), "dispatch='dropless' needs dropless=True"),
-          (
-              dict(router="expert_choice", dropless=True),
-              "dropless=True is not available for router='expert_choice'",
-          ),
-          (dict(renormalize=True), "renormalize=True needs router='top_k'"),
+          (dict(router="expert_choice", dropless=True), "moe.dropless=True is not read by moe.router='expert_choice'"),
+          (dict(options={"top_k": dict(renormalize=True)}), "moe.top_k.renormalize=True is an option of router"),
           (dict(router="expert_choice", batch_prioritized=True), "batch_prioritized=True"),
-          (dict(second_expert_policy="sometimes"), "second_expert_policy='sometimes' must be one of"),
-          (dict(second_expert_policy="random"), "second_expert_policy='random' needs router='top_k'"),
-          (dict(second_expert_threshold=0.0), r"second_expert_threshold=0.0 must be in \(0, 1\]"),
+          (dict(options={"top_k": dict(second_expert_policy="sometimes")}),
+           "moe.top_k.second_expert_policy='sometimes' must be one of"),
+          (dict(options={"top_k": dict(second_expert_policy="random")}),
+           "moe.top_k.second_expert_policy='random' is an option of router 'top_k'"),
+          (dict(options={"top_k": dict(second_expert_threshold=0.0)}),
+           r"moe.top_k.second_expert_threshold=0.0 must be in \(0, 1\]"),
           (dict(jitter_eps=1.0), r"jitter_eps=1.0 must be in \[0, 1\)"),
           (dict(expert_dropout=-0.1), r"expert_dropout=-0.1 must be in \[0, 1\)"),
           (dict(group_size=-1), "group_size=-1 must be >= 0"),
@@ -62,7 +63,7 @@ class TestMoeConfigValidation:
       MoeConfig(**fields)
 
   def test_dropless_needs_no_capacity_factor(self):
-    MoeConfig(router="top_k", top_k=2, dropless=True, dispatch="dropless", capacity_factor=0.0)
+    MoeConfig(router="top_k", dropless=True, dispatch="dropless", capacity_factor=0.0, options={"top_k": dict(k=2)})
 
 
 class TestLayerErrors:
@@ -86,15 +87,17 @@ class TestLayerErrors:
     "config, activation, deterministic",
     [
         (MoeConfig(num_experts=4, capacity_factor=0.5), "relu", False),  # one group per sequence, drops
-        (MoeConfig(num_experts=4, router="top_k", top_k=2, eval_capacity_factor=1.0, group_size=16), "swiglu", True),
+        (MoeConfig(num_experts=4, router="top_k", eval_capacity_factor=1.0, group_size=16,
+                   options={"top_k": dict(k=2)}), "swiglu", True),
         (MoeConfig(num_experts=4, router="expert_choice", capacity_factor=1.0, dispatch="einsum"), "gelu", False),
-        (MoeConfig(num_experts=4, router="top_k", top_k=2, dropless=True, dispatch="dropless"), "geglu", False),
+        (MoeConfig(num_experts=4, router="top_k", dropless=True, dispatch="dropless", options={"top_k": dict(k=2)}),
+         "geglu", False),
     ],
     ids=["switch_sequence_groups", "top2_group16_eval", "expert_choice_einsum", "top2_dropless"],
 )
 def test_layer_output_and_aux_equal_reference_moe_on_its_groups(config, activation, deterministic):
   """The layer = reference MoE on the documented routing groups, with the train or eval capacity factor."""
-  causal = config.router not in NON_CAUSAL_ROUTERS  # expert choice runs in an encoder layer
+  causal = config.family.causal  # expert choice runs in an encoder layer
   layer = MoeFeedForward(D_MODEL, D_FF, config, activation=activation, causal=causal, rngs=nnx.Rngs(0))
   x = inputs()
   out, aux = nnx.jit(lambda layer, x: layer(x, deterministic=deterministic))(layer, x)
@@ -107,7 +110,8 @@ def test_layer_output_and_aux_equal_reference_moe_on_its_groups(config, activati
     if config.router == "expert_choice":
       route = routing.expert_choice_route(logits, capacity_factor=capacity_factor)
     else:
-      route = routing.top_k_route(logits, k=config.top_k, capacity_factor=capacity_factor, dropless=config.dropless)
+      k = config.router_options.k if config.router == "top_k" else 1
+      route = routing.top_k_route(logits, k=k, capacity_factor=capacity_factor, dropless=config.dropless)
     return reference.moe(groups, route, weights, activation=activation), route
 
   expected, route = reference_layer(x, layer.router[...], expert_weights(layer))
@@ -151,9 +155,8 @@ def test_single_expert_top1_without_drops_equals_dense_ffn(config, activation):
 
 
 class TestRandomness:
-  CONFIG = MoeConfig(
-      num_experts=4, router="top_k", top_k=2, jitter_eps=0.1, expert_dropout=0.3, second_expert_policy="random"
-  )
+  CONFIG = MoeConfig(num_experts=4, router="top_k", jitter_eps=0.1, expert_dropout=0.3,
+                     options={"top_k": dict(k=2, second_expert_policy="random")})
 
   def test_training_noise_comes_from_module_state(self):
     """Same init -> same noise; each call advances the stream; a saved state replays the next call."""
@@ -203,7 +206,7 @@ def test_bfloat16_compute_and_router_close_to_float32():
 def test_training_with_optimizer_and_split_merge_jit():
   """nnx.value_and_grad + nnx.Optimizer lower a regression loss; split/merge inside jax.jit gives the same
   output as calling the module."""
-  config = MoeConfig(num_experts=4, router="top_k", top_k=2)
+  config = MoeConfig(num_experts=4, router="top_k", options={"top_k": dict(k=2)})
   layer = MoeFeedForward(D_MODEL, D_FF, config, rngs=nnx.Rngs(0))
   optimizer = nnx.Optimizer(layer, optax.adam(1e-2), wrt=nnx.Param)
   x = inputs()
@@ -231,8 +234,8 @@ class TestBoundaryChecks:
 
   @pytest.mark.parametrize("top_k", [2.0, True])
   def test_top_k_must_be_a_true_integer(self, top_k):
-    with pytest.raises(ValueError, match=f"moe.top_k={top_k!r} has type"):
-      MoeConfig(router="top_k", top_k=top_k)
+    with pytest.raises(ValueError, match=f"moe.top_k.k={top_k!r} has type"):
+      MoeConfig(router="top_k", options={"top_k": dict(k=top_k)})
 
   def test_an_empty_batch_is_refused_before_routing(self):
     layer = MoeFeedForward(D_MODEL, D_FF, MoeConfig(), rngs=nnx.Rngs(0))

@@ -59,7 +59,8 @@ def test_cpu_variant_keeps_the_structure_and_is_counted_exactly(module):
   full = config_lib.model_config(_system(module).get_config("full"), vocab_size=0)
   config = _system(module).get_config("cpu")
   cfg = config_lib.model_config(config, vocab_size=259)
-  assert (cfg.moe.top_k > 1) == (full.moe.top_k > 1) and (cfg.shared_d_ff > 0) == (full.shared_d_ff > 0)
+  assert (cfg.moe.router_options.k > 1) == (full.moe.router_options.k > 1)
+  assert (cfg.shared_d_ff > 0) == (full.shared_d_ff > 0)
   assert (cfg.kv_heads < cfg.num_heads) == (full.kv_heads < full.num_heads)
   assert (cfg.moe_layers[0] > 0) == (full.moe_layers[0] > 0) and cfg.moe_layer_interval == full.moe_layer_interval
   with parallel.mesh_context(parallel.create_mesh(1, 1)):

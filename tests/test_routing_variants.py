@@ -287,12 +287,12 @@ def test_sequence_balance_loss_is_one_when_every_sequence_is_balanced():
 # ----------------------------------------------------------------------------------------------------------
 # The bias in the layer and across a resumed run.
 
-V3_ROUTING = dict(router="top_k", top_k=2, renormalize=True, score_function="sigmoid", routed_scaling=2.5,
-                  num_expert_groups=4, topk_expert_groups=2, group_score="top2_sum", balancing_bias_rate=0.01)
+V3_TOP_K = dict(k=2, renormalize=True, score_function="sigmoid", routed_scaling=2.5, num_expert_groups=4,
+                topk_expert_groups=2, group_score="top2_sum", balancing_bias_rate=0.01)
 
 
 def test_layer_moves_its_bias_after_training_calls_only_and_outside_the_gradient():
-  config = MoeConfig(num_experts=8, dropless=True, dispatch="dropless", **V3_ROUTING)
+  config = MoeConfig(num_experts=8, router="top_k", dropless=True, dispatch="dropless", options={"top_k": V3_TOP_K})
   layer = MoeFeedForward(16, 32, config, rngs=nnx.Rngs(0))
   x = jnp.asarray(np.random.default_rng(10).standard_normal((2, 8, 16), np.float32))
   zeros = jnp.zeros(8, jnp.float32)
@@ -313,7 +313,7 @@ def test_resumed_run_continues_with_the_same_bias_bitwise(tmp_path):
   """tests/helpers tiny config (8 devices, expert parallelism) with DeepSeek-V3 routing and the sequence-wise loss:
   stopped at step 3 and resumed, it ends with the bias and losses of an uninterrupted run."""
   config = tiny_config(str(tmp_path / "tfds"), steps=6)
-  config.moe.update(dict(V3_ROUTING, sequence_aux_loss_weight=1e-3))
+  config.moe.update(dict(router="top_k", top_k=dict(V3_TOP_K, sequence_aux_loss_weight=1e-3)))
   config.train.checkpoint_every = 3
   train.train_and_evaluate(config, str(tmp_path / "straight"))
   train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_at_step=3)
@@ -334,24 +334,30 @@ def test_resumed_run_continues_with_the_same_bias_bitwise(tmp_path):
 # The config fields.
 
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(num_experts=16, num_expert_groups=3), "moe.num_expert_groups=3 must divide moe.num_experts=16"),
-    (dict(num_experts=16, num_expert_groups=4, topk_expert_groups=5),
-     "moe.topk_expert_groups=5 must be in \\[1, num_expert_groups=4\\]"),
-    (dict(num_experts=16, top_k=9, num_expert_groups=4, topk_expert_groups=2),
-     "moe.top_k=9 must be <= topk_expert_groups \\* experts per group = 2 \\* 4"),
-    (dict(num_experts=8, top_k=2, group_score="top2_sum"), "moe.group_score='top2_sum' needs num_expert_groups > 1"),
-    (dict(num_experts=8, top_k=2, num_expert_groups=8, topk_expert_groups=2, group_score="top2_sum"),
-     ">= 2 experts per group"),
-    (dict(router="switch", top_k=1, score_function="sigmoid"), "moe.score_function='sigmoid' needs router='top_k'"),
-    (dict(router="switch", top_k=1, balancing_bias_rate=1e-3), "moe.balancing_bias_rate=0.001 needs router='top_k'"),
-    (dict(score_function="tanh"), "moe.score_function='tanh' must be one of 'softmax', 'sigmoid'"),
-    (dict(routed_scaling=0.0), "moe.routed_scaling=0.0 must be > 0"),
-    (dict(balancing_bias_rate=-1e-3), "moe.balancing_bias_rate=-0.001 must be >= 0"),
+@pytest.mark.parametrize("experts, top_k, message", [
+    (16, dict(num_expert_groups=3), "moe.top_k.num_expert_groups=3 must divide moe.num_experts=16"),
+    (16, dict(num_expert_groups=4, topk_expert_groups=5),
+     "moe.top_k.topk_expert_groups=5 must be in \\[1, num_expert_groups=4\\]"),
+    (16, dict(k=9, num_expert_groups=4, topk_expert_groups=2),
+     "moe.top_k.k=9 must be <= topk_expert_groups \\* experts per group = 2 \\* 4"),
+    (8, dict(k=2, group_score="top2_sum"), "moe.top_k.group_score='top2_sum' needs moe.top_k.num_expert_groups > 1"),
+    (8, dict(k=2, num_expert_groups=8, topk_expert_groups=2, group_score="top2_sum"), ">= 2 experts per group"),
+    (8, dict(score_function="tanh"), "moe.top_k.score_function='tanh' must be one of 'softmax', 'sigmoid'"),
+    (8, dict(routed_scaling=0.0), "moe.top_k.routed_scaling=0.0 must be > 0"),
+    (8, dict(balancing_bias_rate=-1e-3), "moe.top_k.balancing_bias_rate=-0.001 must be >= 0"),
 ])
-def test_bad_routing_variant_fields_are_refused_with_the_field_named(fields, message):
+def test_bad_routing_variant_fields_are_refused_with_the_field_named(experts, top_k, message):
   with pytest.raises(ValueError, match=message):
-    MoeConfig(**{"router": "top_k", **fields})
+    MoeConfig(num_experts=experts, router="top_k", options={"top_k": top_k})
+
+
+@pytest.mark.parametrize("top_k, message", [
+    (dict(score_function="sigmoid"), "moe.top_k.score_function='sigmoid' is an option of router 'top_k'"),
+    (dict(balancing_bias_rate=1e-3), "moe.top_k.balancing_bias_rate=0.001 is an option of router 'top_k'"),
+])
+def test_deepseek_options_are_refused_outside_the_top_k_router(top_k, message):
+  with pytest.raises(ValueError, match=message):
+    MoeConfig(router="switch", options={"top_k": top_k})
 
 
 def test_bfloat16_router_rounds_the_softmax_itself():

@@ -12,7 +12,7 @@ from moe_jax import config_lib, models, parallel, train, upcycle
 
 VOCAB = 64
 # Every token's combine weights sum to 1 and none is dropped: the condition under which upcycling is exact.
-EXACT_MOE = dict(num_experts=4, router="top_k", top_k=2, renormalize=True, dropless=True, dispatch="gather")
+EXACT_MOE = dict(num_experts=4, router="top_k", top_k=dict(k=2, renormalize=True), dropless=True, dispatch="gather")
 
 
 def _config(architecture: str, moe_interval: int):

@@ -34,8 +34,8 @@ BASELINE = "baseline"
 # setting -> (overrides of the baseline, FLOP-matched to the dense twin)
 SETTINGS = {
     BASELINE: ({}, True),
-    **{f"top{k}-cf{cf:g}": ({"moe.capacity_factor": cf, "moe.router": "top_k", "moe.top_k": 2,
-                             "moe.renormalize": True} if k == 2 else {"moe.capacity_factor": cf}, k == 1)
+    **{f"top{k}-cf{cf:g}": ({"moe.capacity_factor": cf, "moe.router": "top_k", "moe.top_k.k": 2,
+                             "moe.top_k.renormalize": True} if k == 2 else {"moe.capacity_factor": cf}, k == 1)
        for k in (1, 2) for cf in (1.0, 1.25, 2.0) if (k, cf) != (1, 1.25)},
     **{f"alpha{a:g}": ({"train.aux_loss_weight": a}, True) for a in (0.0, 1e-3, 1e-1)},
     "beta0.001": ({"train.z_loss_weight": 1e-3}, True),

@@ -32,14 +32,14 @@ TOKENS_PER_GROUP = 64
 EXPERTS = 8
 ROUTERS = {  # name -> (overrides of switch-base-cpu, FLOP-matched to Switch)
     "switch": ({}, True),
-    "top2": ({"moe.router": "top_k", "moe.top_k": 2, "moe.renormalize": True}, False),
+    "top2": ({"moe.router": "top_k", "moe.top_k.k": 2, "moe.top_k.renormalize": True}, False),
     "expert-choice": ({"moe.router": "expert_choice", "moe.capacity_factor": 1.0, "moe.decoder_router": "switch"},
                       True),
     "soft-moe": ({"moe.router": "soft_moe", "moe.dispatch": "einsum", "moe.decoder_router": "switch",
-                  "moe.slots_per_expert": TOKENS_PER_GROUP // EXPERTS}, True),
+                  "moe.soft_moe.slots_per_expert": TOKENS_PER_GROUP // EXPERTS}, True),
     "base": ({"moe.router": "base"}, True),
     "hash": ({"moe.router": "hash", "train.aux_loss_weight": 0.0}, True),
-    "aux-free": ({"moe.router": "top_k", "moe.balancing_bias_rate": 1e-3, "train.aux_loss_weight": 0.0}, True),
+    "aux-free": ({"moe.router": "top_k", "moe.top_k.balancing_bias_rate": 1e-3, "train.aux_loss_weight": 0.0}, True),
 }
 SEEDS = (0, 1)
 SETTINGS = {"train.num_steps": 1000, "train.warmup_steps": 100, "train.eval_every": 100, "train.eval_batches": 8,

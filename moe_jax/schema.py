@@ -1,0 +1,112 @@
+"""The vocabulary of config fields: a field's type, valid range and meaning, declared once and checked in one place.
+
+`field(default, rule, doc)` declares a field of a `Section` (a frozen dataclass checked on construction);
+the rules below say what a value may be and how the range reads in an error message and in docs/config.md.
+The experiment's sections live in `moe_jax.config_lib`; a router family declares its options section with the
+same vocabulary in its own module (`moe_jax.routers`), which is why this lives below both. It imports only the
+name tables of `moe_jax.registry`: no model or training code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, ClassVar
+
+from moe_jax import registry
+
+# ----------------------------------------------------------------------------------------------------------
+# Rules: a field's type and valid range, checked in one function.
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  kinds: tuple[type, ...]  # accepted Python types (bool is accepted only where listed)
+  ok: Callable[[Any], bool]
+  allowed: Callable[[], str]  # the valid range in words; a callable because routers register late
+  nullable: bool = False  # None is valid (e.g. an optional path)
+
+
+def at_least(n: int) -> Rule:
+  return Rule((int,), lambda v: v >= n, lambda: f">= {n}")
+
+
+def in_range(low: float, high: float, *, closed_low: bool = True, closed_high: bool = False) -> Rule:
+  def ok(v):
+    return (low <= v if closed_low else low < v) and (v <= high if closed_high else v < high)
+
+  text = f"in {'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
+  return Rule((int, float), lambda v: math.isfinite(v) and ok(v), lambda: text)
+
+
+def positive() -> Rule:
+  return Rule((int, float), lambda v: math.isfinite(v) and v > 0, lambda: "> 0")
+
+
+def non_negative() -> Rule:
+  return Rule((int, float), lambda v: math.isfinite(v) and v >= 0, lambda: ">= 0")
+
+
+def finite() -> Rule:
+  return Rule((int, float), math.isfinite, lambda: "a finite number")
+
+
+def boolean() -> Rule:
+  return Rule((bool,), lambda v: True, lambda: "True or False")
+
+
+def one_of(names: Callable[[], tuple[str, ...]]) -> Rule:
+  """One of `names()`; a callable, so that names registered after the field was declared count (routers)."""
+  return Rule((str,), lambda v: v in names(), lambda: "one of " + ", ".join(repr(n) for n in names()))
+
+
+def choice(kind: str) -> Rule:
+  """One of the names `moe_jax.registry` declares for `kind`."""
+  return one_of(lambda: registry.names(kind))
+
+
+def text(*, nullable: bool = False) -> Rule:
+  return Rule((str,), lambda v: bool(v), lambda: "a non-empty string" + (" or None" if nullable else ""),
+              nullable=nullable)
+
+
+def check_value(path: str, value: Any, rule: Rule) -> None:
+  """ValueError naming `path`, the value and the rule's range, unless value satisfies the rule."""
+  if value is None and rule.nullable:
+    return
+  # bool is an int in Python: accept it only where a bool is asked for.
+  if isinstance(value, bool) and bool not in rule.kinds:
+    raise ValueError(f"{path}={value!r} has type bool; expected {rule.allowed()}")
+  if not isinstance(value, rule.kinds):
+    names = "/".join(k.__name__ for k in rule.kinds)
+    raise ValueError(f"{path}={value!r} has type {type(value).__name__}; expected {names} {rule.allowed()}")
+  if not rule.ok(value):
+    raise ValueError(f"{path}={value!r} must be {rule.allowed()}")
+
+
+def field(default: Any, rule: Rule, doc: str) -> Any:
+  """Declare a config field: its default, valid range and one-line meaning."""
+  return dataclasses.field(default=default, metadata={"rule": rule, "doc": doc})
+
+
+class Section:
+  """A config section: a frozen dataclass whose `field`s are checked on construction."""
+
+  NAME: ClassVar[str]
+
+  def __post_init__(self):
+    for f in config_fields(type(self)):
+      check_value(self.path(f.name), getattr(self, f.name), f.metadata["rule"])
+    self._check()
+
+  def _check(self) -> None:
+    """Rules relating several fields of the section."""
+
+  @classmethod
+  def path(cls, name: str) -> str:
+    return f"{cls.NAME}.{name}" if cls.NAME else name
+
+
+def config_fields(section: type) -> list[dataclasses.Field]:
+  """The declared config fields of a section (fields without a rule are derived, not configured)."""
+  return [f for f in dataclasses.fields(section) if "rule" in f.metadata]
