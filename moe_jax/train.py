@@ -1,4 +1,4 @@
-"""Train and evaluate a decoder LM (dense or MoE) from one config: the main loop of moe_jax.
+"""Train and evaluate a model (dense or MoE, decoder LM or encoder-decoder) from one config: the main loop of moe_jax.
 
 loss = cross-entropy + alpha * sum_layers load-balancing loss (Switch eq. 4) + beta * sum_layers z-loss (ST-MoE eq. 5)
 
@@ -16,6 +16,11 @@ CheckpointError instead of hanging.
 The step never waits for the host: metrics stay on device and are fetched every `train.log_every` steps (and
 before every evaluation and save, so that no checkpoint is written before the losses leading to it were seen
 to be finite); the state buffers are donated; a background thread prepares the next global batches.
+
+The model, optimizer, checkpoint tree and batches are made by moe_jax.runstate, as every other tool makes them.
+`train_and_evaluate` resolves the config once; from there on everything reads it typed (ExperimentConfig). The
+loop is `_start_loop` (build or restore), then `_run`, whose steps `_flush` metrics, `_evaluate` and `_save`
+over a `_Loop` state, reading the fixed `_Context`.
 """
 
 from __future__ import annotations
