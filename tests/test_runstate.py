@@ -3,6 +3,7 @@ same outputs either way), and a run's checkpoint loads onto any mesh without its
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +49,8 @@ def test_models_build_runs_a_config_without_any_mesh():
   assert aux.blocks  # the MoE blocks routed
 
 
-@pytest.mark.parametrize("architecture", ["decoder", "encoder_decoder"])
+# The encoder-decoder in the slow tier: two more models compiled on eight devices (~20 s on 2 cores).
+@pytest.mark.parametrize("architecture", ["decoder", pytest.param("encoder_decoder", marks=pytest.mark.slow)])
 def test_a_model_built_without_a_mesh_computes_what_it_computes_on_eight_devices(architecture):
   config, batch = _config(architecture), _batch(architecture)
   alone = runstate.build(config)
@@ -87,14 +89,20 @@ def _write_run(workdir, config, steps) -> dict:
   return saved
 
 
+@pytest.fixture(scope="module")
+def written_run(tmp_path_factory) -> tuple[str, dict]:
+  """(workdir, parameters by step) of a run with checkpoints at steps 2 and 4; tests that damage it copy it."""
+  workdir = str(tmp_path_factory.mktemp("runstate") / "run")
+  return workdir, _write_run(workdir, _config(), steps=(2, 4))
+
+
 def _files(directory) -> dict[str, float]:
   return {os.path.join(root, name): os.stat(os.path.join(root, name)).st_mtime_ns
           for root, dirs, names in os.walk(directory) for name in names + dirs}
 
 
-def test_load_restores_any_step_onto_any_mesh(tmp_path):
-  workdir = str(tmp_path / "run")
-  saved = _write_run(workdir, _config(), steps=(2, 4))
+def test_load_restores_any_step_onto_any_mesh(written_run):
+  workdir, saved = written_run
   newest = runstate.load(workdir)  # one device, no mesh
   assert newest.step == 4
   jax.tree.map(np.testing.assert_array_equal, _params(newest.model), saved[4])
@@ -109,9 +117,9 @@ def test_load_restores_any_step_onto_any_mesh(tmp_path):
     runstate.load(workdir, step=3)
 
 
-def test_loading_never_changes_the_workdir_even_when_a_checkpoint_is_corrupt(tmp_path, capsys):
-  workdir = str(tmp_path / "run")
-  saved = _write_run(workdir, _config(), steps=(2, 4))
+def test_loading_never_changes_the_workdir_even_when_a_checkpoint_is_corrupt(written_run, tmp_path, capsys):
+  workdir, saved = str(tmp_path / "run"), written_run[1]
+  shutil.copytree(written_run[0], workdir)
   for root, _, names in os.walk(os.path.join(workdir, "checkpoints", "4", "state")):
     for name in names:  # every array file of step 4 truncated to half, as a crash mid-copy would leave it
       path = os.path.join(root, name)
