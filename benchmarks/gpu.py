@@ -38,8 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 import moe_layer as layer_benchmark  # noqa: E402  (benchmarks/moe_layer.py)
 
-from moe_jax import dispatch, experts, flops, parallel  # noqa: E402
-from moe_jax.model import ModelConfig, TransformerLM  # noqa: E402
+from moe_jax import dispatch, experts, flops, models, parallel  # noqa: E402
+from moe_jax.model import ModelConfig  # noqa: E402
 from moe_jax.moe_layer import MoeConfig  # noqa: E402
 
 DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gpu.json")
@@ -98,7 +98,7 @@ def _time_training(name: str, moe: MoeConfig | None, model_sizes: dict, inputs, 
   batch_size, seq_len = inputs.shape
   with parallel.mesh_context(parallel.create_mesh(1, 1)):
     cfg = ModelConfig(**model_sizes, moe_layer_interval=0 if moe is None else 2, moe=moe, dtype="bfloat16")
-    model = TransformerLM(cfg, rngs=nnx.Rngs(0))
+    model = models.build(cfg, rngs=nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.Param)
 
     @nnx.jit

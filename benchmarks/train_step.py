@@ -10,7 +10,7 @@ Two loops over the same model, optimizer, data pipeline and one CPU device, per 
                  the device each step);
   async          `moe_jax.train`'s loop: a jitted step over the split state with the state donated, metrics
                  left on device and fetched once per block (as the trainer does every `log_every` steps),
-                 batches prepared by a background thread (`train._BatchPrefetcher`).
+                 batches prepared by a background thread (`runstate.BatchPrefetcher`).
 Each loop runs --blocks blocks of --steps_per_block steps after one compiling block; a block's time ends with
 its metrics on the host, and the step time is block time / steps. Variants and loops take turns block by block,
 so that load from other processes hits all alike. Reported: median / min / max step time, tokens/s, MFU against
@@ -35,10 +35,8 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding
 
-from moe_jax import config_lib, data as data_lib, flops, parallel, train
-from moe_jax.model import TransformerLM
+from moe_jax import data as data_lib, flops, parallel, runstate, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUTPUT = os.path.join(REPO, "benchmarks", "results", "train_step.json")
@@ -71,8 +69,6 @@ def load_config(variant: str, args) -> ml_collections.ConfigDict:
     config.model.max_seq_len = max(config.model.max_seq_len, args.seq_len)
   if args.data_dir:
     config.data.data_dir = args.data_dir
-  config.mesh.data, config.mesh.expert = 1, 1
-  config_lib.validate(config)
   return config
 
 
@@ -99,11 +95,10 @@ class Runner:
 
   def __init__(self, variant: str, args):
     self.variant = variant
-    self.config = load_config(variant, args)
-    tokenizer = data_lib.get_tokenizer(self.config.data)
-    self.model_cfg = config_lib.model_config(self.config, tokenizer.vocab_size)
     self.mesh = parallel.create_mesh(1, 1)
-    self.sharding = NamedSharding(self.mesh, train.BATCH_SPEC)
+    run = runstate.resolve_for_mesh(load_config(variant, args), self.mesh)
+    self.config, self.model_cfg = run.typed, runstate.model_config(run)
+    self.sharding = runstate.batch_sharding(self.mesh)
     self.tokens_per_step = self.config.train.batch_size * self.config.train.seq_len
     with parallel.mesh_context(self.mesh):
       self.sync = self._fresh()
@@ -111,15 +106,14 @@ class Runner:
       self.sync_iter = self._iterator()
       graphdef, self.state = nnx.split(self._fresh())
       self.async_step = train.make_train_step(graphdef, self.config.train, self.config.seed, skip_nonfinite=False)
-      self.prefetcher = train._BatchPrefetcher(self._iterator(), self.sharding)  # pylint: disable=protected-access
+      self.prefetcher = runstate.BatchPrefetcher(self._iterator(), self.sharding)
       batch, _ = self.prefetcher.next()
       compiled = self.async_step.lower(self.state, batch, np.int32(0)).compile()
       self.xla_flops = float(compiled.cost_analysis().get("flops", float("nan")))
     self.step = 0
 
   def _fresh(self):
-    model = nnx.jit(lambda: TransformerLM(self.model_cfg, rngs=nnx.Rngs(params=0, dropout=1)))()
-    return model, nnx.Optimizer(model, train.make_optimizer(self.config.train), wrt=nnx.Param)
+    return runstate.create(self.config, self.model_cfg, self.mesh)
 
   def _iterator(self):
     train_cfg = self.config.train
@@ -133,8 +127,7 @@ class Runner:
       if loop == "per_step_sync":
         model, optimizer = self.sync
         for _ in range(steps):
-          batch = {k: jax.make_array_from_process_local_data(self.sharding, np.asarray(v))
-                   for k, v in next(self.sync_iter).items()}
+          batch = runstate.global_batch(next(self.sync_iter), self.sharding)
           jax.device_get(self.sync_step(model, optimizer, batch, np.int32(self.step)))
           self.step += 1
       else:

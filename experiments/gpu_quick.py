@@ -53,8 +53,8 @@ def training_split_tokens(data_config) -> int:
   """Tokens of one epoch of the training split (EOS included), as the pipeline reads them."""
   source, text_key = pipeline.document_source(data_config, "train")
   tokenizer = pipeline.get_tokenizer(data_config)
-  return sum(len(pipeline._tokenize(source[i], text_key=text_key, tokenizer=tokenizer)["tokens"])
-             for i in range(len(source)))
+  docs = pipeline.tokenized_documents(source, text_key=text_key, tokenizer=tokenizer, seed=0, repeat=False)
+  return sum(len(docs[i]["tokens"]) for i in range(len(docs)))
 
 
 def main() -> None:

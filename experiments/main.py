@@ -18,44 +18,25 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
 
 from configs import lm  # noqa: E402
-from moe_jax import config_lib, data as data_lib, parallel, resolve, stats, train  # noqa: E402
-from moe_jax.checkpoint import Checkpointer  # noqa: E402
+from moe_jax import parallel, runstate, stats, train  # noqa: E402
 
 ARMS = ("switch-cpu", "dense-cpu")
 
 
-def per_batch_eval_losses(config, workdir: str, num_batches: int) -> np.ndarray:
+def per_batch_eval_losses(workdir: str, num_batches: int) -> np.ndarray:
   """Mean token cross-entropy of each of the first `num_batches` validation batches (train.EVAL_SEED order),
-  scored by the model of the latest checkpoint in `workdir`. [num_batches]"""
-  run = resolve.resolve(config, jax.device_count())
-  config = run.config
-  model_cfg = config_lib.model_config(run.typed, vocab_size=config.model.vocab_size)
-  mesh = parallel.create_mesh_for(config.mesh)
-  sharding = NamedSharding(mesh, train.BATCH_SPEC)
+  scored by the model of the latest checkpoint of the run in `workdir`, on the mesh the run trained on.
+  [num_batches]"""
+  mesh = parallel.create_mesh_for(runstate.run_config(workdir).mesh)
   with parallel.mesh_context(mesh):
-    model = nnx.jit(lambda: train.TransformerLM(model_cfg, rngs=nnx.Rngs(params=0, dropout=1)))()  # overwritten
-    optimizer = nnx.Optimizer(model, train.make_optimizer(config.train), wrt=nnx.Param)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            train._checkpoint_tree(model, optimizer))
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
-    try:
-      _, tree, _ = checkpointer.restore_latest(abstract)
-    finally:
-      checkpointer.close()
-    nnx.update(model, tree["params"])
-    batches = data_lib.create_iterator(
-        config.data, split="validation", batch_size=config.train.batch_size, seq_len=config.train.seq_len,
-        seed=train.EVAL_SEED, repeat=False, num_batches=num_batches,
-    )
+    run = runstate.load(workdir, mesh=mesh)
+    sharding = runstate.batch_sharding(mesh)
     losses = []
-    for batch in batches:
-      ce_sum, weight_sum = train.eval_step(model, train._global_batch(batch, sharding))
+    for batch in train.evaluation_iterator(run.typed, num_batches):
+      ce_sum, weight_sum = train.eval_step(run.model, runstate.global_batch(batch, sharding))
       losses.append(float(ce_sum) / max(float(weight_sum), 1.0))
   return np.asarray(losses)
 
@@ -85,8 +66,7 @@ def main() -> None:
       return
 
   tokens = args.steps * configs["dense-cpu"].train.batch_size * configs["dense-cpu"].train.seq_len
-  per_batch = {name: per_batch_eval_losses(configs[name], os.path.join(args.workdir, name), args.eval_batches)
-               for name in ARMS}
+  per_batch = {name: per_batch_eval_losses(os.path.join(args.workdir, name), args.eval_batches) for name in ARMS}
   print(f"\nvalidation cross-entropy (nats per byte) after {args.steps} steps ({tokens / 1e6:.2f}M training tokens), "
         f"mean over the same {args.eval_batches} validation batches")
   for name in ARMS:

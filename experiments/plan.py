@@ -3,7 +3,7 @@
   python experiments/plan.py --config=configs/mixtral.py:full --mesh=1,32,8,1 [--extrapolate] [--json]
 
 --mesh gives the sizes of the mesh axes data,fsdp,expert,tensor (0 = the rest is not allowed here: the plan is
-for a mesh of a known size). The step is `moe_jax.train.make_train_step`, the one a run executes, lowered with
+for a mesh of a known size). Any architecture plans: the encoder-decoder's step takes its span-corruption batch. The step is `moe_jax.train.make_train_step`, the one a run executes, lowered with
 abstract inputs (`jax.ShapeDtypeStruct` state and batch with the run's shardings; no array is allocated) and
 compiled for that many emulated CPU devices (`--xla_force_host_platform_device_count`, set here before jax is
 imported, with XLA:CPU's memory-minimising scheduler: see main). It prints per-device bytes of parameters and

@@ -20,7 +20,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -100,8 +99,10 @@ def main(argv):
   _check_coordinator(_COORDINATOR.value)
   import jax
 
-  from moe_jax import config_lib, train
+  from moe_jax import config_lib, fileio, train
   from moe_jax.checkpoint import CheckpointError
+
+  fileio.quiet_library_tracebacks()  # a full disk under orbax's save threads: its log line, not a traceback each
 
   config = _CONFIG.value
   try:
@@ -125,10 +126,7 @@ def main(argv):
     _fail(str(stop), 128 + stop.signum)
   except (ValueError, FileNotFoundError) as error:  # bad config or input, refused before anything compiled
     _fail(f"invalid configuration or input: {error}")
-  except (train.NonFiniteLossError, CheckpointError) as error:
-    # The save stages orbax never ran are garbage-collected at exit, each with a warning that would bury the
-    # one line that matters.
-    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+  except (train.NonFiniteLossError, CheckpointError, fileio.EnvironmentFailure) as error:
     _fail(f"training stopped: {error}", 1)
   evaluated = f"; eval cross-entropy {result.eval_loss:.4f}" if result.eval_loss is not None else ""
   print(f"{result.status} at step {result.step}{evaluated}; wall time {result.wall_time_s:.0f} s; "

@@ -7,6 +7,7 @@ directory and renames it when complete, so a process killed mid-save leaves the 
 Restore tries the newest step first. A step that fails to restore (truncated or corrupted files) is reported,
 moved aside to `<workdir>/checkpoints/corrupt/<step>` (kept for inspection, never deleted), and the previous
 step is used. Restoring an earlier step on purpose moves the newer ones to `<workdir>/checkpoints/superseded/`.
+A read-only Checkpointer (a tool reading another run's checkpoints) skips such a step without moving it.
 
 A failed asynchronous save (disk full, directory gone) surfaces as `CheckpointError` at the next `check`, `save`
 or `wait`, and never leaves the process hanging at exit (see `_release_stalled_save_threads`).
@@ -41,12 +42,15 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
   """Saves and restores (state tree, JSON metadata) pairs by step."""
 
-  def __init__(self, directory: str, *, keep: int, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int, async_save: bool = True, read_only: bool = False):
+    """read_only: a reader of a run's checkpoints (not its trainer): nothing is created, saved or moved; a step
+    that cannot be restored is skipped and left where it is."""
     self.directory = os.path.abspath(directory)
+    self.read_only = read_only
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only, read_only=read_only
         ),
         item_names=("state", "meta"),
     )
@@ -121,8 +125,12 @@ class Checkpointer:
       # One process's unreadable shard makes the step unusable for all.
       if parallel.all_processes(error is None):
         return step, state, meta
-      moved = self.set_aside(step, CORRUPT_DIR)
       reason = f"{type(error).__name__}: {error}" if error else "another process could not read it"
+      if self.read_only:
+        print(f"WARNING: checkpoint step {step} in {self.directory} cannot be restored ({reason[:200]}); left in "
+              "place; trying the previous checkpoint", flush=True)
+        continue
+      moved = self.set_aside(step, CORRUPT_DIR)
       log.error("checkpoint at step %d cannot be restored (%s); moved it to %s", step, reason, moved)
       print(f"WARNING: checkpoint step {step} is corrupt ({reason[:200]}); kept at {moved}; "
             "falling back to the previous checkpoint", flush=True)

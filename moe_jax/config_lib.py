@@ -705,9 +705,8 @@ def _section_docs(section: type[Section]) -> list[str]:
   for f in config_fields(section):
     lines.append(f"| `{section.path(f.name)}` | {f.metadata['rule'].allowed()} | `{f.default!r}` | "
                  f"{f.metadata['doc']} |")
-  rules = section._check.__doc__
-  if section._check is not Section._check and rules:
-    lines += ["", "Rules: " + " ".join(rules.split())]
+  if section.rules_doc():
+    lines += ["", "Rules: " + section.rules_doc()]
   return lines
 
 

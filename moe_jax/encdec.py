@@ -25,7 +25,7 @@ from flax import nnx
 from moe_jax import layers
 from moe_jax.config_lib import ModelConfig
 from moe_jax.init import switch_init
-from moe_jax.model import LmAux, _sum_aux
+from moe_jax.model import LmAux, sum_aux
 from moe_jax.moe_layer import DTYPES, FeedForward, MoeFeedForward
 
 PAD_ID = 0  # the tokenizers' pad id (moe_jax.data.tokenizers), also T5's decoder start id
@@ -145,4 +145,4 @@ class EncoderDecoder(nnx.Module):
       logits = self.embed.attend(y)
     else:
       logits = jnp.einsum("blm,mv->blv", y.astype(jnp.float32), self.unembed[...])
-    return logits, _sum_aux(auxes)
+    return logits, sum_aux(auxes)

@@ -161,7 +161,7 @@ class TransformerLM(nnx.Module):
       logits = self.embed.attend(x)
     else:
       logits = jnp.einsum("blm,mv->blv", x.astype(jnp.float32), self.unembed[...])
-    return logits, _sum_aux(auxes)
+    return logits, sum_aux(auxes)
 
 
   def _scanned_blocks(self, x: jax.Array, deterministic: bool) -> tuple[jax.Array, dict[int, MoeAux]]:
@@ -207,7 +207,9 @@ def scanned_to_blocks(tree: dict, num_layers: int, period: int) -> dict:
   return out
 
 
-def _sum_aux(auxes: dict[int, MoeAux]) -> LmAux:
+def sum_aux(auxes: dict[int, MoeAux]) -> LmAux:
+  """The model's auxiliary outputs from its MoE blocks' (`auxes`, by block index): each loss summed over the
+  blocks, the blocks kept for their metrics (the decoder LM's and the encoder-decoder's both)."""
   zero = jnp.zeros((), jnp.float32)
   return LmAux(
       load_balancing_loss=sum((a.load_balancing_loss for a in auxes.values()), zero),

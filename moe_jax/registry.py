@@ -41,8 +41,8 @@ IMPLEMENTED_BY: dict[str, tuple[str, str]] = {
     "architecture": ("moe_jax.models", "ARCHITECTURES"),
     "dataset": ("moe_jax.data.config", "DATASETS"),
     "objective": ("moe_jax.data.config", "OBJECTIVES"),
-    "optimizer": ("moe_jax.train", "OPTIMIZERS"),
-    "schedule": ("moe_jax.train", "SCHEDULES"),
+    "optimizer": ("moe_jax.optim", "OPTIMIZERS"),
+    "schedule": ("moe_jax.optim", "SCHEDULES"),
 }
 
 

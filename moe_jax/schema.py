@@ -106,6 +106,13 @@ class Section:
   def path(cls, name: str) -> str:
     return f"{cls.NAME}.{name}" if cls.NAME else name
 
+  @classmethod
+  def rules_doc(cls) -> str:
+    """The section's cross-field rules in words (its `_check` docstring), '' when it has none."""
+    if cls._check is Section._check:
+      return ""
+    return " ".join((cls._check.__doc__ or "").split())
+
 
 def config_fields(section: type) -> list[dataclasses.Field]:
   """The declared config fields of a section (fields without a rule are derived, not configured)."""

@@ -1,4 +1,4 @@
-"""Train and evaluate a decoder LM (dense or MoE) from one config: the main loop of moe_jax.
+"""Train and evaluate a model (dense or MoE, decoder LM or encoder-decoder) from one config: the main loop of moe_jax.
 
 loss = cross-entropy + alpha * sum_layers load-balancing loss (Switch eq. 4) + beta * sum_layers z-loss (ST-MoE eq. 5)
 
@@ -16,20 +16,21 @@ CheckpointError instead of hanging.
 The step never waits for the host: metrics stay on device and are fetched every `train.log_every` steps (and
 before every evaluation and save, so that no checkpoint is written before the losses leading to it were seen
 to be finite); the state buffers are donated; a background thread prepares the next global batches.
+
+The model, optimizer, checkpoint tree and batches are made by moe_jax.runstate, as every other tool makes them.
+`train_and_evaluate` resolves the config once; from there on everything reads it typed (ExperimentConfig). The
+loop is `_start_loop` (build or restore), then `_run`, whose steps `_flush` metrics, `_evaluate` and `_save`
+over a `_Loop` state, reading the fixed `_Context`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import math
 import os
-import queue
 import signal
-import socket
-import threading
 import time
 from typing import Any, Callable
 
@@ -41,19 +42,17 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moe_jax import config_lib, data as data_lib, flops, models, parallel
+from moe_jax import config_lib, data as data_lib, fileio, flops, models, optim, parallel, runstate
+from moe_jax import workdir as workdir_lib
 from moe_jax import resolve as resolve_lib
 from moe_jax.checkpoint import SUPERSEDED_DIR, Checkpointer
 from moe_jax.metrics import MetricWriter, Progress
-from moe_jax.model import TransformerLM
-from moe_jax.moe_layer import RouterBias
+# moe_jax.registry looks the names of train.optimizer and train.schedule up in this module; they are moe_jax.optim's.
 
 
-BATCH_SPEC = P(parallel.TOKEN_AXES)  # sequences split over every device but the 'tensor' ones
 # RNG streams reseeded from (seed, step) before every step ('params' is only used at initialisation): dropout,
 # router jitter and expert dropout all draw from forks of the 'dropout' stream.
 RUNTIME_STREAMS = ("dropout",)
-PREFETCH_STEPS = 2  # global batches the background thread keeps on device ahead of the step
 
 EVAL_SEED = 0  # the validation order: fixed, so every run and seed is scored on the same documents
 
@@ -81,101 +80,6 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Optimizer.
-
-# The choices of train.optimizer and train.schedule (looked up by moe_jax.registry).
-OPTIMIZERS = ("adamw", "adafactor")
-SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
-
-
-def make_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warmup to train.learning_rate, then cosine / linear / constant decay; or 'rsqrt', T5's and
-  Switch's lr * sqrt(warmup / max(step, warmup)): constant for `warmup` steps, then inverse square root."""
-  peak, warmup, total = train.learning_rate, train.warmup_steps, train.num_steps
-  if train.schedule == "rsqrt":
-    return lambda count: peak * jnp.sqrt(max(warmup, 1) / jnp.maximum(count, max(warmup, 1)))
-  decay_steps = max(total - warmup, 1)
-  end = peak * train.min_lr_ratio
-  if train.schedule == "cosine":
-    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=train.min_lr_ratio)
-  elif train.schedule == "linear":
-    decay = optax.linear_schedule(peak, end, decay_steps)
-  else:
-    decay = optax.constant_schedule(peak)
-  if warmup == 0:
-    return decay
-  return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
-
-
-def _state_axes(param_shape: tuple[int, ...], names: tuple, shape: tuple[int, ...]) -> tuple | None:
-  """Logical axes for an optimizer-state leaf of `shape` derived from a parameter of `param_shape` with axes
-  `names`: the same when the shapes are equal (Adam's moments), the parameter's axes less the one reduced
-  for a factored moment of one rank less (Adafactor's row and column statistics; a dimension that could be
-  either of two equal-sized ones is left unsplit), None otherwise (Adafactor's (1,) placeholders)."""
-  if shape == param_shape:
-    return names
-  if len(shape) == len(param_shape) - 1:
-    candidates = [names[:i] + names[i + 1:] for i in range(len(param_shape))
-                  if param_shape[:i] + param_shape[i + 1:] == shape]
-    if candidates:
-      return tuple(name if all(c[j] == name for c in candidates) else None for j, name in enumerate(candidates[0]))
-  return None
-
-
-def _shard_state_like_params(tx: optax.GradientTransformation) -> optax.GradientTransformation:
-  """`tx` whose state leaves are sharded along the parameter axes they keep (`_state_axes`).
-
-  nnx.Optimizer copies each parameter's metadata onto the optimizer state derived from it, so Adam's moments
-  are split like their parameters (over 'fsdp', 'expert', 'tensor'). Adafactor's factored second moments are of
-  lower rank ([E, M] and [E, F] for an [E, M, F] expert kernel) or placeholders of shape (1,), and the copied
-  annotation would fail eager sharding: they get the parameter's axes less the reduced one, so FSDP splits
-  them too, and the placeholders become plain (replicated) arrays.
-  """
-  is_variable = lambda x: isinstance(x, nnx.Variable)
-
-  def init(params):
-    state = tx.init(params)
-    param_shapes = {path: jnp.shape(leaf.get_value() if is_variable(leaf) else leaf) for path, leaf in
-                    jax.tree_util.tree_flatten_with_path(params, is_leaf=is_variable)[0]}
-
-    def derive(path, leaf):
-      if not is_variable(leaf) or leaf.get_metadata().get("out_sharding") is None:
-        return leaf
-      shape, param_shape = jnp.shape(leaf.get_value()), _param_shape(path, param_shapes)
-      if shape == param_shape:
-        return leaf
-      axes = _state_axes(param_shape, tuple(leaf.get_metadata()["out_sharding"]), shape)
-      if axes is None:
-        return leaf.get_value()
-      return type(leaf)(leaf.get_value(), **{**leaf.get_metadata(), "out_sharding": axes})
-
-    return jax.tree_util.tree_map_with_path(derive, state, is_leaf=is_variable)
-
-  return optax.GradientTransformation(init, tx.update)
-
-
-def _param_shape(path: tuple, param_shapes: dict[tuple, tuple[int, ...]]) -> tuple[int, ...]:
-  """The shape of the parameter whose path ends `path` (optax nests each parameter tree under its state); the
-  longest such path, should one parameter's path end another's."""
-  matches = [p for p in param_shapes if len(p) <= len(path) and path[len(path) - len(p):] == p]
-  if not matches:
-    raise KeyError(f"no parameter for optimizer state {jax.tree_util.keystr(path)}")
-  return param_shapes[max(matches, key=len)]
-
-
-def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  schedule = make_schedule(train)
-  if train.optimizer == "adamw":
-    tx = optax.adamw(schedule, b1=train.b1, b2=train.b2, weight_decay=train.weight_decay)
-  else:  # Adafactor, factored second moments (Shazeer & Stern 2018), as used by Switch.
-    tx = optax.adafactor(schedule, decay_rate=train.adafactor_decay_rate,
-                         weight_decay_rate=train.weight_decay or None)
-  if train.grad_clip_norm > 0:
-    tx = optax.chain(optax.clip_by_global_norm(train.grad_clip_norm), tx)
-  return _shard_state_like_params(tx)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Steps.
 
 
@@ -185,7 +89,7 @@ def summed_cross_entropy(logits: jax.Array, batch: dict) -> tuple[jax.Array, jax
   return jnp.sum(token_ce * batch["weights"]), jnp.sum(batch["weights"])
 
 
-def lm_loss(model: TransformerLM, batch: dict, *, deterministic: bool, aux_loss_weight: float,
+def lm_loss(model: nnx.Module, batch: dict, *, deterministic: bool, aux_loss_weight: float,
             z_loss_weight: float):
   """Weighted token cross-entropy plus the router losses; returns (loss, (cross_entropy, aux))."""
   logits, aux = models.forward(model, batch, deterministic=deterministic)
@@ -208,35 +112,17 @@ def _keep_old_unless(ok: jax.Array, new: Any, old_leaves: list[jax.Array]) -> An
   return jax.tree.unflatten(treedef, [select(n, o) for n, o in zip(leaves, old_leaves, strict=True)])
 
 
-def stable_shardings(state: nnx.State, mesh) -> nnx.State:
-  """Each leaf's sharding on `mesh`, replicated where it has none there (optimizer counts, factored moments).
-
-  The step's state goes in and comes out with exactly these: were the compiler to choose other shardings for
-  its outputs, the second step would compile a second program, and a run resumed from a checkpoint (restored
-  with the initial shardings) would run the first-step program where an uninterrupted run runs the other one,
-  with results that may differ in the last bits. Pinned, every step of every run is one program, and the
-  donated input buffers can be reused for the outputs.
-  """
-  replicated = NamedSharding(mesh, P())
-
-  def pick(x):
-    sharding = x.sharding
-    return sharding if isinstance(sharding, NamedSharding) and sharding.mesh == mesh else replicated
-
-  return jax.tree.map(pick, state)
-
-
-def make_train_step(graphdef: nnx.GraphDef, train: ml_collections.ConfigDict, seed: int, *,
+def make_train_step(graphdef: nnx.GraphDef, train: config_lib.TrainConfig, seed: int, *,
                     skip_nonfinite: bool, state_sharding: nnx.State | None = None):
   """`step(state, batch, step) -> (state, metrics)` over the split (model, optimizer) state, jitted with the
   state donated: the update happens in place, and nothing returns to the host. `state_sharding`
-  (`stable_shardings`) pins the state's output shardings, so that every step runs one compiled program.
+  (`runstate.stable_shardings`) pins the state's output shardings, so that every step runs one compiled program.
 
   With `skip_nonfinite`, a step whose loss or gradient norm is non-finite returns the state it was given
   (metrics['skipped'] = True), so a bad batch never poisons the parameters.
   """
   base_key = jax.random.key(seed)
-  schedule = make_schedule(train)
+  schedule = optim.make_schedule(train)
   grad_sharding = None if state_sharding is None else nnx.filter_state(state_sharding[0], nnx.Param)
 
   def train_step(state: nnx.State, batch: dict, step: jax.Array):
@@ -281,7 +167,7 @@ def make_train_step(graphdef: nnx.GraphDef, train: ml_collections.ConfigDict, se
 
 
 @nnx.jit
-def eval_step(model: TransformerLM, batch: dict) -> tuple[jax.Array, jax.Array]:
+def eval_step(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
   """Sum of weighted token cross-entropies and of weights (deterministic: no dropout, no jitter)."""
   logits, _ = models.forward(model, batch, deterministic=True)
   return summed_cross_entropy(logits, batch)
@@ -300,57 +186,6 @@ def measure_peak_flops(size: int = 1024, repeats: int = 5) -> float:
   for _ in range(repeats):
     matmul(x).block_until_ready()
   return 2.0 * size**3 * repeats / (time.perf_counter() - start)
-
-
-def _global_batch(batch: dict, sharding: NamedSharding) -> dict:
-  """Process-local numpy batch -> one global array per field, split over the mesh."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
-
-
-def _checkpoint_tree(model: TransformerLM, optimizer: nnx.Optimizer) -> dict:
-  # "params" also holds DeepSeek-V3's balancing bias (moe_layer.RouterBias): model state a resumed run needs,
-  # restored by the same nnx.update; a model without one saves the same tree as before.
-  return {"params": nnx.state(model, nnx.Any(nnx.Param, RouterBias)), "optimizer": nnx.state(optimizer)}
-
-
-class _BatchPrefetcher:
-  """Prepares the next global batches on device in a background thread, each with the data-iterator state
-  right after it, so that a checkpoint records the position of the batches consumed, not of those prefetched."""
-
-  def __init__(self, iterator, sharding: NamedSharding, depth: int = PREFETCH_STEPS):
-    self._iterator, self._sharding = iterator, sharding
-    self._queue: queue.Queue = queue.Queue(maxsize=depth)
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._fill, name="batch-prefetch", daemon=True)
-    self._thread.start()
-
-  def _fill(self) -> None:
-    try:
-      while not self._stop.is_set():
-        batch = next(self._iterator)
-        item = (_global_batch(batch, self._sharding), self._iterator.get_state())
-        while not self._stop.is_set():
-          try:
-            self._queue.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            pass
-    except BaseException as error:  # handed to the training thread, which raises it
-      self._queue.put(error)
-
-  def next(self) -> tuple[dict, dict]:
-    """(global batch, iterator state after it)."""
-    item = self._queue.get()
-    if isinstance(item, BaseException):
-      raise item
-    return item
-
-  def close(self) -> None:
-    self._stop.set()
-    with contextlib.suppress(queue.Empty):
-      while True:
-        self._queue.get_nowait()
-    self._thread.join(timeout=10)
 
 
 class _StopSignals:
@@ -391,38 +226,6 @@ class _StopSignals:
       signal.signal(signum, previous)
 
 
-class _WorkdirLock:
-  """An exclusive lock on `<workdir>/lock` naming its holder (pid, host). It is a kernel file lock, released
-  when the process ends however it ends, so a killed run never leaves the workdir locked."""
-
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, "lock")
-    self._file = None
-
-  def __enter__(self):
-    handle = open(self.path, "a+")
-    try:
-      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      handle.seek(0)
-      holder = handle.read().strip() or "another process"
-      handle.close()
-      raise ValueError(f"workdir {os.path.dirname(self.path)} is in use by {holder}; wait for it to end or pass "
-                       "another --workdir") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on host {socket.gethostname()} since "
-                 f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
-    handle.flush()
-    self._file = handle
-    return self
-
-  def __exit__(self, *exc):
-    if self._file is not None:
-      fcntl.flock(self._file, fcntl.LOCK_UN)
-      self._file.close()
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Checks before anything is built: each raises ValueError naming the field or path.
 
@@ -454,35 +257,37 @@ def _under(path: str, prefixes: tuple[str, ...]) -> bool:
   return any(path == p or path.startswith(p + ".") for p in prefixes)
 
 
-def config_changes(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
-  """Every leaf field that differs between a checkpoint's config (JSON dict) and `config`: path -> (old, new).
+def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+  """Every leaf field that differs between a checkpoint's config and `current`, both as JSON dicts
+  (`config_lib.to_dict`): path -> (old, new).
 
-  A field the checkpoint's config lacks (added to the schema since) and that `config` leaves at its default is no
+  A field the checkpoint's config lacks (added to the schema since) and that `current` leaves at its default is no
   change: the checkpoint's run computed what the default computes (e.g. model.remat='none', mesh.fsdp=1).
   """
-  old, new = _leaves(config_lib.migrate(saved)), _leaves(json.loads(config.to_json()))
+  old, new = _leaves(config_lib.migrate(saved)), _leaves(current)
   defaults = _leaves(config_lib.to_dict(config_lib.default_config()))
   return {path: (old.get(path), new.get(path)) for path in sorted(set(old) | set(new))
           if old.get(path) != new.get(path) and not (path not in old and new.get(path) == defaults.get(path))}
 
 
-def check_resumable(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
-  """The changes between a checkpoint's config and `config` that resuming accepts; ValueError for the others.
+def check_resumable(saved: dict, current: dict, train: config_lib.TrainConfig) -> dict[str, tuple[Any, Any]]:
+  """The changes between a checkpoint's config and `current` (the resolved config resuming it, as JSON; `train`
+  its typed train section) that resuming accepts; ValueError for the others.
 
   Architecture, tokenizer, batch shape, optimizer and seed never change within a run. Schedule/optimizer
   hyper-parameters and the documents read (and num_steps under a schedule that depends on it) may change only
   with train.allow_changes=True. Everything else (logging, evaluation, checkpoint cadence, mesh) may change.
   """
-  changes = config_changes(saved, config)
+  changes = config_changes(saved, current)
   fixed = [p for p in changes if _under(p, RESUME_INVARIANT_FIELDS)]
   if fixed:
     raise ValueError("the workdir holds a checkpoint of a different run (use a new --workdir or the same config): "
                      + "; ".join(f"{p}: checkpoint {changes[p][0]!r}, config {changes[p][1]!r}" for p in fixed))
   guarded = SCHEDULE_FIELDS + DATA_FIELDS
-  if config.train.schedule in SCHEDULES_OVER_NUM_STEPS:
+  if train.schedule in SCHEDULES_OVER_NUM_STEPS:
     guarded += ("train.num_steps",)
   refused = [p for p in changes if _under(p, guarded)]
-  if refused and not config.train.allow_changes:
+  if refused and not train.allow_changes:
     raise ValueError("resuming with a changed schedule or data is refused: "
                      + "; ".join(f"{p}: checkpoint {changes[p][0]!r}, config {changes[p][1]!r}" for p in refused)
                      + ". Pass --config.train.allow_changes=True to resume anyway (recorded in resume_log.jsonl), "
@@ -491,10 +296,9 @@ def check_resumable(saved: dict, config: ml_collections.ConfigDict) -> dict[str,
 
 
 def _check_workdir(workdir: str) -> None:
-  """The workdir and its checkpoints folder are (or can be made) writable directories."""
-  for path in (workdir, os.path.join(workdir, "checkpoints")):
-    if os.path.exists(path) and not os.path.isdir(path):
-      raise ValueError(f"workdir: {path} is a file, not a directory")
+  """The workdir and every entry it holds are of the right type and writable (`workdir.check_workdir`), and the
+  workdir can be made and written."""
+  workdir_lib.check_workdir(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write-test-{jax.process_index()}")
@@ -515,13 +319,13 @@ def _device_memory() -> tuple[float, str]:
   return host / jax.local_device_count(), f"host memory shared by {jax.local_device_count()} CPU device(s)"
 
 
-def _check_memory(config: ml_collections.ConfigDict, model_cfg, checkpoint_dir: str) -> None:
+def _check_memory(exp: config_lib.ExperimentConfig, model_cfg: config_lib.ModelConfig, checkpoint_dir: str) -> None:
   """Refuse, with the numbers, a model that cannot fit the devices or whose checkpoint cannot fit the disk."""
   gib = 2.0**30
-  estimate = flops.memory_estimate(model_cfg, batch_size=config.train.batch_size, seq_len=config.train.seq_len,
-                                   optimizer=config.train.optimizer, data_devices=config.mesh.data,
-                                   expert_devices=config.mesh.expert, fsdp_devices=config.mesh.fsdp,
-                                   tensor_devices=config.mesh.tensor)
+  estimate = flops.memory_estimate(model_cfg, batch_size=exp.train.batch_size, seq_len=exp.train.seq_len,
+                                   optimizer=exp.train.optimizer, data_devices=exp.mesh.data,
+                                   expert_devices=exp.mesh.expert, fsdp_devices=exp.mesh.fsdp,
+                                   tensor_devices=exp.mesh.tensor)
   available, source = _device_memory()
   if estimate.total > available:
     raise ValueError(
@@ -566,24 +370,25 @@ def _agree(error: Exception | None) -> None:
     raise ValueError(f"process {index} refused to start: {message}")
 
 
-def evaluation_iterator(config: ml_collections.ConfigDict):
-  """The validation batches of this process: the same ones at every evaluation (EVAL_SEED)."""
+def evaluation_iterator(exp: config_lib.ExperimentConfig, num_batches: int | None = None):
+  """The validation batches of this process: the first `num_batches` (default train.eval_batches) in the order of
+  EVAL_SEED, the same at every evaluation."""
   return data_lib.create_iterator(
-      config.data, split="validation", batch_size=config.train.batch_size // jax.process_count(),
-      seq_len=config.train.seq_len, seed=EVAL_SEED, shard_index=jax.process_index(),
-      shard_count=jax.process_count(), repeat=False, num_batches=config.train.eval_batches,
+      exp.data, split="validation", batch_size=exp.train.batch_size // jax.process_count(),
+      seq_len=exp.train.seq_len, seed=EVAL_SEED, shard_index=jax.process_index(),
+      shard_count=jax.process_count(), repeat=False, num_batches=num_batches or exp.train.eval_batches,
   )
 
 
-def evaluate(model: TransformerLM, config: ml_collections.ConfigDict, sharding: NamedSharding) -> float:
+def evaluate(model: nnx.Module, exp: config_lib.ExperimentConfig, sharding: NamedSharding) -> float:
   """Mean token cross-entropy (nats) over the first `train.eval_batches` validation batches.
 
-  The same batches every time, whatever config.seed (EVAL_SEED), so evaluations are comparable across
-  steps, runs and seeds.
+  The same batches every time, whatever the seed (EVAL_SEED), so evaluations are comparable across steps, runs
+  and seeds.
   """
   total = count = 0.0
-  for batch in evaluation_iterator(config):
-    ce_sum, weight_sum = eval_step(model, _global_batch(batch, sharding))
+  for batch in evaluation_iterator(exp):
+    ce_sum, weight_sum = eval_step(model, runstate.global_batch(batch, sharding))
     total += float(ce_sum)
     count += float(weight_sum)
   return total / max(count, 1.0)
@@ -600,9 +405,9 @@ class _Start:
   finished: bool = False  # the newest checkpoint is past train.num_steps
 
 
-def _prepare(config, workdir, checkpointer: Checkpointer, tokenizer, record: dict) -> _Start:
+def _prepare(exp: config_lib.ExperimentConfig, checkpointer: Checkpointer, tokenizer, record: dict) -> _Start:
   """Resume checks and data checks: everything that can refuse the run, before anything is written or built."""
-  train = config.train
+  train = exp.train
   steps = checkpointer.all_steps()
   wanted = train.resume_step
   if wanted and wanted not in steps:
@@ -616,17 +421,13 @@ def _prepare(config, workdir, checkpointer: Checkpointer, tokenizer, record: dic
       resume_step = step
       if step > train.num_steps:
         return _Start(resume_step=step, changes={}, data_iter=None, record=record, finished=True)
-      changes = check_resumable(meta["config"], config)
+      changes = check_resumable(meta["config"], record["resolved"], train)
       break
-  data_iter = data_lib.create_iterator(
-      config.data, split="train", batch_size=train.batch_size // jax.process_count(),
-      seq_len=train.seq_len, seed=config.seed, shard_index=jax.process_index(),
-      shard_count=jax.process_count(), repeat=True,
-  )
+  data_iter = runstate.train_batches(exp)
   state = data_iter.get_state()
   _check_has_tokens(data_iter, "train", 1, tokenizer.eos_id)
   data_iter.set_state(state)
-  _check_has_tokens(evaluation_iterator(config), "validation", train.eval_batches, tokenizer.eos_id)
+  _check_has_tokens(evaluation_iterator(exp), "validation", train.eval_batches, tokenizer.eos_id)
   return _Start(resume_step=resume_step, changes=changes, data_iter=data_iter, record=record)
 
 
@@ -641,41 +442,44 @@ def train_and_evaluate(
 
   `stop_at_step` ends this invocation early at that step with a checkpoint (status 'stopped'), e.g. to fit
   a scheduler's time slot; the learning-rate schedule still follows train.num_steps, and a later call
-  continues exactly where this one stopped.
+  continues exactly where this one stopped. From here on the run reads its config typed (`resolve.Resolved.typed`).
   """
   wall_start = time.perf_counter()
   with _StopSignals() as signals:
     is_lead = jax.process_index() == 0
     run = resolve_lib.resolve(config, jax.device_count(), log=is_lead)  # refuses bad fields before anything
-    config = run.config
-    workdir = os.path.abspath(workdir)
+    exp = run.typed
+    workdir = workdir_lib.check_path_given(workdir)  # '' would mean the current directory
     with contextlib.ExitStack() as stack:
       error = None
       try:
         _check_workdir(workdir)
         if is_lead:
-          stack.enter_context(_WorkdirLock(workdir))
+          stack.enter_context(workdir_lib.WorkdirLock(workdir))
       except ValueError as e:
         error = e
       _agree(error)
-      checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+      checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=exp.train.keep_checkpoints)
       stack.callback(checkpointer.close)
-      tokenizer = data_lib.get_tokenizer(config.data)
-      model_cfg = config_lib.model_config(run.typed, vocab_size=config.model.vocab_size)
+      tokenizer = data_lib.get_tokenizer(exp.data)
+      model_cfg = runstate.model_config(run)
       start = None
       try:
-        _check_memory(config, model_cfg, checkpointer.directory)
-        start = _prepare(config, workdir, checkpointer, tokenizer, run.record())
-      except (ValueError, FileNotFoundError) as e:  # FileNotFoundError: a TFDS dataset that is not prepared
+        _check_memory(exp, model_cfg, checkpointer.directory)
+        start = _prepare(exp, checkpointer, tokenizer, run.record())
+      # FileNotFoundError: a TFDS dataset that is not prepared; EnvironmentFailure: a full or failing data_dir.
+      except (ValueError, FileNotFoundError, fileio.EnvironmentFailure) as e:
         error = e
       _agree(error)
       if start.finished:
         print(f"already finished: the checkpoint in {checkpointer.directory} is at step {start.resume_step}, past "
-              f"train.num_steps={config.train.num_steps}; nothing to do", flush=True)
+              f"train.num_steps={exp.train.num_steps}; nothing to do", flush=True)
         return TrainResult(status="already_finished", step=start.resume_step, eval_loss=None,
                            wall_time_s=time.perf_counter() - wall_start, workdir=workdir)
       stack.callback(start.data_iter.close)
-      return _train(config, workdir, stop_at_step, signals, checkpointer, model_cfg, start, stack, wall_start)
+      status, loop = _train(exp, model_cfg, workdir, start, checkpointer, signals, stack, stop_at_step)
+  return TrainResult(status=status, step=loop.step, eval_loss=loop.eval_loss,
+                     wall_time_s=time.perf_counter() - wall_start, workdir=workdir)
 
 
 def _record_start(workdir: str, checkpointer: Checkpointer, start: _Start) -> None:
@@ -697,9 +501,41 @@ def _record_start(workdir: str, checkpointer: Checkpointer, start: _Start) -> No
           f"{start.resume_step}: the metrics of earlier steps are lost; new ones go to a fresh file", flush=True)
 
 
-def _train(config, workdir, stop_at_step, signals, checkpointer, model_cfg, start: _Start, stack,
-           wall_start) -> TrainResult:
-  train = config.train
+@dataclasses.dataclass(frozen=True)
+class _Context:
+  """What the loop reads and never replaces."""
+
+  exp: config_lib.ExperimentConfig
+  resolved: dict  # the resolved config as JSON: what every checkpoint records
+  checkpointer: Checkpointer
+  writer: MetricWriter
+  progress: Progress
+  graphdef: nnx.GraphDef
+  train_step: Callable  # make_train_step's jitted step
+  batch_sharding: NamedSharding
+  tokens_per_step: int
+  flops_per_token: float  # training FLOPs per token (resolve.train_flops_per_token)
+  peak_flops: float  # FLOP/s of all devices together: the denominator of MFU
+
+
+@dataclasses.dataclass
+class _Loop:
+  """The loop's state between steps."""
+
+  step: int
+  state: nnx.State  # the split (model, optimizer) state: donated to each step, so the only current copy
+  data_state: dict  # the data-iterator position after the batches consumed up to `step`
+  saved_steps: set[int]
+  interval_start: float  # when the interval of the throughput figures began (evaluation and saving excluded)
+  pending: list[dict] = dataclasses.field(default_factory=list)  # metrics since the last flush, still on device
+  skipped: list[int] = dataclasses.field(default_factory=list)  # steps whose update was discarded (non-finite)
+  eval_loss: float | None = None
+
+
+def _train(exp, model_cfg, workdir: str, start: _Start, checkpointer: Checkpointer, signals: _StopSignals,
+           stack: contextlib.ExitStack, stop_at_step: int | None) -> tuple[str, _Loop]:
+  """Once every check passed: record the start, build or restore the state, train to train.num_steps (or
+  `stop_at_step`, or a stop signal), evaluate. (status, final loop state)."""
   is_lead = jax.process_index() == 0
   if is_lead:
     _record_start(workdir, checkpointer, start)
@@ -709,136 +545,158 @@ def _train(config, workdir, stop_at_step, signals, checkpointer, model_cfg, star
             f"{checkpointer.set_aside(newer, SUPERSEDED_DIR)}", flush=True)
   writer = MetricWriter(workdir, enabled=is_lead)
   stack.callback(writer.close)
-  mesh = parallel.create_mesh_for(config.mesh)
-  batch_sharding = NamedSharding(mesh, BATCH_SPEC)
-  data_iter = start.data_iter
-  skip_limit = train.skip_nonfinite_batches
-
+  mesh = parallel.create_mesh_for(exp.mesh)
   # Measured outside the mesh context: the matmul runs on one device, which a multi-device mesh would refuse.
-  peak = train.peak_tflops * 1e12 if train.peak_tflops else measure_peak_flops()
+  peak = exp.train.peak_tflops * 1e12 if exp.train.peak_tflops else measure_peak_flops()
   with parallel.mesh_context(mesh):
-    # Initialised under jit: eager initialisers would run replicated on every device (17.6 GB peak for
-    # 128 experts on 8 devices vs 0.4 GB jitted); jit creates each parameter directly in its sharding.
-    model = nnx.jit(lambda: models.build(model_cfg, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1)))()
-    optimizer = nnx.Optimizer(model, make_optimizer(train), wrt=nnx.Param)
-    graphdef, state = nnx.split((model, optimizer))
-    state_sharding = stable_shardings(state, mesh)
-    model, optimizer = nnx.merge(graphdef, jax.device_put(state, state_sharding))
-
-    step = 0
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _checkpoint_tree(model, optimizer)
-    )
-    restored = checkpointer.restore_latest(abstract, check_meta=lambda meta: check_resumable(meta["config"], config),
-                                           max_step=start.resume_step)
-    data_state = data_iter.get_state()
-    if restored is not None:
-      step, tree, meta = restored
-      nnx.update(model, tree["params"])
-      nnx.update(optimizer, tree["optimizer"])
-      data_states = meta["data_state"]  # one JSON state per process
-      if len(data_states) != jax.process_count():
-        raise ValueError(f"the checkpoint at step {step} was written by {len(data_states)} processes; resume it "
-                         f"with that many (this run has {jax.process_count()})")
-      data_state = json.loads(data_states[jax.process_index()])
-      data_iter.set_state(data_state)
-      print(f"resumed from checkpoint at step {step} in {checkpointer.directory}", flush=True)
-    graphdef, state = nnx.split((model, optimizer))
-    del model, optimizer  # their buffers are donated to the first step: only `state` is current from here on
-
-    train_step = make_train_step(graphdef, train, config.seed, skip_nonfinite=skip_limit > 0,
-                                 state_sharding=state_sharding)
-    tokens_per_step = train.batch_size * train.seq_len
-    train_flops_per_token = resolve_lib.train_flops_per_token(config, model_cfg)
-    progress = Progress(train.num_steps, step)
-    eval_loss = None
-    status = "completed"
-    saved_steps = set(checkpointer.all_steps())
-    pending: list[dict] = []  # metrics of the steps since the last flush, still on device
-    skipped: list[int] = []
-    interval_start = time.perf_counter()
-
-    def flush() -> None:
-      """Fetch the pending metrics, stop at the first non-finite loss, write one record per step."""
-      nonlocal pending, interval_start
-      if not pending:
-        return
-      records = jax.device_get(pending)
-      first = step - len(records) + 1
-      pending = []
-      now = time.perf_counter()
-      tokens_per_s = tokens_per_step * len(records) / max(now - interval_start, 1e-9)
-      interval_start = now
-      mfu = train_flops_per_token * tokens_per_s / (peak * jax.device_count())
-      for offset, metrics in enumerate(records):
-        at = first + offset
-        blocks = metrics.pop("moe")
-        metrics.update(tokens_per_s=tokens_per_s, mfu=mfu)
-        if metrics.pop("skipped", False):
-          skipped.append(at)
-          metrics["skipped"] = True
-        elif not math.isfinite(float(metrics["loss"])):
-          writer.write(at, "train", metrics, moe=blocks)
-          _stop_on_nonfinite(float(metrics["loss"]), at, checkpointer)
-        writer.write(at, "train", metrics, moe=blocks)
-        if len(skipped) > skip_limit > 0:
-          raise NonFiniteLossError(
-              f"{len(skipped)} batches gave non-finite losses (steps {skipped[:10]}), more than "
-              f"train.skip_nonfinite_batches={skip_limit}: the run diverges rather than meeting a bad batch. "
-              f"Lower train.learning_rate and resume an earlier checkpoint with train.resume_step and "
-              f"train.allow_changes=True; checkpoints kept: {checkpointer.all_steps()} in {checkpointer.directory}")
-      last = records[-1]
-      shown = {"loss": float(last["loss"]), "ce": float(last["cross_entropy"]), "tokens/s": tokens_per_s, "mfu": mfu}
-      if skipped:
-        shown["skipped"] = len(skipped)
-      print(progress.line(step, shown), flush=True)
-      checkpointer.check()  # an asynchronous save that failed since: stop now, not at the next save
-
-    def save(at_step: int) -> None:
-      nonlocal interval_start
-      flush()  # a checkpoint is written only after every loss leading to it was seen to be finite
-      if at_step not in saved_steps:
-        meta = {"data_state": parallel.gather_strings(json.dumps(data_state)), "step": at_step,
-                "config": json.loads(config.to_json())}
-        checkpointer.save(at_step, _checkpoint_tree(*nnx.merge(graphdef, state)), meta)
-        saved_steps.add(at_step)
-      interval_start = time.perf_counter()  # saving time is not training time
-
-    prefetcher = _BatchPrefetcher(data_iter, batch_sharding)
+    ctx, loop = _start_loop(exp, model_cfg, mesh, start, checkpointer, writer, peak * jax.device_count())
+    prefetcher = runstate.BatchPrefetcher(start.data_iter, ctx.batch_sharding)
     stack.callback(prefetcher.close)
     signals.training()
-    while step < train.num_steps:
-      # Multi-process: agreeing on a stop is a collective, so it happens where the host syncs anyway.
-      if jax.process_count() == 1 or step % train.log_every == 0 or step == stop_at_step:
-        preempted = parallel.any_process(signals.received is not None)
-        if preempted or step == stop_at_step:
-          save(step)
-          checkpointer.wait()
-          status = "preempted" if preempted else "stopped"
-          cause = signal.Signals(signals.received).name if signals.received else "signal on another process"
-          print(f"{cause if preempted else 'stop_at_step'}: checkpoint at step {step} saved; exiting", flush=True)
-          break
-      batch, next_data_state = prefetcher.next()
-      state, metrics = train_step(state, batch, np.int32(step))
-      data_state = next_data_state
-      step += 1
-      pending.append(metrics)
-      evaluate_now = (train.eval_every and step % train.eval_every == 0) or step == train.num_steps
-      save_now = (train.checkpoint_every and step % train.checkpoint_every == 0) or step == train.num_steps
-      if step % train.log_every == 0 or evaluate_now or save_now:
-        flush()
-      if evaluate_now:
-        eval_loss = evaluate(nnx.merge(graphdef, state)[0], config, batch_sharding)
-        writer.write(step, "eval", {"cross_entropy": eval_loss})
-        print(f"step {step:>6}  eval cross-entropy {eval_loss:.4f}", flush=True)
-        interval_start = time.perf_counter()  # evaluation time is not training time
-      if save_now:
-        save(step)
-    if eval_loss is None and status == "completed":  # resumed a finished run
-      eval_loss = evaluate(nnx.merge(graphdef, state)[0], config, batch_sharding)
+    status = _run(ctx, loop, prefetcher, signals, stop_at_step)
+    if loop.eval_loss is None and status == "completed":  # resumed a finished run
+      loop.eval_loss = evaluate(_model(ctx, loop), exp, ctx.batch_sharding)
     checkpointer.wait()
-  return TrainResult(status=status, step=step, eval_loss=eval_loss,
-                     wall_time_s=time.perf_counter() - wall_start, workdir=workdir)
+  return status, loop
+
+
+def _start_loop(exp, model_cfg, mesh, start: _Start, checkpointer: Checkpointer, writer: MetricWriter,
+                peak_flops: float) -> tuple[_Context, _Loop]:
+  """The state at step 0, or restored from the checkpoint the run resumes (model, optimizer, data position), and
+  the step compiled for it."""
+  model, optimizer = runstate.create(exp, model_cfg, mesh)
+  step, data_state = 0, start.data_iter.get_state()
+  restored = runstate.restore(
+      checkpointer, model, optimizer, max_step=start.resume_step,
+      check_meta=lambda meta: check_resumable(meta["config"], start.record["resolved"], exp.train))
+  if restored is not None:
+    step, meta = restored
+    data_states = meta["data_state"]  # one JSON state per process
+    if len(data_states) != jax.process_count():
+      raise ValueError(f"the checkpoint at step {step} was written by {len(data_states)} processes; resume it "
+                       f"with that many (this run has {jax.process_count()})")
+    data_state = json.loads(data_states[jax.process_index()])
+    start.data_iter.set_state(data_state)
+    print(f"resumed from checkpoint at step {step} in {checkpointer.directory}", flush=True)
+  # From here on only `state` is current: the model's and optimizer's buffers are donated to the first step.
+  graphdef, state = nnx.split((model, optimizer))
+  train_step = make_train_step(graphdef, exp.train, exp.seed, skip_nonfinite=exp.train.skip_nonfinite_batches > 0,
+                               state_sharding=runstate.stable_shardings(state, mesh))
+  ctx = _Context(exp=exp, resolved=start.record["resolved"], checkpointer=checkpointer, writer=writer,
+                 progress=Progress(exp.train.num_steps, step), graphdef=graphdef, train_step=train_step,
+                 batch_sharding=runstate.batch_sharding(mesh), tokens_per_step=exp.train.batch_size * exp.train.seq_len,
+                 flops_per_token=resolve_lib.train_flops_per_token(exp, model_cfg), peak_flops=peak_flops)
+  loop = _Loop(step=step, state=state, data_state=data_state, saved_steps=set(checkpointer.all_steps()),
+               interval_start=time.perf_counter())
+  return ctx, loop
+
+
+def _model(ctx: _Context, loop: _Loop) -> nnx.Module:
+  return nnx.merge(ctx.graphdef, loop.state)[0]
+
+
+def _run(ctx: _Context, loop: _Loop, prefetcher: runstate.BatchPrefetcher, signals: _StopSignals,
+         stop_at_step: int | None) -> str:
+  """Step until train.num_steps ('completed'), `stop_at_step` ('stopped') or a stop signal ('preempted'), logging,
+  evaluating and saving on the way."""
+  train = ctx.exp.train
+  while loop.step < train.num_steps:
+    stopped = _stop_requested(ctx, loop, signals, stop_at_step)
+    if stopped:
+      return stopped
+    batch, next_data_state = prefetcher.next()
+    loop.state, metrics = ctx.train_step(loop.state, batch, np.int32(loop.step))
+    loop.data_state = next_data_state
+    loop.step += 1
+    loop.pending.append(metrics)
+    evaluate_now = (train.eval_every and loop.step % train.eval_every == 0) or loop.step == train.num_steps
+    save_now = (train.checkpoint_every and loop.step % train.checkpoint_every == 0) or loop.step == train.num_steps
+    if loop.step % train.log_every == 0 or evaluate_now or save_now:
+      _flush(ctx, loop)
+    if evaluate_now:
+      _evaluate(ctx, loop)
+    if save_now:
+      _save(ctx, loop)
+  return "completed"
+
+
+def _stop_requested(ctx: _Context, loop: _Loop, signals: _StopSignals, stop_at_step: int | None) -> str | None:
+  """After saving a checkpoint of the current step: 'preempted' when a stop signal reached any process, 'stopped'
+  at `stop_at_step`; else None. Multi-process, agreeing on a stop is a collective, so it is asked only where the
+  host syncs anyway (every train.log_every steps)."""
+  step = loop.step
+  if not (jax.process_count() == 1 or step % ctx.exp.train.log_every == 0 or step == stop_at_step):
+    return None
+  preempted = parallel.any_process(signals.received is not None)
+  if not (preempted or step == stop_at_step):
+    return None
+  _save(ctx, loop)
+  ctx.checkpointer.wait()
+  cause = signal.Signals(signals.received).name if signals.received else "signal on another process"
+  print(f"{cause if preempted else 'stop_at_step'}: checkpoint at step {step} saved; exiting", flush=True)
+  return "preempted" if preempted else "stopped"
+
+
+def _flush(ctx: _Context, loop: _Loop) -> None:
+  """Fetch the pending metrics, write one record per step (`_write_records`), print the progress line."""
+  if not loop.pending:
+    return
+  records = jax.device_get(loop.pending)
+  loop.pending = []
+  now = time.perf_counter()
+  tokens_per_s = ctx.tokens_per_step * len(records) / max(now - loop.interval_start, 1e-9)
+  loop.interval_start = now
+  mfu = ctx.flops_per_token * tokens_per_s / ctx.peak_flops
+  _write_records(ctx, loop, records, tokens_per_s=tokens_per_s, mfu=mfu)
+  last = records[-1]
+  shown = {"loss": float(last["loss"]), "ce": float(last["cross_entropy"]), "tokens/s": tokens_per_s, "mfu": mfu}
+  if loop.skipped:
+    shown["skipped"] = len(loop.skipped)
+  print(ctx.progress.line(loop.step, shown), flush=True)
+  ctx.checkpointer.check()  # an asynchronous save that failed since: stop now, not at the next save
+
+
+def _write_records(ctx: _Context, loop: _Loop, records: list[dict], *, tokens_per_s: float, mfu: float) -> None:
+  """One metrics record for each of the steps up to loop.step; NonFiniteLossError at the first non-finite loss,
+  or once more than train.skip_nonfinite_batches updates were discarded."""
+  skip_limit = ctx.exp.train.skip_nonfinite_batches
+  first = loop.step - len(records) + 1
+  for offset, metrics in enumerate(records):
+    at = first + offset
+    blocks = metrics.pop("moe")
+    metrics.update(tokens_per_s=tokens_per_s, mfu=mfu)
+    if metrics.pop("skipped", False):
+      loop.skipped.append(at)
+      metrics["skipped"] = True
+    elif not math.isfinite(float(metrics["loss"])):
+      ctx.writer.write(at, "train", metrics, moe=blocks)
+      _stop_on_nonfinite(float(metrics["loss"]), at, ctx.checkpointer)
+    ctx.writer.write(at, "train", metrics, moe=blocks)
+    if len(loop.skipped) > skip_limit > 0:
+      raise NonFiniteLossError(
+          f"{len(loop.skipped)} batches gave non-finite losses (steps {loop.skipped[:10]}), more than "
+          f"train.skip_nonfinite_batches={skip_limit}: the run diverges rather than meeting a bad batch. "
+          f"Lower train.learning_rate and resume an earlier checkpoint with train.resume_step and "
+          f"train.allow_changes=True; checkpoints kept: {ctx.checkpointer.all_steps()} in "
+          f"{ctx.checkpointer.directory}")
+
+
+def _evaluate(ctx: _Context, loop: _Loop) -> None:
+  loop.eval_loss = evaluate(_model(ctx, loop), ctx.exp, ctx.batch_sharding)
+  ctx.writer.write(loop.step, "eval", {"cross_entropy": loop.eval_loss})
+  print(f"step {loop.step:>6}  eval cross-entropy {loop.eval_loss:.4f}", flush=True)
+  loop.interval_start = time.perf_counter()  # evaluation time is not training time
+
+
+def _save(ctx: _Context, loop: _Loop) -> None:
+  """Checkpoint the current step (once), only after every loss leading to it was seen to be finite."""
+  _flush(ctx, loop)
+  if loop.step not in loop.saved_steps:
+    meta = {"data_state": parallel.gather_strings(json.dumps(loop.data_state)), "step": loop.step,
+            "config": ctx.resolved}
+    ctx.checkpointer.save(loop.step, runstate.checkpoint_tree(*nnx.merge(ctx.graphdef, loop.state)), meta)
+    loop.saved_steps.add(loop.step)
+  loop.interval_start = time.perf_counter()  # saving time is not training time
 
 
 def _stop_on_nonfinite(loss: float, step: int, checkpointer: Checkpointer) -> None:
@@ -852,3 +710,4 @@ def _stop_on_nonfinite(loss: float, step: int, checkpointer: Checkpointer) -> No
       f"update of up to N batches with a non-finite loss (step {step} included), or restart from an earlier "
       f"checkpoint (kept: {kept}) with --config.train.resume_step=STEP, with --config.train.allow_changes=True "
       "if you also lower train.learning_rate")
+

@@ -20,8 +20,16 @@ dense model rather than on it).
 
 from __future__ import annotations
 
+import json
+import os
+
+import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from moe_jax import config_lib, parallel, runstate
+from moe_jax import resolve as resolve_lib
+from moe_jax.checkpoint import Checkpointer
 
 EXPERT_WEIGHTS = ("wi_0", "wi_1", "wo")  # a MoE layer's stacked expert kernels [E, ...]
 NEW_IN_MOE = ("router", "router_bias")  # initialised fresh, not taken from the dense model
@@ -75,61 +83,33 @@ def upcycle_checkpoint(dense_workdir: str, config, workdir: str) -> int:
   and data position, which `train.train_and_evaluate(config, workdir)` (or experiments/train.py) then resumes.
   Returns the dense step it upcycled.
 
-  The dense run's widths must be `config`'s with every FFN dense (`upcycle` refuses anything else); its
-  optimizer state is not carried over (Komatsuzaki et al. reset it too: the expert copies and the new routers
-  start their own moments).
+  Both models live on the mesh the MoE run trains on (`config`'s, as training builds it). The dense run's widths
+  must be `config`'s with every FFN dense (`upcycle` refuses anything else); its optimizer state is not carried
+  over (Komatsuzaki et al. reset it too: the expert copies and the new routers start their own moments). The
+  dense run's workdir is only read.
   """
-  import json
-  import os
-
-  import jax
-  import ml_collections
-
-  from moe_jax import config_lib, models, parallel, train
-  from moe_jax import data as data_lib
-  from moe_jax import resolve as resolve_lib
-  from moe_jax.checkpoint import Checkpointer
-
-  record = os.path.join(dense_workdir, "config.json")
-  if not os.path.isfile(record):
-    raise ValueError(f"upcycle: {record} does not exist; --dense_workdir must be the workdir of a training run")
-  with open(record) as f:
-    dense_config = ml_collections.ConfigDict(config_lib.migrate(json.load(f)["resolved"]))
-  dense_cfg = config_lib.model_config(config_lib.typed(dense_config), vocab_size=dense_config.model.vocab_size)
-  if dense_cfg.moe_layer_interval:
+  dense_config = runstate.run_config(dense_workdir)
+  if dense_config.model.moe_layer_interval:
     raise ValueError(f"upcycle: the run in {dense_workdir} already has MoE blocks (model.moe_layer_interval="
-                     f"{dense_cfg.moe_layer_interval}); upcycling starts from a dense model")
+                     f"{dense_config.model.moe_layer_interval}); upcycling starts from a dense model")
   run = resolve_lib.resolve(config, jax.device_count())
-  moe_cfg = config_lib.model_config(run.typed, vocab_size=run.config.model.vocab_size)
-  if os.path.isdir(os.path.join(workdir, "checkpoints")) and os.listdir(os.path.join(workdir, "checkpoints")):
+  exp = run.typed
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(checkpoints) and os.listdir(checkpoints):
     raise ValueError(f"upcycle: {workdir} already holds checkpoints; pass a new workdir")
-  mesh = parallel.create_mesh(run.config.mesh.data, run.config.mesh.expert)
+  mesh = parallel.create_mesh_for(exp.mesh)
   with parallel.mesh_context(mesh):
-    dense = nnx.jit(lambda: models.build(dense_cfg, rngs=nnx.Rngs(0)))()
-    dense_optimizer = nnx.Optimizer(dense, train.make_optimizer(dense_config.train), wrt=nnx.Param)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            train._checkpoint_tree(dense, dense_optimizer))
-    source = Checkpointer(os.path.join(dense_workdir, "checkpoints"), keep=dense_config.train.keep_checkpoints)
-    restored = source.restore_latest(abstract, check_meta=lambda meta: None)
-    source.close()
-    if restored is None:
-      raise ValueError(f"upcycle: {dense_workdir}/checkpoints holds no restorable checkpoint")
-    dense_step, tree, _ = restored
-    nnx.update(dense, tree["params"])
-    moe = nnx.jit(lambda: models.build(moe_cfg, rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1)))()
-    upcycle_model(dense, moe)
-    optimizer = nnx.Optimizer(moe, train.make_optimizer(run.config.train), wrt=nnx.Param)
-    data_iter = data_lib.create_iterator(
-        run.config.data, split="train", batch_size=run.config.train.batch_size // jax.process_count(),
-        seq_len=run.config.train.seq_len, seed=run.config.seed, shard_index=jax.process_index(),
-        shard_count=jax.process_count(), repeat=True)
+    dense = runstate.load(dense_workdir, mesh=mesh)
+    moe, optimizer = runstate.create(exp, runstate.model_config(run), mesh)
+    upcycle_model(dense.model, moe)
+    data_iter = runstate.train_batches(exp)
     data_state = parallel.gather_strings(json.dumps(data_iter.get_state()))
     data_iter.close()
     os.makedirs(workdir, exist_ok=True)
-    target = Checkpointer(os.path.join(workdir, "checkpoints"), keep=run.config.train.keep_checkpoints)
-    target.save(0, train._checkpoint_tree(moe, optimizer),
-                {"data_state": data_state, "step": 0, "config": json.loads(run.config.to_json()),
-                 "upcycled_from": {"workdir": os.path.abspath(dense_workdir), "step": dense_step}})
+    target = Checkpointer(checkpoints, keep=exp.train.keep_checkpoints)
+    target.save(0, runstate.checkpoint_tree(moe, optimizer),
+                {"data_state": data_state, "step": 0, "config": config_lib.to_dict(run.config),
+                 "upcycled_from": {"workdir": os.path.abspath(dense_workdir), "step": dense.step}})
     target.wait()
     target.close()
-  return dense_step
+  return dense.step

@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from moe_jax import checkpoint, train
+from moe_jax import checkpoint, models, train
 from tests.helpers import REPO, cpu_env, tiny_config, train_command, train_losses
 
 
@@ -61,7 +61,7 @@ def _forbid_building_the_model(monkeypatch):
   def built(*args, **kwargs):
     raise AssertionError("the model was built (and compiled) before the bad input was refused")
 
-  monkeypatch.setattr(train, "TransformerLM", built)
+  monkeypatch.setattr(models, "build", built)
 
 
 def _trained_steps(workdir) -> int:

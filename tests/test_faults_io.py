@@ -216,14 +216,14 @@ def test_the_summary_wall_time_adds_up_every_invocation_of_a_run(tmp_path, monke
 
 def test_a_run_with_an_invalid_config_is_reported_in_one_line_and_the_other_runs_go_on(tmp_path, monkeypatch,
                                                                                         capsys):
-  sweep = _sweep("bad-s0", "good-s0", overrides={"bad-s0": {"mesh.data": 8, "moe.top_k": 0}})
+  sweep = _sweep("bad-s0", "good-s0", overrides={"bad-s0": {"mesh.data": 8, "moe.top_k.k": 0}})
   real_trainer, trained = train.train_and_evaluate, []
   _stand_in_trainer(monkeypatch, calls=trained)
   stand_in = train.train_and_evaluate
   monkeypatch.setattr(train, "train_and_evaluate",  # the bad run meets the real trainer's validation
                       lambda config, run_dir: (real_trainer if "bad" in run_dir else stand_in)(config, run_dir))
   refused = sweep_lib.run_sweep(sweep, common.build_config, str(tmp_path / "work"))
-  assert list(refused) == ["bad-s0"] and "moe.top_k" in refused["bad-s0"]
+  assert list(refused) == ["bad-s0"] and "moe.top_k.k" in refused["bad-s0"]
   assert [line for line in capsys.readouterr().out.splitlines() if "refused" in line] == [
       f"  bad-s0 refused: {refused['bad-s0']}"]
   assert [os.path.basename(d) for d in trained] == ["good-s0"]
@@ -317,13 +317,13 @@ def get_config(arg="cpu"):
 
 
 def test_the_sweep_command_line_reports_a_refused_run_in_one_line_with_status_2(tmp_path):
-  sweep_arg = _sweep_config_file(tmp_path, {"moe.top_k": 0})
+  sweep_arg = _sweep_config_file(tmp_path, {"moe.top_k.k": 0})
   run = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "sweep.py"), f"--sweep={sweep_arg}",
                         f"--workdir_root={tmp_path}/work", f"--results_root={tmp_path}/results"],
                        env=dict(cpu_env(1), PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
   lines = _error_lines(run.stderr)
   assert run.returncode == 2, run.stderr[-3000:]
-  assert len(lines) == 1 and lines[0].startswith("sweep refused: 1 run(s) refused: dense-s0:") and "moe.top_k" in \
+  assert len(lines) == 1 and lines[0].startswith("sweep refused: 1 run(s) refused: dense-s0:") and "moe.top_k.k" in \
       lines[0], run.stderr[-3000:]
 
 

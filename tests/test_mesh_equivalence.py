@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from moe_jax import config_lib, parallel, train
+from moe_jax import config_lib, optim, parallel, runstate, train
 from moe_jax.checkpoint import Checkpointer
 from moe_jax.model import TransformerLM
 
@@ -56,11 +56,11 @@ def run(kind: str, mesh_shape: tuple[int, int, int, int], optimizer: str = "adam
   mesh = parallel.create_mesh(data, expert, fsdp=fsdp, tensor=tensor)
   with parallel.mesh_context(mesh):
     model = nnx.jit(lambda: TransformerLM(model_cfg, rngs=nnx.Rngs(params=0, dropout=1)))()
-    optimizer_ = nnx.Optimizer(model, train.make_optimizer(config.train), wrt=nnx.Param)
+    optimizer_ = nnx.Optimizer(model, optim.make_optimizer(config.train), wrt=nnx.Param)
     graphdef, state = nnx.split((model, optimizer_))
-    sharding = train.stable_shardings(state, mesh)
+    sharding = runstate.stable_shardings(state, mesh)
     state = jax.device_put(state, sharding)
-    inputs = jax.device_put(batch(), NamedSharding(mesh, train.BATCH_SPEC))
+    inputs = jax.device_put(batch(), NamedSharding(mesh, runstate.BATCH_SPEC))
 
     def loss_fn(params, rest):
       model, _ = nnx.merge(graphdef, params, rest)
@@ -110,7 +110,7 @@ def test_fsdp_and_tensor_axes_split_parameters_and_optimizer_state():
   model_cfg = config_lib.model_config(config, VOCAB)
   with parallel.mesh_context(parallel.create_mesh(1, 2, fsdp=2, tensor=2)):
     model = nnx.jit(lambda: TransformerLM(model_cfg, rngs=nnx.Rngs(0)))()
-    optimizer = nnx.Optimizer(model, train.make_optimizer(config.train), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, optim.make_optimizer(config.train), wrt=nnx.Param)
   expert = model.blocks[1].ffn.wi_0[...]
   moment = optimizer.opt_state[1][0].mu["blocks"][1]["ffn"]["wi_0"][...]
   for array in (expert, moment):
@@ -126,23 +126,23 @@ def _model_and_optimizer(mesh_shape, seed: int):
   mesh = parallel.create_mesh(data, expert, fsdp=fsdp, tensor=tensor)
   with parallel.mesh_context(mesh):
     model = nnx.jit(lambda: TransformerLM(config_lib.model_config(config, VOCAB), rngs=nnx.Rngs(seed)))()
-    optimizer = nnx.Optimizer(model, train.make_optimizer(config.train), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(model, optim.make_optimizer(config.train), wrt=nnx.Param)
   return mesh, model, optimizer
 
 
 @pytest.mark.parametrize("target", [(1, 1, 2, 2), (1, 1, 1, 1)], ids=["4_devices", "1_device"])
 def test_checkpoint_saved_on_one_mesh_restores_exactly_on_another(tmp_path, target):
   """Saved on 8 devices as (2, 2, 2, 1), restored on 4 devices (1, 1, 2, 2) or on one: orbax reads each array
-  into the target mesh's shardings (`train._checkpoint_tree`, the tree a run saves); every value is equal."""
+  into the target mesh's shardings (`runstate.checkpoint_tree`, the tree a run saves); every value is equal."""
   _, model, optimizer = _model_and_optimizer((2, 2, 2, 1), seed=0)
-  saved = train._checkpoint_tree(model, optimizer)
+  saved = runstate.checkpoint_tree(model, optimizer)
   checkpointer = Checkpointer(str(tmp_path), keep=1, async_save=False)
   checkpointer.save(1, saved, {"step": 1})
   checkpointer.wait()
 
   mesh, model, optimizer = _model_and_optimizer(target, seed=1)  # other values, the target's shardings
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          train._checkpoint_tree(model, optimizer))
+                          runstate.checkpoint_tree(model, optimizer))
   step, restored, _ = checkpointer.restore_latest(abstract)
   checkpointer.close()
   assert step == 1

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from moe_jax import config_lib, parallel, train
+from moe_jax import config_lib, optim, parallel, train
 from moe_jax.model import TransformerLM, blocks_to_scanned, scanned_to_blocks
 
 LAYERS, PERIOD, VOCAB, BATCH, LENGTH = 4, 2, 64, 8, 16
@@ -78,7 +78,7 @@ def test_training_steps_of_the_scanned_model_equal_the_unscanned_ones():
   results = []
   with parallel.mesh_context(mesh):
     for model in (flat, scanned):
-      optimizer = nnx.Optimizer(model, train.make_optimizer(config), wrt=nnx.Param)
+      optimizer = nnx.Optimizer(model, optim.make_optimizer(config), wrt=nnx.Param)
       graphdef, state = nnx.split((model, optimizer))
       step = train.make_train_step(graphdef, config, seed=0, skip_nonfinite=False)
       losses = []
@@ -97,7 +97,7 @@ def test_checkpoint_trees_convert_both_ways():
   with parallel.mesh_context(mesh):
     flat = TransformerLM(model_config(False), rngs=nnx.Rngs(0))
     scanned = TransformerLM(model_config(True), rngs=nnx.Rngs(0))
-    tx = train.make_optimizer(config_lib.default_config().train)
+    tx = optim.make_optimizer(config_lib.default_config().train)
     trees = [nnx.to_pure_dict(nnx.state(nnx.Optimizer(m, tx, wrt=nnx.Param))) | {"params": nnx.to_pure_dict(
         nnx.state(m, nnx.Param))} for m in (flat, scanned)]
   converted = blocks_to_scanned(trees[0], LAYERS, PERIOD)

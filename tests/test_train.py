@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_jax import config_lib, train
+from moe_jax import config_lib, optim, train
 from moe_jax.metrics import read_metrics
 from tests.helpers import cpu_env, tiny_config, train_command, train_losses
 
@@ -117,8 +117,8 @@ def test_expert_choice_router_is_refused_for_the_causal_decoder(data_dir):
 
 
 def test_learning_rate_schedule_warms_up_then_decays():
-  config = config_lib.default_config().train
-  schedule = train.make_schedule(config)
+  config = config_lib.TrainConfig()
+  schedule = optim.make_schedule(config)
   rates = np.array([float(schedule(s)) for s in range(config.num_steps)])
   assert rates[0] == 0.0
   assert rates[config.warmup_steps] == pytest.approx(config.learning_rate)
@@ -128,9 +128,8 @@ def test_learning_rate_schedule_warms_up_then_decays():
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
 def test_optimizers_reduce_a_quadratic(optimizer):
-  config = config_lib.default_config().train
-  config.optimizer, config.warmup_steps, config.learning_rate = optimizer, 0, 0.1
-  tx = train.make_optimizer(config)
+  config = config_lib.TrainConfig(optimizer=optimizer, warmup_steps=0, learning_rate=0.1)
+  tx = optim.make_optimizer(config)
   params = {"w": jnp.full((4, 4), 3.0)}
   state = tx.init(params)
   for _ in range(20):

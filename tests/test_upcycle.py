@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax import config_lib, models, parallel, train, upcycle
+from moe_jax import config_lib, models, optim, parallel, train, upcycle
 
 VOCAB = 64
 # Every token's combine weights sum to 1 and none is dropped: the condition under which upcycling is exact.
@@ -76,7 +76,7 @@ def test_training_continues_from_the_upcycled_model():
   moe = upcycle.upcycle_model(_build(_config("decoder", 0), seed=0), _build(config, seed=1))
   router_before = np.asarray(moe.blocks[1].ffn.router[...])
   with parallel.mesh_context(parallel.create_mesh(1, 1)):  # the optimizer state inherits the params' axes
-    optimizer = nnx.Optimizer(moe, train.make_optimizer(config.train), wrt=nnx.Param)
+    optimizer = nnx.Optimizer(moe, optim.make_optimizer(config.train), wrt=nnx.Param)
   graphdef, state = nnx.split((moe, optimizer))
   step = train.make_train_step(graphdef, config.train, seed=0, skip_nonfinite=False)
   batch = _batch("decoder")

@@ -14,17 +14,31 @@ Entry points for the training loop:
   state = it.get_state(); it.set_state(state)   # JSON-safe; resumes exactly
 """
 
-from moe_jax.data.builders import DatasetNotPreparedError
-from moe_jax.data.config import DATASETS
-from moe_jax.data.config import default_data_config
-from moe_jax.data.config import validate_data_config
-from moe_jax.data.pipeline import create_iterator
-from moe_jax.data.pipeline import get_tokenizer
-from moe_jax.data.tokenizers import ByteTokenizer
-from moe_jax.data.tokenizers import SentencePieceTokenizer
-from moe_jax.data.tokenizers import Tokenizer
+import importlib
 
-__all__ = [
-    "DATASETS", "DatasetNotPreparedError", "ByteTokenizer", "SentencePieceTokenizer", "Tokenizer",
-    "create_iterator", "default_data_config", "get_tokenizer", "validate_data_config",
-]
+# name -> the submodule that defines it. Imported on first use (PEP 562), so that `import moe_jax.data.config`
+# or `moe_jax.data.span_corruption` (which config validation needs) does not pull in the grain pipeline and,
+# through it, orbax.
+_EXPORTS = {
+    "DatasetNotPreparedError": "builders",
+    "DATASETS": "config",
+    "default_data_config": "config",
+    "validate_data_config": "config",
+    "create_iterator": "pipeline",
+    "get_tokenizer": "pipeline",
+    "ByteTokenizer": "tokenizers",
+    "SentencePieceTokenizer": "tokenizers",
+    "Tokenizer": "tokenizers",
+}
+
+_SUBMODULES = ("builders", "config", "pipeline", "span_corruption", "tokenizers")
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name in _SUBMODULES:  # `data_lib.pipeline` works before anything imported the submodule
+    return importlib.import_module(f"moe_jax.data.{name}")
+  if name not in _EXPORTS:
+    raise AttributeError(f"module 'moe_jax.data' has no attribute {name!r}")
+  return getattr(importlib.import_module(f"moe_jax.data.{_EXPORTS[name]}"), name)
