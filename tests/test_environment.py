@@ -7,6 +7,7 @@ import platform
 import re
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import pytest
 
@@ -53,3 +54,26 @@ def test_an_untested_orbax_version_is_refused_naming_the_tested_ones():
   checkpoint.check_orbax_version(ocp.__version__)  # the installed one is tested: no error
   with pytest.raises(ImportError, match=r"tested with orbax-checkpoint 0\.12\.8, not the installed 0\.99\.0.*make setup"):
     checkpoint.check_orbax_version("0.99.0")
+
+
+def _jit_a_new_program(scale: float) -> None:
+  jax.jit(lambda x: jnp.tanh(x * scale) + scale)(jnp.arange(7.0)).block_until_ready()
+
+
+def test_tests_share_compiled_programs_through_the_session_compilation_cache(pytestconfig):
+  cache = getattr(pytestconfig, "_moe_jax_cache_dir", None)
+  if cache is None:
+    pytest.skip("MOE_JAX_TEST_COMPILATION_CACHE=0: no cache")
+  before = set(os.listdir(cache))
+  _jit_a_new_program(3.25)
+  assert set(os.listdir(cache)) > before
+
+
+@pytest.mark.fresh_compile
+def test_fresh_compile_tests_neither_read_nor_write_the_compilation_cache(pytestconfig):
+  cache = getattr(pytestconfig, "_moe_jax_cache_dir", None)
+  if cache is None:
+    pytest.skip("MOE_JAX_TEST_COMPILATION_CACHE=0: no cache")
+  before = set(os.listdir(cache))
+  _jit_a_new_program(4.75)
+  assert set(os.listdir(cache)) == before

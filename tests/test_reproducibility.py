@@ -15,6 +15,8 @@ from moe_jax.metrics import read_metrics
 from tests.helpers import cpu_env, tiny_config, train_command
 
 WALL_CLOCK_KEYS = ("time", "tokens_per_s", "mfu")
+# Each run compiles its programs itself, as two separate launches would (tests/conftest.py's shared cache off).
+pytestmark = pytest.mark.fresh_compile
 
 
 def logged_values(workdir) -> list[dict]:
