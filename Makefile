@@ -10,6 +10,10 @@ PYTEST_ARGS ?=
 LOCK ?= constraints.txt
 # Tests run on 8 emulated CPU devices so mesh tests run anywhere (tests/conftest.py sets the same flag).
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 $(if $(LOCK),,MOE_JAX_UNLOCKED=1)
+# Both tiers run on TEST_WORKERS processes (pytest-xdist; 0 runs in this one). Whole files go to one worker
+# (loadfile), so that a file's module-scoped fixtures and cached compiles are made once.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 .PHONY: run test test-slow setup lock clean
 
@@ -43,11 +47,11 @@ run: setup
 	$(PY) experiments/main.py
 
 test: setup
-	$(TEST_ENV) $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -q $(XDIST) -m "not slow" $(PYTEST_ARGS)
 
 # pytest exits 5 when no test is marked slow: not a failure.
 test-slow: setup
-	$(TEST_ENV) $(PY) -m pytest -q -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(TEST_ENV) $(PY) -m pytest -q $(XDIST) -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -24,8 +24,6 @@ _CACHE_ON = os.environ.get("MOE_JAX_TEST_COMPILATION_CACHE", "1") != "0"
 
 
 def pytest_configure(config):
-  config.addinivalue_line("markers", "fresh_compile: compile every program afresh (no compilation cache), for tests "
-                                     "whose point includes that compiling again gives the same result")
   if not _CACHE_ON:
     return
   import jax  # pylint: disable=g-import-not-at-top  # after XLA_FLAGS is set
