@@ -56,24 +56,25 @@ def test_an_untested_orbax_version_is_refused_naming_the_tested_ones():
     checkpoint.check_orbax_version("0.99.0")
 
 
-def _jit_a_new_program(scale: float) -> None:
-  jax.jit(lambda x: jnp.tanh(x * scale) + scale)(jnp.arange(7.0)).block_until_ready()
-
-
-def test_tests_share_compiled_programs_through_the_session_compilation_cache(pytestconfig):
+@pytest.fixture
+def compilation_cache(pytestconfig) -> str:
+  """The directory of this test process's compilation cache (tests/conftest.py)."""
   cache = getattr(pytestconfig, "_moe_jax_cache_dir", None)
   if cache is None:
     pytest.skip("MOE_JAX_TEST_COMPILATION_CACHE=0: no cache")
+  return cache
+
+
+def _entries_added_by_a_new_program(cache: str, scale: float) -> set[str]:
   before = set(os.listdir(cache))
-  _jit_a_new_program(3.25)
-  assert set(os.listdir(cache)) > before
+  jax.jit(lambda x: jnp.tanh(x * scale) + scale)(jnp.arange(7.0)).block_until_ready()
+  return set(os.listdir(cache)) - before
+
+
+def test_tests_share_compiled_programs_through_the_session_compilation_cache(compilation_cache):
+  assert _entries_added_by_a_new_program(compilation_cache, 3.25)
 
 
 @pytest.mark.fresh_compile
-def test_fresh_compile_tests_neither_read_nor_write_the_compilation_cache(pytestconfig):
-  cache = getattr(pytestconfig, "_moe_jax_cache_dir", None)
-  if cache is None:
-    pytest.skip("MOE_JAX_TEST_COMPILATION_CACHE=0: no cache")
-  before = set(os.listdir(cache))
-  _jit_a_new_program(4.75)
-  assert set(os.listdir(cache)) == before
+def test_fresh_compile_tests_compile_without_the_cache_and_add_nothing_to_it(compilation_cache):
+  assert not _entries_added_by_a_new_program(compilation_cache, 4.75)
