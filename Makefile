@@ -1,6 +1,6 @@
-# Two commands do everything on a fresh machine (Python >= 3.10 with venv):
+# Two commands do everything on a fresh machine (Python 3.11 with venv; any Python >= 3.10 with LOCK=):
 #   make run    set up .venv and run the main job
-#   make test   set up .venv and run the test suite
+#   make test   set up .venv and run the default test tier (make test-slow: the slow tier)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
