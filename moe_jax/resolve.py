@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from moe_jax import config_lib, dispatch, flops
+from moe_jax import config_lib, dispatch, environment, flops
 from moe_jax import data as data_lib
 from moe_jax.data import span_corruption
 
@@ -46,9 +46,10 @@ class Resolved:
   derived: dict[str, Any]  # facts implied by the resolved config (capacity, tokens per group)
 
   def record(self) -> dict:
-    """JSON-safe: what config.json holds."""
+    """JSON-safe: what config.json holds, with the Python, platform and package versions the run used."""
     return {"requested": config_lib.to_dict(self.requested), "resolved": config_lib.to_dict(self.config),
-            "decisions": [dataclasses.asdict(d) for d in self.decisions], "derived": self.derived}
+            "decisions": [dataclasses.asdict(d) for d in self.decisions], "derived": self.derived,
+            "environment": environment.describe()}
 
 
 def resolve(config: ml_collections.ConfigDict, device_count: int, *, platform: str | None = None,

@@ -13,7 +13,14 @@ import dataclasses
 import math
 from typing import Any, Callable, ClassVar
 
+import numpy as np
+
 from moe_jax import registry
+
+# Numbers are checked in the dtype they are used in: the model, the optimizer and the schedule compute in float32,
+# where 1e300 is inf and 1e-300 is 0 (both finite and positive in Python).
+_F32_MAX = float(np.finfo(np.float32).max)
+_F32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32
 
 # ----------------------------------------------------------------------------------------------------------
 # Rules: a field's type and valid range, checked in one function.
@@ -31,6 +38,16 @@ def at_least(n: int) -> Rule:
   return Rule((int,), lambda v: v >= n, lambda: f">= {n}")
 
 
+def _finite_in_float32(v: float) -> bool:
+  return math.isfinite(v) and abs(v) <= _F32_MAX
+
+
+def _zero_or_normal_in_float32(v: float) -> bool:
+  """0, or at least float32's smallest normal number: smaller values are subnormal, which XLA's CPU and
+  accelerator kernels flush to zero."""
+  return v == 0 or abs(v) >= _F32_TINY
+
+
 def in_range(low: float, high: float, *, closed_low: bool = True, closed_high: bool = False) -> Rule:
   def ok(v):
     return (low <= v if closed_low else low < v) and (v <= high if closed_high else v < high)
@@ -40,15 +57,18 @@ def in_range(low: float, high: float, *, closed_low: bool = True, closed_high: b
 
 
 def positive() -> Rule:
-  return Rule((int, float), lambda v: math.isfinite(v) and v > 0, lambda: "> 0")
+  return Rule((int, float), lambda v: _finite_in_float32(v) and v > 0 and _zero_or_normal_in_float32(v),
+              lambda: f"> 0 and in float32's normal range [{_F32_TINY:.3g}, {_F32_MAX:.3g}]")
 
 
 def non_negative() -> Rule:
-  return Rule((int, float), lambda v: math.isfinite(v) and v >= 0, lambda: ">= 0")
+  return Rule((int, float), lambda v: _finite_in_float32(v) and v >= 0 and _zero_or_normal_in_float32(v),
+              lambda: f"0 or in float32's normal range [{_F32_TINY:.3g}, {_F32_MAX:.3g}]")
 
 
 def finite() -> Rule:
-  return Rule((int, float), math.isfinite, lambda: "a finite number")
+  return Rule((int, float), lambda v: _finite_in_float32(v) and _zero_or_normal_in_float32(v),
+              lambda: f"0 or a number of magnitude in float32's normal range [{_F32_TINY:.3g}, {_F32_MAX:.3g}]")
 
 
 def boolean() -> Rule:

@@ -1,10 +1,16 @@
-"""Helpers shared by the training tests: a tiny config, the CLI command, and losses read back from a run."""
+"""Helpers shared by the tests: a tiny config, the CLI command, losses read back from a run, and the parameter
+count of a built model."""
 
+import math
 import os
 import sys
 
-from moe_jax import config_lib
+import jax
+from flax import nnx
+
+from moe_jax import config_lib, parallel
 from moe_jax.metrics import read_metrics
+from moe_jax.model import TransformerLM
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,3 +47,11 @@ def cpu_env(devices: int) -> dict:
 def train_losses(workdir) -> dict[int, float]:
   """Step -> training loss from metrics.jsonl (a resumed step's later record wins)."""
   return read_metrics(str(workdir)).series("loss")
+
+
+def built_param_count(cfg: config_lib.ModelConfig) -> int:
+  """The number of parameters of `TransformerLM(cfg)` as built (abstractly: a count needs shapes, not values,
+  and initialising a model on the CPU takes seconds)."""
+  with parallel.mesh_context(parallel.create_mesh(1, 1)):  # parameters carry logical axes
+    model = nnx.eval_shape(lambda: TransformerLM(cfg, rngs=nnx.Rngs(0)))
+  return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -89,6 +89,11 @@ INVALID = {
     "unknown optimizer": (_set("train.optimizer", "sgd"), "train.optimizer='sgd' must be one of"),
     "negative learning rate": (_set("train.learning_rate", -1e-3), "train.learning_rate=-0.001 must be > 0"),
     "nan learning rate": (_set("train.learning_rate", float("nan")), "train.learning_rate=nan must be > 0"),
+    # Finite and positive in Python, but inf and 0 in float32, where the optimizer computes.
+    "learning rate infinite in float32": (_set("train.learning_rate", 1e300),
+                                          r"train.learning_rate=1e\+300 must be > 0 and in float32's normal range"),
+    "learning rate zero in float32": (_set("train.learning_rate", 1e-300),
+                                      r"train.learning_rate=1e-300 must be > 0 and in float32's normal range"),
     "dropout of 1": (_set("model.dropout", 1.0), r"model.dropout=1.0 must be in \[0, 1\)"),
     "odd head dimension": (_set("model.head_dim", 7), "model.head_dim"),
     "unknown norm": (_set("model.norm", "batchnorm"), "model.norm='batchnorm' must be one of"),

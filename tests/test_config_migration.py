@@ -96,6 +96,6 @@ def test_a_checkpoint_config_of_the_old_schema_resumes_as_the_same_run():
   config.moe.router = "top_k"
   config.moe.top_k.k = 2
   saved = _old_schema(config_lib.to_dict(config))
-  assert train.config_changes(saved, config) == {}
+  assert train.config_changes(saved, config_lib.to_dict(config)) == {}
   config.moe.top_k.k = 1
-  assert train.config_changes(saved, config) == {"moe.top_k.k": (2, 1)}
+  assert train.config_changes(saved, config_lib.to_dict(config)) == {"moe.top_k.k": (2, 1)}

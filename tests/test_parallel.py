@@ -1,7 +1,7 @@
 """Expert parallelism on 8 emulated CPU devices: the sharded MoE layer equals the single-device layer.
 
 Meshes are (data, expert), with 'fsdp' and 'tensor' of size 1, except in the four-axis tests below. The
-default run covers every mesh with 8 experts and 16/32 experts on one mesh; `-m slow` runs the whole grid of
+default run covers every mesh with 8 experts and 16 experts on one mesh; `-m slow` runs the whole grid of
 meshes x experts x dispatch backends.
 """
 
@@ -83,7 +83,8 @@ def assert_sharded_equals_single_device(config, mesh_shape, **kwargs):
   chex.assert_trees_all_close(sharded, single, atol=1e-5, rtol=0)
 
 
-DEFAULT_GRID = {(mesh, 8, "gather") for mesh in MESHES} | {((2, 4), e, "gather") for e in (16, 32)}
+# Several experts per device once (16 on (2, 4)); 32 adds nothing the default tier needs (slow tier).
+DEFAULT_GRID = {(mesh, 8, "gather") for mesh in MESHES} | {((2, 4), 16, "gather")}
 # (8, 1): experts not split, so the tiled dropless backend itself runs under shard_map; (2, 4): it resolves
 # to capacity buffers with C = S (dispatch.resolve_backend).
 DEFAULT_GRID |= {((2, 4), 8, "einsum"), ((2, 4), 8, "dropless"), ((8, 1), 8, "dropless")}

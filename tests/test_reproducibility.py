@@ -15,6 +15,8 @@ from moe_jax.metrics import read_metrics
 from tests.helpers import cpu_env, tiny_config, train_command
 
 WALL_CLOCK_KEYS = ("time", "tokens_per_s", "mfu")
+# Each run compiles its programs itself, as two separate launches would (tests/conftest.py's shared cache off).
+pytestmark = pytest.mark.fresh_compile
 
 
 def logged_values(workdir) -> list[dict]:
@@ -29,7 +31,8 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
 
 
-@pytest.mark.parametrize("arm", ["switch", "dense"])
+# Switch runs every layer the dense twin has (its odd blocks are dense), so the dense arm is slow-tier only.
+@pytest.mark.parametrize("arm", ["switch", pytest.param("dense", marks=pytest.mark.slow)])
 def test_same_config_and_seed_log_identical_metrics(data_dir, tmp_path, arm):
   config = tiny_config(data_dir, steps=6)  # 8 devices, expert-parallel Switch with router jitter
   config.train.eval_every = 3

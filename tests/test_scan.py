@@ -48,11 +48,13 @@ def models(mesh, **kwargs):
   return flat, scanned, period
 
 
+# The default tier keeps the four-axis mesh (its single-device reference is the unscanned model on that mesh);
+# one device, remat and the one-block pattern (~30-60 s each) are slow.
 @pytest.mark.parametrize("mesh_shape, kwargs", [
-    ((1, 1, 1, 1), {}),
+    pytest.param((1, 1, 1, 1), {}, marks=pytest.mark.slow),
     ((1, 2, 2, 2), {}),
-    ((1, 1, 1, 1), {"remat": "full"}),
-    ((2, 1, 1, 2), {"interval": 0}),  # dense: a pattern of one block
+    pytest.param((1, 1, 1, 1), {"remat": "full"}, marks=pytest.mark.slow),
+    pytest.param((2, 1, 1, 2), {"interval": 0}, marks=pytest.mark.slow),  # dense: a pattern of one block
 ], ids=["switch_one_device", "switch_1x2x2x2", "switch_remat", "dense_2x1x1x2"])
 def test_scanned_model_equals_the_unscanned_one_forward_and_backward(mesh_shape, kwargs):
   data, fsdp, expert, tensor = mesh_shape
