@@ -63,12 +63,13 @@ def positive() -> Rule:
 
 def non_negative() -> Rule:
   return Rule((int, float), lambda v: _finite_in_float32(v) and v >= 0 and _zero_or_normal_in_float32(v),
-              lambda: f"0 or in float32's normal range [{_F32_TINY:.3g}, {_F32_MAX:.3g}]")
+              lambda: f">= 0 (0 or in float32's normal range [{_F32_TINY:.3g}, {_F32_MAX:.3g}])")
 
 
 def finite() -> Rule:
   return Rule((int, float), lambda v: _finite_in_float32(v) and _zero_or_normal_in_float32(v),
-              lambda: f"0 or a number of magnitude in float32's normal range [{_F32_TINY:.3g}, {_F32_MAX:.3g}]")
+              lambda: f"a finite number (0 or of magnitude in float32's normal range "
+                      f"[{_F32_TINY:.3g}, {_F32_MAX:.3g}])")
 
 
 def boolean() -> Rule:

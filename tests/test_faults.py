@@ -430,8 +430,8 @@ def test_num_steps_below_the_finished_step_says_already_finished_and_writes_noth
 
 HOLD_THE_LOCK = """
 import sys, time
-from moe_jax import train
-lock = train._WorkdirLock(sys.argv[1]).__enter__()
+from moe_jax import workdir
+lock = workdir.WorkdirLock(sys.argv[1]).__enter__()
 print("locked", flush=True)
 time.sleep(600)
 """

@@ -474,6 +474,31 @@ def test_an_empty_workdir_is_refused_rather_than_meaning_the_current_directory(v
     workdir.check_workdir(value)
 
 
+@pytest.mark.parametrize("value", ["", "  "])
+def test_the_trainer_refuses_an_empty_workdir_before_building_anything(tmp_path, monkeypatch, value):
+  monkeypatch.chdir(tmp_path)
+  _forbid_building_the_model(monkeypatch)
+  with pytest.raises(ValueError, match="--workdir=.* is empty"):
+    train.train_and_evaluate(tiny_config(str(tmp_path / "data")), value)
+  assert os.listdir(tmp_path) == []  # nothing trained into (or written in) the current directory
+
+
+@pytest.mark.parametrize("entry", ["config.json", "metrics.jsonl", "checkpoints"])
+def test_the_trainer_refuses_a_workdir_entry_of_the_wrong_type_before_building_anything(tmp_path, monkeypatch,
+                                                                                      entry):
+  run_dir = tmp_path / "run"
+  wrong = run_dir / entry
+  if workdir.ENTRIES[entry] == workdir.DIRECTORY:
+    run_dir.mkdir()
+    wrong.write_text("not a directory")
+  else:
+    wrong.mkdir(parents=True)
+  _forbid_building_the_model(monkeypatch)
+  with pytest.raises(ValueError, match=f"^workdir: {wrong} is "):
+    train.train_and_evaluate(tiny_config(str(tmp_path / "data")), str(run_dir))
+  assert sorted(os.listdir(run_dir)) == [entry]  # refused before the lock or anything else was written
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The same faults in real runs (slow tier: each trains).
 

@@ -34,6 +34,7 @@ def test_compiled_parameter_and_adam_bytes_per_device_equal_the_analytical_estim
   assert all(chip["fits"] for chip in result["fits"].values())
 
 
+@pytest.mark.slow  # two full compiles (~20 s); the encoder-decoder and CLI plans stay in the default tier
 def test_extrapolated_state_bytes_equal_the_full_depth_compile():
   """--extrapolate compiles 2 and 4 blocks (Switch: a [dense, MoE] pattern) and extends to 6: parameter and
   optimizer bytes are per block, so they match compiling all 6."""

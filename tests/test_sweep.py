@@ -81,6 +81,7 @@ def test_print_commands_gives_one_resumable_command_per_run():
   assert all(f"--only={run.name}" in line for run, line in zip(sweep.runs, lines))
 
 
+@pytest.mark.slow  # trains every run of a sweep (~45 s); tests/test_faults_io.py covers the sweep with stand-in runs
 def test_sweep_runs_skips_finished_runs_and_aggregates(tmp_path, capsys):
   sweep = common.new_sweep("unit", "cpu")
   overrides = dict(TINY, **{"data.data_dir": str(tmp_path / "tfds")})

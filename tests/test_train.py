@@ -162,6 +162,7 @@ def test_resume_on_two_devices_reproduces_the_uninterrupted_losses_bitwise(data_
   assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
 
 
+@pytest.mark.slow  # a training run and a peak measurement (~18 s)
 def test_peak_flops_are_measured_when_not_configured_on_a_multi_device_mesh(data_dir, tmp_path):
   config = tiny_config(data_dir, steps=1)  # a 2 x 4 mesh
   config.train.peak_tflops = 0.0  # the default of every config in configs/: measure a matmul at start-up
