@@ -99,3 +99,17 @@ def test_a_checkpoint_config_of_the_old_schema_resumes_as_the_same_run():
   assert train.config_changes(saved, config_lib.to_dict(config)) == {}
   config.moe.top_k.k = 1
   assert train.config_changes(saved, config_lib.to_dict(config)) == {"moe.top_k.k": (2, 1)}
+
+
+def test_a_run_saved_before_fields_were_added_reads_them_at_their_defaults(tmp_path):
+  """runstate.run_config of a config.json written before model.norm_eps and model.rope_theta existed (runs of
+  issue 31's predecessors): the fields read as their defaults, the values the code then hard-coded."""
+  from moe_jax import runstate
+
+  saved = config_lib.to_dict(config_lib.default_config())
+  saved["model"]["d_model"] = 48
+  del saved["model"]["norm_eps"], saved["model"]["rope_theta"]
+  (tmp_path / "config.json").write_text(json.dumps({"resolved": saved}))
+  loaded = runstate.run_config(str(tmp_path))
+  assert loaded.model.norm_eps == 1e-6 and loaded.model.rope_theta == 1e4 and loaded.model.d_model == 48
+  config_lib.typed(loaded)
