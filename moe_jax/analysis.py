@@ -59,6 +59,7 @@ class Trace:
   document: np.ndarray      # int32 [N]: index into `document_names`; -1 on padding
   expert_index: np.ndarray  # int16 [N, NB, K]: the chosen experts, best first (order of the router's choices)
   gate: np.ndarray          # float32 [N, NB, K]: combine weight of each choice (0 where dropped or not selected)
+  slot: np.ndarray          # int16 [N, NB, K]: position in the expert's buffer where kept (router replay reads it)
   selected: np.ndarray      # bool [N, NB, K]: the router chose it (before capacity)
   kept: np.ndarray          # bool [N, NB, K]: selected and within the expert's capacity
   entropy: np.ndarray       # float32 [N, NB]: router entropy of the token (nats)
@@ -85,7 +86,7 @@ class Trace:
     return np.where(self.valid, self.document_labels[np.maximum(self.document, 0)], -1).astype(np.int32)
 
 
-_ARRAYS = {"token_ids": np.int32, "document": np.int32, "expert_index": np.int16, "gate": np.float32,
+_ARRAYS = {"token_ids": np.int32, "document": np.int32, "expert_index": np.int16, "gate": np.float32, "slot": np.int16,
            "selected": np.bool_, "kept": np.bool_, "entropy": np.float32, "blocks": np.int32,
            "document_labels": np.int8}
 
@@ -94,7 +95,7 @@ def check_trace(trace: Trace) -> None:
   """ValueError naming the array whose shape or values break the schema."""
   n = trace.token_ids.shape[0]
   choices = trace.expert_index.shape
-  shapes = {"token_ids": (n,), "document": (n,), "gate": choices, "selected": choices, "kept": choices,
+  shapes = {"token_ids": (n,), "document": (n,), "gate": choices, "slot": choices, "selected": choices, "kept": choices,
             "entropy": choices[:2], "blocks": choices[1:2], "document_labels": (len(trace.document_names),)}
   if len(choices) != 3 or choices[0] != n:
     raise ValueError(f"expert_index must be [N={n}, NB, K]; got shape {choices}")

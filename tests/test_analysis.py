@@ -127,7 +127,8 @@ def _trace(n=6):
   kept[0, 0, 1] = False
   return analysis.Trace(
       token_ids=np.arange(n, dtype=np.int32), document=np.array([0, 0, 1, 1, 1, -1][:n], np.int32),
-      expert_index=index, gate=np.where(kept, 0.5, 0.0).astype(np.float32), selected=selected, kept=kept,
+      expert_index=index, gate=np.where(kept, 0.5, 0.0).astype(np.float32), slot=np.zeros_like(index),
+      selected=selected, kept=kept,
       entropy=np.full((n, 1), 0.7, np.float32), blocks=np.array([1], np.int32), document_names=("a.py", "b.md"),
       document_labels=np.array([0, 2], np.int8), label_names=analysis.SOURCE_LABELS,
       meta={"num_experts": 3, "routers": ["top_k"]})
@@ -137,7 +138,7 @@ def test_a_trace_reads_back_as_written(tmp_path):
   trace = _trace()
   analysis.write_trace(tmp_path / "t.npz", trace)
   back = analysis.read_trace(tmp_path / "t.npz")
-  for name in ("token_ids", "document", "expert_index", "gate", "selected", "kept", "entropy", "blocks",
+  for name in ("token_ids", "document", "expert_index", "gate", "slot", "selected", "kept", "entropy", "blocks",
                "document_labels"):
     np.testing.assert_array_equal(getattr(back, name), getattr(trace, name))
   assert back.document_names == trace.document_names and back.meta == trace.meta
