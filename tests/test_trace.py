@@ -216,3 +216,42 @@ def test_the_trace_command_writes_a_trace_of_every_checkpoint(tmp_path):
   assert result.returncode == 0, result.stderr
   trace = analysis.read_trace(output.format(step=3))
   assert trace.blocks.tolist() == [1, 3] and len(trace.token_ids) == 64  # encoder block 1, decoder block 1
+
+
+def _constructed_trace(step, rng):
+  """A trace of 3 documents x 32 byte tokens, 2 MoE blocks, top-2 of 4 experts: digits prefer expert 0."""
+  text = b"def f(x):\n  return x + 1  # 42\n" * 4
+  tokens = (np.frombuffer(text[:96], np.uint8).astype(np.int32) + tokenizers.BYTE_OFFSET)
+  digit = analysis.byte_classes(tokens, tokenizers.BYTE_OFFSET) == analysis.BYTE_CLASSES.index("digit")
+  first = np.where(digit, 0, rng.integers(1, 4, size=96))
+  index = np.stack([first, (first + 1 + rng.integers(0, 3, size=96)) % 4], -1)  # [N, K] two distinct experts
+  index = np.stack([index, (index + step) % 4], 1).astype(np.int16)  # [N, NB, K]
+  selected = np.ones(index.shape, bool)
+  kept = selected & (rng.random(index.shape) > 0.05)
+  return analysis.Trace(
+      token_ids=tokens, document=np.repeat(np.arange(3), 32).astype(np.int32), expert_index=index,
+      gate=np.where(kept, 0.5, 0.0).astype(np.float32), slot=np.zeros_like(index), selected=selected, kept=kept,
+      entropy=np.full(index.shape[:2], 1.0, np.float32), blocks=np.array([1, 3], np.int32),
+      document_names=("a.py", "test/test_a.py", "README.md"), document_labels=np.array([0, 1, 2], np.int8),
+      label_names=analysis.SOURCE_LABELS, meta={"num_experts": 4, "routers": ["top_k"] * 2, "choices": [2, 2],
+                                                "tokenizer": "byte", "step": step})
+
+
+@pytest.mark.slow  # a Jupyter kernel and matplotlib (~20 s on 2 busy cores)
+def test_the_routing_analysis_notebook_draws_every_figure_from_a_runs_traces(tmp_path, monkeypatch):
+  nbformat = pytest.importorskip("nbformat")
+  from nbclient import NotebookClient
+
+  rng = np.random.default_rng(0)
+  traces = tmp_path / "traces"
+  traces.mkdir()
+  for step in (4, 8):
+    analysis.write_trace(traces / f"trace-{step}.npz", _constructed_trace(step % 8, rng))
+  monkeypatch.setenv("MOE_JAX_TRACES", str(traces))
+  monkeypatch.setenv("MOE_JAX_FIGURES_DIR", str(tmp_path / "figures"))
+  notebook = nbformat.read(os.path.join(REPO, "notebooks", "routing_analysis.ipynb"), as_version=4)
+  assert all(not c.outputs for c in notebook.cells if c.cell_type == "code")  # stored without outputs
+  NotebookClient(notebook, timeout=120, kernel_name="python3",
+                 resources={"metadata": {"path": os.path.join(REPO, "notebooks")}}).execute()
+  assert {p.stem for p in (tmp_path / "figures").glob("*.png")} == {
+      f"routing_analysis_{name}" for name in ("load", "saturation", "coactivation", "source", "byte_class")}
