@@ -76,11 +76,12 @@ def test_a_trace_holds_the_top_k_experts_of_the_router_kernel_and_their_probabil
   assert record["selected"].all()
 
 
-# Besides top-2 (the fixture): a router reading token ids, and an encoder routing by expert choice (slow tier: one
-# more model compiled each, ~10 s on 2 busy cores).
+# Besides top-2 (the fixture): a router reading token ids, Phi-3.5-MoE's sparsemixer and an encoder routing by expert
+# choice (slow tier: one more model compiled each, ~10 s on 2 busy cores).
 ROUTED = {
     "top_k": None,
     "hash": ("decoder", dict(router="hash")),
+    "sparsemixer": ("decoder", dict(router="sparsemixer")),
     "expert_choice": ("encoder_decoder", dict(router="expert_choice", decoder_router="switch")),
 }
 
