@@ -46,6 +46,7 @@ the mesh layout, deterministic ones do not.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax.struct
@@ -172,12 +173,15 @@ def moe_block(
     deterministic: bool,
     distributed: bool,
     sequence_length: int,
+    forced: dict[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, MoeAux]:  # [G, S, M]
   """Route, dispatch, run experts, combine: the whole MoE layer on arrays.
 
   With `distributed`, this is the per-device body of `parallel.shard_moe_block`: experts are reached by
   all-to-all, keys are folded with the device index and the auxiliary outputs are averaged over devices
   (every device holds the same number of groups, so that is the mean over all groups).
+  `forced` (router replay, `ForcedRouting`): expert_index, slot, combine_weight, kept [G, S, K] that replace the
+  router's decisions; its losses and metrics stay those of the router's own routing.
   """
   router_params, key = replicated
   jitter_key = policy_key = dropout_key = None
@@ -191,6 +195,8 @@ def moe_block(
   family, options = config.family, config.router_options
   inputs = routers.RouterInputs(groups, router_params, token_ids, jitter_key, policy_key)
   route = family.route(inputs, config, options, deterministic)
+  if forced is not None:
+    route = dataclasses.replace(route, **forced)
 
   experts: experts_lib.Experts = experts_lib.StackedExperts(weights, activation, config.expert_dropout, dropout_key)
   experts_across_devices = distributed and parallel.expert_axis_size() > 1
@@ -209,6 +215,11 @@ def moe_block(
   if distributed:
     aux = jax.lax.pmean(aux, parallel.TOKEN_AXES)
   return out, aux
+
+
+class ForcedRouting(nnx.Variable):
+  """Router replay (moe_jax.tracing.replay): the decisions a layer's calls use instead of its router's, a dict of
+  `routing.RoutingResult` fields expert_index, slot, combine_weight, kept [G, S, K] for the groups of its input."""
 
 
 class RouterBias(nnx.Variable):
@@ -233,7 +244,10 @@ class MoeFeedForward(nnx.Module):
     ('expert', 'embed', 'mlp'); wo [E, F, M] ('expert', 'mlp', 'embed').
   `shared_d_ff` > 0 adds DeepSeekMoE's shared experts (Dai et al. 2024, arXiv:2401.06066, eq. 9), which every
   token passes through beside its routed ones: N_s shared experts of width f are one dense FFN of width N_s * f
-  (their outputs are summed, so their hidden units concatenate), held in `shared` and counted as active.
+  (their outputs are summed, so their hidden units concatenate), held in `shared` and counted as active. With
+  `moe.shared_expert_gate` (Qwen1.5-MoE / Qwen2-MoE, `Qwen2MoeSparseMoeBlock` in `transformers`) their output is
+  scaled per token by sigmoid(x . w_gate), w_gate the parameter `shared_gate` [M, 1] ('embed', 'unmodeled'),
+  x the layer's input, the same the routed experts see: y = routed(x) + sigmoid(x . w_gate) * shared(x).
   Create it inside `parallel.mesh_context(mesh)` to shard the experts over the 'expert' axis, and for large
   layers inside `nnx.jit` too (`nnx.jit(lambda: MoeFeedForward(...))()`): eagerly, every initialiser op under
   a mesh runs replicated on all devices, so each device would briefly hold every expert's weights. See the
@@ -294,14 +308,36 @@ class MoeFeedForward(nnx.Module):
         rngs,
     )
     self.rngs = rngs["dropout"].fork()
+    if moe.shared_expert_gate and not shared_d_ff:
+      raise ValueError("moe.shared_expert_gate=True needs shared experts (shared_d_ff > 0: moe.num_shared_experts "
+                       f">= 1); got shared_d_ff={shared_d_ff}")
     self.shared = (FeedForward(d_model, shared_d_ff, activation=activation, init_scale=init_scale, dtype=dtype,
                                rngs=rngs) if shared_d_ff else None)
+    # Created after `shared`, and only when asked for: the other parameters draw the keys they drew without it.
+    self.shared_gate = (_param(switch_init(init_scale), ("embed", "unmodeled"), (d_model, 1), rngs)
+                        if moe.shared_expert_gate else None)
     for name, spec in specs.items():
       if spec.update is not None:
         setattr(self, name, _router_state(spec, init_scale))
+    # Router traces (moe_jax.tracing): when True, every call sows its routing (`route`) as nnx.Intermediate
+    # 'routing', which `nnx.capture(..., nnx.Intermediate)` collects; a plain static flag, so training is untouched.
+    self.capture_routing = False
+    self.forced_routing: ForcedRouting | None = nnx.data(None)  # router replay: set by moe_jax.tracing for a call
 
   def _router_specs(self) -> dict[str, routers.RouterParam]:
     return self.config.family.params(self.d_model, self.config.num_experts, self.config.router_options)
+
+  def route(
+      self,
+      groups: jax.Array,  # [G, S, M] the layer's input in routing groups (`group_tokens`), compute dtype
+      token_ids: jax.Array | None = None,  # [G, S] int32, only for routers that read them (hash layers)
+  ) -> routing.RoutingResult | routing.SoftRoutingResult:
+    """The routing this layer gives `groups` at evaluation (deterministic: no jitter, no random policy, the
+    evaluation capacity factor): the same family call on the same router arrays as the forward pass, so its choices
+    are the ones the layer's experts receive. For router traces and their analyses (moe_jax.tracing)."""
+    router_params = {name: getattr(self, name)[...] for name in self._router_specs()}
+    inputs = routers.RouterInputs(groups, router_params, token_ids, None, None)
+    return self.config.family.route(inputs, self.config, self.config.router_options, True)
 
   def __call__(
       self,
@@ -322,9 +358,14 @@ class MoeFeedForward(nnx.Module):
     groups = group_tokens(x.astype(self.dtype), self.config.group_size)  # [G, S, M]
     if token_ids is not None:  # the same consecutive groups as the tokens
       token_ids = token_ids.astype(jnp.int32).reshape(groups.shape[:2])
+    if self.capture_routing:
+      if not deterministic:
+        raise ValueError("capture_routing records the evaluation routing: call the layer with deterministic=True")
+      self.sow(nnx.Intermediate, "routing", self.route(groups, token_ids))
     key = None if deterministic or not self.config.needs_rng else self.rngs()
     weights = _weights(self, expert_axis=True)
     mesh = parallel.moe_mesh()
+    forced = None if self.forced_routing is None else self.forced_routing.get_value()
     block = functools.partial(
         moe_block,
         config=self.config,
@@ -332,8 +373,11 @@ class MoeFeedForward(nnx.Module):
         deterministic=deterministic,
         distributed=mesh is not None,
         sequence_length=x.shape[1],
+        forced=forced,
     )
     if mesh is not None:
+      if forced is not None:
+        raise ValueError("router replay (forced_routing) runs on one device, without a mesh")
       parallel.validate_expert_parallelism(self.config.num_experts, mesh)
       parallel.validate_group_sharding(groups.shape[0], mesh)
       block = parallel.shard_moe_block(block, weights)
@@ -346,5 +390,10 @@ class MoeFeedForward(nnx.Module):
           getattr(self, name)[...] = spec.update(router_params[name], aux.metrics, self.config.router_options)
     out = out.reshape(x.shape)
     if self.shared is not None:
-      out = out + self.shared(x, deterministic=deterministic)
+      shared = self.shared(x, deterministic=deterministic)
+      if self.shared_gate is not None:
+        # The gate in float32, as the router: one logit per token, sigmoid(x . w_gate) [B, L, 1].
+        gate = jax.nn.sigmoid(jnp.einsum("blm,mo->blo", x.astype(jnp.float32), self.shared_gate[...]))
+        shared = (gate * shared).astype(shared.dtype)
+      out = out + shared
     return out, aux
