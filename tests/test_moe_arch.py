@@ -437,3 +437,34 @@ def test_full_configs_route_dropless_as_the_published_models(module, router, ren
   assert moe.router == router and moe.router_options.renormalize == renormalize
   assert moe.dropless and moe.dispatch in ("dropless", "ragged_dot", "auto")
   assert moe.capacity(4096, training=True) == 4096  # no token is ever dropped
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Under expert parallelism.
+
+
+@pytest.mark.parametrize("moe", [
+    MoeConfig(num_experts=8, router="sparsemixer", capacity_factor=1.0, num_shared_experts=1,
+              shared_expert_gate=True),
+    MoeConfig(num_experts=8, router="top_k", expert_capacity=3, options={"top_k": dict(k=2)}),
+], ids=["sparsemixer_gated_shared", "top2_expert_capacity"])
+def test_sharded_layer_equals_single_device_forward_and_backward(moe):
+  """On a (data 2, expert 4) mesh, shard_map expert parallelism gives the single-device output and gradients."""
+  shape = (8, LENGTH, D_MODEL)  # one routing group per sequence, a whole one on each of the 8 devices
+  x, cotangent = inputs(1, shape), inputs(2, shape)
+
+  def run():
+    layer = MoeFeedForward(D_MODEL, D_FF, moe, shared_d_ff=D_FF if moe.num_shared_experts else 0, init_scale=1.0,
+                           rngs=nnx.Rngs(0))
+
+    def loss(layer, x):
+      out, aux = layer(x, deterministic=False)
+      return jnp.sum(out * cotangent) + aux.load_balancing_loss, out
+
+    (_, out), grads = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True))(layer, x)
+    return out, nnx.to_pure_dict(grads[0]), grads[1]
+
+  single = run()
+  with parallel.mesh_context(parallel.create_mesh(2, 4)):
+    sharded = run()
+  chex.assert_trees_all_close(sharded, single, atol=1e-5, rtol=0)
