@@ -92,11 +92,51 @@ class RelativePositionBias(nnx.Module):
     self.embedding = nnx.Param(init(rngs.params(), (num_buckets, num_heads)))
     self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
 
-  def __call__(self, query_length: int, key_length: int) -> jax.Array:  # [1, H, Lq, Lk] float32
-    relative = jnp.arange(key_length)[None, :] - jnp.arange(query_length)[:, None]  # [Lq, Lk]
+  def __call__(self, query_length: int, key_length: int, *,
+               query_positions: jax.Array | None = None) -> jax.Array:  # [1 or B, H, Lq, Lk] float32
+    """The bias of queries at positions 0 .. Lq - 1 over keys at 0 .. Lk - 1: [1, H, Lq, Lk]; or, decoding, of
+    queries at their own `query_positions` [B, Lq] over the cache's keys: [B, H, Lq, Lk]."""
+    if query_positions is None:
+      query_positions = jnp.arange(query_length)[None]  # [1, Lq]
+    relative = jnp.arange(key_length)[None, None, :] - query_positions[:, :, None]  # [1 or B, Lq, Lk]
     buckets = relative_position_bucket(relative, bidirectional=self.bidirectional, num_buckets=self.num_buckets,
                                        max_distance=self.max_distance)
-    return jnp.take(self.embedding[...], buckets, axis=0).transpose(2, 0, 1)[None]  # [1, H, Lq, Lk]
+    return jnp.take(self.embedding[...], buckets, axis=0).transpose(0, 3, 1, 2)  # [1 or B, H, Lq, Lk]
+
+
+class KVCache(nnx.Module):
+  """The keys and values one attention layer has seen, for decoding a token at a time (Pope et al. 2022,
+  "Efficiently Scaling Transformer Inference", Sec. 2): `key`, `value` [B, T, K, D] (K key/value heads only: a
+  grouped-query layer caches H / K times less than its query heads) and `length` [B] int32, each sequence's
+  tokens written so far, i.e. the position of its next token. Self-attention writes each new token at its
+  position and reads positions 0 .. its own; cross-attention holds the encoder output's keys and values [B, Li,
+  K, D], written once (`length` unused). `nnx.Cache` variables: never parameters, never checkpointed.
+  moe_jax.decode attaches one to each attention layer of an inference copy of the model (`Attention.cache`)."""
+
+  def __init__(self, batch: int, length: int, num_kv_heads: int, head_dim: int, *, dtype: jnp.dtype,
+               sharding: jax.sharding.Sharding | None = None):
+    zeros = lambda shape, dtype: jax.device_put(jnp.zeros(shape, dtype), sharding)  # noqa: E731
+    self.key = nnx.Cache(zeros((batch, length, num_kv_heads, head_dim), dtype))
+    self.value = nnx.Cache(zeros((batch, length, num_kv_heads, head_dim), dtype))
+    self.length = nnx.Cache(zeros((batch,), jnp.int32))
+
+  def positions(self, num_tokens: int) -> jax.Array:  # [B, Lq] int32
+    """The absolute positions of the next `num_tokens` tokens of each sequence."""
+    return self.length[...][:, None] + jnp.arange(num_tokens, dtype=jnp.int32)
+
+  def write(self, positions: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Stores k, v [B, Lq, K, D] at `positions` [B, Lq] (each sequence at its own) and advances `length`; the
+    whole cache [B, T, K, D] after the write. Positions must be < T (moe_jax.decode never passes the end)."""
+    rows = jnp.arange(k.shape[0])[:, None]  # [B, 1]
+    self.key[...] = self.key[...].at[rows, positions].set(k.astype(self.key.dtype))
+    self.value[...] = self.value[...].at[rows, positions].set(v.astype(self.value.dtype))
+    self.length[...] = positions[:, -1] + 1
+    return self.key[...], self.value[...]
+
+  def visible(self, positions: jax.Array) -> jax.Array:  # [B, Lq] -> [B, 1, Lq, T] bool
+    """Causal attention over the cache: each query reads the keys at positions up to its own."""
+    keys = jnp.arange(self.key.shape[1])
+    return (keys[None, None, :] <= positions[:, :, None])[:, None]
 
 
 class Attention(nnx.Module):
@@ -111,6 +151,9 @@ class Attention(nnx.Module):
   `kv` [M, 2K, D]. Scores are scaled by D^-1/2 (T5 leaves them unscaled and folds the factor into its query
   initialisation; with the Switch init of every projection the standard scaling keeps logits of unit order).
   """
+
+  # Set on an inference copy of the model (moe_jax.decode) to decode with a cache; None: attend over the input.
+  cache: KVCache | None = None
 
   def __init__(
       self,
@@ -146,34 +189,70 @@ class Attention(nnx.Module):
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     self.dtype = dtype
 
+  def project(self, x: jax.Array, positions: jax.Array, rope_length: int):
+    """Self-attention's projection of x [B, L, M]: (q [B, L, H, D], k, v [B, L, K, D]) in self.dtype, q and k
+    rotated to `positions` [B, L] (absolute: a cached token keeps the rotation of its position). The one path
+    of the full forward and of cached decoding; `rope_length` is the sequence length the rotary frequencies are
+    chosen for (the input's, or the cache's)."""
+    del rope_length  # no frequency scaling depends on it yet
+    qkv = jnp.einsum("blm,mhd->blhd", x.astype(self.dtype), self.qkv[...].astype(self.dtype))  # [B, L, H + 2K, D]
+    q, k, v = jnp.split(qkv, [self.num_heads, self.num_heads + self.num_kv_heads], axis=2)
+    if self.rotary:
+      q, k = rotary_embedding(q, positions), rotary_embedding(k, positions)
+    return q, k, v
+
+  def project_context(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Cross-attention's keys and values [B, Lk, K, D] of the context [B, Lk, M] (computed once when decoding)."""
+    kv = jnp.einsum("blm,mhd->blhd", context.astype(self.dtype), self.kv[...].astype(self.dtype))
+    k, v = jnp.split(kv, 2, axis=2)
+    return k, v
+
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | None, mask: jax.Array | None,
+             is_causal: bool, deterministic: bool) -> jax.Array:  # q [B, Lq, H, D], k, v [B, Lk, K, D] -> [B, Lq, M]
+    """Scaled dot-product attention of the projected heads and the output projection."""
+    if bias is not None:
+      bias = bias.astype(self.dtype)
+    # K heads shared by groups of H / K query heads; `mask` and `is_causal` combine.
+    attended = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal)  # [B, Lq, H, D]
+    y = jnp.einsum("blhd,hdm->blm", attended, self.out[...].astype(self.dtype))
+    return self.dropout(y, deterministic=deterministic)
+
   def __call__(
       self,
       x: jax.Array,  # [B, Lq, M]
       *,
-      context: jax.Array | None = None,  # [B, Lk, M], cross-attention only
+      context: jax.Array | None = None,  # [B, Lk, M], cross-attention only; None when decoding from the cache
       bias: jax.Array | None = None,  # [1 or B, H, Lq, Lk] added to the logits (relative positions)
       mask: jax.Array | None = None,  # [B, 1 or H, Lq, Lk] bool, True = may attend (padding)
       deterministic: bool = True,
   ) -> jax.Array:  # [B, Lq, M]
-    if self.cross != (context is not None):
-      raise ValueError("cross-attention needs a context, self-attention none")
-    x = x.astype(self.dtype)
+    """Attention over the input (self) or the context (cross); with a `cache` (decoding), over the cached keys
+    and values: self-attention writes the input's at the sequences' next positions and reads every position up to
+    each query's (Lk = the cache's length T, `bias` and `mask` given for [Lq, T]); cross-attention stores the
+    context's when one is given (the first call) and reads them afterwards."""
     if self.cross:
-      q = jnp.einsum("blm,mhd->blhd", x, self.q[...].astype(self.dtype))  # [B, Lq, H, D]
-      kv = jnp.einsum("blm,mhd->blhd", context.astype(self.dtype), self.kv[...].astype(self.dtype))
-      k, v = jnp.split(kv, 2, axis=2)  # [B, Lk, K, D] each
-    else:
-      qkv = jnp.einsum("blm,mhd->blhd", x, self.qkv[...].astype(self.dtype))  # [B, L, H + 2K, D]
-      q, k, v = jnp.split(qkv, [self.num_heads, self.num_heads + self.num_kv_heads], axis=2)
-    if self.rotary:
+      if context is None and self.cache is None:
+        raise ValueError("cross-attention needs a context (or, when decoding, its cached keys and values)")
+      q = jnp.einsum("blm,mhd->blhd", x.astype(self.dtype), self.q[...].astype(self.dtype))  # [B, Lq, H, D]
+      if context is None:
+        k, v = self.cache.key[...], self.cache.value[...]
+      else:
+        k, v = self.project_context(context)
+        if self.cache is not None:
+          self.cache.key[...], self.cache.value[...] = k, v
+      return self.attend(q, k, v, bias=bias, mask=mask, is_causal=False, deterministic=deterministic)
+    if context is not None:
+      raise ValueError("self-attention takes no context")
+    if self.cache is None:
       positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-      q, k = rotary_embedding(q, positions), rotary_embedding(k, positions)
-    if bias is not None:
-      bias = bias.astype(self.dtype)
-    # K heads shared by groups of H / K query heads; `mask` and `is_causal` combine.
-    attended = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=self.causal)  # [B, Lq, H, D]
-    y = jnp.einsum("blhd,hdm->blm", attended, self.out[...].astype(self.dtype))
-    return self.dropout(y, deterministic=deterministic)
+      q, k, v = self.project(x, positions, x.shape[1])
+      return self.attend(q, k, v, bias=bias, mask=mask, is_causal=self.causal, deterministic=deterministic)
+    positions = self.cache.positions(x.shape[1])  # [B, Lq]
+    q, k, v = self.project(x, positions, self.cache.key.shape[1])
+    k, v = self.cache.write(positions, k, v)  # [B, T, K, D]
+    visible = self.cache.visible(positions)  # [B, 1, Lq, T]: each query's keys so far
+    mask = visible if mask is None else visible & mask
+    return self.attend(q, k, v, bias=bias, mask=mask, is_causal=False, deterministic=deterministic)
 
 
 # The decoder LM's attention (model.Block): the defaults, causal self-attention with rotary positions.
