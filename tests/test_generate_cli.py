@@ -86,3 +86,52 @@ def test_evaluate_refuses_bad_input_with_one_line(tiny_run, flags, message):
 def test_evaluate_refuses_a_directory_that_is_not_a_run(tmp_path):
   done = _run("evaluate.py", f"--workdir={tmp_path}", "--dataset=stdlib")
   assert done.returncode == 2 and "is not the workdir of a training run" in done.stderr
+
+
+def _greedy_reference(workdir, ids, new_tokens):
+  """Greedy continuation by re-running the full forward pass on the sequence so far (padded to one length: a
+  causal model's logits at a position ignore what follows), stopped at EOS."""
+  loaded = runstate.load(workdir)
+  forward = jax.jit(lambda tokens: models.forward(loaded.model, {"inputs": tokens})[0])
+  sequence = list(ids)
+  for _ in range(new_tokens):
+    padded = np.zeros((1, len(ids) + new_tokens), np.int32)
+    padded[0, :len(sequence)] = sequence
+    token = int(np.argmax(np.asarray(forward(padded))[0, len(sequence) - 1]))
+    if token == 1:  # EOS
+      break
+    sequence.append(token)
+  return sequence[len(ids):]
+
+
+def test_generate_streams_the_greedy_continuation_of_the_full_forward_pass(tiny_run):
+  prompt, new_tokens = "def f(", 8
+  before = _files(tiny_run)
+  done = _run("generate.py", f"--workdir={tiny_run}", f"--prompt={prompt}", f"--max_new_tokens={new_tokens}",
+              "--temperature=0")
+  assert done.returncode == 0, done.stderr
+  ids = [1] + [b + 3 for b in prompt.encode()]  # EOS, then the prompt's bytes
+  from moe_jax.data import tokenizers
+  expected = tokenizers.ByteTokenizer().decode(np.asarray(_greedy_reference(tiny_run, ids, new_tokens)))
+  assert done.stdout == prompt + expected + "\n"
+  assert "tokens/s" in done.stderr.splitlines()[-1]
+  assert _files(tiny_run) == before  # read only
+
+
+def test_generate_samples_batches_repeatably_for_a_seed(tiny_run):
+  flags = (f"--workdir={tiny_run}", "--prompt=x", "--max_new_tokens=6", "--batch=2", "--temperature=1.5",
+           "--top_k=50", "--top_p=0.95")
+  first, again = _run("generate.py", *flags, "--seed=3"), _run("generate.py", *flags, "--seed=3")
+  assert first.returncode == 0, first.stderr
+  assert first.stdout == again.stdout and "[0] x" in first.stdout and "[1] x" in first.stdout
+
+
+@pytest.mark.parametrize("flags,message", [
+    (("--temperature=-1",), "temperature=-1.0 must be >= 0"),
+    (("--max_new_tokens=100",), "exceed model.max_seq_len=64"),
+    (("--temperature=0", "--top_k=3"), "temperature=0 is greedy decoding"),
+])
+def test_generate_refuses_bad_input_with_one_line(tiny_run, flags, message):
+  done = _run("generate.py", f"--workdir={tiny_run}", "--prompt=abc", *flags)
+  assert done.returncode == 2 and message in done.stderr
+  assert len(done.stderr.strip().splitlines()) == 1, done.stderr
