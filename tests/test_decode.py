@@ -64,7 +64,12 @@ TOP2_GQA = {"moe.router": "top_k", "moe.top_k.k": 2, "model.num_kv_heads": 2}
     {},  # Switch, top-1, MoE on every other block
     TOP2_GQA,  # top-2, grouped-query attention (2 key/value heads for 4 query heads)
     {"moe.router": "top_k", "moe.top_k.k": 2, "moe.num_shared_experts": 1, "model.moe_layer_interval": 1},
-], ids=["dense", "switch", "top2_gqa", "shared_expert"])
+    # The published families' attention and blocks (OLMo 2's post-norm and full QK-norm, Phi-3.5's biases, DBRX's
+    # clipping, Llama 3.1's rotary scaling, unscaled logits), through the same projection when cached.
+    {"model.norm_position": "post", "model.qk_norm": "full", "model.attention_bias": "qkvo", "model.clip_qkv": 1.0,
+     "model.scale_attention": False, "model.rope_theta": 5e5, "model.rope_scaling": "llama3",
+     "model.rope_original_max_len": 8, "model.lm_head_bias": True},
+], ids=["dense", "switch", "top2_gqa", "shared_expert", "families"])
 def test_cached_decoding_equals_the_full_forward_at_every_position(overrides):
   model = build(lm_cfg(overrides))
   assert_cached_equals_full(model, tokens_of(3, LENGTH), lengths=[1, 4, 2])
