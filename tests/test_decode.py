@@ -75,6 +75,7 @@ def test_cached_decoding_equals_the_full_forward_at_every_position(overrides):
   assert_cached_equals_full(model, tokens_of(3, LENGTH), lengths=[1, 4, 2])
 
 
+@pytest.mark.slow  # one more model and its programs; scanned_to_blocks is tested in tests/test_scan.py
 def test_a_scanned_model_decodes_through_its_unscanned_blocks():
   model = build(lm_cfg({"model.scan_layers": True}))
   assert_cached_equals_full(model, tokens_of(2, LENGTH), lengths=[2, 3])
@@ -118,6 +119,7 @@ def test_greedy_generation_is_the_argmax_of_the_full_forward_rerun_and_stop_toke
   assert len(stopped) == (max(first.values()) + 1 if None not in first.values() else len(steps))
 
 
+@pytest.mark.slow  # the sampling functions are tested in tests/test_sampling.py; this adds generate's keys
 def test_sampled_generation_repeats_for_a_key():
   model = build(lm_cfg({"model.moe_layer_interval": 0}))
   decoder = decode.Decoder(model, batch_size=2, max_length=12)
@@ -140,7 +142,8 @@ def encdec_cfg(**model):
   return config_lib.model_config(config, vocab_size=VOCAB)
 
 
-@pytest.mark.parametrize("positions", ["relative", "rotary"])
+# Rotary positions in the slow tier: the decoder LM's tests cover the rotary cache; T5's bias is the new part here.
+@pytest.mark.parametrize("positions", ["relative", pytest.param("rotary", marks=pytest.mark.slow)])
 def test_encoder_decoder_cached_decoding_equals_the_full_forward(positions):
   model = build(encdec_cfg(positions=positions, num_kv_heads=2))
   inputs = tokens_of(2, 7, seed=3)

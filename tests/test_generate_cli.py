@@ -72,10 +72,12 @@ def test_evaluate_prints_the_models_own_loss_bits_per_byte_and_perplexity(tiny_r
   assert _files(tiny_run) == before  # read only
 
 
+# One refusal of each command in the default tier: each is a subprocess (a few seconds of imports).
 @pytest.mark.parametrize("flags,message", [
     (("--text_glob=/nonexistent/*.txt",), "matches no file"),
-    (("--text_glob=/x", "--dataset=stdlib"), "exactly one of --text_glob and --dataset"),
-    (("--dataset=stdlib", "--seq_len=65"), "--seq_len=65 must be in"),
+    pytest.param(("--text_glob=/x", "--dataset=stdlib"), "exactly one of --text_glob and --dataset",
+                 marks=pytest.mark.slow),
+    pytest.param(("--dataset=stdlib", "--seq_len=65"), "--seq_len=65 must be in", marks=pytest.mark.slow),
 ])
 def test_evaluate_refuses_bad_input_with_one_line(tiny_run, flags, message):
   done = _run("evaluate.py", f"--workdir={tiny_run}", *flags)
@@ -83,6 +85,7 @@ def test_evaluate_refuses_bad_input_with_one_line(tiny_run, flags, message):
   assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_directory_that_is_not_a_run(tmp_path):
   done = _run("evaluate.py", f"--workdir={tmp_path}", "--dataset=stdlib")
   assert done.returncode == 2 and "is not the workdir of a training run" in done.stderr
@@ -118,6 +121,7 @@ def test_generate_streams_the_greedy_continuation_of_the_full_forward_pass(tiny_
   assert _files(tiny_run) == before  # read only
 
 
+@pytest.mark.slow  # two subprocesses
 def test_generate_samples_batches_repeatably_for_a_seed(tiny_run):
   flags = (f"--workdir={tiny_run}", "--prompt=x", "--max_new_tokens=6", "--batch=2", "--temperature=1.5",
            "--top_k=50", "--top_p=0.95")
@@ -127,9 +131,9 @@ def test_generate_samples_batches_repeatably_for_a_seed(tiny_run):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (("--temperature=-1",), "temperature=-1.0 must be >= 0"),
     (("--max_new_tokens=100",), "exceed model.max_seq_len=64"),
-    (("--temperature=0", "--top_k=3"), "temperature=0 is greedy decoding"),
+    pytest.param(("--temperature=-1",), "temperature=-1.0 must be >= 0", marks=pytest.mark.slow),
+    pytest.param(("--temperature=0", "--top_k=3"), "temperature=0 is greedy decoding", marks=pytest.mark.slow),
 ])
 def test_generate_refuses_bad_input_with_one_line(tiny_run, flags, message):
   done = _run("generate.py", f"--workdir={tiny_run}", "--prompt=abc", *flags)
