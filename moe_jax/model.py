@@ -3,9 +3,13 @@
 Axis legend: B batch · L sequence length · M d_model · F d_ff · V vocabulary.
 
 Architecture (Fedus et al. 2021, Sec. 2; a decoder-only variant of T5 as in their LM experiments):
-pre-norm blocks x + Attn(Norm(x)), x + FFN(Norm(x)), where FFN is a `MoeFeedForward` on every
-`moe_layer_interval`-th block from `moe_start_block` on (Switch: every other block; DeepSeekMoE: every block but
-the first) and a dense `FeedForward` elsewhere. Attention is multi-head or grouped-query (`num_kv_heads`).
+pre-norm blocks x + Attn(Norm(x)), x + FFN(Norm(x)) (or post-norm x + Norm(Attn(x)), x + Norm(FFN(x)), OLMo 2:
+`model.norm_position`), where FFN is a `MoeFeedForward` on every `moe_layer_interval`-th block from
+`moe_start_block` on (Switch: every other block; DeepSeekMoE: every block but the first) and a dense `FeedForward`
+elsewhere. Attention is multi-head or grouped-query (`num_kv_heads`), with the published families' options
+(`layers.Attention`: rotary base and scaling, QK-norm, biases, qkv clipping, unscaled logits). The output
+projection is untied `unembed` [M, V] or the tied embedding (scaled by M^-1/2 or not: `model.scale_tied_head`),
+plus `unembed_bias` [V] with `model.lm_head_bias`.
 
 Rematerialisation (`model.remat`, Chen et al. 2016, arXiv:1604.06174): each block's forward pass runs under
 `nnx.remat`, so the backward pass recomputes the block's activations instead of keeping them: 'full' keeps only
