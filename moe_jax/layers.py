@@ -1,8 +1,8 @@
 """Transformer building blocks other than feed-forward layers: norms, attention (rotary or T5 relative
-positions, causal or not, self or cross), embeddings.
+positions, causal or not, self or cross), the key/value cache attention decodes with, embeddings.
 
 Axis legend: B batch · L sequence length (Lq queries, Lk keys) · M d_model · H heads · K key/value heads ·
-D head dim · V vocabulary.
+D head dim · V vocabulary · T cache length.
 Parameters carry logical axis names; `moe_jax.parallel.LOGICAL_AXIS_RULES` maps them to the mesh.
 """
 
@@ -138,12 +138,12 @@ class Rope:
 
 
 def relative_position_bucket(
-    relative_position: jax.Array,  # [Lq, Lk] int: key position - query position
+    relative_position: jax.Array,  # [..., Lq, Lk] int: key position - query position
     *,
     bidirectional: bool,
     num_buckets: int,
     max_distance: int,
-) -> jax.Array:  # [Lq, Lk] int32 in [0, num_buckets)
+) -> jax.Array:  # [..., Lq, Lk] int32 in [0, num_buckets)
   """T5's relative position buckets (Raffel et al. 2020, Sec. 2.1; Mesh TF `_relative_position_bucket`).
 
   Half the buckets (all of them when causal) hold exact distances 0 .. n/2 - 1; the other half cover distances
@@ -259,6 +259,10 @@ class Attention(nnx.Module):
   'per_head' (Qwen3), [H*D] and [K*D] for 'full' (OLMoE, OLMo 2)); `clip_qkv` c > 0 clamps q, k and v to
   [-c, c] after the projection, its bias and the QK-norm (DBRX, OLMo; OLMoE clamps after its norms); then
   rotary positions with the frequencies of `rope`.
+
+  Every call is `project` (all of the above) then `attend` (the attention and the output projection), over the
+  input, or, when `cache` is set (`KVCache`, by moe_jax.decode), over the keys and values cached so far: the full
+  forward pass and cached decoding share one implementation.
   """
 
   # Set on an inference copy of the model (moe_jax.decode) to decode with a cache; None: attend over the input.
