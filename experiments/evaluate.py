@@ -2,7 +2,7 @@
 
   python experiments/evaluate.py --workdir=/tmp/switch --text_glob='/data/held_out/**/*.txt'
   python experiments/evaluate.py --workdir=/tmp/switch --dataset=stdlib     # the validation split of a corpus
-      [--step=N] [--seq_len=128] [--batch_size=8] [--cap_tokens=32768] [--min_tokens=0] [--json]
+      [--text_dir=D] [--data_dir=D] [--step=N] [--seq_len=128] [--batch_size=8] [--cap_tokens=32768] [--json]
 
 The set is moe_jax.evalset's fixed, fingerprinted set: every document (a file of --text_glob, or a validation
 document of --dataset, which takes the run's own data settings with only the dataset replaced: 'stdlib' or
@@ -34,6 +34,7 @@ _TEXT_GLOB = flags.DEFINE_string("text_glob", None, "Evaluate on these files (re
 _DATASET = flags.DEFINE_enum("dataset", None, ["stdlib", "text_dir"],
                              "Evaluate on the validation split of this corpus, with the run's data settings.")
 _TEXT_DIR = flags.DEFINE_string("text_dir", None, "--dataset=text_dir: the directory (default: the run's).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "--dataset: where its prepared records are (default: the run's).")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Targets per row (default: the run's train.seq_len).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Rows per forward pass.")
 _CAP_TOKENS = flags.DEFINE_integer("cap_tokens", evalset.DEFAULT_CAP_TOKENS, "Most targets one document adds.")
@@ -57,6 +58,8 @@ def _documents(run_config, tokenizer) -> dict:
   data.dataset = _DATASET.value
   if _TEXT_DIR.value:
     data.text_dir = _TEXT_DIR.value
+  if _DATA_DIR.value:
+    data.data_dir = _DATA_DIR.value
   return evalset.validation_documents(data)
 
 
@@ -66,6 +69,8 @@ def evaluate() -> dict:
     raise ValueError("give exactly one of --text_glob and --dataset")
   if _TEXT_DIR.value and _DATASET.value != "text_dir":
     raise ValueError("--text_dir goes with --dataset=text_dir")
+  if _DATA_DIR.value and not _DATASET.value:
+    raise ValueError("--data_dir goes with --dataset")
   config = runstate.run_config(_WORKDIR.value)  # before loading: a bad workdir fails fast
   if config.model.architecture != "decoder" or config.data.objective != "causal_lm":
     raise ValueError(f"{_WORKDIR.value} trains model.architecture={config.model.architecture!r} on "
