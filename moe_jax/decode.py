@@ -26,7 +26,8 @@ other rows of the batch take its slots) and equal the full forward pass of a dro
 once over the whole input, routed as in the full forward pass (its routers, e.g. expert choice, are non-causal).
 Under a mesh (`parallel.mesh_context`), build or load the model and decode inside the same context: experts
 stay split over 'expert', and the batch (the MoE layers' routing groups) over the token axes, so B must be a
-multiple of their devices. Scanned models (`model.scan_layers`) decode through their unscanned layout
+multiple of their devices; a cache lies as the activations it holds (rows with the batch, key/value heads over
+'tensor'). Scanned models (`model.scan_layers`) decode through their unscanned layout
 (`model.scanned_to_blocks`); the rotary frequencies of a long-context scaling that depends on the sequence length
 (LongRoPE) are those of the cache's length T.
 """
@@ -42,7 +43,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from moe_jax import layers, models, parallel, sampling
 from moe_jax.encdec import EncoderDecoder
@@ -76,8 +76,13 @@ def inference_copy(model: nnx.Module) -> nnx.Module:
   return copy
 
 
-def _caches(model: nnx.Module) -> list[layers.KVCache]:
-  return [module for _, module in nnx.iter_modules(model) if isinstance(module, layers.KVCache)]
+def _cache_sharding(mesh, num_kv_heads: int) -> NamedSharding | None:
+  """Where a cache [B, T, K, D] lies on `mesh` (None: no mesh): rows over the token axes as the batch, key/value
+  heads over 'tensor' as the attention's heads when they divide evenly."""
+  if mesh is None:
+    return None
+  heads = "heads" if num_kv_heads % mesh.shape["tensor"] == 0 else None
+  return NamedSharding(mesh, parallel.logical_to_spec(("batch", "length", heads, "kv")))
 
 
 def _set_lengths(model: nnx.Module, lengths: jax.Array) -> None:
@@ -155,19 +160,17 @@ class Decoder:
     if encoder_length > cfg.max_seq_len:
       raise ValueError(f"encoder_length={encoder_length} exceeds model.max_seq_len={cfg.max_seq_len}")
     mesh = jax.sharding.get_mesh()
-    sharding = None
-    if not mesh.empty and mesh.size > 1:
-      if batch_size % parallel.token_devices(mesh):
-        raise ValueError(f"batch_size={batch_size} must be a multiple of the {parallel.token_devices(mesh)} devices "
-                         f"of the mesh axes {parallel.TOKEN_AXES}: the rows are split over them")
-      sharding = NamedSharding(mesh, P(parallel.TOKEN_AXES))
+    mesh = None if mesh.empty or mesh.size == 1 else mesh
+    if mesh is not None and batch_size % parallel.token_devices(mesh):
+      raise ValueError(f"batch_size={batch_size} must be a multiple of the {parallel.token_devices(mesh)} devices "
+                       f"of the mesh axes {parallel.TOKEN_AXES}: the rows are split over them")
     self.batch_size, self.max_length, self.encoder_length = batch_size, max_length, encoder_length
     copy = inference_copy(model)
     for _, module in nnx.iter_modules(copy):
       if isinstance(module, layers.Attention) and (module.causal or module.cross):  # not the encoder's
         length = encoder_length if module.cross else max_length
         module.cache = layers.KVCache(batch_size, length, module.num_kv_heads, module.out.shape[1], dtype=module.dtype,
-                                      sharding=sharding)
+                                      sharding=_cache_sharding(mesh, module.num_kv_heads))
     self.graphdef, self._empty_cache, self.params = nnx.split(copy, nnx.Cache, ...)
 
   def prefill(self, prompts, lengths, *, encoder_inputs=None) -> tuple[jax.Array, DecodeState]:

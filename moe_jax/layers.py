@@ -13,6 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from moe_jax.init import switch_init
 
@@ -201,11 +202,13 @@ class KVCache(nnx.Module):
   moe_jax.decode attaches one to each attention layer of an inference copy of the model (`Attention.cache`)."""
 
   def __init__(self, batch: int, length: int, num_kv_heads: int, head_dim: int, *, dtype: jnp.dtype,
-               sharding: jax.sharding.Sharding | None = None):
-    zeros = lambda shape, dtype: jax.device_put(jnp.zeros(shape, dtype), sharding)  # noqa: E731
-    self.key = nnx.Cache(zeros((batch, length, num_kv_heads, head_dim), dtype))
-    self.value = nnx.Cache(zeros((batch, length, num_kv_heads, head_dim), dtype))
-    self.length = nnx.Cache(zeros((batch,), jnp.int32))
+               sharding: jax.sharding.NamedSharding | None = None):
+    """`sharding`: of key and value on a mesh (`length` takes its batch axis's), None: the default device."""
+    shape = (batch, length, num_kv_heads, head_dim)
+    rows = None if sharding is None else jax.sharding.NamedSharding(sharding.mesh, P(sharding.spec[0]))
+    self.key = nnx.Cache(jax.device_put(jnp.zeros(shape, dtype), sharding))
+    self.value = nnx.Cache(jax.device_put(jnp.zeros(shape, dtype), sharding))
+    self.length = nnx.Cache(jax.device_put(jnp.zeros((batch,), jnp.int32), rows))
 
   def positions(self, num_tokens: int) -> jax.Array:  # [B, Lq] int32
     """The absolute positions of the next `num_tokens` tokens of each sequence."""

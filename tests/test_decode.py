@@ -92,6 +92,20 @@ def test_cached_decoding_equals_the_full_forward_on_the_8_device_mesh():
       decode.Decoder(model, batch_size=4, max_length=LENGTH)
 
 
+@pytest.mark.slow  # two more meshes' programs
+def test_cached_decoding_equals_the_full_forward_with_heads_split_and_for_the_encoder_decoder_on_a_mesh():
+  with parallel.mesh_context(parallel.create_mesh(2, 2, tensor=2)):  # key/value heads (and caches) over 'tensor'
+    model = build(lm_cfg(TOP2_GQA))
+    decoder = decode.Decoder(model, batch_size=4, max_length=LENGTH)
+    cache = decoder.prefill(tokens_of(4, 2), [1, 2, 2, 1])[1].cache
+    key = jax.tree.leaves(cache)[0]  # [B, T, K, D]
+    assert key.sharding.shard_shape(key.shape) == (1, LENGTH, 1, 8)
+    assert_cached_equals_full(model, tokens_of(4, LENGTH), lengths=[1, 2, 3, 4])
+  with parallel.mesh_context(parallel.create_mesh(2, 4)):
+    model = build(encdec_cfg(num_kv_heads=2))
+    assert_encoder_decoder_cached_equals_full(model, batch=8)
+
+
 def test_capacity_limited_moe_layers_decode_dropless():
   limited = lm_cfg({"moe.dropless": False, "moe.capacity_factor": 0.5, "moe.eval_capacity_factor": 0.5})
   model = build(limited)
@@ -145,17 +159,22 @@ def encdec_cfg(**model):
 # Rotary positions in the slow tier: the decoder LM's tests cover the rotary cache; T5's bias is the new part here.
 @pytest.mark.parametrize("positions", ["relative", pytest.param("rotary", marks=pytest.mark.slow)])
 def test_encoder_decoder_cached_decoding_equals_the_full_forward(positions):
-  model = build(encdec_cfg(positions=positions, num_kv_heads=2))
-  inputs = tokens_of(2, 7, seed=3)
-  inputs[1, 5:] = encdec.PAD_ID  # padding the cross-attention must not read
-  targets = tokens_of(2, LENGTH, seed=4)
+  assert_encoder_decoder_cached_equals_full(build(encdec_cfg(positions=positions, num_kv_heads=2)), batch=2)
+
+
+def assert_encoder_decoder_cached_equals_full(model, batch):
+  """As `assert_cached_equals_full`, the decoder's tokens after padded encoder inputs (rows alternately 1 and 3
+  decoder prompt tokens, the odd rows' inputs padded after 5 tokens)."""
+  inputs = tokens_of(batch, 7, seed=3)
+  inputs[1::2, 5:] = encdec.PAD_ID  # padding the cross-attention must not read
+  targets = tokens_of(batch, LENGTH, seed=4)
   targets[:, 0] = encdec.PAD_ID  # T5's decoder start token
   full = np.asarray(_forward(model, {"inputs": jnp.asarray(inputs), "decoder_inputs": jnp.asarray(targets)})[0])
-  decoder = decode.Decoder(model, batch_size=2, max_length=LENGTH, encoder_length=7)
-  lengths = np.array([1, 3])
+  decoder = decode.Decoder(model, batch_size=batch, max_length=LENGTH, encoder_length=7)
+  lengths = np.tile([1, 3], batch // 2)
   logits, state = decoder.prefill(np.where(np.arange(3) < lengths[:, None], targets[:, :3], 0), lengths,
                                   encoder_inputs=inputs)
-  rows = np.arange(2)
+  rows = np.arange(batch)
   for i in range(LENGTH - 3 + 1):
     position = lengths - 1 + i
     np.testing.assert_allclose(np.asarray(logits), full[rows, position], atol=ATOL, rtol=0)
