@@ -123,6 +123,13 @@ class EncoderDecoder(nnx.Module):
     for name, tokens in (("inputs", inputs), ("decoder_inputs", decoder_inputs)):
       if tokens.shape[1] > self.config.max_seq_len:
         raise ValueError(f"{name} length {tokens.shape[1]} exceeds model.max_seq_len={self.config.max_seq_len}")
+    encoded, padding, auxes = self.encode(inputs, deterministic=deterministic)
+    logits, decoder_auxes = self.decode(decoder_inputs, encoded, padding, deterministic=deterministic)
+    return logits, sum_aux({**auxes, **decoder_auxes})
+
+  def encode(self, inputs: jax.Array, *, deterministic: bool = True):
+    """The encoder: inputs [B, Li] -> (its output [B, Li, M], the padding mask [B, 1, 1, Li] (True: a token
+    attention may read), its MoE blocks' aux by block index)."""
     auxes = {}
     padding = (inputs != PAD_ID)[:, None, None, :]  # [B, 1, 1, Li]: keys a query may read
     x = self.input_dropout(self.embed(inputs), deterministic=deterministic)
@@ -131,11 +138,24 @@ class EncoderDecoder(nnx.Module):
       x, aux = block(x, bias=bias, mask=padding, token_ids=inputs, deterministic=deterministic)
       if aux is not None:
         auxes[index] = aux
-    encoded = self.input_dropout(self.encoder_norm(x), deterministic=deterministic)
+    return self.input_dropout(self.encoder_norm(x), deterministic=deterministic), padding, auxes
 
+  def decode(self, decoder_inputs: jax.Array, encoded: jax.Array | None, padding: jax.Array, *,
+             deterministic: bool = True):
+    """The decoder over the encoder's output: decoder_inputs [B, Lo] -> (logits [B, Lo, V] float32, its MoE
+    blocks' aux keyed num_layers + j). With KV caches (moe_jax.decode), the tokens are each row's next ones, at
+    the positions its caches hold, and `encoded` is None once the cross-attention caches hold its keys and
+    values."""
     y = self.input_dropout(self.embed(decoder_inputs), deterministic=deterministic)
     length = decoder_inputs.shape[1]
-    bias = self.decoder_position_bias(length, length) if self.relative else None
+    bias = None
+    if self.relative:
+      cache = self.decoder[0].attention.cache
+      if cache is None:
+        bias = self.decoder_position_bias(length, length)
+      else:  # each row's queries at its own positions, over the whole cache
+        bias = self.decoder_position_bias(length, cache.key.shape[1], query_positions=cache.positions(length))
+    auxes = {}
     for index, block in enumerate(self.decoder):
       y, aux = block(y, bias=bias, mask=None, encoded=encoded, cross_mask=padding, token_ids=decoder_inputs,
                      deterministic=deterministic)
@@ -146,4 +166,4 @@ class EncoderDecoder(nnx.Module):
       logits = self.embed.attend(y, scaled=self.config.scale_tied_head)
     else:
       logits = jnp.einsum("blm,mv->blv", y.astype(jnp.float32), self.unembed[...])
-    return logits, sum_aux(auxes)
+    return logits, auxes

@@ -1,10 +1,10 @@
 """Transformer building blocks other than feed-forward layers: norms (RMSNorm, LayerNorm with or without its
 parameters), rotary positions (base and the llama3 / longrope scalings), attention (rotary or T5 relative
 positions, causal or not, self or cross; the published families' biases, QK-norm, qkv clipping and unscaled
-logits), embeddings (the tied output projection scaled or not).
+logits), the key/value cache attention decodes with, embeddings (the tied output projection scaled or not).
 
 Axis legend: B batch · L sequence length (Lq queries, Lk keys) · M d_model · H heads · K key/value heads ·
-D head dim · V vocabulary.
+D head dim · V vocabulary · T cache length.
 Parameters carry logical axis names; `moe_jax.parallel.LOGICAL_AXIS_RULES` maps them to the mesh.
 """
 
@@ -15,6 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from moe_jax.init import switch_init
 
@@ -140,12 +141,12 @@ class Rope:
 
 
 def relative_position_bucket(
-    relative_position: jax.Array,  # [Lq, Lk] int: key position - query position
+    relative_position: jax.Array,  # [..., Lq, Lk] int: key position - query position
     *,
     bidirectional: bool,
     num_buckets: int,
     max_distance: int,
-) -> jax.Array:  # [Lq, Lk] int32 in [0, num_buckets)
+) -> jax.Array:  # [..., Lq, Lk] int32 in [0, num_buckets)
   """T5's relative position buckets (Raffel et al. 2020, Sec. 2.1; Mesh TF `_relative_position_bucket`).
 
   Half the buckets (all of them when causal) hold exact distances 0 .. n/2 - 1; the other half cover distances
@@ -181,11 +182,53 @@ class RelativePositionBias(nnx.Module):
     self.embedding = nnx.Param(init(rngs.params(), (num_buckets, num_heads)))
     self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
 
-  def __call__(self, query_length: int, key_length: int) -> jax.Array:  # [1, H, Lq, Lk] float32
-    relative = jnp.arange(key_length)[None, :] - jnp.arange(query_length)[:, None]  # [Lq, Lk]
+  def __call__(self, query_length: int, key_length: int, *,
+               query_positions: jax.Array | None = None) -> jax.Array:  # [1 or B, H, Lq, Lk] float32
+    """The bias of queries at positions 0 .. Lq - 1 over keys at 0 .. Lk - 1: [1, H, Lq, Lk]; or, decoding, of
+    queries at their own `query_positions` [B, Lq] over the cache's keys: [B, H, Lq, Lk]."""
+    if query_positions is None:
+      query_positions = jnp.arange(query_length)[None]  # [1, Lq]
+    relative = jnp.arange(key_length)[None, None, :] - query_positions[:, :, None]  # [1 or B, Lq, Lk]
     buckets = relative_position_bucket(relative, bidirectional=self.bidirectional, num_buckets=self.num_buckets,
                                        max_distance=self.max_distance)
-    return jnp.take(self.embedding[...], buckets, axis=0).transpose(2, 0, 1)[None]  # [1, H, Lq, Lk]
+    return jnp.take(self.embedding[...], buckets, axis=0).transpose(0, 3, 1, 2)  # [1 or B, H, Lq, Lk]
+
+
+class KVCache(nnx.Module):
+  """The keys and values one attention layer has seen, for decoding a token at a time (Pope et al. 2022,
+  "Efficiently Scaling Transformer Inference", Sec. 2): `key`, `value` [B, T, K, D] (K key/value heads only: a
+  grouped-query layer caches H / K times less than its query heads) and `length` [B] int32, each sequence's
+  tokens written so far, i.e. the position of its next token. Self-attention writes each new token at its
+  position and reads positions 0 .. its own; cross-attention holds the encoder output's keys and values [B, Li,
+  K, D], written once (`length` unused). `nnx.Cache` variables: never parameters, never checkpointed.
+  moe_jax.decode attaches one to each attention layer of an inference copy of the model (`Attention.cache`)."""
+
+  def __init__(self, batch: int, length: int, num_kv_heads: int, head_dim: int, *, dtype: jnp.dtype,
+               sharding: jax.sharding.NamedSharding | None = None):
+    """`sharding`: of key and value on a mesh (`length` takes its batch axis's), None: the default device."""
+    shape = (batch, length, num_kv_heads, head_dim)
+    rows = None if sharding is None else jax.sharding.NamedSharding(sharding.mesh, P(sharding.spec[0]))
+    self.key = nnx.Cache(jax.device_put(jnp.zeros(shape, dtype), sharding))
+    self.value = nnx.Cache(jax.device_put(jnp.zeros(shape, dtype), sharding))
+    self.length = nnx.Cache(jax.device_put(jnp.zeros((batch,), jnp.int32), rows))
+
+  def positions(self, num_tokens: int) -> jax.Array:  # [B, Lq] int32
+    """The absolute positions of the next `num_tokens` tokens of each sequence."""
+    return self.length[...][:, None] + jnp.arange(num_tokens, dtype=jnp.int32)
+
+  def write(self, positions: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Stores k, v [B, Lq, K, D] at `positions` [B, Lq] (each sequence at its own) and advances `length`; the
+    whole cache [B, T, K, D] after the write. Positions must be < T (moe_jax.decode never passes the end)."""
+    rows = jnp.arange(k.shape[0])[:, None]  # [B, 1]
+    self.key[...] = self.key[...].at[rows, positions].set(k.astype(self.key.dtype))
+    self.value[...] = self.value[...].at[rows, positions].set(v.astype(self.value.dtype))
+    self.length[...] = positions[:, -1] + 1
+    return self.key[...], self.value[...]
+
+  def visible(self, positions: jax.Array) -> jax.Array:  # [B, Lq] -> [B, 1, Lq, T] bool
+    """Causal attention over the cache: each query reads the keys at positions up to its own."""
+    keys = jnp.arange(self.key.shape[1])
+    return (keys[None, None, :] <= positions[:, :, None])[:, None]
 
 
 # QK-norm by config name (model.qk_norm): none; RMSNorm over each head's D features with one [D] scale shared by
@@ -221,7 +264,14 @@ class Attention(nnx.Module):
   'per_head' (Qwen3), [H*D] and [K*D] for 'full' (OLMoE, OLMo 2)); `clip_qkv` c > 0 clamps q, k and v to
   [-c, c] after the projection, its bias and the QK-norm (DBRX, OLMo; OLMoE clamps after its norms); then
   rotary positions with the frequencies of `rope`.
+
+  Every call is `project` (all of the above) then `attend` (the attention and the output projection), over the
+  input, or, when `cache` is set (`KVCache`, by moe_jax.decode), over the keys and values cached so far: the full
+  forward pass and cached decoding share one implementation.
   """
+
+  # Set on an inference copy of the model (moe_jax.decode) to decode with a cache; None: attend over the input.
+  cache: KVCache | None = None
 
   def __init__(
       self,
@@ -284,45 +334,80 @@ class Attention(nnx.Module):
     flat = heads.reshape(*heads.shape[:2], -1)  # [B, L, H*D]: heads are contiguous blocks of D
     return norm(flat).reshape(heads.shape).astype(self.dtype)
 
-  def __call__(
-      self,
-      x: jax.Array,  # [B, Lq, M]
-      *,
-      context: jax.Array | None = None,  # [B, Lk, M], cross-attention only
-      bias: jax.Array | None = None,  # [1 or B, H, Lq, Lk] added to the logits (relative positions)
-      mask: jax.Array | None = None,  # [B, 1 or H, Lq, Lk] bool, True = may attend (padding)
-      deterministic: bool = True,
-  ) -> jax.Array:  # [B, Lq, M]
-    if self.cross != (context is not None):
-      raise ValueError("cross-attention needs a context, self-attention none")
-    x = x.astype(self.dtype)
-    if self.cross:
-      q = jnp.einsum("blm,mhd->blhd", x, self.q[...].astype(self.dtype))  # [B, Lq, H, D]
-      kv = jnp.einsum("blm,mhd->blhd", context.astype(self.dtype), self.kv[...].astype(self.dtype))
-      k, v = jnp.split(kv, 2, axis=2)  # [B, Lk, K, D] each
-    else:
-      qkv = jnp.einsum("blm,mhd->blhd", x, self.qkv[...].astype(self.dtype))  # [B, L, H + 2K, D]
-      if self.bias != "none":
-        qkv = qkv + self.qkv_bias[...].astype(self.dtype)
-      q, k, v = jnp.split(qkv, [self.num_heads, self.num_heads + self.num_kv_heads], axis=2)
+  def project(self, x: jax.Array, positions: jax.Array, rope_length: int):
+    """Self-attention's projection of x [B, L, M]: (q [B, L, H, D], k, v [B, L, K, D]) in self.dtype, with the
+    bias, QK-norm and clipping, and q and k rotated to `positions` [B, L] (absolute: a cached token keeps the
+    rotation of its position). The one path of the full forward pass and of cached decoding; `rope_length` is the
+    sequence length the rotary frequencies are chosen for (the input's, or the cache's: LongRoPE)."""
+    qkv = jnp.einsum("blm,mhd->blhd", x.astype(self.dtype), self.qkv[...].astype(self.dtype))  # [B, L, H + 2K, D]
+    if self.bias != "none":
+      qkv = qkv + self.qkv_bias[...].astype(self.dtype)
+    q, k, v = jnp.split(qkv, [self.num_heads, self.num_heads + self.num_kv_heads], axis=2)
     if self.qk_norm != "none":
       q, k = self._normalized(self.q_norm, q), self._normalized(self.k_norm, k)
     if self.clip_qkv:
       q, k, v = (jnp.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, k, v))
     if self.rotary:
-      positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-      frequencies, mscale = self.rope.frequencies(q.shape[-1], x.shape[1])
+      frequencies, mscale = self.rope.frequencies(q.shape[-1], rope_length)
       q = rotary_embedding(q, positions, frequencies=frequencies, mscale=mscale)
       k = rotary_embedding(k, positions, frequencies=frequencies, mscale=mscale)
+    return q, k, v
+
+  def project_context(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Cross-attention's keys and values [B, Lk, K, D] of the context [B, Lk, M] (computed once when decoding)."""
+    kv = jnp.einsum("blm,mhd->blhd", context.astype(self.dtype), self.kv[...].astype(self.dtype))
+    k, v = jnp.split(kv, 2, axis=2)
+    return k, v
+
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, *, bias: jax.Array | None, mask: jax.Array | None,
+             is_causal: bool, deterministic: bool) -> jax.Array:  # q [B, Lq, H, D], k, v [B, Lk, K, D] -> [B, Lq, M]
+    """Dot-product attention of the projected heads, then the output projection (and its bias)."""
     if bias is not None:
       bias = bias.astype(self.dtype)
     # K heads shared by groups of H / K query heads; `mask` and `is_causal` combine.
-    attended = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=self.causal,
+    attended = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal,
                                             scale=None if self.scale_logits else 1.0)  # [B, Lq, H, D]
     y = jnp.einsum("blhd,hdm->blm", attended, self.out[...].astype(self.dtype))
     if self.bias == "qkvo":
       y = y + self.out_bias[...].astype(self.dtype)
     return self.dropout(y, deterministic=deterministic)
+
+  def __call__(
+      self,
+      x: jax.Array,  # [B, Lq, M]
+      *,
+      context: jax.Array | None = None,  # [B, Lk, M], cross-attention only; None when decoding from the cache
+      bias: jax.Array | None = None,  # [1 or B, H, Lq, Lk] added to the logits (relative positions)
+      mask: jax.Array | None = None,  # [B, 1 or H, Lq, Lk] bool, True = may attend (padding)
+      deterministic: bool = True,
+  ) -> jax.Array:  # [B, Lq, M]
+    """Attention over the input (self) or the context (cross); with a `cache` (decoding), over the cached keys
+    and values: self-attention writes the input's at the sequences' next positions and reads every position up to
+    each query's (Lk = the cache's length T, `bias` and `mask` given for [Lq, T]); cross-attention stores the
+    context's when one is given (the first call) and reads them afterwards."""
+    if self.cross:
+      if context is None and self.cache is None:
+        raise ValueError("cross-attention needs a context (or, when decoding, its cached keys and values)")
+      q = jnp.einsum("blm,mhd->blhd", x.astype(self.dtype), self.q[...].astype(self.dtype))  # [B, Lq, H, D]
+      if context is None:
+        k, v = self.cache.key[...], self.cache.value[...]
+      else:
+        k, v = self.project_context(context)
+        if self.cache is not None:
+          self.cache.key[...], self.cache.value[...] = k, v
+      return self.attend(q, k, v, bias=bias, mask=mask, is_causal=False, deterministic=deterministic)
+    if context is not None:
+      raise ValueError("self-attention takes no context")
+    if self.cache is None:
+      positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+      q, k, v = self.project(x, positions, x.shape[1])
+      return self.attend(q, k, v, bias=bias, mask=mask, is_causal=self.causal, deterministic=deterministic)
+    positions = self.cache.positions(x.shape[1])  # [B, Lq]
+    q, k, v = self.project(x, positions, self.cache.key.shape[1])
+    k, v = self.cache.write(positions, k, v)  # [B, T, K, D]
+    visible = self.cache.visible(positions)  # [B, 1, Lq, T]: each query's keys so far
+    mask = visible if mask is None else visible & mask
+    return self.attend(q, k, v, bias=bias, mask=mask, is_causal=False, deterministic=deterministic)
 
 
 # The decoder LM's attention (model.Block): the defaults, causal self-attention with rotary positions.
