@@ -1,0 +1,38 @@
+"""The Hugging Face families moe_jax reads and writes, by their config.json `model_type`.
+
+Each family is a module of `moe_jax.interop` with: MODEL_TYPE and ARCHITECTURE (the `transformers` class that
+loads an export), TEMPLATE (config.json keys that are not architecture: token ids, training-only settings, at
+`transformers`' defaults), `to_config(hf) -> experiment ConfigDict`, `to_hf(model_cfg) -> architecture keys`,
+`rules(model_cfg) -> layout table`, and optionally ALIASES (tensor names a checkpoint may hold as copies of
+others, accepted and not read).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# model_type -> module of moe_jax.interop
+MODULES = {
+    "mixtral": "mixtral", "olmoe": "olmoe", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "dbrx": "dbrx",
+    "phimoe": "phimoe", "switch_transformers": "switch", "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+    "olmo": "olmo", "olmo2": "olmo2",
+}
+
+
+def names() -> tuple[str, ...]:
+  return tuple(MODULES)
+
+
+def get(model_type: str) -> ModuleType:
+  if model_type not in MODULES:
+    raise ValueError(f"model_type={model_type!r} is not a family moe_jax converts; it converts "
+                     + ", ".join(MODULES))
+  return importlib.import_module(f"moe_jax.interop.{MODULES[model_type]}")
+
+
+def of(hf: dict) -> ModuleType:
+  """The family of a config.json (its `model_type`)."""
+  if "model_type" not in hf:
+    raise ValueError("config.json has no 'model_type': not a transformers model config")
+  return get(hf["model_type"])

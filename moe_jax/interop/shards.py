@@ -1,0 +1,152 @@
+"""Hugging Face checkpoint files: `config.json` plus safetensors shards, read and written one tensor at a time.
+
+Layout (what `transformers`' `save_pretrained` writes and `from_pretrained` reads): either one `model.safetensors`,
+or shards `model-00001-of-0000N.safetensors` with `model.safetensors.index.json` = {"metadata": {"total_size":
+bytes}, "weight_map": {tensor name: shard file}}. Tensors are read with `safetensors.safe_open(path,
+framework="numpy")`, which maps the file and copies out only the tensor asked for, so a reader never holds more
+than the tensor it is converting. bfloat16 tensors come back as `ml_dtypes.bfloat16` arrays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Iterable
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+CONFIG = "config.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+# transformers' loader checks the format recorded in each file's metadata.
+FILE_METADATA = {"format": "pt"}
+DEFAULT_SHARD_BYTES = 5 * 2**30  # save_pretrained's default max_shard_size ("5GB")
+
+
+def read_config(directory: str) -> dict:
+  """The model's config.json; ValueError naming the path when there is none or it is not JSON."""
+  path = os.path.join(directory, CONFIG)
+  if not os.path.isfile(path):
+    raise ValueError(f"{path} does not exist: {directory} is not a Hugging Face model directory")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{path} is not JSON: {error}") from None
+
+
+class CheckpointReader(contextlib.AbstractContextManager):
+  """The tensors of a Hugging Face model directory by name, each read on demand.
+
+    with CheckpointReader(path) as reader:
+      for name in reader.names: array = reader.read(name)   # numpy, the file's dtype
+  """
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    index = os.path.join(directory, INDEX)
+    if os.path.isfile(index):
+      with open(index) as f:
+        weight_map = json.load(f).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise ValueError(f"{index} has no 'weight_map' {{tensor: shard file}}")
+    elif os.path.isfile(os.path.join(directory, SINGLE)):
+      weight_map = None
+    else:
+      raise ValueError(f"{directory} holds neither {SINGLE} nor {INDEX}")
+    self._stack = contextlib.ExitStack()
+    self._files: dict[str, object] = {}
+    self._where: dict[str, str] = {}
+    shards = sorted(set(weight_map.values())) if weight_map else [SINGLE]
+    for shard in shards:
+      path = os.path.join(directory, shard)
+      if not os.path.isfile(path):
+        raise ValueError(f"{path} is missing (named in {INDEX})")
+      self._files[shard] = self._stack.enter_context(safe_open(path, framework="numpy"))
+    for shard, handle in self._files.items():
+      for name in handle.keys():
+        if weight_map is not None and weight_map.get(name) != shard:
+          raise ValueError(f"{os.path.join(directory, shard)} holds {name!r}, which {INDEX} places in "
+                           f"{weight_map.get(name)!r}")
+        self._where[name] = shard
+    if weight_map is not None:
+      absent = sorted(set(weight_map) - set(self._where))
+      if absent:
+        raise ValueError(f"{INDEX} names tensors that no shard holds: {absent[:5]}")
+
+  @property
+  def names(self) -> frozenset[str]:
+    return frozenset(self._where)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._files[self._where[name]].get_slice(name).get_shape())
+
+  def nbytes(self) -> int:
+    """Bytes of all tensors (the checkpoint's size without headers)."""
+    total = 0
+    for name, shard in self._where.items():
+      piece = self._files[shard].get_slice(name)
+      total += int(np.prod(piece.get_shape(), dtype=np.int64)) * _itemsize(piece.get_dtype())
+    return total
+
+  def read(self, name: str) -> np.ndarray:
+    return self._files[self._where[name]].get_tensor(name)
+
+  def __exit__(self, *exc):
+    self._stack.close()
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _itemsize(dtype: str) -> int:
+  return _ITEMSIZE.get(dtype, 4)
+
+
+def shard_name(index: int, count: int) -> str:
+  return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def write_checkpoint(directory: str, tensors: Iterable[tuple[str, np.ndarray]], *,
+                     max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
+  """Write `tensors` (name, array), in order, as save_pretrained does: one `model.safetensors` when they fit in
+  `max_shard_bytes`, else shards of at most that size (a larger tensor gets a shard of its own) and the index.
+  Holds at most one shard's tensors at a time. Returns the files written."""
+  os.makedirs(directory, exist_ok=True)
+  pending: dict[str, np.ndarray] = {}
+  size, written, weight_map, total = 0, [], {}, 0
+
+  def flush():
+    nonlocal pending, size
+    if pending:
+      path = os.path.join(directory, f".shard-{len(written)}.tmp")
+      save_file(pending, path, metadata=FILE_METADATA)
+      written.append(path)
+      for name in pending:
+        weight_map[name] = len(written) - 1
+      pending, size = {}, 0
+
+  for name, array in tensors:
+    if name in weight_map or name in pending:
+      raise ValueError(f"tensor {name!r} written twice")
+    array = np.ascontiguousarray(array)
+    if pending and size + array.nbytes > max_shard_bytes:
+      flush()
+    pending[name], size, total = array, size + array.nbytes, total + array.nbytes
+  flush()
+  for stale in (SINGLE, INDEX):
+    if os.path.exists(os.path.join(directory, stale)):
+      os.remove(os.path.join(directory, stale))
+  if len(written) == 1:
+    os.replace(written[0], os.path.join(directory, SINGLE))
+    return [SINGLE]
+  names = [shard_name(i, len(written)) for i in range(len(written))]
+  for path, name in zip(written, names):
+    os.replace(path, os.path.join(directory, name))
+  index = {"metadata": {"total_size": total}, "weight_map": {t: names[i] for t, i in sorted(weight_map.items())}}
+  with open(os.path.join(directory, INDEX), "w") as f:
+    json.dump(index, f, indent=2)
+  return names + [INDEX]
