@@ -25,10 +25,12 @@ def names() -> tuple[str, ...]:
 
 
 def get(model_type: str) -> ModuleType:
-  if model_type not in MODULES:
+  """The family of a `model_type` (or of its module's name: 'switch' for 'switch_transformers')."""
+  module = MODULES.get(model_type, model_type if model_type in MODULES.values() else None)
+  if module is None:
     raise ValueError(f"model_type={model_type!r} is not a family moe_jax converts; it converts "
                      + ", ".join(MODULES))
-  return importlib.import_module(f"moe_jax.interop.{MODULES[model_type]}")
+  return importlib.import_module(f"moe_jax.interop.{module}")
 
 
 def of(hf: dict) -> ModuleType:
