@@ -216,3 +216,142 @@ def test_unsupported_settings_are_refused(family, change, message):
   hf = {**shards.read_config(str(FIXTURES / family)), **change}
   with pytest.raises(ValueError, match=message):
     interop.hf_config_to_moe(hf)
+
+
+@pytest.mark.parametrize("family", [family_param("mixtral")])
+def test_sharded_checkpoint_reads_like_one_file(family, tmp_path):
+  """Shards of at most 40 kB with their index (as save_pretrained writes a large model) import to the same bits."""
+  config, model = imported(family)
+  interop.export_model(model, interop.transfer.typed_model(config), family, str(tmp_path), max_shard_bytes=40_000)
+  index = json.loads((tmp_path / shards.INDEX).read_text())
+  files = sorted(set(index["weight_map"].values()))
+  assert len(files) > 2 and files[0] == shards.shard_name(0, len(files))
+  assert not (tmp_path / shards.SINGLE).exists()
+  assert_same_params(model, interop.load(str(tmp_path))[1])
+
+
+@pytest.mark.parametrize("family", [family_param("mixtral")])
+def test_import_places_parameters_on_the_mesh(family):
+  """Onto a mesh of 2 expert x 2 tensor devices: experts split over 'expert', each parameter in its logical
+  sharding, the logits those of one device."""
+  mesh = parallel.create_mesh(1, 2, tensor=2)
+  ref = reference(family)
+  with parallel.mesh_context(mesh):
+    _, model = interop.load(str(FIXTURES / family), mesh=mesh)
+    experts = model.blocks[0].ffn.wi_0[...]
+    assert experts.sharding.mesh == mesh and experts.sharding.spec[0] == "expert"
+    assert experts.addressable_shards[0].data.shape[0] == experts.shape[0] // 2
+    logits, _ = models.forward(model, batch_of(ref))
+  _, single = imported(family)
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(models.forward(single, batch_of(ref))[0]),
+                             rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenizer, workdirs, the command line.
+
+
+def write_tokenizer(directory: pathlib.Path, vocab_size: int, *, eos: str | None = "</s>") -> pathlib.Path:
+  """A word-level tokenizer.json of `vocab_size` ids (pad, eos, unk, then words w3 ...), built offline."""
+  from tokenizers import Tokenizer, models as tokenizer_models, pre_tokenizers
+
+  vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+  tokenizer = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="<unk>"))
+  tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+  tokenizer.add_special_tokens(["<pad>", "</s>", "<unk>"])  # as published tokenizer.json files mark them
+  directory.mkdir(parents=True, exist_ok=True)
+  tokenizer.save(str(directory / "tokenizer.json"))
+  settings = {"pad_token": "<pad>", **({"eos_token": {"content": eos}} if eos else {})}
+  (directory / "tokenizer_config.json").write_text(json.dumps(settings))
+  return directory / "tokenizer.json"
+
+
+def test_tokenizer_json_is_a_data_tokenizer(tmp_path):
+  from moe_jax import data as data_lib
+  from moe_jax.data import tokenizers
+
+  path = write_tokenizer(tmp_path, 12)
+  tokenizer = data_lib.get_tokenizer({"tokenizer": str(path)})
+  assert isinstance(tokenizer, tokenizers.HuggingFaceTokenizer)
+  assert (tokenizer.vocab_size, tokenizer.pad_id, tokenizer.eos_id) == (12, 0, 1)
+  ids = tokenizer.encode("w3 w11 nope w4")
+  np.testing.assert_array_equal(ids, [3, 11, 2, 4])
+  assert ids.dtype == np.int32
+  assert tokenizer.decode([3, 1, 11, 0]) == "w3 w11"  # specials dropped
+
+
+def test_tokenizer_json_without_eos_is_refused(tmp_path):
+  from moe_jax import data as data_lib
+
+  path = write_tokenizer(tmp_path, 12, eos=None)
+  with pytest.raises(ValueError, match="data.tokenizer=.*has no EOS token"):
+    data_lib.get_tokenizer({"tokenizer": str(path)})
+
+
+def fixture_with_tokenizer(family: str, tmp_path: pathlib.Path) -> pathlib.Path:
+  path = copy_fixture(family, tmp_path / family)
+  write_tokenizer(path, json.loads((path / "config.json").read_text())["vocab_size"])
+  return path
+
+
+@pytest.mark.parametrize("family", [family_param("mixtral"), family_param("llama")])
+def test_workdir_import_is_a_run_that_exports_back(family, tmp_path):
+  """import_to_workdir writes a run runstate.load restores (the same parameters, the tokenizer with it), and
+  export_workdir gives back the fixture's tensors, bit for bit."""
+  source = fixture_with_tokenizer(family, tmp_path)
+  workdir = tmp_path / "run"
+  summary = interop.import_to_workdir(str(source), str(workdir))
+  assert summary.dtypes == ("float32",) and summary.bytes == (source / shards.SINGLE).stat().st_size - \
+      8 - int.from_bytes((source / shards.SINGLE).read_bytes()[:8], "little")
+  loaded = runstate.load(str(workdir))
+  assert loaded.step == 0 and loaded.typed.data.tokenizer == str(workdir / "tokenizer" / "tokenizer.json")
+  assert_same_params(imported(family)[1], loaded.model)
+  with pytest.raises(ValueError, match="already holds checkpoints"):
+    interop.import_to_workdir(str(source), str(workdir))
+  interop.export_workdir(str(workdir), str(tmp_path / "out"))
+  assert (tmp_path / "out" / "tokenizer.json").exists()
+  with shards.CheckpointReader(str(tmp_path / "out")) as reader:
+    expected = fixture_tensors(family)
+    assert reader.names == frozenset(expected)
+    for name in reader.names:
+      np.testing.assert_array_equal(reader.read(name), expected[name], err_msg=name)
+
+
+def test_workdir_import_refuses_a_tokenizer_beyond_the_vocabulary(tmp_path):
+  """The fixtures' 96 ids cannot hold the byte tokenizer's 259: a run needs a tokenizer that fits."""
+  with pytest.raises(ValueError, match=r"model.vocab_size=96 must be >= the tokenizer's vocabulary \(259\)"):
+    interop.import_to_workdir(str(FIXTURES / "llama"), str(tmp_path / "run"))
+
+
+def run_convert(*args: str):
+  import subprocess
+  import sys
+
+  root = pathlib.Path(__file__).parent.parent
+  env = {**os.environ, "PYTHONPATH": str(root)}
+  return subprocess.run([sys.executable, str(root / "experiments" / "convert.py"), *args], capture_output=True,
+                        text=True, env=env, timeout=300, check=False)
+
+
+@pytest.mark.parametrize("family", [family_param("llama")])
+def test_convert_cli_both_ways(family, tmp_path):
+  source = fixture_with_tokenizer(family, tmp_path)
+  done = run_convert(f"--from=hf:{source}", f"--to={tmp_path / 'run'}")
+  assert done.returncode == 0, done.stderr
+  assert "converted llama: " in done.stdout and "parameters" in done.stdout and "float32" in done.stdout
+  assert "import [" in done.stderr  # the progress bar
+  done = run_convert(f"--from={tmp_path / 'run'}", f"--to=hf:{tmp_path / 'out'}", "--shard_mb=0")
+  assert done.returncode == 0, done.stderr
+  assert (tmp_path / "out" / shards.INDEX).exists()  # one tensor per shard
+  with shards.CheckpointReader(str(tmp_path / "out")) as reader:
+    expected = fixture_tensors(family)
+    assert reader.names == frozenset(expected)
+    assert all(np.array_equal(reader.read(n), expected[n]) for n in reader.names)
+
+
+def test_convert_cli_bad_input_is_one_line(tmp_path):
+  done = run_convert(f"--from=hf:{tmp_path / 'nothing'}", f"--to={tmp_path / 'run'}")
+  assert done.returncode == 2
+  assert done.stderr.strip().splitlines() == [f"cannot convert: {tmp_path / 'nothing'}/config.json does not exist: "
+                                              f"{tmp_path / 'nothing'} is not a Hugging Face model directory"]
+  assert not (tmp_path / "run").exists()
