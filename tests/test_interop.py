@@ -355,3 +355,19 @@ def test_convert_cli_bad_input_is_one_line(tmp_path):
   assert done.stderr.strip().splitlines() == [f"cannot convert: {tmp_path / 'nothing'}/config.json does not exist: "
                                               f"{tmp_path / 'nothing'} is not a Hugging Face model directory"]
   assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("family", [family_param("mixtral")])
+def test_import_benchmark_reports_memory_and_throughput(family, tmp_path):
+  """benchmarks/interop_import.py end to end at a tiny size (the figures are the lead's to measure, not checked)."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("interop_import", pathlib.Path(__file__).parent.parent /
+                                                "benchmarks" / "interop_import.py")
+  benchmark = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(benchmark)
+  report = benchmark.main(["--family", family, "--d_model", "64", "--d_ff", "64", "--num_layers", "2",
+                           "--vocab_size", "128", "--shard_mb", "1", "--output", str(tmp_path / "out.json")])
+  assert json.loads((tmp_path / "out.json").read_text()) == json.loads(json.dumps(report))
+  assert report["checkpoint_bytes"] > 1_000_000 and len(report["files"]) > 2  # shards and their index
+  assert report["peak_rss_bytes"] >= report["rss_before_bytes"] and report["mb_per_s"] > 0
