@@ -19,6 +19,24 @@ MODULES = {
     "olmo": "olmo", "olmo2": "olmo2",
 }
 
+# The systems of configs/moe_systems.py (README's table) -> (family, the Hub checkpoint) where a published
+# checkpoint exists in a family moe_jax converts, else why not.
+PUBLISHED = {
+    "mixtral-8x7b": ("mixtral", "mistralai/Mixtral-8x7B-v0.1"),
+    "dbrx": ("dbrx", "databricks/dbrx-base"),
+    "olmoe-1b-7b": ("olmoe", "allenai/OLMoE-1B-7B-0924"),
+    "qwen3-30b-a3b": ("qwen3_moe", "Qwen/Qwen3-30B-A3B"),
+    "deepseekmoe-16b": (None, "deepseek-ai/deepseek-moe-16b-base is custom code (trust_remote_code), not converted"),
+    "glam-64b-64e": (None, "weights not published"),
+    "deepseek-v3-style": (None, "multi-head latent attention is not implemented"),
+}
+
+
+def published(system: str) -> str:
+  """README's "loads the published checkpoint" cell of a system."""
+  family, where = PUBLISHED.get(system, (None, "no public checkpoint"))
+  return f"yes: `{family}` ({where})" if family else f"no ({where})"
+
 
 def names() -> tuple[str, ...]:
   return tuple(MODULES)
