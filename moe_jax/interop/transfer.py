@@ -307,9 +307,9 @@ def export_workdir(workdir: str, path: str, *, family: str | None = None, step: 
   base = source.get("hf_config") if source.get("family") == family else None
   summary = export_model(loaded.model, model_cfg, family, path, base=base, dtype=dtype,
                          max_shard_bytes=max_shard_bytes, progress=progress)
-  tokenizer = loaded.typed.data.tokenizer
-  if tokenizer != "byte":
-    folder = os.path.dirname(os.path.expanduser(tokenizer))
+  tokenizer = os.path.expanduser(loaded.typed.data.tokenizer)
+  if os.path.basename(tokenizer) in TOKENIZER_FILES:  # an imported tokenizer, with its companion files
+    folder = os.path.dirname(tokenizer)
     for name in TOKENIZER_FILES:
       if os.path.isfile(os.path.join(folder, name)):
         shutil.copyfile(os.path.join(folder, name), os.path.join(path, name))
