@@ -98,17 +98,21 @@ def test_experts_match_transformers(family, monkeypatch):
     groups = moe_layer.group_tokens(x.astype(layer.dtype), config.group_size)
     route = config.family.route(routers.RouterInputs(groups, params, None, None, None), config,
                                 config.router_options, True)
-    index = np.asarray(route.expert_index).reshape(-1, route.expert_index.shape[-1])
-    expected = ref[f"moe.{n}.topk_index"]
+    index = np.asarray(route.expert_index).reshape(-1, route.expert_index.shape[-1])  # [tokens, K]
+    weight = np.asarray(route.combine_weight).reshape(index.shape)
+    expected, expected_weight = ref[f"moe.{n}.topk_index"], ref[f"moe.{n}.topk_weight"]
+    if f"moe.{n}.kept" in ref:  # Switch: the tokens beyond capacity are dropped (weight 0) as in transformers
+      np.testing.assert_array_equal(np.asarray(route.kept).reshape(-1), ref[f"moe.{n}.kept"])
+      expected_weight = expected_weight * ref[f"moe.{n}.kept"][:, None]
     if family == "phimoe":  # the sparsemixer's order is meaningful: weight j belongs to stage j
       np.testing.assert_array_equal(index, expected)
-    else:
-      np.testing.assert_array_equal(np.sort(index, -1), np.sort(expected, -1))
-    np.testing.assert_allclose(np.asarray(route.combine_weight).reshape(index.shape),
-                               ref[f"moe.{n}.topk_weight"] * (ref[f"moe.{n}.kept"][:, None]
-                                                              if f"moe.{n}.kept" in ref else 1), rtol=0, atol=1e-5)
-    if f"moe.{n}.kept" in ref:
-      np.testing.assert_array_equal(np.asarray(route.kept).reshape(-1), ref[f"moe.{n}.kept"])
+    else:  # the same set of experts; weights compared expert by expert
+      mine, theirs = np.argsort(index, -1), np.argsort(expected, -1)
+      index, weight = np.take_along_axis(index, mine, -1), np.take_along_axis(weight, mine, -1)
+      expected = np.take_along_axis(expected, theirs, -1)
+      expected_weight = np.take_along_axis(expected_weight, theirs, -1)
+      np.testing.assert_array_equal(index, expected)
+    np.testing.assert_allclose(weight, expected_weight, rtol=0, atol=1e-5)
 
 
 def params_of(model) -> dict:
