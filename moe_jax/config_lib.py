@@ -66,6 +66,9 @@ class MoeConfig(Section):
   # Mesh-TensorFlow MoE: 1.25 in training, 2.0 in evaluation.
   eval_capacity_factor: float = field(2.0, finite(), "evaluation capacity factor; > 0 unless dropless")
   dropless: bool = field(False, boolean(), "no capacity limit: no token is ever dropped")
+  expert_capacity: int = field(0, at_least(0), "absolute slots per expert and routing group, in training and "
+                               "evaluation alike (Hugging Face Switch Transformers' expert_capacity, 64 in "
+                               "switch-base-8); 0 = from the capacity factors; token-choice routers, not dropless")
   batch_prioritized: bool = field(False, boolean(), "tokens with higher top gate claim capacity first (V-MoE BPR)")
   jitter_eps: float = field(0.0, in_range(0, 1), "multiplicative router-input noise U[1-eps, 1+eps] in training")
   dispatch: str = field("gather", choice("dispatch"), "token dispatch backend requested (resolve picks the one run)")
@@ -80,6 +83,8 @@ class MoeConfig(Section):
   num_shared_experts: int = field(0, at_least(0), "experts every token passes through beside the routed ones "
                                   "(DeepSeekMoE shared experts)")
   shared_expert_d_ff: int = field(0, at_least(0), "hidden width of each shared expert; 0 = the routed experts'")
+  shared_expert_gate: bool = field(False, boolean(), "scale the shared experts' output by sigmoid(x . w_gate), w_gate "
+                                   "[M, 1] learned (Qwen1.5/Qwen2-MoE); needs num_shared_experts >= 1")
   check_router_inputs: bool = field(False, boolean(), "debug: report NaN/inf router inputs on stderr (host callback)")
   decoder_router: str = field("", one_of(lambda: ("",) + tuple(n for n in routers.names() if routers.get(n).causal)),
                               "encoder-decoder only: the router of the decoder stack's MoE layers ('' = moe.router), "
@@ -109,7 +114,8 @@ class MoeConfig(Section):
     """`decoder_router` (encoder-decoder only, see `ExperimentConfig`) differs from `router` when set; the router
     family's own rules (`RouterFamily.check`, listed with its section below); a shared option the router does not
     read, or a section of a router not used, keeps its default; capacity factors > 0 unless dropless; a dropless
-    dispatch ('dropless', 'ragged_dot', 'auto') needs dropless=True."""
+    dispatch ('dropless', 'ragged_dot', 'auto') needs dropless=True; `expert_capacity` > 0 needs dropless=False
+    (and a router that reads it); `shared_expert_gate` needs `num_shared_experts` >= 1."""
     if self.decoder_router == self.router:
       raise ValueError(f"moe.decoder_router={self.decoder_router!r} repeats moe.router; leave it '' (the default)")
     used = (self.router, self.decoder_router) if self.decoder_router else (self.router,)
@@ -128,6 +134,12 @@ class MoeConfig(Section):
       if name not in used and changed:
         raise ValueError(f"moe.{name}.{changed[0]}={getattr(options, changed[0])!r} is an option of router {name!r}, "
                          f"which this config does not use (moe.router={self.router!r}); leave it at its default")
+    if self.expert_capacity and self.dropless:
+      raise ValueError(f"moe.expert_capacity={self.expert_capacity} needs moe.dropless=False (dropless routing has "
+                       "no capacity); leave it at 0")
+    if self.shared_expert_gate and not self.num_shared_experts:
+      raise ValueError("moe.shared_expert_gate=True gates the shared experts: it needs moe.num_shared_experts >= 1 "
+                       "(got 0)")
     if "capacity_factor" in reads and not self.dropless:
       for name in ("capacity_factor", "eval_capacity_factor"):
         if getattr(self, name) <= 0:
@@ -159,7 +171,8 @@ class MoeConfig(Section):
     return dataclasses.replace(self, router=self.decoder_router, decoder_router="", options=options)
 
   def capacity(self, tokens_per_group: int, *, training: bool) -> int | None:
-    """Slots per expert and routing group of S = `tokens_per_group` tokens; None where the router has none."""
+    """Slots per expert and routing group of S = `tokens_per_group` tokens (min(S, `expert_capacity`) when that is
+    set); None where the router has none."""
     return self.family.capacity(self, self.router_options, tokens_per_group, training)
 
   @property

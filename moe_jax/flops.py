@@ -53,15 +53,29 @@ def ffn_flops(d_model: int, d_ff: int, activation: str) -> float:
   return 2.0 * matmuls * d_model * d_ff
 
 
-def experts_per_token(cfg: ModelConfig, *, executed: bool, capacity_factor: float | None = None) -> float:
+def experts_per_token(cfg: ModelConfig, *, executed: bool, capacity_factor: float | None = None,
+                      sequence_length: int | None = None) -> float:
   """How many expert FFNs one token costs, as its router family declares (`RouterFamily.experts_per_token`): k
   (active; expert choice: c on average); with `executed`, the rows of the capacity-padded buffers.
 
-  `capacity_factor` defaults to the training one (pass moe.eval_capacity_factor for evaluation passes).
+  `capacity_factor` defaults to the training one (pass moe.eval_capacity_factor for evaluation passes). With an
+  absolute `moe.expert_capacity` the buffers hold E * C rows per routing group of S tokens whatever the factor,
+  so the executed count needs the `sequence_length` that S derives from (moe.group_size, else the sequence).
   """
   moe = cfg.moe
+  if executed and moe.expert_capacity and not moe.dropless:
+    if sequence_length is None:
+      raise ValueError(f"moe.expert_capacity={moe.expert_capacity}: the executed expert rows per token depend on "
+                       "the tokens per routing group; pass sequence_length")
+    tokens = moe.group_size or sequence_length
+    return moe.num_experts * moe.capacity(tokens, training=True) / tokens
   factor = (capacity_factor or moe.capacity_factor) if executed else None
   return moe.family.experts_per_token(moe, moe.router_options, factor)
+
+
+def shared_gate_params(cfg: ModelConfig) -> int:
+  """The shared-expert gate w_gate [M, 1] of one MoE layer (`moe.shared_expert_gate`, Qwen2-MoE); 0 without."""
+  return cfg.d_model if cfg.moe is not None and cfg.moe.shared_expert_gate else 0
 
 
 def router_params_per_layer(cfg: ModelConfig) -> int:
@@ -72,13 +86,16 @@ def router_params_per_layer(cfg: ModelConfig) -> int:
 
 
 def _ffn_stack_flops(cfg: ModelConfig, num_blocks: int, num_moe: int, *, executed: bool,
-                     capacity_factor: float | None) -> dict[str, float]:
-  """Per token: the FFNs (dense, expert, router) of a stack of `num_blocks` blocks, `num_moe` of them MoE."""
+                     capacity_factor: float | None, sequence_length: int) -> dict[str, float]:
+  """Per token: the FFNs (dense, expert, router) of a stack of `num_blocks` blocks, `num_moe` of them MoE, on
+  sequences of `sequence_length` tokens. The shared experts' gate counts with them."""
   moe_ffn = 0.0
   if num_moe:
     routed = ffn_flops(cfg.d_model, cfg.expert_d_ff, cfg.activation)
-    per_token = experts_per_token(cfg, executed=executed, capacity_factor=capacity_factor)
-    moe_ffn = num_moe * (routed * per_token + ffn_flops(cfg.d_model, cfg.shared_d_ff, cfg.activation))
+    per_token = experts_per_token(cfg, executed=executed, capacity_factor=capacity_factor,
+                                  sequence_length=sequence_length)
+    shared = ffn_flops(cfg.d_model, cfg.shared_d_ff, cfg.activation) + 2.0 * shared_gate_params(cfg)
+    moe_ffn = num_moe * (routed * per_token + shared)
   return dict(dense_ffn=(num_blocks - num_moe) * ffn_flops(cfg.d_model, cfg.d_ff, cfg.activation),
               expert_ffn=moe_ffn, router=num_moe * 2.0 * router_params_per_layer(cfg) if num_moe else 0.0)
 
@@ -95,7 +112,7 @@ def flops_per_token(
       attention_projections=cfg.num_layers * 2.0 * cfg.d_model * (2 * q_dim + 2 * kv_dim),
       attention_scores=cfg.num_layers * 2.0 * 2 * seq_len * q_dim,
       **_ffn_stack_flops(cfg, cfg.num_layers, len(cfg.moe_layers), executed=executed,
-                         capacity_factor=capacity_factor),
+                         capacity_factor=capacity_factor, sequence_length=seq_len),
       logits=2.0 * cfg.d_model * cfg.vocab_size,
   )
 
@@ -116,8 +133,8 @@ def flops_per_sequence(
   enc, dec = cfg.num_layers, cfg.decoder_layers
   self_projections = 2.0 * m * (2 * q_dim + 2 * kv_dim)  # per token: q, k, v, out
   ffn = dict(executed=executed, capacity_factor=capacity_factor)
-  enc_ffn = _ffn_stack_flops(cfg, enc, len(cfg.moe_layers), **ffn)
-  dec_ffn = _ffn_stack_flops(decoder_stack(cfg), dec, len(cfg.moe_blocks(dec)), **ffn)
+  enc_ffn = _ffn_stack_flops(cfg, enc, len(cfg.moe_layers), **ffn, sequence_length=li)
+  dec_ffn = _ffn_stack_flops(decoder_stack(cfg), dec, len(cfg.moe_blocks(dec)), **ffn, sequence_length=lo)
   return FlopsBreakdown(
       attention_projections=(enc * li * self_projections + dec * lo * self_projections
                              + dec * (lo * 2.0 * m * 2 * q_dim + li * 2.0 * m * 2 * kv_dim)),  # cross: q, out; k, v
@@ -138,7 +155,7 @@ class ParamBreakdown:
   norms: int
   dense_ffn: int
   router: int
-  shared_experts: int  # always active (DeepSeekMoE)
+  shared_experts: int  # always active (DeepSeekMoE), with their gate (Qwen2-MoE) where there is one
   routed_experts: int  # all E experts of every MoE block
   routed_experts_active: float  # the experts one token uses (k; expert choice: c on average)
 
@@ -211,7 +228,7 @@ def param_breakdown(cfg: ModelConfig) -> ParamBreakdown:
     for stack, moe_blocks in _moe_stacks(cfg):
       active += moe_blocks * experts_per_token(stack, executed=False) * one_expert
       router += moe_blocks * router_params_per_layer(stack)
-    shared = num_moe * ffn_params(m, cfg.shared_d_ff, cfg.activation)
+    shared = num_moe * (ffn_params(m, cfg.shared_d_ff, cfg.activation) + shared_gate_params(cfg))
   return ParamBreakdown(
       embeddings=cfg.vocab_size * m * (1 if cfg.tie_embeddings else 2),
       attention=stacks.attentions * m * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.kv_heads),
@@ -261,6 +278,7 @@ def _weight_matrices(cfg: ModelConfig) -> list[tuple[int, int, int]]:
       (matmuls * (stacks.blocks - num_moe), m, cfg.d_ff),
       (matmuls * num_moe * e, m, cfg.expert_d_ff if num_moe else 0),
       (matmuls * num_moe, m, cfg.shared_d_ff if num_moe else 0),
+      (num_moe, m, 1 if num_moe and shared_gate_params(cfg) else 0),  # the shared experts' gate
       (num_moe, m, e),
   ]
 
@@ -280,7 +298,7 @@ def activation_bytes_per_token(cfg: ModelConfig, seq_len: int, dtype_bytes: int,
   num_moe = stacks.moe_blocks
   per_token = stacks.attentions * attention + (stacks.blocks - num_moe) * (2 * cfg.d_model + gated * cfg.d_ff / t)
   for stack, moe_blocks in _moe_stacks(cfg) if num_moe else ():
-    rows = experts_per_token(stack, executed=True)
+    rows = experts_per_token(stack, executed=True, sequence_length=seq_len)
     per_token += moe_blocks * (rows * (2 * cfg.d_model + gated * cfg.expert_d_ff / t) + gated * cfg.shared_d_ff / t
                                + cfg.moe.num_experts)  # + the router's probabilities
   return dtype_bytes * per_token + 4 * 3 * cfg.vocab_size

@@ -233,7 +233,10 @@ class MoeFeedForward(nnx.Module):
     ('expert', 'embed', 'mlp'); wo [E, F, M] ('expert', 'mlp', 'embed').
   `shared_d_ff` > 0 adds DeepSeekMoE's shared experts (Dai et al. 2024, arXiv:2401.06066, eq. 9), which every
   token passes through beside its routed ones: N_s shared experts of width f are one dense FFN of width N_s * f
-  (their outputs are summed, so their hidden units concatenate), held in `shared` and counted as active.
+  (their outputs are summed, so their hidden units concatenate), held in `shared` and counted as active. With
+  `moe.shared_expert_gate` (Qwen1.5-MoE / Qwen2-MoE, `Qwen2MoeSparseMoeBlock` in `transformers`) their output is
+  scaled per token by sigmoid(x . w_gate), w_gate the parameter `shared_gate` [M, 1] ('embed', 'unmodeled'),
+  x the layer's input, the same the routed experts see: y = routed(x) + sigmoid(x . w_gate) * shared(x).
   Create it inside `parallel.mesh_context(mesh)` to shard the experts over the 'expert' axis, and for large
   layers inside `nnx.jit` too (`nnx.jit(lambda: MoeFeedForward(...))()`): eagerly, every initialiser op under
   a mesh runs replicated on all devices, so each device would briefly hold every expert's weights. See the
@@ -294,8 +297,14 @@ class MoeFeedForward(nnx.Module):
         rngs,
     )
     self.rngs = rngs["dropout"].fork()
+    if moe.shared_expert_gate and not shared_d_ff:
+      raise ValueError("moe.shared_expert_gate=True needs shared experts (shared_d_ff > 0: moe.num_shared_experts "
+                       f">= 1); got shared_d_ff={shared_d_ff}")
     self.shared = (FeedForward(d_model, shared_d_ff, activation=activation, init_scale=init_scale, dtype=dtype,
                                rngs=rngs) if shared_d_ff else None)
+    # Created after `shared`, and only when asked for: the other parameters draw the keys they drew without it.
+    self.shared_gate = (_param(switch_init(init_scale), ("embed", "unmodeled"), (d_model, 1), rngs)
+                        if moe.shared_expert_gate else None)
     for name, spec in specs.items():
       if spec.update is not None:
         setattr(self, name, _router_state(spec, init_scale))
@@ -346,5 +355,10 @@ class MoeFeedForward(nnx.Module):
           getattr(self, name)[...] = spec.update(router_params[name], aux.metrics, self.config.router_options)
     out = out.reshape(x.shape)
     if self.shared is not None:
-      out = out + self.shared(x, deterministic=deterministic)
+      shared = self.shared(x, deterministic=deterministic)
+      if self.shared_gate is not None:
+        # The gate in float32, as the router: one logit per token, sigmoid(x . w_gate) [B, L, 1].
+        gate = jax.nn.sigmoid(jnp.einsum("blm,mo->blo", x.astype(jnp.float32), self.shared_gate[...]))
+        shared = (gate * shared).astype(shared.dtype)
+      out = out + shared
     return out, aux

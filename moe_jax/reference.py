@@ -133,6 +133,38 @@ def soft_moe_weights(tokens, phi, scale) -> tuple[np.ndarray, np.ndarray]:
   weights = np.exp(logits - logits.max())
   return weights / weights.sum(axis=1, keepdims=True), weights / weights.sum(axis=(2, 3), keepdims=True)
 
+
+def sparsemixer(logits, jitter_eps: float) -> tuple[np.ndarray, np.ndarray]:
+  """`routing.sparsemixer_route`'s choices and weights as `transformers`' `sparsemixer` (modeling_phimoe.py,
+  evaluation) computes them, token by token in float64 numpy: stage 1 takes i1 = argmax s and
+  w1 = softmax over {j : (max s - s_j) / max(|s_j|, max s) <= 2 eps} at i1; stage 2 the same on s without i1
+  (|s_j| of the original logits). Returns (expert_index, weight), each [..., 2], unnormalised, order [i1, i2]."""
+  logits = np.asarray(logits, np.float64)
+  flat = logits.reshape(-1, logits.shape[-1])
+  index = np.zeros((flat.shape[0], 2), np.int32)
+  weight = np.zeros((flat.shape[0], 2))
+  for t, s in enumerate(flat):
+    candidates = s.copy()
+    for stage in range(2):
+      top = candidates.max()
+      chosen = int(np.argmax(candidates))
+      keep = [j for j in range(len(s)) if candidates[j] > -np.inf
+              and not (top - s[j]) / max(abs(s[j]), top) > 2 * jitter_eps]
+      total = sum(np.exp(candidates[j] - top) for j in keep)
+      index[t, stage], weight[t, stage] = chosen, 1.0 / total  # exp(s_chosen - top) = 1
+      candidates[chosen] = -np.inf
+  return index.reshape(*logits.shape[:-1], 2), weight.reshape(*logits.shape[:-1], 2)
+
+
+def per_sequence_capacity_kept(expert_index, num_experts: int, expert_capacity: int) -> np.ndarray:
+  """Which tokens Hugging Face's `SwitchTransformersTop1Router` keeps: per sequence, a running count
+  (`cumsum` over the sequence) of the tokens sent to each expert, in order; a token is kept while its expert's
+  count is <= `expert_capacity`. expert_index [B, L] int -> kept [B, L] bool."""
+  expert_index = np.asarray(expert_index)
+  one_hot = np.eye(num_experts, dtype=np.int64)[expert_index]  # [B, L, E]
+  position = np.cumsum(one_hot, axis=1) * one_hot  # 1-based position in the expert's queue where sent
+  return np.sum(position, axis=-1) <= expert_capacity
+
 # ----------------------------------------------------------------------------------------------------------
 # The MoE layer.
 
@@ -200,6 +232,18 @@ def soft_moe(
       y = expert_ffn(weights, e, slot, activation)  # [G, M]
       out = out + route.combine_weight[:, :, e, p, None] * y[:, None, :]
   return out.astype(tokens.dtype)
+
+
+def gated_shared_experts(
+    x: jax.Array,  # [B, L, M]
+    gate: jax.Array,  # [M, 1]
+    shared: experts_lib.ExpertWeights,  # one FFN (E = 1) of the shared experts' total width
+    *,
+    activation: str,
+) -> jax.Array:  # [B, L, M]
+  """Qwen1.5/Qwen2-MoE's gated shared expert (`Qwen2MoeSparseMoeBlock`): sigmoid(x . w_gate) * FFN_shared(x), the
+  term `moe.shared_expert_gate` adds to the routed output, written out."""
+  return jax.nn.sigmoid(x @ gate) * expert_ffn(shared, 0, x, activation)
 
 def attention(
     x: jax.Array,  # [B, L, M]

@@ -29,13 +29,18 @@ Routers
                          evaluation, as in the paper.
   * `hash_route`         Hash layers (Roller et al. 2021, arXiv:2106.04426): a fixed hash of the token id picks
                          the expert; nothing is learned. Needs the token ids, not the token features.
+  * `sparsemixer_route`  Phi-3.5-MoE's top-2 (SparseMixer, Liu et al. 2023, arXiv:2310.00811; GRIN, Liu et al.
+                         2024, arXiv:2409.12136) as `transformers`' `sparsemixer` evaluates it: two argmax stages,
+                         each weight a softmax over the experts within a relative threshold of its stage's max.
 
 Capacity convention (the one place it is defined: `compute_capacity`)
   C = min(S, max(1, ceil(capacity_factor * K * S / E)))
   i.e. the expected number of (token, choice) assignments per expert under uniform routing, scaled by
   the capacity factor, rounded up, at least one slot, and never more than S (no expert can receive a token
   twice, so S slots already guarantee no drops). Expert choice uses K = 1, making capacity_factor its
-  "average experts per token" c of Zhou et al. (k = n * c / e). Dropless routing sets C = S.
+  "average experts per token" c of Zhou et al. (k = n * c / e). Dropless routing sets C = S. The token-choice
+  routers also take an absolute capacity instead of the factor (`expert_capacity`, Hugging Face Switch
+  Transformers' `expert_capacity`), C = min(S, expert_capacity): `token_choice_capacity`.
 
 Precision: router math runs in float32 whatever the input dtype ("selective precision", Switch Sec. 2.4), unless
 `dtype=jnp.bfloat16` asks for the ablation of Switch Table 2 (`router_logits`, `top_k_route`).
@@ -145,6 +150,30 @@ def compute_capacity(
   validate_capacity_factor(capacity_factor, dropless=False)
   expected = round(capacity_factor * top_k * tokens_per_group / num_experts, 9)
   return int(min(tokens_per_group, max(1, math.ceil(expected))))
+
+
+def token_choice_capacity(
+    tokens_per_group: int,
+    num_experts: int,
+    *,
+    top_k: int = 1,
+    capacity_factor: float | None = 1.0,
+    dropless: bool = False,
+    expert_capacity: int | None = None,
+) -> int:
+  """Slots per expert per group of a token-choice router: S when `dropless`; min(S, `expert_capacity`) when that
+  absolute count is given (Hugging Face `SwitchTransformersTop1Router`'s `expert_capacity`, which keeps the first
+  `expert_capacity` tokens of each expert; more than S slots could never fill, as no expert takes a token twice);
+  else `compute_capacity` from the factor."""
+  validate_capacity_factor(capacity_factor, dropless or expert_capacity is not None)
+  if expert_capacity is not None and (dropless or expert_capacity < 1):
+    raise ValueError(f"expert_capacity={expert_capacity} must be >= 1, and only without dropless "
+                     f"(dropless={dropless})")
+  if dropless:
+    return tokens_per_group
+  if expert_capacity is not None:
+    return min(tokens_per_group, expert_capacity)
+  return compute_capacity(tokens_per_group, num_experts, capacity_factor, top_k)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -382,6 +411,7 @@ def top_k_route(
     k: int,
     capacity_factor: float | None = 1.0,
     dropless: bool = False,
+    expert_capacity: int | None = None,
     renormalize: bool = False,
     batch_prioritized: bool = False,
     second_expert_policy: SecondExpertPolicy = "all",
@@ -400,7 +430,8 @@ def top_k_route(
   Each token picks its k most probable experts. Capacity is claimed choice by choice: every token's first
   choice before any token's second choice (GShard), and within a choice in token order, or in order of
   decreasing top gate with `batch_prioritized`. An assignment beyond the expert's capacity is dropped
-  (combine weight 0; the residual connection carries the token).
+  (combine weight 0; the residual connection carries the token). The capacity comes from `capacity_factor`, or is
+  the absolute `expert_capacity` (`token_choice_capacity`).
 
   Combine weights are the router probabilities p_e (GShard, Switch eq. 2) or, with `renormalize`, the
   probabilities renormalised over the k chosen experts, softmax over the top-k logits (Mixtral).
@@ -422,7 +453,6 @@ def top_k_route(
   _check_logits(logits)
   num_groups, tokens_per_group, num_experts = logits.shape
   validate_top_k(k, num_experts)
-  validate_capacity_factor(capacity_factor, dropless)
   if second_expert_policy not in ("all", "random"):
     raise ValueError(f"second_expert_policy={second_expert_policy!r} must be one of 'all', 'random'")
   if second_expert_policy == "random":
@@ -430,9 +460,8 @@ def top_k_route(
       raise ValueError(f"second_expert_threshold={second_expert_threshold} must be in (0, 1]")
     if key is None and k > 1:
       raise ValueError("second_expert_policy='random' needs a PRNG key")
-  capacity = (
-      tokens_per_group if dropless else compute_capacity(tokens_per_group, num_experts, capacity_factor, k)
-  )
+  capacity = token_choice_capacity(tokens_per_group, num_experts, top_k=k, capacity_factor=capacity_factor,
+                                   dropless=dropless, expert_capacity=expert_capacity)
 
   scores, probs = SCORE_FUNCTIONS[score_function](logits.astype(dtype))  # [G, S, E] each
   scores, probs, logits = scores.astype(jnp.float32), probs.astype(jnp.float32), logits.astype(jnp.float32)
@@ -473,6 +502,7 @@ def switch_route(
     *,
     capacity_factor: float | None = 1.0,
     dropless: bool = False,
+    expert_capacity: int | None = None,
     batch_prioritized: bool = False,
     dtype: jnp.dtype = jnp.float32,
 ) -> RoutingResult:
@@ -480,11 +510,87 @@ def switch_route(
 
   Each token goes to its argmax expert i while the expert has room; the combine weight is p_i(x), the
   router probability of that expert (eq. 2), so the router is trained through the output scaling.
-  Tokens over capacity are dropped and pass through the layer's residual connection. `dtype` as in `top_k_route`.
+  Tokens over capacity are dropped and pass through the layer's residual connection. `expert_capacity` and
+  `dtype` as in `top_k_route`: with an absolute capacity, one group per sequence and position order this is
+  Hugging Face's `SwitchTransformersTop1Router` (a token is dropped when its expert already holds
+  `expert_capacity` earlier tokens of the sequence).
   """
   return top_k_route(
-      logits, k=1, capacity_factor=capacity_factor, dropless=dropless, batch_prioritized=batch_prioritized,
-      dtype=dtype,
+      logits, k=1, capacity_factor=capacity_factor, dropless=dropless, expert_capacity=expert_capacity,
+      batch_prioritized=batch_prioritized, dtype=dtype,
+  )
+
+
+def sparsemixer_route(
+    logits: jax.Array,  # [G, S, E]
+    *,
+    jitter_eps: float,
+    capacity_factor: float | None = 1.0,
+    dropless: bool = False,
+    expert_capacity: int | None = None,
+    dtype: jnp.dtype = jnp.float32,
+) -> RoutingResult:
+  """Phi-3.5-MoE's top-2 routing as `transformers` evaluates it (`sparsemixer` in
+  `models/phimoe/modeling_phimoe.py`, the branch taken when not training; SparseMixer, Liu et al. 2023,
+  arXiv:2310.00811; GRIN, Liu et al. 2024, arXiv:2409.12136). Always K = 2 choices, in a meaningful order:
+
+    stage 1: i1 = argmax_j s_j; experts far from the max, (max s - s_j) / max(|s_j|, max s) > 2 * jitter_eps, are
+             masked to -inf; w1 = softmax(masked s)[i1];
+    stage 2: s' = s with s_i1 = -inf; i2 = argmax s'; mask by (max s' - s_j) / max(|s_j|, max s') > 2 * jitter_eps
+             (|s_j| of the original logits); w2 = softmax(masked s')[i2].
+
+  The weights are not renormalised: w1 + w2 lies in (0, 2], 1 + 1 when both stages keep only their own expert.
+  `jitter_eps` is thus a threshold that shapes the weights at inference, not noise (Phi-3.5-MoE:
+  `router_jitter_noise` 0.01).
+
+  Training: the paper's estimator (Gumbel sampling of each stage's expert, the Heun third-order gradient
+  through the choice) is not implemented. Training routes exactly as above, deterministically, and the router
+  learns only through the two softmax weights by their plain gradient (the masks and choices carry none, as
+  under `torch.no_grad` in `transformers`).
+
+  Capacity as for `top_k_route` with k = 2 (every first choice claims a slot before any second choice, tokens in
+  position order; `capacity_factor`, the absolute `expert_capacity`, or none with `dropless`; Phi-3.5-MoE drops
+  nothing). `router_probs`, which the load-balancing loss and the metrics read, is the plain
+  softmax over all E experts. `dtype`: the precision of the masks and softmaxes, as in `top_k_route`.
+  """
+  _check_logits(logits)
+  num_groups, tokens_per_group, num_experts = logits.shape
+  if num_experts < 2:
+    raise ValueError(f"sparsemixer routes every token to 2 distinct experts: num_experts={num_experts} must be >= 2")
+  if not 0.0 < jitter_eps < 1.0:
+    raise ValueError(f"jitter_eps={jitter_eps} must be in (0, 1)")
+  capacity = token_choice_capacity(tokens_per_group, num_experts, top_k=2, capacity_factor=capacity_factor,
+                                   dropless=dropless, expert_capacity=expert_capacity)
+  scores = logits.astype(dtype)
+  magnitude = jnp.abs(scores)
+
+  def stage(candidates: jax.Array) -> tuple[jax.Array, jax.Array]:  # [G, S, E] -> index, weight [G, S]
+    top = jnp.max(candidates, axis=-1, keepdims=True)
+    index = jnp.argmax(candidates, axis=-1)
+    # The relative gap of every expert to this stage's max, against the original logits (as transformers does).
+    far = jax.lax.stop_gradient((top - scores) / jnp.maximum(magnitude, top) > 2 * jitter_eps)
+    gates = jax.nn.softmax(jnp.where(far, -jnp.inf, candidates), axis=-1)
+    return index.astype(jnp.int32), jnp.take_along_axis(gates, index[..., None], axis=-1)[..., 0]
+
+  first, first_weight = stage(scores)
+  second, second_weight = stage(jnp.where(jax.nn.one_hot(first, num_experts, dtype=bool), -jnp.inf, scores))
+  expert_index = jnp.stack([first, second], axis=-1)  # [G, S, 2]
+  weights = jnp.stack([first_weight, second_weight], axis=-1).astype(jnp.float32)
+  wanted = jnp.ones(expert_index.shape, bool)
+  slot, kept = token_choice_slots(expert_index, wanted, capacity)
+  probs = jax.nn.softmax(scores, axis=-1).astype(jnp.float32)
+  assignment = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32)  # [G, S, 2, E]
+  return RoutingResult(
+      expert_index=expert_index,
+      slot=slot,
+      combine_weight=jnp.where(kept, weights, 0.0),
+      kept=kept,
+      router_probs=probs,
+      load_balancing_loss=load_balancing_loss(probs, assignment),
+      router_z_loss=router_z_loss(logits),
+      metrics=_metrics(probs, expert_index, kept, wanted, capacity),
+      num_experts=num_experts,
+      capacity=capacity,
   )
 
 
@@ -763,10 +869,11 @@ def hash_route(
     num_experts: int,
     capacity_factor: float | None = 1.0,
     dropless: bool = False,
+    expert_capacity: int | None = None,
 ) -> RoutingResult:
   """Hash layers (Roller et al. 2021, eq. 1): token t goes to expert hash(id_t) with combine weight 1; no router
-  is learned and no balancing loss is needed (the hash is fixed). Capacity as for Switch (position order), or
-  none with `dropless` (the paper drops nothing).
+  is learned and no balancing loss is needed (the hash is fixed). Capacity as for Switch (position order; from
+  the factor or the absolute `expert_capacity`), or none with `dropless` (the paper drops nothing).
 
   `router_probs` is the one-hot of the hashed expert, so `load_balancing_loss` (no gradient: nothing to learn)
   reports the imbalance E * sum_i f_i^2 of the hash on this batch: 1.0 when balanced, E when one expert takes all.
@@ -775,8 +882,8 @@ def hash_route(
     raise ValueError(f"token_ids must be integer [groups, tokens_per_group]; got {token_ids.dtype} "
                      f"{token_ids.shape}")
   tokens_per_group = token_ids.shape[1]
-  validate_capacity_factor(capacity_factor, dropless)
-  capacity = tokens_per_group if dropless else compute_capacity(tokens_per_group, num_experts, capacity_factor)
+  capacity = token_choice_capacity(tokens_per_group, num_experts, capacity_factor=capacity_factor,
+                                   dropless=dropless, expert_capacity=expert_capacity)
   expert_index = hash_experts(token_ids, num_experts)[..., None]  # [G, S, 1]
   wanted = jnp.ones(expert_index.shape, bool)
   slot, kept = token_choice_slots(expert_index, wanted, capacity)

@@ -6,6 +6,7 @@
   soft_moe.py       Soft MoE slots (non-causal)                                           moe.soft_moe.*
   base.py           BASE layers' balanced assignment                                      moe.base.*
   hash_layers.py    Hash layers: a fixed hash of the token id
+  sparsemixer.py    Phi-3.5-MoE's two-stage top-2 (sparsemixer, evaluation form)         moe.sparsemixer.*
 
 `family.py` states what a family declares; the routing math is in `moe_jax.routing` (pure functions). The MoE
 layer, the config schema, the FLOP counts and `moe_jax.resolve` ask a family (`get(name)`) instead of testing
@@ -15,7 +16,7 @@ router names, so adding a router is a module here, a line in `FAMILIES` and its 
 
 from __future__ import annotations
 
-from moe_jax.routers import base, expert_choice, hash_layers, soft_moe, switch, top_k
+from moe_jax.routers import base, expert_choice, hash_layers, soft_moe, sparsemixer, switch, top_k
 from moe_jax.routers.family import RouterFamily, RouterInputs, RouterParam
 
 __all__ = ["FAMILIES", "RouterFamily", "RouterInputs", "RouterParam", "get", "names", "register"]
@@ -23,7 +24,8 @@ __all__ = ["FAMILIES", "RouterFamily", "RouterInputs", "RouterParam", "get", "na
 # name -> family, in the order docs/config.md lists them.
 FAMILIES: dict[str, RouterFamily] = {
     family.name: family
-    for family in (switch.FAMILY, top_k.FAMILY, expert_choice.FAMILY, soft_moe.FAMILY, base.FAMILY, hash_layers.FAMILY)
+    for family in (switch.FAMILY, top_k.FAMILY, expert_choice.FAMILY, soft_moe.FAMILY, base.FAMILY, hash_layers.FAMILY,
+                   sparsemixer.FAMILY)
 }
 
 

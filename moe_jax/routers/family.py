@@ -37,9 +37,11 @@ if TYPE_CHECKING:
 
 # The moe.* options that several router families read (each declares which in `RouterFamily.reads`).
 CAPACITY = ("capacity_factor", "eval_capacity_factor")  # routers with a capacity per expert
+# Token-choice routers that also take an absolute capacity (`token_choice_capacity`) in place of the factors.
+EXPERT_CAPACITY = ("expert_capacity",)
 DROPLESS = ("dropless",)  # token-choice routers that can give up the capacity
 LOGITS = ("jitter_eps", "router_dtype", "check_router_inputs")  # routers whose scores are logits x W
-SHARED_OPTIONS = (*CAPACITY, *DROPLESS, "batch_prioritized", *LOGITS)
+SHARED_OPTIONS = (*CAPACITY, *EXPERT_CAPACITY, *DROPLESS, "batch_prioritized", *LOGITS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,12 +120,19 @@ def capacity_factor(moe: MoeConfig, training: bool) -> float:
   return moe.capacity_factor if training else moe.eval_capacity_factor
 
 
+def expert_capacity(moe: MoeConfig) -> int | None:
+  """The absolute slots per expert and group, `moe.expert_capacity` (the same in training and evaluation, as in
+  Hugging Face Switch Transformers); None when 0 (the capacity factors decide)."""
+  return moe.expert_capacity or None
+
+
 def token_choice_capacity(moe: MoeConfig, tokens_per_group: int, training: bool, k: int = 1) -> int:
-  """Slots per expert of a token-choice router: S when dropless (no expert can take a token twice), else the one
-  capacity convention `routing.compute_capacity`."""
-  if moe.dropless:
-    return tokens_per_group
-  return routing.compute_capacity(tokens_per_group, moe.num_experts, capacity_factor(moe, training), k)
+  """Slots per expert of a token-choice router, by the one convention `routing.token_choice_capacity`: S when
+  dropless (no expert can take a token twice), min(S, moe.expert_capacity) when set, else from the capacity factor
+  of training or evaluation."""
+  return routing.token_choice_capacity(tokens_per_group, moe.num_experts, top_k=k,
+                                       capacity_factor=capacity_factor(moe, training), dropless=moe.dropless,
+                                       expert_capacity=expert_capacity(moe))
 
 
 def padded_experts_per_token(moe: MoeConfig, k: float, factor: float | None) -> float:

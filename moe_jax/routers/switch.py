@@ -13,7 +13,8 @@ from moe_jax.routers import family
 def _route(inputs, moe, options, deterministic):
   return routing.switch_route(family.logits(inputs, moe, deterministic),
                               capacity_factor=family.capacity_factor(moe, not deterministic), dropless=moe.dropless,
-                              batch_prioritized=moe.batch_prioritized, dtype=jnp.dtype(moe.router_dtype))
+                              expert_capacity=family.expert_capacity(moe), batch_prioritized=moe.batch_prioritized,
+                              dtype=jnp.dtype(moe.router_dtype))
 
 
 FAMILY = family.RouterFamily(
@@ -23,5 +24,5 @@ FAMILY = family.RouterFamily(
     params=lambda d_model, num_experts, options: family.kernel(d_model, num_experts),
     capacity=lambda moe, options, tokens, training: family.token_choice_capacity(moe, tokens, training),
     experts_per_token=lambda moe, options, factor: family.padded_experts_per_token(moe, 1, factor),
-    reads=(*family.CAPACITY, *family.DROPLESS, "batch_prioritized", *family.LOGITS),
+    reads=(*family.CAPACITY, *family.EXPERT_CAPACITY, *family.DROPLESS, "batch_prioritized", *family.LOGITS),
 )
