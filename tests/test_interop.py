@@ -234,6 +234,7 @@ def test_sharded_checkpoint_reads_like_one_file(family, tmp_path):
   assert_same_params(model, interop.load(str(tmp_path))[1])
 
 
+@pytest.mark.slow  # the sharded MoE forward compiles for ~80 s on 2 cores
 @pytest.mark.parametrize("family", [family_param("mixtral")])
 def test_import_places_parameters_on_the_mesh(family):
   """Onto a mesh of 2 expert x 2 tensor devices: experts split over 'expert', each parameter in its logical

@@ -103,7 +103,7 @@ def moe_rules(cfg: ModelConfig, block: tuple, prefix: str, names: Names) -> list
            rule(ffn + ("wo",), per_expert(names.expert_down), layout.experts(count))]
   if cfg.moe.num_shared_experts:
     rules += ffn_rules(ffn + ("shared",), m + names.shared, names.gate, names.up, names.down)
-  if getattr(cfg.moe, "shared_expert_gate", False):
+  if cfg.moe.shared_expert_gate:
     rules.append(rule(ffn + ("shared_gate",), m + names.shared_gate, layout.TRANSPOSED))
   return rules
 
