@@ -376,3 +376,33 @@ def test_import_benchmark_reports_memory_and_throughput(family, tmp_path):
   assert json.loads((tmp_path / "out.json").read_text()) == json.loads(json.dumps(report))
   assert report["checkpoint_bytes"] > 1_000_000 and len(report["files"]) > 2  # shards and their index
   assert report["peak_rss_bytes"] >= report["rss_before_bytes"] and report["mb_per_s"] > 0
+
+
+def test_layout_transforms_are_exact_and_invert():
+  """Each transform is the spec's map (docs/interop_fixtures.md: q_proj.T.reshape(M, H, D) then the k and v heads;
+  o_proj.T.reshape(H, D, M); experts stacked transposed; DBRX's w1 reshape(E, F, M).transpose(0, 2, 1) and w2
+  reshape(E, F, M)), and its inverse gives back the very tensors."""
+  from moe_jax.interop import layout
+
+  rng = np.random.default_rng(0)
+  m, h, k, d, f, e = 6, 4, 2, 3, 5, 3
+  q, kk, v = (rng.standard_normal((n * d, m)).astype(np.float32) for n in (h, k, k))
+  cases = [
+      (layout.heads_in([h, k, k], d), [q, kk, v],
+       np.concatenate([q.T.reshape(m, h, d), kk.T.reshape(m, k, d), v.T.reshape(m, k, d)], axis=1)),
+      (layout.heads_bias([h, k, k], d), [q[:, 0], kk[:, 0], v[:, 0]],
+       np.concatenate([q[:, 0], kk[:, 0], v[:, 0]]).reshape(h + 2 * k, d)),
+      (layout.heads_out(h, d), [q.T], q.reshape(h, d, m)),
+      (layout.TRANSPOSED, [q], q.T),
+      (layout.experts(e), [x[:f] for x in (q, kk, v)], np.stack([x[:f].T for x in (q, kk, v)])),
+      (layout.fused_experts(e, transpose=True), [q[:e * 2]],
+       q[:e * 2].reshape(e, 2, m).transpose(0, 2, 1)),
+      (layout.fused_experts(e, transpose=False), [q[:e * 2]], q[:e * 2].reshape(e, 2, m)),
+  ]
+  for transform, tensors, expected in cases:
+    param = transform.to_param(tensors)
+    np.testing.assert_array_equal(param, expected)
+    back = transform.to_tensors(param)
+    assert len(back) == len(tensors)
+    for a, b in zip(back, tensors):
+      assert a.shape == b.shape and np.array_equal(a, b)
