@@ -8,7 +8,10 @@ moe_jax holds, per block i (`blocks.{i}.`): `attention_norm` and `ffn_norm` (nnx
 and `bias` for LayerNorm with bias), `attention.qkv` [M, H + 2K, D] and `attention.out` [H, D, M], the dense
 `ffn.wi_0` (gate, activated) / `ffn.wi_1` (up) [M, F] and `ffn.wo` [F, M], or the MoE `ffn.router` [M, E] and
 experts `ffn.wi_0` / `ffn.wi_1` [E, M, F], `ffn.wo` [E, F, M] (`ffn.shared.*` the shared expert); then
-`final_norm`, `embed.embedding` [V, M], `unembed` [M, V] when untied.
+`final_norm`, `embed.embedding` [V, M], `unembed` [M, V] when untied. Settings add: `attention.qkv_bias`
+[H + 2K, D] and `attention.out_bias` [M] (model.attention_bias), `attention.q_norm` / `k_norm` scales
+(model.qk_norm), post-norm blocks' `attention_out_norm` / `ffn_out_norm` in place of the pre-norms
+(model.norm_position='post'), `unembed_bias` [V] (model.lm_head_bias), MoE `ffn.shared_gate` [M, 1].
 """
 
 from __future__ import annotations
@@ -113,7 +116,7 @@ def rules(cfg: ModelConfig, names: Names = Names()) -> list[layout.Rule]:
   out = [rule(("embed", "embedding"), names.embed)]
   moe_layers = set(cfg.moe_layers)
   norms = (("attention_norm", names.attention_norm), ("ffn_norm", names.ffn_norm),
-           ("post_attention_norm", names.post_attention_norm), ("post_ffn_norm", names.post_ffn_norm))
+           ("attention_out_norm", names.post_attention_norm), ("ffn_out_norm", names.post_ffn_norm))
   for i in range(cfg.num_layers):
     block, prefix = ("blocks", i), names.layer.format(i=i)
     for ours, theirs in norms:
