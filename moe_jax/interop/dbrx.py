@@ -42,7 +42,7 @@ def to_config(hf):
     raise common.unsupported(MODEL_TYPE, "tie_word_embeddings", True, "DBRX's head is never tied")
   d_model, heads = common.get(hf, MODEL_TYPE, "d_model"), common.get(hf, MODEL_TYPE, "n_heads")
   model = dict(architecture="decoder", vocab_size=common.get(hf, MODEL_TYPE, "vocab_size"), d_model=d_model,
-               num_heads=heads, num_kv_heads=attn.get("kv_n_heads") or heads, head_dim=d_model // heads,
+               num_heads=heads, num_kv_heads=attn.get("kv_n_heads") or hf.get("num_key_value_heads") or heads, head_dim=d_model // heads,
                d_ff=common.get(ffn, MODEL_TYPE, "ffn_hidden_size"), num_layers=common.get(hf, MODEL_TYPE, "n_layers"),
                max_seq_len=common.get(hf, MODEL_TYPE, "max_seq_len"), norm="layernorm_nobias", norm_eps=EPS,
                activation="swiglu", tie_embeddings=False, dtype=common.dtype(hf, MODEL_TYPE), moe_layer_interval=1,
@@ -64,7 +64,9 @@ def to_hf(cfg):
   ffn.update(ffn_hidden_size=cfg.expert_d_ff, hidden_size=cfg.d_model, moe_num_experts=cfg.moe.num_experts,
              moe_top_k=cfg.moe.router_options.k,
              moe_normalize_expert_weights=1.0 if cfg.moe.router_options.renormalize else None)
+  # transformers 5 also writes the kv heads at the top level (num_key_value_heads).
   return dict(attn_config=attn, ffn_config=ffn, d_model=cfg.d_model, n_heads=cfg.num_heads, n_layers=cfg.num_layers,
+              num_key_value_heads=cfg.kv_heads,
               max_seq_len=cfg.max_seq_len, vocab_size=cfg.vocab_size, tie_word_embeddings=False,
               rope_parameters=common.rope_parameters(cfg))
 
