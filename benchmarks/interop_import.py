@@ -101,8 +101,8 @@ def import_only(directory: str) -> dict:
   from moe_jax.interop import shards
 
   jax.numpy.zeros(1).block_until_ready()  # the backend up before the baseline
-  with shards.CheckpointReader(directory) as reader:
-    checkpoint_bytes = reader.nbytes()
+  reader = shards.CheckpointReader(directory)
+  checkpoint_bytes = reader.nbytes()
   before = rss_bytes()
   start = time.perf_counter()
   _, model = interop.load(directory)

@@ -60,25 +60,15 @@ def batch_of(ref: dict) -> dict:
 
 
 def fixture_tensors(family: str) -> dict[str, np.ndarray]:
-  with shards.CheckpointReader(str(FIXTURES / family)) as reader:
-    return {name: reader.read(name) for name in reader.names}
+  reader = shards.CheckpointReader(str(FIXTURES / family))
+  return {name: reader.read(name) for name in reader.names}
 
 
-@pytest.mark.parametrize("family", ALL)
-def test_logits_match_transformers(family):
+@functools.lru_cache(maxsize=None)
+def run(family: str):
+  """(logits, [(MoE layer, its input x [B, L, M])] in call order) of the fixture's inputs, one forward per family
+  and test process, recording what each MoE layer received."""
   _, model = imported(family)
-  ref = reference(family)
-  logits, _ = models.forward(model, batch_of(ref))
-  logits = np.asarray(logits)
-  assert np.abs(logits - ref["logits"]).max() <= TOLERANCE
-  np.testing.assert_array_equal(logits.argmax(-1), ref["logits"].argmax(-1))
-
-
-@pytest.mark.parametrize("family", ALL)
-def test_experts_match_transformers(family, monkeypatch):
-  """moe_jax's own router, run on the inputs each MoE layer received, picks transformers' experts."""
-  _, model = imported(family)
-  ref = reference(family)
   calls = []
   original = moe_layer.MoeFeedForward.__call__
 
@@ -86,8 +76,27 @@ def test_experts_match_transformers(family, monkeypatch):
     calls.append((self, x))
     return original(self, x, **kwargs)
 
-  monkeypatch.setattr(moe_layer.MoeFeedForward, "__call__", recording)
-  models.forward(model, batch_of(ref))
+  moe_layer.MoeFeedForward.__call__ = recording
+  try:
+    logits, _ = models.forward(model, batch_of(reference(family)))
+  finally:
+    moe_layer.MoeFeedForward.__call__ = original
+  return np.asarray(logits), calls
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_logits_match_transformers(family):
+  logits, _ = run(family)
+  ref = reference(family)
+  assert np.abs(logits - ref["logits"]).max() <= TOLERANCE
+  np.testing.assert_array_equal(logits.argmax(-1), ref["logits"].argmax(-1))
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_experts_match_transformers(family):
+  """moe_jax's own router, run on the inputs each MoE layer received, picks transformers' experts."""
+  _, calls = run(family)
+  ref = reference(family)
   assert len(calls) == len(ref["moe_layers"])
   for n, (layer, x) in enumerate(calls):
     config = layer.config
@@ -141,10 +150,10 @@ def test_export_then_import_is_the_identity(family, tmp_path):
   model_type = interop.hf_config_to_moe(shards.read_config(str(FIXTURES / family)))[1].MODEL_TYPE
   interop.export_model(model, interop.transfer.typed_model(config), model_type, str(tmp_path))
   exported = fixture_tensors(family)  # the fixture's names and values, to compare with the export's
-  with shards.CheckpointReader(str(tmp_path)) as reader:
-    assert reader.names == frozenset(exported)
-    for name, value in exported.items():  # float32 in, float32 out: the very bits
-      np.testing.assert_array_equal(reader.read(name), value, err_msg=name)
+  reader = shards.CheckpointReader(str(tmp_path))
+  assert reader.names == frozenset(exported)
+  for name, value in exported.items():  # float32 in, float32 out: the very bits
+    np.testing.assert_array_equal(reader.read(name), value, err_msg=name)
   # Built from the family's template alone (no imported config.json to copy from): transformers' keys.
   hf = shards.read_config(str(tmp_path))
   assert config_keys(hf) - {"transformers_version"} == config_keys(shards.read_config(str(FIXTURES / family))) - {
@@ -177,8 +186,8 @@ def copy_fixture(family: str, target: pathlib.Path) -> pathlib.Path:
 
 
 def rewrite(path: pathlib.Path, change) -> None:
-  with shards.CheckpointReader(str(path)) as reader:
-    tensors = {name: reader.read(name) for name in reader.names}
+  reader = shards.CheckpointReader(str(path))
+  tensors = {name: reader.read(name) for name in reader.names}
   change(tensors)
   os.remove(path / shards.SINGLE)
   shards.write_checkpoint(str(path), tensors.items())
@@ -315,11 +324,11 @@ def test_workdir_import_is_a_run_that_exports_back(family, tmp_path):
     interop.import_to_workdir(str(source), str(workdir))
   interop.export_workdir(str(workdir), str(tmp_path / "out"))
   assert (tmp_path / "out" / "tokenizer.json").exists()
-  with shards.CheckpointReader(str(tmp_path / "out")) as reader:
-    expected = fixture_tensors(family)
-    assert reader.names == frozenset(expected)
-    for name in reader.names:
-      np.testing.assert_array_equal(reader.read(name), expected[name], err_msg=name)
+  reader = shards.CheckpointReader(str(tmp_path / "out"))
+  expected = fixture_tensors(family)
+  assert reader.names == frozenset(expected)
+  for name in reader.names:
+    np.testing.assert_array_equal(reader.read(name), expected[name], err_msg=name)
 
 
 def test_workdir_import_refuses_a_tokenizer_beyond_the_vocabulary(tmp_path):
@@ -338,6 +347,7 @@ def run_convert(*args: str):
                         text=True, env=env, timeout=300, check=False)
 
 
+@pytest.mark.slow  # two fresh processes that import jax and convert: ~30 s
 @pytest.mark.parametrize("family", [family_param("llama")])
 def test_convert_cli_both_ways(family, tmp_path):
   source = fixture_with_tokenizer(family, tmp_path)
@@ -348,10 +358,10 @@ def test_convert_cli_both_ways(family, tmp_path):
   done = run_convert(f"--from={tmp_path / 'run'}", f"--to=hf:{tmp_path / 'out'}", "--shard_mb=0")
   assert done.returncode == 0, done.stderr
   assert (tmp_path / "out" / shards.INDEX).exists()  # one tensor per shard
-  with shards.CheckpointReader(str(tmp_path / "out")) as reader:
-    expected = fixture_tensors(family)
-    assert reader.names == frozenset(expected)
-    assert all(np.array_equal(reader.read(n), expected[n]) for n in reader.names)
+  reader = shards.CheckpointReader(str(tmp_path / "out"))
+  expected = fixture_tensors(family)
+  assert reader.names == frozenset(expected)
+  assert all(np.array_equal(reader.read(n), expected[n]) for n in reader.names)
 
 
 def test_convert_cli_bad_input_is_one_line(tmp_path):
@@ -362,6 +372,7 @@ def test_convert_cli_bad_input_is_one_line(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # writes and imports a checkpoint in a fresh process: ~15 s
 @pytest.mark.parametrize("family", [family_param("mixtral")])
 def test_import_benchmark_reports_memory_and_throughput(family, tmp_path):
   """benchmarks/interop_import.py end to end at a tiny size (the figures are the lead's to measure, not checked)."""
@@ -371,10 +382,10 @@ def test_import_benchmark_reports_memory_and_throughput(family, tmp_path):
                                                 "benchmarks" / "interop_import.py")
   benchmark = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(benchmark)
-  report = benchmark.main(["--family", family, "--d_model", "64", "--d_ff", "64", "--num_layers", "2",
-                           "--vocab_size", "128", "--shard_mb", "1", "--output", str(tmp_path / "out.json")])
+  report = benchmark.main(["--family", family, "--d_model", "128", "--d_ff", "128", "--num_layers", "2",
+                           "--vocab_size", "1024", "--shard_mb", "1", "--output", str(tmp_path / "out.json")])
   assert json.loads((tmp_path / "out.json").read_text()) == json.loads(json.dumps(report))
-  assert report["checkpoint_bytes"] > 1_000_000 and len(report["files"]) > 2  # shards and their index
+  assert report["checkpoint_bytes"] > 2_000_000 and len(report["files"]) > 3  # shards and their index
   assert report["peak_rss_bytes"] >= report["rss_before_bytes"] and report["mb_per_s"] > 0
 
 

@@ -21,10 +21,19 @@ Path = tuple  # a parameter's path in the model state: strings and block indices
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
-  """tensors (in the order of `Rule.tensors`) -> parameter, and its exact inverse."""
+  """tensors (in the order of `Rule.tensors`) -> parameter, and its exact inverse. `streams`: `to_param` reads each
+  tensor of its sequence once, in order, so the importer may hand it a sequence that reads each on access (the
+  experts of a layer: one expert's tensor in memory beside the parameter, not all of them)."""
 
   to_param: Callable[[Sequence[np.ndarray]], np.ndarray]
   to_tensors: Callable[[np.ndarray], list[np.ndarray]]
+  streams: bool = False
+
+
+def tensor_shapes(transform: Transform, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+  """The shapes of the tensors that make a parameter of `shape`: `to_tensors` of a zero-strided stand-in (no
+  memory), so a checkpoint's shapes are checked against them before anything is read."""
+  return [t.shape for t in transform.to_tensors(np.broadcast_to(np.zeros((), np.float32), shape))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +86,16 @@ def heads_out(num_heads: int, head_dim: int) -> Transform:
 
 
 def experts(count: int) -> Transform:
-  """E Linears [out, in], one per expert -> stacked [E, in, out]."""
-  return Transform(lambda ts: np.stack([t.T for t in ts]), lambda p: [e.T for e in p])
+  """E Linears [out, in], one per expert -> stacked [E, in, out], filled expert by expert (streams)."""
+  def to_param(ts):
+    out = None
+    for e, t in enumerate(ts):
+      if out is None:
+        out = np.empty((count, *t.T.shape), t.dtype)
+      out[e] = t.T
+    return out
+
+  return Transform(to_param, lambda p: [e.T for e in p], streams=True)
 
 
 def fused_experts(count: int, transpose: bool) -> Transform:

@@ -3,13 +3,14 @@
 Layout (what `transformers`' `save_pretrained` writes and `from_pretrained` reads): either one `model.safetensors`,
 or shards `model-00001-of-0000N.safetensors` with `model.safetensors.index.json` = {"metadata": {"total_size":
 bytes}, "weight_map": {tensor name: shard file}}. Tensors are read with `safetensors.safe_open(path,
-framework="numpy")`, which maps the file and copies out only the tensor asked for, so a reader never holds more
-than the tensor it is converting. bfloat16 tensors come back as `ml_dtypes.bfloat16` arrays.
+framework="numpy")`, which maps the file and copies out only the tensor asked for. The shard is opened for that
+one read and closed after it: a mapping kept open would keep every page read so far resident in the process
+(file-backed, but counted in its RSS), a second copy of the checkpoint beside the model. bfloat16 tensors come
+back as `ml_dtypes.bfloat16` arrays.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from typing import Iterable
@@ -38,11 +39,14 @@ def read_config(directory: str) -> dict:
     raise ValueError(f"{path} is not JSON: {error}") from None
 
 
-class CheckpointReader(contextlib.AbstractContextManager):
+class CheckpointReader:
   """The tensors of a Hugging Face model directory by name, each read on demand.
 
-    with CheckpointReader(path) as reader:
-      for name in reader.names: array = reader.read(name)   # numpy, the file's dtype
+    reader = CheckpointReader(path)
+    for name in reader.names: array = reader.read(name)   # numpy, the file's dtype
+
+  Opening reads the headers only (names, shapes, dtypes); every `read` opens its shard, copies the tensor out and
+  closes the shard again (see the module docstring).
   """
 
   def __init__(self, directory: str):
@@ -57,21 +61,18 @@ class CheckpointReader(contextlib.AbstractContextManager):
       weight_map = None
     else:
       raise ValueError(f"{directory} holds neither {SINGLE} nor {INDEX}")
-    self._stack = contextlib.ExitStack()
-    self._files: dict[str, object] = {}
-    self._where: dict[str, str] = {}
-    shards = sorted(set(weight_map.values())) if weight_map else [SINGLE]
-    for shard in shards:
+    self._where: dict[str, str] = {}  # tensor -> shard path
+    self._info: dict[str, tuple[tuple[int, ...], str]] = {}  # tensor -> (shape, safetensors dtype)
+    for shard in sorted(set(weight_map.values())) if weight_map else [SINGLE]:
       path = os.path.join(directory, shard)
       if not os.path.isfile(path):
         raise ValueError(f"{path} is missing (named in {INDEX})")
-      self._files[shard] = self._stack.enter_context(safe_open(path, framework="numpy"))
-    for shard, handle in self._files.items():
-      for name in handle.keys():
-        if weight_map is not None and weight_map.get(name) != shard:
-          raise ValueError(f"{os.path.join(directory, shard)} holds {name!r}, which {INDEX} places in "
-                           f"{weight_map.get(name)!r}")
-        self._where[name] = shard
+      with safe_open(path, framework="numpy") as handle:
+        for name in handle.keys():
+          if weight_map is not None and weight_map.get(name) != shard:
+            raise ValueError(f"{path} holds {name!r}, which {INDEX} places in {weight_map.get(name)!r}")
+          piece = handle.get_slice(name)
+          self._where[name], self._info[name] = path, (tuple(piece.get_shape()), piece.get_dtype())
     if weight_map is not None:
       absent = sorted(set(weight_map) - set(self._where))
       if absent:
@@ -82,28 +83,18 @@ class CheckpointReader(contextlib.AbstractContextManager):
     return frozenset(self._where)
 
   def shape(self, name: str) -> tuple[int, ...]:
-    return tuple(self._files[self._where[name]].get_slice(name).get_shape())
+    return self._info[name][0]
 
   def nbytes(self) -> int:
     """Bytes of all tensors (the checkpoint's size without headers)."""
-    total = 0
-    for name, shard in self._where.items():
-      piece = self._files[shard].get_slice(name)
-      total += int(np.prod(piece.get_shape(), dtype=np.int64)) * _itemsize(piece.get_dtype())
-    return total
+    return sum(int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE.get(dtype, 4) for shape, dtype in self._info.values())
 
   def read(self, name: str) -> np.ndarray:
-    return self._files[self._where[name]].get_tensor(name)
-
-  def __exit__(self, *exc):
-    self._stack.close()
+    with safe_open(self._where[name], framework="numpy") as handle:
+      return handle.get_tensor(name)
 
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
-def _itemsize(dtype: str) -> int:
-  return _ITEMSIZE.get(dtype, 4)
 
 
 def shard_name(index: int, count: int) -> str:

@@ -5,10 +5,11 @@
   interop.export_workdir("/runs/mixtral-ft", "/models/mixtral-ft")    # back to config.json + safetensors
 
 Import streams the checkpoint one parameter at a time: the tensors a parameter is made of are read from their
-shard (memory-mapped, `shards.CheckpointReader`), converted (`layout`), and placed straight into the parameter's
-sharding on the mesh (`jax.make_array_from_callback`: each device's block is cut from the host array), so the host
-holds at most one parameter beside the model itself; no parameter is ever initialised randomly first (the model's
-shapes and shardings come from `nnx.eval_shape`). Every tensor of the checkpoint must be used and every parameter
+shard (`shards.CheckpointReader`, which keeps no file mapped), converted (`layout`; a layer's experts one expert at
+a time into the stacked parameter), and placed straight into the parameter's sharding on the mesh
+(`jax.make_array_from_callback`: each device's block is cut from the host array), so the host holds at most one
+parameter beside the model itself; no parameter is ever initialised randomly first, and nothing is compiled (the
+model's shapes and shardings come from `nnx.eval_shape`). Every tensor of the checkpoint must be used and every parameter
 filled: an unknown or missing tensor name, or a shape that does not fit, is a ValueError naming it, raised before
 anything is read.
 """
@@ -20,6 +21,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import jax
@@ -95,17 +97,25 @@ def _abstract_model(model_cfg: config_lib.ModelConfig, mesh: Mesh | None, seed: 
   build = lambda: models.build(model_cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))  # noqa: E731
   with runstate.placed_on(mesh):
     graphdef, params, rest = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
-    rest = nnx.jit(lambda: nnx.state(build(), nnx.Not(nnx.Param)))()
     if mesh is not None:
       replicated = NamedSharding(mesh, P())
       shardings = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) else replicated,
                                nnx.get_named_sharding(params, mesh))
     else:
-      device = SingleDeviceSharding(jax.devices()[0])
-      shardings = jax.tree.map(lambda _: device, params)
+      replicated = SingleDeviceSharding(jax.devices()[0])
+      shardings = jax.tree.map(lambda _: replicated, params)
   flat = {path: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype, sharding=s.get_value())
           for (path, v), (_, s) in zip(nnx.to_flat_state(params), nnx.to_flat_state(shardings))}
-  return graphdef, params, flat, rest
+  return graphdef, params, flat, jax.tree.map(lambda x: jax.device_put(_filled(x, seed), replicated), rest)
+
+
+def _filled(x: jax.ShapeDtypeStruct, seed: int) -> jax.Array:
+  """A value for the model's non-parameter state (the dropout RNG streams: keys and counts), made directly
+  instead of compiling the model's initialiser for it. Their values do not matter: training reseeds the streams
+  from (seed, step) before every step (moe_jax.train)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.random.split(jax.random.key(seed), x.shape) if x.shape else jax.random.key(seed)
+  return jax.numpy.zeros(x.shape, x.dtype)
 
 
 def check_coverage(rules: list[layout.Rule], params: set, names: frozenset[str], aliases: frozenset[str],
@@ -129,6 +139,19 @@ def check_coverage(rules: list[layout.Rule], params: set, names: frozenset[str],
                      + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""))
 
 
+class _Reads(Sequence):
+  """A rule's tensors read on access, never kept (for a streaming transform, `layout.Transform.streams`)."""
+
+  def __init__(self, names: tuple[str, ...], read: Callable[[str], np.ndarray]):
+    self._names, self._read = names, read
+
+  def __len__(self) -> int:
+    return len(self._names)
+
+  def __getitem__(self, index):
+    return self._read(self._names[index])
+
+
 def load_model(path: str, config: ml_collections.ConfigDict, family: Any, *, mesh: Mesh | None = None,
                progress: Progress | None = None) -> tuple[nnx.Module, Summary]:
   """The model of `config` with its parameters read from the checkpoint in `path`, placed on `mesh` (None: the
@@ -139,27 +162,33 @@ def load_model(path: str, config: ml_collections.ConfigDict, family: Any, *, mes
   rules = family.rules(model_cfg)
   values = {}
   dtypes = set()
-  with shards.CheckpointReader(path) as reader:
-    check_coverage(rules, set(abstract), reader.names, frozenset(getattr(family, "ALIASES", ())), family.MODEL_TYPE)
-    total, done = reader.nbytes(), 0
-    for r in rules:
-      target = abstract[r.param]
-      tensors = [reader.read(name) for name in r.tensors]
-      dtypes.update(str(t.dtype) for t in tensors)
-      try:
-        value = r.transform.to_param(tensors)
-      except ValueError as error:
-        value, reason = None, str(error)
-      if value is None or value.shape != target.shape:
-        shapes = ", ".join(f"{n} {list(t.shape)}" for n, t in zip(r.tensors, tensors))
-        raise ValueError(f"{family.MODEL_TYPE}: {shapes} do not make moe_jax's {r.name} {list(target.shape)}"
-                         + (f" ({reason})" if value is None else f" (they give {list(value.shape)})"))
-      value = np.asarray(value, dtype=target.dtype)
-      values[r.param] = jax.make_array_from_callback(target.shape, target.sharding, lambda index: value[index])
-      done += sum(t.nbytes for t in tensors)
-      del tensors, value
-      if progress is not None:
-        progress(done, total, r.name)
+  reader = shards.CheckpointReader(path)
+  check_coverage(rules, set(abstract), reader.names, frozenset(getattr(family, "ALIASES", ())), family.MODEL_TYPE)
+  for r in rules:  # every shape before any tensor is read
+    wanted = layout.tensor_shapes(r.transform, abstract[r.param].shape)
+    found = [reader.shape(name) for name in r.tensors]
+    if found != wanted:
+      raise ValueError(f"{family.MODEL_TYPE}: " + ", ".join(f"{n} {list(s)}" for n, s in zip(r.tensors, found))
+                       + f" do not make moe_jax's {r.name} {list(abstract[r.param].shape)} (that needs "
+                       + ", ".join(map(str, map(list, wanted))) + ")")
+  total, done = reader.nbytes(), 0
+  values, dtypes = {}, set()
+
+  def read(name):
+    nonlocal done
+    tensor = reader.read(name)
+    dtypes.add(str(tensor.dtype))
+    done += tensor.nbytes
+    return tensor
+
+  for r in rules:
+    target = abstract[r.param]
+    tensors = _Reads(r.tensors, read) if r.transform.streams else [read(name) for name in r.tensors]
+    value = np.asarray(r.transform.to_param(tensors), dtype=target.dtype)
+    values[r.param] = jax.make_array_from_callback(target.shape, target.sharding, lambda index: value[index])
+    del tensors, value
+    if progress is not None:
+      progress(done, total, r.name)
   flat = [(path, variable.replace(values[path])) for path, variable in nnx.to_flat_state(params)]
   model = nnx.merge(graphdef, nnx.from_flat_state(flat), rest)
   count = sum(int(np.prod(v.shape)) for v in values.values())
