@@ -34,6 +34,10 @@ SYSTEM = moe_systems.System(
     published_total=671e9, published_active=37e9, not_modelled="multi-head latent attention",
     train=dict(aux_loss_weight=0.0),  # auxiliary-loss-free: the bias balances, the sequence-wise loss complements
     cpu_moe=dict(top_k=dict(num_expert_groups=4, topk_expert_groups=2)),
+    # config.json of deepseek-ai/DeepSeek-V3: "rms_norm_eps": 1e-06, "rope_theta": 10000. Its YaRN extension
+    # ("rope_scaling": {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096}) acts only beyond
+    # 4096 tokens, this config's max_seq_len; it is not implemented.
+    architecture=dict(rope_theta=1e4, norm_eps=1e-6),
 )
 
 

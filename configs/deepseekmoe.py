@@ -21,6 +21,8 @@ SYSTEM = moe_systems.System(
     moe=dict(num_experts=64, router="top_k", top_k=dict(k=6), expert_d_ff=1408, num_shared_experts=2,
              dropless=True),
     published_total=16.4e9, published_active=2.8e9,
+    # config.json of deepseek-ai/deepseek-moe-16b-base: "rms_norm_eps": 1e-06, "rope_theta": 10000.
+    architecture=dict(rope_theta=1e4, norm_eps=1e-6),
 )
 
 

@@ -4,7 +4,7 @@
 
 d_model 4096, 32 blocks, 32 query heads of 128 with 8 key/value heads (GQA), SwiGLU experts of width 14336,
 8 experts on every block, top-2 with the softmax taken over the two chosen logits (= renormalised top-2),
-dropless (MegaBlocks), vocabulary 32000, untied embeddings, RMSNorm, 32k context. Published: 46.7B parameters,
+dropless (MegaBlocks), vocabulary 32000, untied embeddings, RMSNorm (eps 1e-5), rotary base 1e6, 32k context. Published: 46.7B parameters,
 12.9B active per token.
 
 Pod mesh of the `full` variant: FSDP over every chip (mesh.fsdp = 0: all of them), experts not split (so the
@@ -35,6 +35,8 @@ SYSTEM = moe_systems.System(
                num_layers=32, max_seq_len=32768, moe_layer_interval=1, activation="swiglu"),
     moe=dict(num_experts=8, router="top_k", top_k=dict(k=2, renormalize=True), dropless=True),
     published_total=46.7e9, published_active=12.9e9,
+    # config.json of mistralai/Mixtral-8x7B-v0.1: "rope_theta": 1000000.0, "rms_norm_eps": 1e-05.
+    architecture=dict(rope_theta=1e6, norm_eps=1e-5),
 )
 
 

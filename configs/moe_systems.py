@@ -3,8 +3,9 @@ with the same structure at a tiny width that trains on the embedded corpus.
 
 Each family file (configs/mixtral.py, dbrx.py, ...) describes its system as a `System`: the published widths
 with their sources, and the routing. `get_config(system, variant)` turns it into an experiment config:
-  full   the published sizes (their vocabulary; bf16 compute; Adafactor-free AdamW as the systems report),
-         for the calculator (`experiments/model_stats.py`) and for pods;
+  full   the published sizes and architecture (their vocabulary, rotary base, norm epsilon, QK-norm, biases;
+         bf16 compute; Adafactor-free AdamW as the systems report), for the calculator
+         (`experiments/model_stats.py`) and for pods;
   cpu    the same structure (attention grouping, experts per token, shared experts, dense first blocks, MoE
          interval) at d_model 64 on the stdlib corpus's byte vocabulary, a few hundred steps on 2 cores.
 """
@@ -33,6 +34,9 @@ class System:
   not_modelled: str = ""  # parts of the published model left out of the figures (said in the docstring)
   train: dict = dataclasses.field(default_factory=dict)  # train.* fields of the system's recipe, both variants
   cpu_moe: dict = dataclasses.field(default_factory=dict)  # moe.* the cpu variant's fewer experts change
+  # model.* of the published attention and norms (rotary base, norm epsilon, QK-norm, biases, qkv clipping), each
+  # with its source: the full variant only, so that the cpu variants keep training as they did.
+  architecture: dict = dataclasses.field(default_factory=dict)
 
 
 def get_config(system: System, variant: str):
@@ -44,6 +48,7 @@ def get_config(system: System, variant: str):
   config.train.update(system.train)
   config.moe.dispatch = "dropless" if system.moe.get("dropless") else "gather"
   if variant == "full":
+    config.model.update(system.architecture)
     config.model.dtype = "bfloat16"
     config.data.dataset = "c4/en"
     config.data.tokenizer = f"/path/to/{system.name}_tokenizer.model"  # set --config.data.tokenizer on the pod

@@ -69,6 +69,11 @@ def get_config(arg: str = "switch-base-cpu"):
     raise ValueError(f"config variant {arg!r} must be one of {sorted(TABLE9)}, optionally with '-cpu'")
   dense, experts, interval = EXPERTS.get(name, (name, 0, 0))
   config = config_lib.default_config()
+  # Norms: T5's RMSNorm at eps 1e-6 (layer_norm_epsilon of the released configs), moe_jax's default. Attention
+  # logits: T5 and Switch leave them unscaled and fold d_kv^-1/2 into the query initialisation (Mesh TF, HF T5's
+  # q init std (d_model * d_kv)^-1/2); moe_jax's Switch init does not fold it, so a from-scratch config keeps
+  # model.scale_attention=True, the same logit scale at init. A checkpoint imported from T5 or Switch carries the
+  # fold in its query weights and sets model.scale_attention=False.
   config.model.update(dict(SIZES[dense], architecture="encoder_decoder", positions="relative", head_dim=64,
                            num_decoder_layers=0, max_seq_len=512, vocab_size=32128, dropout=0.0,
                            moe_layer_interval=interval))

@@ -198,6 +198,21 @@ def _as_section(cls: type[Section], value: Section | Mapping[str, Any]) -> Secti
   return cls(**values)
 
 
+# A tuple of numbers > 0 (a list too: config.json holds JSON arrays; ModelConfig keeps a tuple).
+_POSITIVE_TUPLE = Rule(
+    (tuple, list),
+    lambda v: all(isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) and f > 0 for f in v),
+    lambda: "a tuple of finite numbers > 0")
+
+# The rotary-scaling fields each model.rope_scaling reads; the others must keep their defaults.
+_ROPE_SCALING_READS = {
+    "none": (),
+    "llama3": ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len"),
+    "longrope": ("rope_original_max_len", "rope_short_factor", "rope_long_factor", "rope_short_mscale",
+                 "rope_long_mscale"),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(Section):
   """The model's hyper-parameters; `moe` is attached by `model_config` when the model has MoE blocks.
@@ -223,7 +238,41 @@ class ModelConfig(Section):
   moe_layer_interval: int = field(2, at_least(0), "0: dense model; N: every N-th block's FFN is a MoE layer (Switch: 2)")
   moe_start_block: int = field(0, at_least(0), "blocks before this one stay dense; MoE every moe_layer_interval-th "
                                "block from it on (DeepSeekMoE: 1, DeepSeek-V3: 3)")
-  norm: str = field("rmsnorm", choice("norm"), "pre-norm layer")
+  norm: str = field("rmsnorm", choice("norm"), "norm layer: rmsnorm (T5, Llama), layernorm (scale and bias; "
+                    "Phi-3.5), layernorm_nobias (scale only; DBRX), layernorm_noparam (no parameters; OLMo)")
+  norm_eps: float = field(1e-6, positive(), "epsilon of every norm (T5, Switch, Qwen: 1e-6; Mixtral, OLMoE, "
+                          "DBRX, Phi-3.5: 1e-5)")
+  norm_position: str = field("pre", choice("norm_position"), "pre: x + f(Norm(x)); post: x + Norm(f(x)), no norm "
+                             "before attention or FFN (OLMo 2; decoder LM only)")
+  rope_theta: float = field(10_000.0, positive(), "rotary base theta: feature pair j turns by theta^(-2j/D) per "
+                            "position (Mixtral, Qwen: 1e6; DBRX: 5e5)")
+  rope_scaling: str = field("none", choice("rope_scaling"), "long-context rotary scaling: none, llama3 (Llama 3.1 "
+                            "frequency interpolation), longrope (per-pair factors and attention factor; Phi-3)")
+  rope_scaling_factor: float = field(8.0, positive(), "llama3: low frequencies divided by it")
+  rope_low_freq_factor: float = field(1.0, positive(), "llama3: wavelengths above original_max_len / it are "
+                                      "divided by rope_scaling_factor")
+  rope_high_freq_factor: float = field(4.0, positive(), "llama3: wavelengths below original_max_len / it are kept; "
+                                       "> rope_low_freq_factor")
+  rope_original_max_len: int = field(0, at_least(0), "llama3, longrope: the pre-training context length "
+                                     "(original_max_position_embeddings); > 0 for them")
+  rope_short_factor: tuple[float, ...] = field((), _POSITIVE_TUPLE, "longrope: head_dim / 2 frequency divisors for "
+                                               "sequences up to rope_original_max_len")
+  rope_long_factor: tuple[float, ...] = field((), _POSITIVE_TUPLE, "longrope: head_dim / 2 frequency divisors for "
+                                              "longer sequences")
+  rope_short_mscale: float = field(1.0, positive(), "longrope: cos/sin factor up to rope_original_max_len")
+  rope_long_mscale: float = field(1.0, positive(), "longrope: cos/sin factor for longer sequences")
+  qk_norm: str = field("none", choice("qk_norm"), "RMSNorm (eps norm_eps, learned scale) on queries and keys before "
+                       "rotary: per_head over D, one scale shared by the heads (Qwen3); full over the whole "
+                       "projected q and k (OLMoE, OLMo 2)")
+  attention_bias: str = field("none", choice("attention_bias"), "biases on the q/k/v projections (qkv: Qwen2) and "
+                              "also the output projection (qkvo: Phi-3.5)")
+  clip_qkv: float = field(0.0, non_negative(), "clamp q, k, v to [-c, c] after the projection, bias and QK-norm "
+                          "(DBRX: 8); 0 = off")
+  scale_attention: bool = field(True, boolean(), "divide attention logits by sqrt(head_dim); False: unscaled "
+                                "(T5, Switch)")
+  scale_tied_head: bool = field(True, boolean(), "tied output projection multiplies by d_model^-1/2 (T5, Switch); "
+                                "False: plain h E^T (Llama, Qwen, OLMo)")
+  lm_head_bias: bool = field(False, boolean(), "a bias [V] on the output projection (Phi-3.5)")
   activation: str = field("gelu", choice("activation"), "FFN activation; geglu/swiglu are gated (T5.1.1)")
   tie_embeddings: bool = field(False, boolean(), "share input embedding and output projection")
   dropout: float = field(0.0, in_range(0, 1), "dropout on residual branches and dense FFNs")
@@ -241,12 +290,33 @@ class ModelConfig(Section):
                      "only block inputs) or save_dots (also keep the dense matmuls' outputs); same values")
   moe: MoeConfig | None = None  # derived: the moe section when moe_layer_interval > 0
 
+  def __post_init__(self):
+    for f in config_fields(type(self)):  # JSON lists (config.json, ConfigDicts read from it) -> tuples: hashable
+      if isinstance(getattr(self, f.name), list):
+        object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
+    super().__post_init__()
+
   def _check(self) -> None:
     """`num_kv_heads` divides `num_heads`; `moe_start_block + moe_layer_interval <= num_layers` (at least one
     MoE block) when `moe_layer_interval > 0`; the decoder LM has rotary positions and no `num_decoder_layers`;
     relative positions need `relative_max_distance > relative_buckets / 2` (exact buckets below it); `scan_layers`
     needs no dense first blocks and `num_layers` a multiple of the block pattern (`moe_layer_interval` blocks, 1
-    for a dense model)."""
+    for a dense model). The rotary fields (`rope_*`) need rotary positions; a `rope_*` field the chosen
+    `rope_scaling` does not read keeps its default; llama3 and longrope need `rope_original_max_len > 0`, llama3
+    `rope_high_freq_factor > rope_low_freq_factor`, longrope `head_dim / 2` entries in each of `rope_short_factor`
+    and `rope_long_factor`; `scale_tied_head=False` needs `tie_embeddings`; the encoder-decoder keeps
+    `norm_position='pre'`, `qk_norm='none'`, `attention_bias='none'`, `clip_qkv=0` and `lm_head_bias=False`
+    (no encoder-decoder family uses them)."""
+    self._check_rope()
+    if self.architecture == "encoder_decoder":
+      for name in ("norm_position", "qk_norm", "attention_bias", "clip_qkv", "lm_head_bias"):
+        value, default = getattr(self, name), ModelConfig.__dataclass_fields__[name].default
+        if value != default:
+          raise ValueError(f"model.{name}={value!r} is for model.architecture='decoder'; leave it at {default!r} "
+                           "for the encoder-decoder")
+    if not self.scale_tied_head and not self.tie_embeddings:
+      raise ValueError("model.scale_tied_head=False needs model.tie_embeddings=True (it scales the tied output "
+                       "projection only)")
     if self.architecture == "decoder":
       if self.positions != "rotary":
         raise ValueError(f"model.positions={self.positions!r} must be 'rotary' for model.architecture='decoder'")
@@ -267,6 +337,34 @@ class ModelConfig(Section):
     if self.moe_layer_interval and self.moe_start_block + self.moe_layer_interval > self.num_layers:
       raise ValueError(f"model.moe_layer_interval={self.moe_layer_interval} must be <= model.num_layers="
                        f"{self.num_layers} - model.moe_start_block={self.moe_start_block}")
+
+  def _check_rope(self) -> None:
+    """The rotary fields' rules of `_check`."""
+    defaults = ModelConfig.__dataclass_fields__
+    rope_fields = ["rope_theta", "rope_scaling"] + [n for reads in _ROPE_SCALING_READS.values() for n in reads]
+    if self.positions != "rotary":
+      reads = ()
+    else:
+      reads = ("rope_theta", "rope_scaling") + _ROPE_SCALING_READS[self.rope_scaling]
+    for name in dict.fromkeys(rope_fields):
+      value, default = getattr(self, name), defaults[name].default
+      if name not in reads and value != default:
+        why = (f"model.positions={self.positions!r}" if self.positions != "rotary"
+               else f"model.rope_scaling={self.rope_scaling!r}")
+        raise ValueError(f"model.{name}={value!r} is not read with {why}; leave it at {default!r}")
+    if self.positions != "rotary" or self.rope_scaling == "none":
+      return
+    if self.rope_original_max_len <= 0:
+      raise ValueError(f"model.rope_original_max_len={self.rope_original_max_len} must be > 0 for "
+                       f"model.rope_scaling={self.rope_scaling!r} (the pre-training context length)")
+    if self.rope_scaling == "llama3" and self.rope_high_freq_factor <= self.rope_low_freq_factor:
+      raise ValueError(f"model.rope_high_freq_factor={self.rope_high_freq_factor} must be > "
+                       f"model.rope_low_freq_factor={self.rope_low_freq_factor}")
+    if self.rope_scaling == "longrope":
+      for name in ("rope_short_factor", "rope_long_factor"):
+        if len(getattr(self, name)) != self.head_dim // 2:
+          raise ValueError(f"model.{name} has {len(getattr(self, name))} entries; longrope needs head_dim / 2 = "
+                           f"{self.head_dim // 2}")
 
   @property
   def moe_layers(self) -> tuple[int, ...]:

@@ -25,7 +25,7 @@ from flax import nnx
 from moe_jax import layers
 from moe_jax.config_lib import ModelConfig
 from moe_jax.init import switch_init
-from moe_jax.model import LmAux, sum_aux
+from moe_jax.model import LmAux, rope_of, sum_aux
 from moe_jax.moe_layer import DTYPES, FeedForward, MoeFeedForward
 
 PAD_ID = 0  # the tokenizers' pad id (moe_jax.data.tokenizers), also T5's decoder start id
@@ -46,7 +46,8 @@ def _make_ffn(cfg: ModelConfig, use_moe: bool, *, decoder: bool, rngs: nnx.Rngs)
 def _attention(cfg: ModelConfig, *, causal: bool, cross: bool, rngs: nnx.Rngs) -> layers.Attention:
   return layers.Attention(cfg.d_model, cfg.num_heads, cfg.head_dim, num_kv_heads=cfg.kv_heads,
                           init_scale=cfg.init_scale, causal=causal, rotary=cfg.positions == "rotary" and not cross,
-                          cross=cross, dropout=cfg.dropout, dtype=DTYPES[cfg.dtype], rngs=rngs)
+                          rope=rope_of(cfg), cross=cross, scale_logits=cfg.scale_attention, dropout=cfg.dropout,
+                          dtype=DTYPES[cfg.dtype], rngs=rngs)
 
 
 class EncoderDecoderBlock(nnx.Module):
@@ -54,13 +55,13 @@ class EncoderDecoderBlock(nnx.Module):
   over the encoder output (decoder only), then a dense or MoE FFN; each sublayer a residual branch."""
 
   def __init__(self, cfg: ModelConfig, *, decoder: bool, use_moe: bool, rngs: nnx.Rngs):
-    self.attention_norm = layers.make_norm(cfg.norm, cfg.d_model, rngs=rngs)
+    self.attention_norm = layers.make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
     self.attention = _attention(cfg, causal=decoder, cross=False, rngs=rngs)
     if decoder:
-      self.cross_attention_norm = layers.make_norm(cfg.norm, cfg.d_model, rngs=rngs)
+      self.cross_attention_norm = layers.make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
       self.cross_attention = _attention(cfg, causal=False, cross=True, rngs=rngs)
     self.decoder = decoder
-    self.ffn_norm = layers.make_norm(cfg.norm, cfg.d_model, rngs=rngs)
+    self.ffn_norm = layers.make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
     self.use_moe = use_moe
     self.ffn = _make_ffn(cfg, use_moe, decoder=decoder, rngs=rngs)
     self.residual_dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
@@ -102,10 +103,10 @@ class EncoderDecoder(nnx.Module):
     encoder_moe, decoder_moe = set(cfg.moe_layers), set(cfg.moe_blocks(cfg.decoder_layers))
     self.encoder = nnx.List([EncoderDecoderBlock(cfg, decoder=False, use_moe=i in encoder_moe, rngs=rngs)
                              for i in range(cfg.num_layers)])
-    self.encoder_norm = layers.make_norm(cfg.norm, cfg.d_model, rngs=rngs)
+    self.encoder_norm = layers.make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
     self.decoder = nnx.List([EncoderDecoderBlock(cfg, decoder=True, use_moe=i in decoder_moe, rngs=rngs)
                              for i in range(cfg.decoder_layers)])
-    self.decoder_norm = layers.make_norm(cfg.norm, cfg.d_model, rngs=rngs)
+    self.decoder_norm = layers.make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
     self.relative = cfg.positions == "relative"
     if self.relative:
       bias = lambda bidirectional: layers.RelativePositionBias(  # noqa: E731
@@ -142,7 +143,7 @@ class EncoderDecoder(nnx.Module):
         auxes[self.config.num_layers + index] = aux
     y = self.decoder_norm(y)
     if self.config.tie_embeddings:
-      logits = self.embed.attend(y)
+      logits = self.embed.attend(y, scaled=self.config.scale_tied_head)
     else:
       logits = jnp.einsum("blm,mv->blv", y.astype(jnp.float32), self.unembed[...])
     return logits, sum_aux(auxes)

@@ -145,14 +145,18 @@ def flops_per_sequence(
   )
 
 
+# model.norm -> parameters per normalised feature: scale (RMSNorm, LayerNorm without bias), scale and bias, none.
+NORM_PARAMS = {"rmsnorm": 1, "layernorm": 2, "layernorm_nobias": 1, "layernorm_noparam": 0}
+
+
 @dataclasses.dataclass(frozen=True)
 class ParamBreakdown:
   """Parameters by component, summed over blocks; routed experts counted in full (total) and per token."""
 
-  embeddings: int  # input embedding, and the output projection unless tied
-  attention: int
+  embeddings: int  # input embedding, the output projection unless tied, its bias (model.lm_head_bias)
+  attention: int  # projections and their biases (model.attention_bias)
   position_bias: int  # T5 relative position buckets x heads, one table per stack (0 for rotary)
-  norms: int
+  norms: int  # block and final norms, QK-norm scales
   dense_ffn: int
   router: int
   shared_experts: int  # always active (DeepSeekMoE), with their gate (Qwen2-MoE) where there is one
@@ -216,8 +220,12 @@ def param_breakdown(cfg: ModelConfig) -> ParamBreakdown:
   """Every parameter of the model `models.build(cfg)` makes, by component (tests check it against the built
   model)."""
   m = cfg.d_model
-  norm = m if cfg.norm == "rmsnorm" else 2 * m
+  norm = NORM_PARAMS[cfg.norm] * m
   stacks = _stacks(cfg)
+  q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+  # Per attention sublayer: the projection biases, the QK-norm scales ([D] each per head, [H*D] and [K*D] full).
+  attention_bias = {"none": 0, "qkv": q_dim + 2 * kv_dim, "qkvo": q_dim + 2 * kv_dim + m}[cfg.attention_bias]
+  qk_norm = {"none": 0, "per_head": 2 * cfg.head_dim, "full": q_dim + kv_dim}[cfg.qk_norm]
   num_moe = stacks.moe_blocks
   num_dense = stacks.blocks - num_moe
   routed = router = shared = 0
@@ -230,10 +238,10 @@ def param_breakdown(cfg: ModelConfig) -> ParamBreakdown:
       router += moe_blocks * router_params_per_layer(stack)
     shared = num_moe * (ffn_params(m, cfg.shared_d_ff, cfg.activation) + shared_gate_params(cfg))
   return ParamBreakdown(
-      embeddings=cfg.vocab_size * m * (1 if cfg.tie_embeddings else 2),
-      attention=stacks.attentions * m * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.kv_heads),
+      embeddings=cfg.vocab_size * m * (1 if cfg.tie_embeddings else 2) + (cfg.vocab_size if cfg.lm_head_bias else 0),
+      attention=stacks.attentions * (m * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.kv_heads) + attention_bias),
       position_bias=stacks.position_tables * cfg.relative_buckets * cfg.num_heads,
-      norms=stacks.norms * norm,
+      norms=stacks.norms * norm + stacks.attentions * qk_norm,
       dense_ffn=num_dense * ffn_params(m, cfg.d_ff, cfg.activation),
       router=router, shared_experts=shared, routed_experts=routed, routed_experts_active=active,
   )

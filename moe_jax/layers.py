@@ -8,6 +8,8 @@ Parameters carry logical axis names; `moe_jax.parallel.LOGICAL_AXIS_RULES` maps 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -17,21 +19,42 @@ from moe_jax.init import switch_init
 _SCALE_INIT = nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",))
 _BIAS_INIT = nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",))
 
-# Pre-norm layers by config name (model.norm), float32 statistics: RMSNorm (T5, Switch) or LayerNorm (GPT-2).
-NORMS = {
-    "rmsnorm": lambda d_model, rngs: nnx.RMSNorm(d_model, epsilon=1e-6, scale_init=_SCALE_INIT, rngs=rngs),
-    "layernorm": lambda d_model, rngs: nnx.LayerNorm(
-        d_model, epsilon=1e-6, scale_init=_SCALE_INIT, bias_init=_BIAS_INIT, rngs=rngs),
-}
 
+def _layer_norm(*, scale: bool, bias: bool):
+  """LayerNorm (Ba et al. 2016) with or without its learned scale and bias. The variance is the mean of the
+  squared deviations (torch's and the published checkpoints' form), not E[x^2] - E[x]^2."""
+  return lambda d_model, eps, rngs: nnx.LayerNorm(
+      d_model, epsilon=eps, use_scale=scale, use_bias=bias, scale_init=_SCALE_INIT, bias_init=_BIAS_INIT,
+      use_fast_variance=False, rngs=rngs)
+
+
+# Norm layers by config name (model.norm), float32 statistics, epsilon model.norm_eps; (d_model, eps, rngs) ->
+# module. Parameters: `scale` [M] ('embed',) where learned, `bias` [M] ('embed',) for 'layernorm' only.
+NORMS = {
+    # T5, Switch, Llama, Mixtral, Qwen, OLMoE, OLMo 2: x / rms(x) * scale.
+    "rmsnorm": lambda d_model, eps, rngs: nnx.RMSNorm(d_model, epsilon=eps, scale_init=_SCALE_INIT, rngs=rngs),
+    # GPT-2, Phi-3.5-MoE: (x - mean) / std * scale + bias.
+    "layernorm": _layer_norm(scale=True, bias=True),
+    # DBRX (torch LayerNorm with bias=False): scale only.
+    "layernorm_nobias": _layer_norm(scale=True, bias=False),
+    # OLMo (`OlmoLayerNorm`: F.layer_norm with neither weight nor bias): no parameters at all.
+    "layernorm_noparam": _layer_norm(scale=False, bias=False),
+}
 
 # Position schemes by config name (model.positions): rotary angles on queries and keys, or T5's learned bias per
 # relative-position bucket (`RelativePositionBias`).
 POSITIONS = ("rotary", "relative")
 
 
-def make_norm(kind: str, d_model: int, *, rngs: nnx.Rngs) -> nnx.Module:
-  return NORMS[kind](d_model, rngs)
+def make_norm(kind: str, d_model: int, *, eps: float, rngs: nnx.Rngs) -> nnx.Module:
+  """The norm layer `kind` (a name of `NORMS`) over the last axis of width `d_model`, with epsilon `eps`."""
+  return NORMS[kind](d_model, eps, rngs)
+
+
+def rotary_frequencies(head_dim: int, *, max_wavelength: float = 10_000.0) -> jax.Array:  # [D/2] float32
+  """The rotary angle per position of each feature pair j: theta^(-2j/D), theta = `max_wavelength`."""
+  half = head_dim // 2
+  return max_wavelength ** (-jnp.arange(half, dtype=jnp.float32) / half)
 
 
 def rotary_embedding(
@@ -39,15 +62,79 @@ def rotary_embedding(
     positions: jax.Array,  # [B, L] int
     *,
     max_wavelength: float = 10_000.0,
+    frequencies: jax.Array | None = None,  # [D/2] float32: the angle per position of each pair (`Rope`)
+    mscale: float = 1.0,
 ) -> jax.Array:  # [B, L, H, D]
   """Rotary position embedding (Su et al. 2021, eq. 34): rotate feature pairs by position-dependent angles,
-  so that q.k depends on relative position only. Computed in float32, returned in x.dtype."""
-  half = x.shape[-1] // 2
-  freq = max_wavelength ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [D/2]
-  angle = positions.astype(jnp.float32)[:, :, None, None] * freq  # [B, L, 1, D/2]
-  sin, cos = jnp.sin(angle), jnp.cos(angle)
+  so that q.k depends on relative position only. Pair j is (x_j, x_{j + D/2}), the two halves of each head (the
+  published Llama-family layout, transformers' `rotate_half`). `frequencies` default to
+  `rotary_frequencies(D, max_wavelength)`; cos and sin are multiplied by `mscale` (LongRoPE's attention factor).
+  Computed in float32, returned in x.dtype."""
+  if frequencies is None:
+    frequencies = rotary_frequencies(x.shape[-1], max_wavelength=max_wavelength)
+  angle = positions.astype(jnp.float32)[:, :, None, None] * frequencies  # [B, L, 1, D/2]
+  sin, cos = jnp.sin(angle) * mscale, jnp.cos(angle) * mscale
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _llama3_frequencies(rope: "Rope", frequencies: jax.Array, length: int) -> tuple[jax.Array, float]:
+  """Llama 3.1's frequency scaling (transformers `_compute_llama3_parameters`): with wavelength w_j = 2 pi / f_j,
+  lo = original_max_len / low_freq_factor and hi = original_max_len / high_freq_factor, pairs with w_j < hi keep
+  f_j, pairs with w_j > lo take f_j / factor, and those between interpolate with
+  s = (original_max_len / w_j - low_freq_factor) / (high_freq_factor - low_freq_factor):
+  (1 - s) f_j / factor + s f_j. Independent of the sequence length; no attention factor."""
+  del length
+  wavelength = 2 * jnp.pi / frequencies
+  low_wavelength = rope.original_max_len / rope.low_freq_factor
+  high_wavelength = rope.original_max_len / rope.high_freq_factor
+  scaled = jnp.where(wavelength > low_wavelength, frequencies / rope.factor, frequencies)
+  smooth = (rope.original_max_len / wavelength - rope.low_freq_factor) / (rope.high_freq_factor
+                                                                           - rope.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+  medium = (wavelength >= high_wavelength) & (wavelength <= low_wavelength)
+  return jnp.where(medium, smoothed, scaled), 1.0
+
+
+def _longrope_frequencies(rope: "Rope", frequencies: jax.Array, length: int) -> tuple[jax.Array, float]:
+  """LongRoPE (Ding et al. 2024, arXiv:2402.13753; Phi-3): each pair's frequency divided by its own factor and
+  cos/sin multiplied by an attention factor, the `short_*` ones for sequences up to `original_max_len` tokens,
+  the `long_*` ones beyond (the length is static, so the choice is made when tracing)."""
+  long = length > rope.original_max_len
+  factors = jnp.asarray(rope.long_factor if long else rope.short_factor, jnp.float32)  # [D/2]
+  return frequencies / factors, rope.long_mscale if long else rope.short_mscale
+
+
+# Rotary scalings by config name (model.rope_scaling): (rope, base frequencies [D/2], sequence length) ->
+# (frequencies [D/2], mscale).
+ROPE_SCALINGS = {
+    "none": lambda rope, frequencies, length: (frequencies, 1.0),
+    "llama3": _llama3_frequencies,
+    "longrope": _longrope_frequencies,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+  """The rotary embedding's frequencies: base `theta` (model.rope_theta) and a long-context `scaling`
+  (model.rope_scaling and its model.rope_* fields, same names without the prefix; `factor` is
+  model.rope_scaling_factor). Frozen and hashable: a static attribute of `Attention`."""
+
+  theta: float = 10_000.0
+  scaling: str = "none"
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_len: int = 0
+  short_factor: tuple[float, ...] = ()
+  long_factor: tuple[float, ...] = ()
+  short_mscale: float = 1.0
+  long_mscale: float = 1.0
+
+  def frequencies(self, head_dim: int, length: int) -> tuple[jax.Array, float]:
+    """(the angle per position of each pair [D/2] float32, the cos/sin factor) for a sequence of `length`."""
+    base = rotary_frequencies(head_dim, max_wavelength=self.theta)
+    return ROPE_SCALINGS[self.scaling](self, base, length)
 
 
 def relative_position_bucket(
@@ -99,17 +186,39 @@ class RelativePositionBias(nnx.Module):
     return jnp.take(self.embedding[...], buckets, axis=0).transpose(2, 0, 1)[None]  # [1, H, Lq, Lk]
 
 
+# QK-norm by config name (model.qk_norm): none; RMSNorm over each head's D features with one [D] scale shared by
+# the heads (Qwen3); RMSNorm over the whole projected q [H*D] and k [K*D] before the head split (OLMoE, OLMo 2).
+QK_NORMS = ("none", "per_head", "full")
+
+# Attention biases by config name (model.attention_bias): none (T5, Llama); on the q/k/v projections (Qwen2);
+# on q/k/v and the output projection (Phi-3.5-MoE).
+ATTENTION_BIASES = ("none", "qkv", "qkvo")
+
+
+def _unmodeled_rms_norm(width: int, eps: float, rngs: nnx.Rngs) -> nnx.RMSNorm:
+  """An RMSNorm whose scale [width] is never sharded (QK-norm: D or a projection's H*D, not d_model)."""
+  init = nnx.with_partitioning(nnx.initializers.ones_init(), ("unmodeled",))
+  return nnx.RMSNorm(width, epsilon=eps, scale_init=init, rngs=rngs)
+
+
 class Attention(nnx.Module):
-  """Multi-head or grouped-query dot-product attention with no bias terms (T5), in the variants a transformer
-  needs: causal or bidirectional, rotary positions or none (then the caller passes T5's relative position
-  `bias`), self-attention or cross-attention over a separate `context` (encoder-decoder).
+  """Multi-head or grouped-query dot-product attention, in the variants a transformer needs: causal or
+  bidirectional, rotary positions or none (then the caller passes T5's relative position `bias`),
+  self-attention or cross-attention over a separate `context` (encoder-decoder).
 
   `num_kv_heads` K key/value heads are shared by groups of H / K query heads (grouped-query attention,
   Ainslie et al. 2023, arXiv:2305.13245; K = 1 is multi-query attention, Shazeer 2019; K = H is multi-head).
   Self-attention holds one projection parameter `qkv` [M, H + 2K, D]: query heads, then key heads, then value
   heads. Cross-attention projects queries and keys/values from different inputs, so holds `q` [M, H, D] and
-  `kv` [M, 2K, D]. Scores are scaled by D^-1/2 (T5 leaves them unscaled and folds the factor into its query
-  initialisation; with the Switch init of every projection the standard scaling keeps logits of unit order).
+  `kv` [M, 2K, D]. The output projection is `out` [H, D, M].
+
+  Scores are scaled by D^-1/2 (`scale_logits`; T5 and Switch leave them unscaled, `scale_logits=False`, and fold
+  the factor into the query initialisation). The published decoder families add, to self-attention only:
+  `bias` 'qkv' (parameter `qkv_bias` [H + 2K, D], added to the projection; Qwen2) or 'qkvo' (also `out_bias`
+  [M]; Phi-3.5-MoE); `qk_norm` (RMSNorm modules `q_norm` and `k_norm` with epsilon `norm_eps`, scales [D] for
+  'per_head' (Qwen3), [H*D] and [K*D] for 'full' (OLMoE, OLMo 2)); `clip_qkv` c > 0 clamps q, k and v to
+  [-c, c] after the projection, its bias and the QK-norm (DBRX, OLMo; OLMoE clamps after its norms); then
+  rotary positions with the frequencies of `rope`.
   """
 
   def __init__(
@@ -122,16 +231,26 @@ class Attention(nnx.Module):
       init_scale: float,
       causal: bool = True,
       rotary: bool = True,
+      rope: Rope = Rope(),
       cross: bool = False,
+      scale_logits: bool = True,
+      bias: str = "none",
+      qk_norm: str = "none",
+      clip_qkv: float = 0.0,
+      norm_eps: float = 1e-6,
       dropout: float = 0.0,
       dtype: jnp.dtype = jnp.float32,
       rngs: nnx.Rngs,
   ):
     if cross and (causal or rotary):
       raise ValueError("cross-attention is neither causal nor rotary: queries and keys index different sequences")
+    if cross and (bias != "none" or qk_norm != "none" or clip_qkv):
+      raise ValueError("attention biases, QK-norm and clip_qkv are implemented for self-attention only")
     self.num_heads = num_heads
     self.num_kv_heads = num_kv_heads or num_heads
     self.causal, self.rotary, self.cross = causal, rotary, cross
+    self.rope, self.scale_logits = rope, scale_logits
+    self.bias, self.qk_norm, self.clip_qkv = bias, qk_norm, clip_qkv
     in_init = nnx.with_partitioning(switch_init(init_scale, in_axis=0, out_axis=(1, 2)), ("embed", "heads", "kv"))
     out_init = switch_init(init_scale, in_axis=(0, 1), out_axis=2)
     kv_heads = 2 * self.num_kv_heads
@@ -143,8 +262,25 @@ class Attention(nnx.Module):
     self.out = nnx.Param(
         nnx.with_partitioning(out_init, ("heads", "kv", "embed"))(rngs.params(), (num_heads, head_dim, d_model))
     )
+    zeros = nnx.initializers.zeros_init()
+    if bias in ("qkv", "qkvo"):
+      self.qkv_bias = nnx.Param(nnx.with_partitioning(zeros, ("heads", "kv"))(
+          rngs.params(), (num_heads + kv_heads, head_dim)))
+    if bias == "qkvo":
+      self.out_bias = nnx.Param(nnx.with_partitioning(zeros, ("embed",))(rngs.params(), (d_model,)))
+    if qk_norm != "none":
+      per_head = qk_norm == "per_head"
+      self.q_norm = _unmodeled_rms_norm(head_dim if per_head else num_heads * head_dim, norm_eps, rngs)
+      self.k_norm = _unmodeled_rms_norm(head_dim if per_head else self.num_kv_heads * head_dim, norm_eps, rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     self.dtype = dtype
+
+  def _normalized(self, norm: nnx.RMSNorm, heads: jax.Array) -> jax.Array:  # [B, L, H, D] -> same, self.dtype
+    """QK-norm of query or key heads: over D per head, or over the whole projection (all heads together)."""
+    if self.qk_norm == "per_head":
+      return norm(heads).astype(self.dtype)
+    flat = heads.reshape(*heads.shape[:2], -1)  # [B, L, H*D]: heads are contiguous blocks of D
+    return norm(flat).reshape(heads.shape).astype(self.dtype)
 
   def __call__(
       self,
@@ -164,15 +300,26 @@ class Attention(nnx.Module):
       k, v = jnp.split(kv, 2, axis=2)  # [B, Lk, K, D] each
     else:
       qkv = jnp.einsum("blm,mhd->blhd", x, self.qkv[...].astype(self.dtype))  # [B, L, H + 2K, D]
+      if self.bias != "none":
+        qkv = qkv + self.qkv_bias[...].astype(self.dtype)
       q, k, v = jnp.split(qkv, [self.num_heads, self.num_heads + self.num_kv_heads], axis=2)
+    if self.qk_norm != "none":
+      q, k = self._normalized(self.q_norm, q), self._normalized(self.k_norm, k)
+    if self.clip_qkv:
+      q, k, v = (jnp.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, k, v))
     if self.rotary:
       positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-      q, k = rotary_embedding(q, positions), rotary_embedding(k, positions)
+      frequencies, mscale = self.rope.frequencies(q.shape[-1], x.shape[1])
+      q = rotary_embedding(q, positions, frequencies=frequencies, mscale=mscale)
+      k = rotary_embedding(k, positions, frequencies=frequencies, mscale=mscale)
     if bias is not None:
       bias = bias.astype(self.dtype)
     # K heads shared by groups of H / K query heads; `mask` and `is_causal` combine.
-    attended = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=self.causal)  # [B, Lq, H, D]
+    attended = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=self.causal,
+                                            scale=None if self.scale_logits else 1.0)  # [B, Lq, H, D]
     y = jnp.einsum("blhd,hdm->blm", attended, self.out[...].astype(self.dtype))
+    if self.bias == "qkvo":
+      y = y + self.out_bias[...].astype(self.dtype)
     return self.dropout(y, deterministic=deterministic)
 
 
@@ -181,7 +328,7 @@ CausalSelfAttention = Attention
 
 
 class Embedding(nnx.Module):
-  """Token embedding [V, M]; with `tied`, also the output projection (scaled by M^-1/2, as in T5)."""
+  """Token embedding [V, M]; with `tied`, also the output projection (`attend`)."""
 
   def __init__(self, vocab_size: int, d_model: int, *, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
     # Unit-variance embeddings (T5/Mesh TF): the first pre-norm rescales them anyway.
@@ -192,6 +339,10 @@ class Embedding(nnx.Module):
   def __call__(self, tokens: jax.Array) -> jax.Array:  # [B, L] int -> [B, L, M]
     return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
 
-  def attend(self, x: jax.Array) -> jax.Array:  # [B, L, M] -> [B, L, V] float32
-    scaled = x.astype(jnp.float32) * x.shape[-1] ** -0.5
-    return jnp.einsum("blm,vm->blv", scaled, self.embedding[...])
+  def attend(self, x: jax.Array, *, scaled: bool = True) -> jax.Array:  # [B, L, M] -> [B, L, V] float32
+    """The tied output projection x E^T; `scaled` first multiplies x by M^-1/2 (T5, Switch: Mesh TF's tied
+    logits), unscaled is the Llama/Qwen/OLMo tied head."""
+    x = x.astype(jnp.float32)
+    if scaled:
+      x = x * x.shape[-1] ** -0.5
+    return jnp.einsum("blm,vm->blv", x, self.embedding[...])

@@ -3,9 +3,13 @@
 Axis legend: B batch · L sequence length · M d_model · F d_ff · V vocabulary.
 
 Architecture (Fedus et al. 2021, Sec. 2; a decoder-only variant of T5 as in their LM experiments):
-pre-norm blocks x + Attn(Norm(x)), x + FFN(Norm(x)), where FFN is a `MoeFeedForward` on every
-`moe_layer_interval`-th block from `moe_start_block` on (Switch: every other block; DeepSeekMoE: every block but
-the first) and a dense `FeedForward` elsewhere. Attention is multi-head or grouped-query (`num_kv_heads`).
+pre-norm blocks x + Attn(Norm(x)), x + FFN(Norm(x)) (or post-norm x + Norm(Attn(x)), x + Norm(FFN(x)), OLMo 2:
+`model.norm_position`), where FFN is a `MoeFeedForward` on every `moe_layer_interval`-th block from
+`moe_start_block` on (Switch: every other block; DeepSeekMoE: every block but the first) and a dense `FeedForward`
+elsewhere. Attention is multi-head or grouped-query (`num_kv_heads`), with the published families' options
+(`layers.Attention`: rotary base and scaling, QK-norm, biases, qkv clipping, unscaled logits). The output
+projection is untied `unembed` [M, V] or the tied embedding (scaled by M^-1/2 or not: `model.scale_tied_head`),
+plus `unembed_bias` [V] with `model.lm_head_bias`.
 
 Rematerialisation (`model.remat`, Chen et al. 2016, arXiv:1604.06174): each block's forward pass runs under
 `nnx.remat`, so the backward pass recomputes the block's activations instead of keeping them: 'full' keeps only
@@ -44,17 +48,41 @@ class LmAux:
   blocks: dict[int, MoeAux]  # block index -> that block's losses and routing metrics; {} for a dense model
 
 
+# Where a block's norms sit (model.norm_position): 'pre' normalises each sublayer's input, x + f(Norm(x)) (T5,
+# Llama, every MoE family); 'post' each sublayer's output, x + Norm(f(x)), with no norm before attention or the
+# FFN (OLMo 2, Groeneveld/OLMo team 2024, arXiv:2501.00656 Sec. 3.2; the final norm stays).
+NORM_POSITIONS = ("pre", "post")
+
+
+def rope_of(cfg: ModelConfig) -> layers.Rope:
+  """The rotary frequencies model.rope_theta and model.rope_scaling (with its model.rope_* fields) ask for."""
+  return layers.Rope(
+      theta=cfg.rope_theta, scaling=cfg.rope_scaling, factor=cfg.rope_scaling_factor,
+      low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+      original_max_len=cfg.rope_original_max_len, short_factor=cfg.rope_short_factor,
+      long_factor=cfg.rope_long_factor, short_mscale=cfg.rope_short_mscale, long_mscale=cfg.rope_long_mscale)
+
+
 class Block(nnx.Module):
-  """One pre-norm transformer block; the FFN is dense or a mixture of experts."""
+  """One transformer block, pre-norm x + Attn(Norm(x)), x + FFN(Norm(x)) (norms `attention_norm`, `ffn_norm`)
+  or post-norm x + Norm(Attn(x)), x + Norm(FFN(x)) (norms `attention_out_norm`, `ffn_out_norm`); the FFN is
+  dense or a mixture of experts."""
 
   def __init__(self, cfg: ModelConfig, *, use_moe: bool, rngs: nnx.Rngs):
     dtype = DTYPES[cfg.dtype]
-    self.attention_norm = layers.make_norm(cfg.norm, cfg.d_model, rngs=rngs)
+    self.post_norm = cfg.norm_position == "post"
+    norm = lambda: layers.make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, rngs=rngs)  # noqa: E731
+    if not self.post_norm:
+      self.attention_norm = norm()
     self.attention = layers.CausalSelfAttention(
         cfg.d_model, cfg.num_heads, cfg.head_dim, num_kv_heads=cfg.kv_heads, init_scale=cfg.init_scale,
-        dropout=cfg.dropout, dtype=dtype, rngs=rngs,
+        rope=rope_of(cfg), scale_logits=cfg.scale_attention, bias=cfg.attention_bias, qk_norm=cfg.qk_norm,
+        clip_qkv=cfg.clip_qkv, norm_eps=cfg.norm_eps, dropout=cfg.dropout, dtype=dtype, rngs=rngs,
     )
-    self.ffn_norm = layers.make_norm(cfg.norm, cfg.d_model, rngs=rngs)
+    if self.post_norm:
+      self.attention_out_norm = norm()
+    else:
+      self.ffn_norm = norm()
     self.use_moe = use_moe
     if use_moe:
       self.ffn = MoeFeedForward(
@@ -66,16 +94,24 @@ class Block(nnx.Module):
           cfg.d_model, cfg.d_ff, activation=cfg.activation, dropout=cfg.dropout, init_scale=cfg.init_scale,
           dtype=dtype, rngs=rngs,
       )
+    if self.post_norm:
+      self.ffn_out_norm = norm()
     self.residual_dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
   def __call__(self, x: jax.Array, *, deterministic: bool, token_ids: jax.Array | None = None):
     """x [B, L, M] -> ([B, L, M], aux | None); token_ids [B, L] only when the MoE router reads them (hash)."""
-    x = x + self.attention(self.attention_norm(x), deterministic=deterministic)
-    h = self.ffn_norm(x)
+    if self.post_norm:
+      x = x + self.attention_out_norm(self.attention(x, deterministic=deterministic)).astype(x.dtype)
+      h = x
+    else:
+      x = x + self.attention(self.attention_norm(x), deterministic=deterministic)
+      h = self.ffn_norm(x)
     if self.use_moe:
       y, aux = self.ffn(h, deterministic=deterministic, token_ids=token_ids)
     else:
       y, aux = self.ffn(h, deterministic=deterministic), None
+    if self.post_norm:
+      y = self.ffn_out_norm(y).astype(x.dtype)
     return x + self.residual_dropout(y, deterministic=deterministic), aux
 
 
@@ -135,11 +171,14 @@ class TransformerLM(nnx.Module):
       self.scanned = create(rngs)
     else:
       self.blocks = nnx.List([Block(cfg, use_moe=i in moe_layers, rngs=rngs) for i in range(cfg.num_layers)])
-    self.final_norm = layers.make_norm(cfg.norm, cfg.d_model, rngs=rngs)
+    self.final_norm = layers.make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
     self.input_dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
     if not cfg.tie_embeddings:
       init = nnx.with_partitioning(switch_init(cfg.init_scale), ("embed", "vocab"))
       self.unembed = nnx.Param(init(rngs.params(), (cfg.d_model, cfg.vocab_size)))
+    if cfg.lm_head_bias:
+      init = nnx.with_partitioning(nnx.initializers.zeros_init(), ("vocab",))
+      self.unembed_bias = nnx.Param(init(rngs.params(), (cfg.vocab_size,)))
 
   def __call__(self, tokens: jax.Array, *, deterministic: bool = True) -> tuple[jax.Array, LmAux]:
     if tokens.shape[1] > self.config.max_seq_len:
@@ -158,9 +197,11 @@ class TransformerLM(nnx.Module):
           auxes[index] = aux
     x = self.final_norm(x)
     if self.config.tie_embeddings:
-      logits = self.embed.attend(x)
+      logits = self.embed.attend(x, scaled=self.config.scale_tied_head)
     else:
       logits = jnp.einsum("blm,mv->blv", x.astype(jnp.float32), self.unembed[...])
+    if self.config.lm_head_bias:
+      logits = logits + self.unembed_bias[...]
     return logits, sum_aux(auxes)
 
 

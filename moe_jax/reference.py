@@ -245,27 +245,166 @@ def gated_shared_experts(
   term `moe.shared_expert_gate` adds to the routed output, written out."""
   return jax.nn.sigmoid(x @ gate) * expert_ffn(shared, 0, x, activation)
 
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention, norms, positions and the decoder LM.
+
+
+def rms_norm(x: jax.Array, scale: jax.Array | None, eps: float) -> jax.Array:  # [..., N] -> [..., N] float32
+  """RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * scale, over the last axis."""
+  x = x.astype(jnp.float32)
+  y = x / jnp.sqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+  return y if scale is None else y * scale
+
+
+def layer_norm(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, eps: float) -> jax.Array:
+  """LayerNorm (Ba et al. 2016): (x - mean) / sqrt(var + eps) * scale + bias over the last axis, var the mean
+  squared deviation (torch's F.layer_norm); no scale / no bias where None."""
+  x = x.astype(jnp.float32)
+  centred = x - jnp.mean(x, axis=-1, keepdims=True)
+  y = centred / jnp.sqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + eps)
+  y = y if scale is None else y * scale
+  return y if bias is None else y + bias
+
+
+def norm(kind: str, x: jax.Array, params: dict, eps: float) -> jax.Array:
+  """The norm `kind` (model.norm) with its parameters {'scale', 'bias'} as the model holds them."""
+  if kind == "rmsnorm":
+    return rms_norm(x, params.get("scale"), eps)
+  return layer_norm(x, params.get("scale"), params.get("bias"), eps)
+
+
+def rope_frequencies(head_dim: int, length: int, *, theta: float = 10_000.0, scaling: str = "none",
+                     factor: float = 8.0, low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                     original_max_len: int = 0, short_factor=(), long_factor=(), short_mscale: float = 1.0,
+                     long_mscale: float = 1.0) -> tuple[np.ndarray, float]:
+  """The rotary angle per position of each feature pair [D/2] and the cos/sin factor, pair by pair in Python
+  floats, as transformers' `modeling_rope_utils` defines them: default f_j = theta^(-2j/D); 'llama3'
+  (`_compute_llama3_parameters`) keeps high frequencies (wavelength 2 pi / f_j < original_max / high_freq_factor),
+  divides low ones (wavelength > original_max / low_freq_factor) by `factor` and interpolates between;
+  'longrope' (`_compute_longrope_parameters`, Phi-3) divides f_j by the short or long factor of pair j and scales
+  cos/sin by the short or long mscale, long beyond `original_max_len` tokens. The yardstick of `layers.Rope`."""
+  import math
+
+  frequencies, mscale = [], 1.0
+  for j in range(head_dim // 2):
+    f = theta ** (-2 * j / head_dim)
+    if scaling == "llama3":
+      wavelength = 2 * math.pi / f
+      if wavelength > original_max_len / low_freq_factor:
+        f = f / factor
+      elif wavelength >= original_max_len / high_freq_factor:
+        smooth = (original_max_len / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        f = (1 - smooth) * f / factor + smooth * f
+    elif scaling == "longrope":
+      long = length > original_max_len
+      f = f / (long_factor if long else short_factor)[j]
+      mscale = long_mscale if long else short_mscale
+    frequencies.append(f)
+  return np.asarray(frequencies, np.float32), mscale
+
+
+def rotary(x: jax.Array, frequencies, mscale: float = 1.0) -> jax.Array:  # [B, L, H, D] -> [B, L, H, D]
+  """Rotary positions as transformers writes them: x cos + rotate_half(x) sin, with positions 0 .. L-1,
+  cos = cos(pos f) and sin = sin(pos f) repeated over both halves of each head and multiplied by mscale."""
+  angle = jnp.arange(x.shape[1], dtype=jnp.float32)[:, None] * jnp.asarray(frequencies)  # [L, D/2]
+  angle = jnp.concatenate([angle, angle], axis=-1)[None, :, None, :]  # [1, L, 1, D]
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return x * (jnp.cos(angle) * mscale) + jnp.concatenate([-x2, x1], axis=-1) * (jnp.sin(angle) * mscale)
+
+
 def attention(
     x: jax.Array,  # [B, L, M]
     qkv: jax.Array,  # [M, H + 2K, D]: query heads, then key heads, then value heads
     out: jax.Array,  # [H, D, M]
     num_heads: int,
     num_kv_heads: int,
+    *,
+    qkv_bias: jax.Array | None = None,  # [H + 2K, D]
+    out_bias: jax.Array | None = None,  # [M]
+    qk_norm: str = "none",
+    q_norm: jax.Array | None = None,  # [D] per head or [H*D] full
+    k_norm: jax.Array | None = None,  # [D] per head or [K*D] full
+    norm_eps: float = 1e-6,
+    clip_qkv: float = 0.0,
+    frequencies=None,  # [D/2]; None: theta 1e4
+    mscale: float = 1.0,
+    scale_logits: bool = True,
 ) -> jax.Array:  # [B, L, M]
   """Causal softmax attention written out, the yardstick of `layers.CausalSelfAttention`: each group of H / K
-  query heads reads its own key/value head (grouped-query attention; K = H is multi-head), scores scaled by
-  D^-1/2, rotary positions on queries and keys."""
+  query heads reads its own key/value head (grouped-query attention; K = H is multi-head), the projection plus
+  `qkv_bias`, QK-norm ('per_head': RMSNorm over each head's D; 'full': over the whole projected q and k),
+  clamping to [-clip_qkv, clip_qkv], rotary positions on queries and keys, scores scaled by D^-1/2 unless
+  `scale_logits` is False, and `out_bias` on the output projection."""
+  batch, length, _ = x.shape
   proj = jnp.einsum("blm,mhd->blhd", x, qkv)
+  if qkv_bias is not None:
+    proj = proj + qkv_bias
   q, k, v = (proj[:, :, :num_heads], proj[:, :, num_heads:num_heads + num_kv_heads],
              proj[:, :, num_heads + num_kv_heads:])
-  positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-  q, k = layers.rotary_embedding(q, positions), layers.rotary_embedding(k, positions)
+  if qk_norm == "per_head":
+    q, k = rms_norm(q, q_norm, norm_eps), rms_norm(k, k_norm, norm_eps)
+  elif qk_norm == "full":
+    q = rms_norm(q.reshape(batch, length, -1), q_norm, norm_eps).reshape(q.shape)
+    k = rms_norm(k.reshape(batch, length, -1), k_norm, norm_eps).reshape(k.shape)
+  if clip_qkv:
+    q, k, v = jnp.clip(q, -clip_qkv, clip_qkv), jnp.clip(k, -clip_qkv, clip_qkv), jnp.clip(v, -clip_qkv, clip_qkv)
+  if frequencies is None:
+    frequencies, mscale = rope_frequencies(q.shape[-1], length)
+  q, k = rotary(q, frequencies, mscale), rotary(k, frequencies, mscale)
   group = num_heads // num_kv_heads
   k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1])
-  causal = jnp.tril(jnp.ones((x.shape[1], x.shape[1]), bool))
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+  if scale_logits:
+    scores = scores / jnp.sqrt(q.shape[-1])
+  causal = jnp.tril(jnp.ones((length, length), bool))
   probs = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
-  return jnp.einsum("bhqk,bkhd,hdm->bqm", probs, v, out)
+  y = jnp.einsum("bhqk,bkhd,hdm->bqm", probs, v, out)
+  return y if out_bias is None else y + out_bias
+
+
+def decoder_lm(cfg, params: dict, tokens: jax.Array) -> jax.Array:  # tokens [B, L] -> logits [B, L, V]
+  """The dense decoder LM (`model.TransformerLM` with model.moe_layer_interval=0) written out from a ModelConfig
+  `cfg` and its parameters as `nnx.to_pure_dict` gives them: embedding; per block pre-norm
+  x + Attn(Norm(x)), x + FFN(Norm(x)) or post-norm x + Norm(Attn(x)), x + Norm(FFN(x)) (OLMo 2); final norm;
+  the output projection, tied (x E^T, times M^-1/2 when model.scale_tied_head) or not, plus its bias."""
+  frequencies, mscale = rope_frequencies(
+      cfg.head_dim, tokens.shape[1], theta=cfg.rope_theta, scaling=cfg.rope_scaling, factor=cfg.rope_scaling_factor,
+      low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
+      original_max_len=cfg.rope_original_max_len, short_factor=cfg.rope_short_factor,
+      long_factor=cfg.rope_long_factor, short_mscale=cfg.rope_short_mscale, long_mscale=cfg.rope_long_mscale)
+  x = params["embed"]["embedding"][tokens]
+  for i in range(cfg.num_layers):
+    block = params["blocks"][i]
+    a = block["attention"]
+
+    def attend(h, a=a):
+      return attention(
+          h, a["qkv"], a["out"], cfg.num_heads, cfg.kv_heads,
+          qkv_bias=a["qkv_bias"] if cfg.attention_bias != "none" else None,
+          out_bias=a["out_bias"] if cfg.attention_bias == "qkvo" else None, qk_norm=cfg.qk_norm,
+          q_norm=a["q_norm"]["scale"] if cfg.qk_norm != "none" else None,
+          k_norm=a["k_norm"]["scale"] if cfg.qk_norm != "none" else None,
+          norm_eps=cfg.norm_eps, clip_qkv=cfg.clip_qkv, frequencies=frequencies, mscale=mscale,
+          scale_logits=cfg.scale_attention)
+
+    f = block["ffn"]
+    weights = experts_lib.ExpertWeights(wi_0=f["wi_0"][None], wo=f["wo"][None],
+                                        wi_1=f["wi_1"][None] if "wi_1" in f else None)
+    ffn = lambda h, weights=weights: expert_ffn(weights, 0, h, cfg.activation)  # noqa: E731
+    if cfg.norm_position == "post":
+      x = x + norm(cfg.norm, attend(x), block.get("attention_out_norm", {}), cfg.norm_eps)
+      x = x + norm(cfg.norm, ffn(x), block.get("ffn_out_norm", {}), cfg.norm_eps)
+    else:
+      x = x + attend(norm(cfg.norm, x, block.get("attention_norm", {}), cfg.norm_eps))
+      x = x + ffn(norm(cfg.norm, x, block.get("ffn_norm", {}), cfg.norm_eps))
+  x = norm(cfg.norm, x, params.get("final_norm", {}), cfg.norm_eps)
+  if cfg.tie_embeddings:
+    head = params["embed"]["embedding"].T * (cfg.d_model ** -0.5 if cfg.scale_tied_head else 1.0)
+  else:
+    head = params["unembed"]
+  logits = x @ head
+  return logits + params["unembed_bias"] if cfg.lm_head_bias else logits
 
 
 def relative_position_bucket(relative_position: int, *, bidirectional: bool, num_buckets: int,
@@ -301,12 +440,17 @@ def attention_with_bias(
     bias: jax.Array | None,  # [1, H, Lq, Lk]
     mask: jax.Array | None,  # [B, 1, Lq, Lk] bool
     causal: bool,
+    *,
+    scale_logits: bool = True,
 ) -> jax.Array:  # [B, Lq, M]
   """Multi-head softmax attention written out with an additive logit bias (T5's relative positions) and a
-  padding mask, causal or not: the yardstick of `layers.Attention` in the encoder-decoder."""
+  padding mask, causal or not, scores scaled by D^-1/2 unless `scale_logits` is False (T5, Switch): the yardstick
+  of `layers.Attention` in the encoder-decoder."""
   q, k, v = (jnp.einsum("blm,mhd->blhd", x, wq), jnp.einsum("blm,mhd->blhd", context, wk),
              jnp.einsum("blm,mhd->blhd", context, wv))
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1])
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+  if scale_logits:
+    scores = scores / jnp.sqrt(q.shape[-1])
   if bias is not None:
     scores = scores + bias
   allowed = jnp.ones(scores.shape, bool)
