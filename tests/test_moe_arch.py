@@ -6,7 +6,9 @@ published models do."""
 
 import functools
 import importlib
+import json
 import math
+import pathlib
 
 import chex
 import jax
@@ -21,6 +23,18 @@ from moe_jax.moe_layer import MoeConfig, MoeFeedForward
 from tests.helpers import built_param_count
 
 BATCH, LENGTH, D_MODEL, D_FF = 2, 12, 16, 24
+# What `transformers` recorded (docs/interop_fixtures.md): per MoE layer the router logits of 2 x 12 tokens,
+# flattened batch-major, and the experts, weights (and Switch's kept tokens) it derived from them.
+FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "interop"
+
+
+def _fixture(family: str) -> tuple[dict, list[dict[str, np.ndarray]]]:
+  """The family's config.json and, per MoE layer, its recorded routing {router_logits, topk_index, ...}."""
+  config = json.loads((FIXTURES / family / "config.json").read_text())
+  with np.load(FIXTURES / family / "reference.npz", allow_pickle=False) as npz:
+    layers = [{key.split(".", 2)[2]: npz[key] for key in npz.files if key.startswith(f"moe.{n}.")}
+              for n in range(len(npz["moe_layers"]))]
+  return config, layers
 
 
 def inputs(seed: int = 1, shape=(BATCH, LENGTH, D_MODEL)) -> jax.Array:
@@ -143,6 +157,19 @@ def test_sparsemixer_matches_the_worked_answer(case):
 def _spread_logits(seed: int, shape=(3, 32, 6)) -> jax.Array:
   """Logits whose softmax stages keep neighbours for some tokens and not for others at eps = 0.1."""
   return 0.5 * jax.random.normal(jax.random.key(seed), shape)
+
+
+def test_sparsemixer_reproduces_transformers_on_the_phimoe_fixture():
+  """The experts in their order and the unnormalised weights PhimoeForCausalLM computed (jitter_eps 0.1: 39 % of
+  its stages keep more than their own expert)."""
+  config, layers = _fixture("phimoe")
+  route_fn = jax.jit(functools.partial(routing.sparsemixer_route, jitter_eps=config["router_jitter_noise"],
+                                       dropless=True))
+  for recorded in layers:
+    route = route_fn(recorded["router_logits"][None])  # one group of the 24 tokens: dropless, groups do not matter
+    np.testing.assert_array_equal(route.expert_index[0], recorded["topk_index"])
+    np.testing.assert_allclose(route.combine_weight[0], recorded["topk_weight"], rtol=1e-5, atol=1e-6)
+    assert np.any(recorded["topk_weight"] < 0.999)
 
 
 def test_sparsemixer_equals_the_numpy_reference_on_random_logits():
@@ -313,6 +340,21 @@ def test_expert_capacity_drops_what_a_per_sequence_cumsum_drops():
     np.testing.assert_array_equal(route.kept[..., 0], expected)
     assert route.capacity == min(24, capacity)
   assert not np.all(reference.per_sequence_capacity_kept(np.argmax(logits, -1), 4, 3))  # some tokens dropped
+
+
+def test_expert_capacity_reproduces_transformers_on_the_switch_fixture():
+  """SwitchTransformersForConditionalGeneration's kept tokens and weights, encoder and decoder MoE layer, from
+  expert_capacity = 3 with one routing group per sequence of 12."""
+  config, layers = _fixture("switch")
+  route_fn = jax.jit(functools.partial(routing.switch_route, expert_capacity=config["expert_capacity"]))
+  for recorded in layers:
+    route = route_fn(recorded["router_logits"].reshape(2, 12, -1))
+    kept = recorded["kept"].reshape(2, 12)
+    assert 0 < np.mean(~kept)
+    np.testing.assert_array_equal(route.kept[..., 0], kept)
+    np.testing.assert_array_equal(route.expert_index.reshape(24, 1), recorded["topk_index"])
+    np.testing.assert_allclose(route.combine_weight.reshape(24, 1), np.where(kept.reshape(24, 1),
+                               recorded["topk_weight"], 0), rtol=1e-5, atol=1e-6)
 
 
 def test_expert_capacity_applies_to_top_k_choice_by_choice():

@@ -37,7 +37,7 @@ class SparsemixerOptions(Section):
 
 
 def _check(moe, options: SparsemixerOptions) -> None:
-  """Two distinct experts per token: `moe.num_experts >= 2`."""
+  """`moe.num_experts >= 2`: every token takes two distinct experts."""
   if moe.num_experts < EXPERTS_PER_TOKEN:
     raise ValueError(f"moe.num_experts={moe.num_experts} must be >= 2 for moe.router='sparsemixer' (every token "
                      "takes two distinct experts)")
