@@ -417,3 +417,26 @@ def test_layout_transforms_are_exact_and_invert():
     assert len(back) == len(tensors)
     for a, b in zip(back, tensors):
       assert a.shape == b.shape and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("family", [family_param("llama")])
+def test_bfloat16_checkpoint_round_trips_in_bfloat16(family, tmp_path):
+  """A bfloat16 checkpoint: float32 parameters holding its values exactly, bfloat16 compute (model.dtype), and
+  an export in bfloat16 with the very bits it came with."""
+  import ml_dtypes
+
+  source = copy_fixture(family, tmp_path / family)
+  rewrite(source, lambda t: t.update({n: v.astype(ml_dtypes.bfloat16) for n, v in t.items()}))
+  hf = shards.read_config(str(source))
+  (source / "config.json").write_text(json.dumps({**hf, "dtype": "bfloat16"}))
+  config, model = interop.load(str(source))
+  assert config.model.dtype == "bfloat16"
+  assert all(p.dtype == np.float32 for p in params_of(model).values())
+  interop.export_model(model, interop.transfer.typed_model(config), family, str(tmp_path / "out"), base=hf | {
+      "dtype": "bfloat16"})
+  assert shards.read_config(str(tmp_path / "out"))["dtype"] == "bfloat16"
+  exported, original = shards.CheckpointReader(str(tmp_path / "out")), shards.CheckpointReader(str(source))
+  assert exported.names == original.names
+  for name in original.names:
+    assert exported.read(name).dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(exported.read(name).view(np.uint16), original.read(name).view(np.uint16))
