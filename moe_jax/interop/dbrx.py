@@ -42,7 +42,8 @@ def to_config(hf):
     raise common.unsupported(MODEL_TYPE, "tie_word_embeddings", True, "DBRX's head is never tied")
   d_model, heads = common.get(hf, MODEL_TYPE, "d_model"), common.get(hf, MODEL_TYPE, "n_heads")
   model = dict(architecture="decoder", vocab_size=common.get(hf, MODEL_TYPE, "vocab_size"), d_model=d_model,
-               num_heads=heads, num_kv_heads=attn.get("kv_n_heads") or hf.get("num_key_value_heads") or heads, head_dim=d_model // heads,
+               num_heads=heads, num_kv_heads=attn.get("kv_n_heads") or hf.get("num_key_value_heads") or heads,
+               head_dim=d_model // heads,
                d_ff=common.get(ffn, MODEL_TYPE, "ffn_hidden_size"), num_layers=common.get(hf, MODEL_TYPE, "n_layers"),
                max_seq_len=common.get(hf, MODEL_TYPE, "max_seq_len"), norm="layernorm_nobias", norm_eps=EPS,
                activation="swiglu", tie_embeddings=False, dtype=common.dtype(hf, MODEL_TYPE), moe_layer_interval=1,
@@ -80,7 +81,8 @@ def rules(cfg):
     out += decoder.norm_rules(block + ("ffn_norm",), prefix + "norm_attn_norm.norm_2", cfg.norm)
     out += [rule(block + ("attention", "qkv"), prefix + "norm_attn_norm.attn.Wqkv.weight",
                  layout.heads_in([heads + 2 * kv], d)),
-            rule(block + ("attention", "out"), prefix + "norm_attn_norm.attn.out_proj.weight", layout.heads_out(heads, d)),
+            rule(block + ("attention", "out"), prefix + "norm_attn_norm.attn.out_proj.weight",
+                 layout.heads_out(heads, d)),
             rule(block + ("ffn", "router"), prefix + "ffn.router.layer.weight", layout.TRANSPOSED),
             rule(block + ("ffn", "wi_0"), prefix + "ffn.experts.mlp.w1", layout.fused_experts(count, transpose=True)),
             rule(block + ("ffn", "wi_1"), prefix + "ffn.experts.mlp.v1", layout.fused_experts(count, transpose=True)),

@@ -9,9 +9,9 @@ shard (`shards.CheckpointReader`, which keeps no file mapped), converted (`layou
 a time into the stacked parameter), and placed straight into the parameter's sharding on the mesh
 (`jax.make_array_from_callback`: each device's block is cut from the host array), so the host holds at most one
 parameter beside the model itself; no parameter is ever initialised randomly first, and nothing is compiled (the
-model's shapes and shardings come from `nnx.eval_shape`). Every tensor of the checkpoint must be used and every parameter
-filled: an unknown or missing tensor name, or a shape that does not fit, is a ValueError naming it, raised before
-anything is read.
+model's shapes and shardings come from `nnx.eval_shape`). Every tensor of the checkpoint must be used and every
+parameter filled: an unknown or missing tensor name, or a shape that does not fit, is a ValueError naming it,
+raised before anything is read.
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ def hf_config_from_moe(model_cfg: config_lib.ModelConfig, family: Any, base: dic
 
 
 def typed_model(config: ml_collections.ConfigDict) -> config_lib.ModelConfig:
+  """The checked, typed model config of an experiment config (ValueError naming a bad field)."""
   exp = config_lib.typed(config)
   return config_lib.model_config(exp, vocab_size=exp.model.vocab_size)
 
@@ -91,9 +92,9 @@ def typed_model(config: ml_collections.ConfigDict) -> config_lib.ModelConfig:
 
 
 def _abstract_model(model_cfg: config_lib.ModelConfig, mesh: Mesh | None, seed: int):
-  """(graphdef, abstract params {path: ShapeDtypeStruct with its sharding}, the non-parameter state): the model's
-  shapes without any parameter allocated. The non-parameter state (dropout RNG streams) is made under jit, where
-  the unused parameter initialisers are dead code."""
+  """(graphdef, the abstract parameter state, {path: ShapeDtypeStruct with its sharding}, the non-parameter state
+  with values): the model's shapes without any parameter allocated; each parameter's sharding on `mesh` from its
+  logical axes (replicated where it has none), or the default device without a mesh."""
   build = lambda: models.build(model_cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1))  # noqa: E731
   with runstate.placed_on(mesh):
     graphdef, params, rest = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
@@ -122,6 +123,9 @@ def check_coverage(rules: list[layout.Rule], params: set, names: frozenset[str],
                    family: str) -> None:
   """Every parameter filled once, every tensor used: ValueError naming what is left over or missing."""
   covered = [r.param for r in rules]
+  twice = sorted({".".join(map(str, p)) for p in covered if covered.count(p) > 1})
+  if twice:
+    raise ValueError(f"{family}: the layout fills moe_jax parameters twice: {twice[:8]}")
   unfilled = sorted(".".join(map(str, p)) for p in params - set(covered))
   if unfilled:
     raise ValueError(f"{family}: no tensor fills the moe_jax parameters {unfilled[:8]} (an unsupported setting?)")
