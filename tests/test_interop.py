@@ -440,3 +440,16 @@ def test_bfloat16_checkpoint_round_trips_in_bfloat16(family, tmp_path):
   for name in original.names:
     assert exported.read(name).dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(exported.read(name).view(np.uint16), original.read(name).view(np.uint16))
+
+
+@pytest.mark.parametrize("family", [family_param("olmo")])
+def test_workdir_tokenizer_takes_eos_from_config_json(family, tmp_path):
+  """A tokenizer.json with no tokenizer_config.json: the run's tokenizer ends documents with config.json's
+  eos_token_id (95 in the OLMo fixture)."""
+  from moe_jax import data as data_lib
+
+  source = fixture_with_tokenizer(family, tmp_path)
+  (source / "tokenizer_config.json").unlink()
+  interop.import_to_workdir(str(source), str(tmp_path / "run"))
+  tokenizer = data_lib.get_tokenizer(runstate.run_config(str(tmp_path / "run")).data)
+  assert (tokenizer.eos_id, tokenizer.vocab_size) == (95, 96)

@@ -28,6 +28,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
@@ -220,13 +221,11 @@ def load(path: str, *, mesh: Mesh | None = None, tokenizer: str | None = None,
   return config, model
 
 
-def _copy_tokenizer(path: str, hf: dict, workdir: str) -> str:
-  """The source's tokenizer files copied into `workdir/tokenizer/`; its data.tokenizer ('byte' when it has none).
-  A tokenizer.json without a tokenizer_config.json naming the EOS token gets one from config.json's
-  eos_token_id (moe_jax's pipeline separates documents by EOS)."""
+def _copy_tokenizer(path: str, hf: dict, workdir: str) -> None:
+  """The source's tokenizer files copied into `workdir/tokenizer/`. A tokenizer.json without a
+  tokenizer_config.json naming the EOS token gets one from config.json's eos_token_id (moe_jax's pipeline
+  separates documents by EOS)."""
   found = tokenizer_of(path)
-  if found == "byte":
-    return found
   target = os.path.join(workdir, TOKENIZER_DIR)
   os.makedirs(target, exist_ok=True)
   for name in TOKENIZER_FILES:
@@ -234,7 +233,10 @@ def _copy_tokenizer(path: str, hf: dict, workdir: str) -> str:
       shutil.copyfile(os.path.join(path, name), os.path.join(target, name))
   if found.endswith(".json"):
     settings_path = os.path.join(target, "tokenizer_config.json")
-    settings = json.load(open(settings_path)) if os.path.isfile(settings_path) else {}
+    settings = {}
+    if os.path.isfile(settings_path):
+      with open(settings_path) as f:
+        settings = json.load(f)
     eos = hf.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) else eos
     if not settings.get("eos_token") and eos is not None:
@@ -243,7 +245,6 @@ def _copy_tokenizer(path: str, hf: dict, workdir: str) -> str:
       settings["eos_token"] = Tokenizer.from_file(found).id_to_token(eos)
       with open(settings_path, "w") as f:
         json.dump(settings, f, indent=2)
-  return os.path.join(target, os.path.basename(found))
 
 
 def import_to_workdir(path: str, workdir: str, *, mesh: Mesh | None = None, tokenizer: str | None = None,
@@ -263,15 +264,23 @@ def import_to_workdir(path: str, workdir: str, *, mesh: Mesh | None = None, toke
     raise ValueError(f"{workdir} already holds checkpoints; import into a new workdir")
   config.data.tokenizer = tokenizer or tokenizer_of(path)
   run = runstate.resolve_for_mesh(config, mesh)  # refuses a tokenizer larger than the vocabulary
-  os.makedirs(workdir, exist_ok=True)
-  if tokenizer is None:
-    config.data.tokenizer = _copy_tokenizer(path, hf, workdir)
+  lead = jax.process_index() == 0  # the files beside the checkpoint are written once
+  if lead:
+    os.makedirs(workdir, exist_ok=True)
+  if tokenizer is None and config.data.tokenizer != "byte":
+    if lead:
+      _copy_tokenizer(path, hf, workdir)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("interop-tokenizer")
+    config.data.tokenizer = os.path.join(os.path.abspath(workdir), TOKENIZER_DIR,
+                                         os.path.basename(config.data.tokenizer))
     run = runstate.resolve_for_mesh(config, mesh)
   model, summary = load_model(path, run.config, family, mesh=mesh, progress=progress)
   with runstate.placed_on(mesh):
     optimizer = nnx.Optimizer(model, optim.make_optimizer(run.typed.train), wrt=nnx.Param)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(run.record(), f, indent=2)
+  if lead:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(run.record(), f, indent=2)
   checkpointer = Checkpointer(checkpoints, keep=run.typed.train.keep_checkpoints)
   try:
     checkpointer.save(0, runstate.checkpoint_tree(model, optimizer),
