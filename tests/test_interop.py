@@ -335,6 +335,12 @@ def test_workdir_import_refuses_a_tokenizer_beyond_the_vocabulary(tmp_path):
   """The fixtures' 96 ids cannot hold the byte tokenizer's 259: a run needs a tokenizer that fits."""
   with pytest.raises(ValueError, match=r"model.vocab_size=96 must be >= the tokenizer's vocabulary \(259\)"):
     interop.import_to_workdir(str(FIXTURES / "llama"), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+  source = copy_fixture("llama", tmp_path / "llama")
+  write_tokenizer(source, 100)  # 4 ids more than the model embeds
+  with pytest.raises(ValueError, match=r"model.vocab_size=96 must be >= the tokenizer's vocabulary \(100\)"):
+    interop.import_to_workdir(str(source), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
 
 
 def run_convert(*args: str):

@@ -263,18 +263,27 @@ def import_to_workdir(path: str, workdir: str, *, mesh: Mesh | None = None, toke
   if os.path.isdir(checkpoints) and os.listdir(checkpoints):
     raise ValueError(f"{workdir} already holds checkpoints; import into a new workdir")
   config.data.tokenizer = tokenizer or tokenizer_of(path)
-  run = runstate.resolve_for_mesh(config, mesh)  # refuses a tokenizer larger than the vocabulary
   lead = jax.process_index() == 0  # the files beside the checkpoint are written once
+  created = not os.path.exists(workdir)
+  copied = tokenizer is None and config.data.tokenizer != "byte"
   if lead:
     os.makedirs(workdir, exist_ok=True)
-  if tokenizer is None and config.data.tokenizer != "byte":
+  if copied:
     if lead:
       _copy_tokenizer(path, hf, workdir)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("interop-tokenizer")
     config.data.tokenizer = os.path.join(os.path.abspath(workdir), TOKENIZER_DIR,
                                          os.path.basename(config.data.tokenizer))
-    run = runstate.resolve_for_mesh(config, mesh)
+  try:
+    run = runstate.resolve_for_mesh(config, mesh)  # refuses a tokenizer larger than the vocabulary
+  except ValueError:
+    if lead:  # leave the workdir as it was
+      if copied:
+        shutil.rmtree(os.path.join(workdir, TOKENIZER_DIR))
+      if created:
+        os.rmdir(workdir)
+    raise
   model, summary = load_model(path, run.config, family, mesh=mesh, progress=progress)
   with runstate.placed_on(mesh):
     optimizer = nnx.Optimizer(model, optim.make_optimizer(run.typed.train), wrt=nnx.Param)
