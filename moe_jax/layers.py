@@ -1,5 +1,7 @@
-"""Transformer building blocks other than feed-forward layers: norms, attention (rotary or T5 relative
-positions, causal or not, self or cross), embeddings.
+"""Transformer building blocks other than feed-forward layers: norms (RMSNorm, LayerNorm with or without its
+parameters), rotary positions (base and the llama3 / longrope scalings), attention (rotary or T5 relative
+positions, causal or not, self or cross; the published families' biases, QK-norm, qkv clipping and unscaled
+logits), embeddings (the tied output projection scaled or not).
 
 Axis legend: B batch · L sequence length (Lq queries, Lk keys) · M d_model · H heads · K key/value heads ·
 D head dim · V vocabulary.

@@ -3,8 +3,8 @@
 Every equivalence test of `moe_jax` imports its ground truth from here, so a reader finds in one place the
 definition that a router, a dispatch backend or the grouped matmul is checked against. Nothing here is used
 by the model. Each function is the textbook form of an idea whose fast form lives in a lower module
-(`moe_jax.routing`, `moe_jax.dispatch`, `moe_jax.experts`, `moe_jax.layers`); this module imports only
-routing, experts and layers.
+(`moe_jax.routing`, `moe_jax.dispatch`, `moe_jax.experts`, `moe_jax.layers`, `moe_jax.model`); this module
+imports only routing and experts.
 
 Axis legend (as in `moe_jax.routing`):
   G groups · S tokens per group · E experts · C capacity per expert · K choices per token ·
@@ -13,12 +13,14 @@ Axis legend (as in `moe_jax.routing`):
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from moe_jax import experts as experts_lib
-from moe_jax import layers, routing
+from moe_jax import routing
 
 # ----------------------------------------------------------------------------------------------------------
 # Routing.
@@ -284,8 +286,6 @@ def rope_frequencies(head_dim: int, length: int, *, theta: float = 10_000.0, sca
   divides low ones (wavelength > original_max / low_freq_factor) by `factor` and interpolates between;
   'longrope' (`_compute_longrope_parameters`, Phi-3) divides f_j by the short or long factor of pair j and scales
   cos/sin by the short or long mscale, long beyond `original_max_len` tokens. The yardstick of `layers.Rope`."""
-  import math
-
   frequencies, mscale = [], 1.0
   for j in range(head_dim // 2):
     f = theta ** (-2 * j / head_dim)
@@ -412,8 +412,6 @@ def relative_position_bucket(relative_position: int, *, bidirectional: bool, num
   """T5's bucket of one key - query offset, in scalar Python (Raffel et al. 2020, Sec. 2.1): the yardstick of
   `layers.relative_position_bucket`. Offsets below half the (per-direction) buckets are exact, farther ones
   share log-spaced buckets up to `max_distance`."""
-  import math
-
   n = -relative_position
   bucket = 0
   if bidirectional:
