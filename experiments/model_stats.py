@@ -117,11 +117,14 @@ def table(s: dict) -> str:
 
 def systems_table() -> str:
   """Markdown: each published system's total and active parameters (ours next to the published ones), forward
-  FLOPs per token and bf16 weight bytes, all from `stats`."""
+  FLOPs per token and bf16 weight bytes, all from `stats`, and whether moe_jax.interop loads its published
+  checkpoint (`families.published`)."""
   import importlib
 
-  rows = ["| system | total (published) | active (published) | forward GFLOPs / token | bf16 weights |",
-          "| --- | --- | --- | --- | --- |"]
+  from moe_jax.interop import families
+
+  rows = ["| system | total (published) | active (published) | forward GFLOPs / token | bf16 weights | loads the "
+          "published checkpoint |", "| --- | --- | --- | --- | --- | --- |"]
   for module in SYSTEMS:
     family = importlib.import_module(f"configs.{module}")
     s, system = stats(family.get_config("full")), family.SYSTEM
@@ -129,7 +132,7 @@ def systems_table() -> str:
     rows.append(f"| {system.name} | {_billions(p['total'])} ({_billions(system.published_total)}) | "
                 f"{_billions(p['active'])} ({_billions(system.published_active)}) | "
                 f"{s['flops_per_token']['forward'] / 1e9:,.1f} at L = {s['flops_per_token']['seq_len']} | "
-                f"{s['inference']['weights_bf16'] / 1e9:,.0f} GB |")
+                f"{s['inference']['weights_bf16'] / 1e9:,.0f} GB | {families.published(system.name)} |")
   return "\n".join(rows)
 
 

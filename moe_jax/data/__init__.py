@@ -1,7 +1,7 @@
 """Input pipeline: TFDS builders (no TensorFlow), tokenizers, packed grain batches.
 
   builders.py    where documents come from: stdlib / text_dir builders, registered TFDS datasets
-  tokenizers.py  text <-> ids: byte-level (default) and SentencePiece
+  tokenizers.py  text <-> ids: byte-level (default), SentencePiece, Hugging Face tokenizer.json
   pipeline.py    shard -> shuffle -> tokenize -> pack -> batch, checkpointable
   config.py      the `data` config section and its validation
 
@@ -28,6 +28,7 @@ _EXPORTS = {
     "get_tokenizer": "pipeline",
     "ByteTokenizer": "tokenizers",
     "SentencePieceTokenizer": "tokenizers",
+    "HuggingFaceTokenizer": "tokenizers",
     "Tokenizer": "tokenizers",
 }
 

@@ -102,7 +102,7 @@ class _Pipeline(grain.DatasetIterator):
 
 
 def get_tokenizer(cfg: Any) -> tokenizers.Tokenizer:
-  """The tokenizer of `cfg.tokenizer`: 'byte', or the path of a SentencePiece .model file."""
+  """The tokenizer of `cfg.tokenizer`: 'byte', a Hugging Face tokenizer.json or a SentencePiece .model file."""
   name = config_lib.get_field(cfg, "tokenizer")
   config_lib.check_tokenizer(name)  # ValueError naming data.tokenizer, e.g. for a missing file
   try:

@@ -1,6 +1,7 @@
-"""Text <-> token ids: a byte-level tokenizer (the default) and SentencePiece models.
+"""Text <-> token ids: a byte-level tokenizer (the default), SentencePiece models, and Hugging Face tokenizer.json
+files (the `tokenizers` package; what an imported checkpoint brings, moe_jax.interop).
 
-Both satisfy the small `Tokenizer` protocol the pipeline needs: `encode(str) -> int32 [T]`,
+All satisfy the small `Tokenizer` protocol the pipeline needs: `encode(str) -> int32 [T]`,
 `decode(ids) -> str`, and the three ids that shape the model and the loss (`vocab_size`, `pad_id`,
 `eos_id`).
 
@@ -14,7 +15,7 @@ Id layout shared by both (the T5 / ByT5 convention, Xue et al. 2022, arXiv:2105.
              after either vocabulary, T5's extra ids, sentinel k = V + N - 1 - k (`span_corruption`); the
              tokenizer never produces them, the model's vocabulary is V + N (byte tokenizer: 259 + 100 = 359)
 
-A SentencePiece model trained elsewhere may use another layout (its default is unk=0, bos=1,
+A SentencePiece model or a tokenizer.json trained elsewhere may use another layout (its default is unk=0, bos=1,
 eos=2, no pad); `SentencePieceTokenizer` then reports the model's own ids, and pad_id falls back
 to 0, which is harmless because padded positions carry weight 0.
 """
@@ -22,6 +23,7 @@ to 0, which is harmless because padded positions carry weight 0.
 from __future__ import annotations
 
 import io
+import json
 import os
 from collections.abc import Iterable, Sequence
 from typing import Protocol, runtime_checkable
@@ -130,11 +132,72 @@ class SentencePieceTokenizer:
     return f"SentencePieceTokenizer({self.model_path!r}, vocab_size={self.vocab_size})"
 
 
+class HuggingFaceTokenizer:
+  """A Hugging Face `tokenizer.json` (the `tokenizers` package: BPE, WordPiece, Unigram, WordLevel), loaded by
+  path, offline. Its special tokens come from the `tokenizer_config.json` beside it (`eos_token`, `pad_token`,
+  as transformers writes them: a string or {"content": ...}); EOS is required, pad falls back to 0 (padded
+  positions carry no loss). No special token is added by `encode` (the pipeline appends EOS itself)."""
+
+  def __init__(self, path: str | os.PathLike[str]):
+    from tokenizers import Tokenizer as _Tokenizer  # pylint: disable=g-import-not-at-top
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"tokenizer.json {path!r} does not exist")
+    self.path = path
+    try:
+      self._tokenizer = _Tokenizer.from_file(path)
+    except Exception as error:  # tokenizers raises its own Exception type for a malformed file
+      raise ValueError(f"{path!r} is not a Hugging Face tokenizer.json ({' '.join(str(error).split())})") from None
+    settings_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+    settings = {}
+    if os.path.isfile(settings_path):
+      with open(settings_path) as f:
+        settings = json.load(f)
+    eos, pad = self._special(settings, "eos_token"), self._special(settings, "pad_token")
+    if eos is None:
+      raise ValueError(f"{path!r} has no EOS token: {settings_path} must name one (eos_token) in its vocabulary; "
+                       "the pipeline needs one to separate documents")
+    self._eos, self._pad = eos, 0 if pad is None else pad
+
+  def _special(self, settings: dict, key: str) -> int | None:
+    token = settings.get(key)
+    token = token.get("content") if isinstance(token, dict) else token
+    return None if token is None else self._tokenizer.token_to_id(token)
+
+  @property
+  def vocab_size(self) -> int:
+    return int(self._tokenizer.get_vocab_size(with_added_tokens=True))
+
+  @property
+  def pad_id(self) -> int:
+    return self._pad
+
+  @property
+  def eos_id(self) -> int:
+    return self._eos
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int32)  # [T]
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    ids = ids[(ids >= 0) & (ids < self.vocab_size)]
+    return self._tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+
+  def __repr__(self) -> str:
+    return f"HuggingFaceTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
 def tokenizer_from_name(name: str) -> Tokenizer:
-  """'byte' -> ByteTokenizer(); anything else is the path of a SentencePiece .model file."""
+  """'byte' -> ByteTokenizer(); a path ending in .json -> HuggingFaceTokenizer (a tokenizer.json); any other
+  path is a SentencePiece .model file."""
   if name == "byte":
     return ByteTokenizer()
-  return SentencePieceTokenizer(os.path.expanduser(name))
+  path = os.path.expanduser(name)
+  if path.endswith(".json"):
+    return HuggingFaceTokenizer(path)
+  return SentencePieceTokenizer(path)
 
 
 def train_sentencepiece(
