@@ -411,7 +411,8 @@ class DataConfig(Section):
                                "(stdlib, text_dir), TFDS's default for registered sets")
   text_dir: str | None = field(None, text(nullable=True), "directory of text files (dataset 'text_dir')")
   text_glob: str = field("**/*.txt", text(), "glob of text files under text_dir ('**' recurses)")
-  tokenizer: str = field("byte", text(), "'byte', or the path of a SentencePiece .model file")
+  tokenizer: str = field("byte", text(), "'byte', or the path of a Hugging Face tokenizer.json "
+                                                 "or a SentencePiece .model file")
   download: bool = field(False, boolean(), "registered sets only: may this run download and prepare them?")
   validation_fraction: float = field(0.02, in_range(0, 0.5, closed_low=False, closed_high=True),
                                      "stdlib/text_dir: share of files held out for evaluation")
@@ -428,8 +429,8 @@ class DataConfig(Section):
     """`tokenizer` is 'byte' or an existing file; dataset='text_dir' needs an existing `text_dir`."""
     # These read the file system, so that a missing path fails here rather than minutes into a run.
     if self.tokenizer != "byte" and not os.path.isfile(os.path.expanduser(self.tokenizer)):
-      raise ValueError(f"data.tokenizer={self.tokenizer!r} is neither 'byte' nor an existing SentencePiece "
-                       ".model file (train one with experiments/train_tokenizer.py)")
+      raise ValueError(f"data.tokenizer={self.tokenizer!r} is neither 'byte' nor an existing tokenizer.json or "
+                       "SentencePiece .model file (train one with experiments/train_tokenizer.py)")
     if self.dataset == "text_dir":
       if self.text_dir is None:
         raise ValueError("data.text_dir=None must be set to a directory when data.dataset='text_dir'")
