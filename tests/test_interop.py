@@ -343,6 +343,16 @@ def test_workdir_import_refuses_a_tokenizer_beyond_the_vocabulary(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+def test_workdir_import_of_a_checkpoint_missing_a_tensor_leaves_no_file(tmp_path):
+  """The tokenizer is copied before the tensors are checked; a refused import takes it away again."""
+  source = copy_fixture("llama", tmp_path / "llama")
+  write_tokenizer(source, 96)
+  rewrite(source, lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
+  with pytest.raises(ValueError, match=r"lacks the tensors"):
+    interop.import_to_workdir(str(source), str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
 def run_convert(*args: str):
   import subprocess
   import sys

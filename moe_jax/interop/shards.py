@@ -19,6 +19,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from moe_jax import fileio
+
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -138,6 +140,5 @@ def write_checkpoint(directory: str, tensors: Iterable[tuple[str, np.ndarray]], 
   for path, name in zip(written, names):
     os.replace(path, os.path.join(directory, name))
   index = {"metadata": {"total_size": total}, "weight_map": {t: names[i] for t, i in sorted(weight_map.items())}}
-  with open(os.path.join(directory, INDEX), "w") as f:
-    json.dump(index, f, indent=2)
+  fileio.write_json(os.path.join(directory, INDEX), index, indent=2)
   return names + [INDEX]

@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
-from moe_jax import config_lib, models, optim, runstate
+from moe_jax import config_lib, fileio, models, optim, runstate
 from moe_jax.checkpoint import Checkpointer
 from moe_jax.interop import families, layout, shards
 
@@ -243,8 +243,7 @@ def _copy_tokenizer(path: str, hf: dict, workdir: str) -> None:
       from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
 
       settings["eos_token"] = Tokenizer.from_file(found).id_to_token(eos)
-      with open(settings_path, "w") as f:
-        json.dump(settings, f, indent=2)
+      fileio.write_json(settings_path, settings, indent=2)
 
 
 def import_to_workdir(path: str, workdir: str, *, mesh: Mesh | None = None, tokenizer: str | None = None,
@@ -277,19 +276,19 @@ def import_to_workdir(path: str, workdir: str, *, mesh: Mesh | None = None, toke
                                          os.path.basename(config.data.tokenizer))
   try:
     run = runstate.resolve_for_mesh(config, mesh)  # refuses a tokenizer larger than the vocabulary
-  except ValueError:
-    if lead:  # leave the workdir as it was
+    # refuses missing, unknown or misshapen tensors (before any is read) and damaged shards
+    model, summary = load_model(path, run.config, family, mesh=mesh, progress=progress)
+  except (ValueError, OSError):
+    if lead:  # leave the workdir as it was: nothing but the tokenizer has been written yet
       if copied:
         shutil.rmtree(os.path.join(workdir, TOKENIZER_DIR))
       if created:
         os.rmdir(workdir)
     raise
-  model, summary = load_model(path, run.config, family, mesh=mesh, progress=progress)
   with runstate.placed_on(mesh):
     optimizer = nnx.Optimizer(model, optim.make_optimizer(run.typed.train), wrt=nnx.Param)
   if lead:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(run.record(), f, indent=2)
+    fileio.write_json(os.path.join(workdir, "config.json"), run.record(), indent=2)
   checkpointer = Checkpointer(checkpoints, keep=run.typed.train.keep_checkpoints)
   try:
     checkpointer.save(0, runstate.checkpoint_tree(model, optimizer),
@@ -337,8 +336,7 @@ def export_model(model: nnx.Module, model_cfg: config_lib.ModelConfig, family: s
 
   os.makedirs(path, exist_ok=True)
   shards.write_checkpoint(path, tensors(), max_shard_bytes=max_shard_bytes)
-  with open(os.path.join(path, shards.CONFIG), "w") as f:
-    json.dump(hf, f, indent=2)
+  fileio.write_json(os.path.join(path, shards.CONFIG), hf, indent=2)
   return Summary(family.MODEL_TYPE, total, stats["bytes"], (dtype,), time.perf_counter() - start)
 
 
