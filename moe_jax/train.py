@@ -295,12 +295,20 @@ def check_resumable(saved: dict, current: dict, train: config_lib.TrainConfig) -
   return changes
 
 
-def _check_workdir(workdir: str) -> None:
-  """The workdir and every entry it holds are of the right type and writable (`workdir.check_workdir`), and the
-  workdir can be made and written."""
-  workdir_lib.check_workdir(workdir)
+def check_checkpoint(meta: dict, current: dict, train: config_lib.TrainConfig) -> dict[str, tuple[Any, Any]]:
+  """A checkpoint's metadata against the run resuming it: `check_resumable`, and the number of processes that
+  wrote it (one data-iterator state each) equal to this run's. The changes resuming accepts."""
+  data_states = meta["data_state"]
+  if len(data_states) != jax.process_count():
+    raise ValueError(f"the checkpoint at step {meta['step']} was written by {len(data_states)} processes; resume it "
+                     f"with that many (this run has {jax.process_count()})")
+  return check_resumable(meta["config"], current, train)
+
+
+def _check_writable(workdir: str) -> None:
+  """The (existing) workdir can be written from this process: a file is created and removed, so a file system
+  that refuses writes despite its permissions (read-only mount, quota) is named before anything else."""
   try:
-    os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write-test-{jax.process_index()}")
     with open(probe, "w") as f:
       f.write("ok")
@@ -405,13 +413,15 @@ class _Start:
   finished: bool = False  # the newest checkpoint is past train.num_steps
 
 
-def _prepare(exp: config_lib.ExperimentConfig, checkpointer: Checkpointer, tokenizer, record: dict) -> _Start:
-  """Resume checks and data checks: everything that can refuse the run, before anything is written or built."""
+def _prepare(exp: config_lib.ExperimentConfig, checkpointer: Checkpointer | None, checkpoint_dir: str, tokenizer,
+             record: dict) -> _Start:
+  """Resume checks and data checks: everything that can refuse the run, before anything is written or built.
+  `checkpointer` is None when the workdir holds no checkpoint directory."""
   train = exp.train
-  steps = checkpointer.all_steps()
+  steps = checkpointer.all_steps() if checkpointer else []
   wanted = train.resume_step
   if wanted and wanted not in steps:
-    raise ValueError(f"train.resume_step={wanted} is not a checkpoint in {checkpointer.directory} "
+    raise ValueError(f"train.resume_step={wanted} is not a checkpoint in {checkpoint_dir} "
                      f"(it holds steps {steps or 'none'})")
   candidates = [s for s in steps if not wanted or s <= wanted]
   resume_step, changes = None, {}
@@ -421,7 +431,7 @@ def _prepare(exp: config_lib.ExperimentConfig, checkpointer: Checkpointer, token
       resume_step = step
       if step > train.num_steps:
         return _Start(resume_step=step, changes={}, data_iter=None, record=record, finished=True)
-      changes = check_resumable(meta["config"], record["resolved"], train)
+      changes = check_checkpoint(meta, record["resolved"], train)
       break
   data_iter = runstate.train_batches(exp)
   state = data_iter.get_state()
@@ -450,46 +460,57 @@ def train_and_evaluate(
     run = resolve_lib.resolve(config, jax.device_count(), log=is_lead)  # refuses bad fields before anything
     exp = run.typed
     workdir = workdir_lib.check_path_given(workdir)  # '' would mean the current directory
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
     with contextlib.ExitStack() as stack:
-      error = None
+      # Until lock.commit() nothing is written: a refusal leaves the workdir as it was (the lock undoes itself).
+      error, lock = None, None
       try:
-        _check_workdir(workdir)
+        workdir_lib.check_workdir(workdir)
         if is_lead:
-          stack.enter_context(workdir_lib.WorkdirLock(workdir))
-      except ValueError as e:
-        error = e
+          lock = stack.enter_context(workdir_lib.WorkdirLock(workdir))
+      except (ValueError, OSError) as e:
+        error = e if isinstance(e, ValueError) else ValueError(f"workdir: {workdir}: {fileio.describe(e)}")
       _agree(error)
-      checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=exp.train.keep_checkpoints)
-      stack.callback(checkpointer.close)
+      # An existing checkpoint directory is read as it is (orbax creates nothing there); a new one is made only
+      # once every check passed.
+      checkpointer = (Checkpointer(checkpoint_dir, keep=exp.train.keep_checkpoints)
+                      if os.path.isdir(checkpoint_dir) else None)
+      if checkpointer is not None:
+        stack.callback(checkpointer.close)
       tokenizer = data_lib.get_tokenizer(exp.data)
       model_cfg = runstate.model_config(run)
       start = None
       try:
-        _check_memory(exp, model_cfg, checkpointer.directory)
-        start = _prepare(exp, checkpointer, tokenizer, run.record())
+        _check_writable(workdir)
+        _check_memory(exp, model_cfg, checkpoint_dir)
+        start = _prepare(exp, checkpointer, checkpoint_dir, tokenizer, run.record())
       # FileNotFoundError: a TFDS dataset that is not prepared; EnvironmentFailure: a full or failing data_dir.
       except (ValueError, FileNotFoundError, fileio.EnvironmentFailure) as e:
         error = e
       _agree(error)
       if start.finished:
-        print(f"already finished: the checkpoint in {checkpointer.directory} is at step {start.resume_step}, past "
+        print(f"already finished: the checkpoint in {checkpoint_dir} is at step {start.resume_step}, past "
               f"train.num_steps={exp.train.num_steps}; nothing to do", flush=True)
         return TrainResult(status="already_finished", step=start.resume_step, eval_loss=None,
                            wall_time_s=time.perf_counter() - wall_start, workdir=workdir)
+      if lock is not None:
+        lock.commit()
+      if checkpointer is None:
+        checkpointer = Checkpointer(checkpoint_dir, keep=exp.train.keep_checkpoints)
+        stack.callback(checkpointer.close)
       stack.callback(start.data_iter.close)
-      status, loop = _train(exp, model_cfg, workdir, start, checkpointer, signals, stack, stop_at_step)
+      status, loop = _train(exp, model_cfg, workdir, start, checkpointer, signals, stack, stop_at_step, lock)
   return TrainResult(status=status, step=loop.step, eval_loss=loop.eval_loss,
                      wall_time_s=time.perf_counter() - wall_start, workdir=workdir)
 
 
-def _record_start(workdir: str, checkpointer: Checkpointer, start: _Start) -> None:
-  """Process 0 writes config.json (requested and resolved config, `resolve.Resolved.record`), the resume log and
-  warnings, once every check has passed."""
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(start.record, f, indent=2)
+def _record_start(workdir: str, checkpointer: Checkpointer, start: _Start) -> workdir_lib.KeptFile:
+  """Process 0 writes config.json (requested and resolved config, `resolve.Resolved.record`; kept as written until
+  the run ends), the resume log and warnings, once every check has passed."""
+  config_file = workdir_lib.KeptFile(os.path.join(workdir, "config.json"), json.dumps(start.record, indent=2))
   newer = [s for s in checkpointer.all_steps() if start.resume_step is not None and s > start.resume_step]
   if start.resume_step is None:
-    return
+    return config_file
   if start.changes or newer:
     with open(os.path.join(workdir, "resume_log.jsonl"), "a") as f:
       f.write(json.dumps({"time": time.time(), "resume_step": start.resume_step, "superseded_steps": newer,
@@ -499,6 +520,7 @@ def _record_start(workdir: str, checkpointer: Checkpointer, start: _Start) -> No
   if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
     print(f"WARNING: {workdir}/metrics.jsonl is missing although the workdir holds checkpoints up to step "
           f"{start.resume_step}: the metrics of earlier steps are lost; new ones go to a fresh file", flush=True)
+  return config_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -516,6 +538,9 @@ class _Context:
   tokens_per_step: int
   flops_per_token: float  # training FLOPs per token (resolve.train_flops_per_token)
   peak_flops: float  # FLOP/s of all devices together: the denominator of MFU
+  # The workdir's files the run relies on (process 0: the lock, config.json), checked at every metrics fetch:
+  # deleted or replaced mid-run they are restored with a warning, or the run stops in one line.
+  kept_files: tuple = ()
 
 
 @dataclasses.dataclass
@@ -533,12 +558,12 @@ class _Loop:
 
 
 def _train(exp, model_cfg, workdir: str, start: _Start, checkpointer: Checkpointer, signals: _StopSignals,
-           stack: contextlib.ExitStack, stop_at_step: int | None) -> tuple[str, _Loop]:
+           stack: contextlib.ExitStack, stop_at_step: int | None,
+           lock: workdir_lib.WorkdirLock | None) -> tuple[str, _Loop]:
   """Once every check passed: record the start, build or restore the state, train to train.num_steps (or
   `stop_at_step`, or a stop signal), evaluate. (status, final loop state)."""
   is_lead = jax.process_index() == 0
-  if is_lead:
-    _record_start(workdir, checkpointer, start)
+  kept_files = (lock, _record_start(workdir, checkpointer, start)) if is_lead else ()
   if start.resume_step is not None:
     for newer in (s for s in checkpointer.all_steps() if s > start.resume_step):
       print(f"train.resume_step={start.resume_step}: checkpoint {newer} moved to "
@@ -549,7 +574,8 @@ def _train(exp, model_cfg, workdir: str, start: _Start, checkpointer: Checkpoint
   # Measured outside the mesh context: the matmul runs on one device, which a multi-device mesh would refuse.
   peak = exp.train.peak_tflops * 1e12 if exp.train.peak_tflops else measure_peak_flops()
   with parallel.mesh_context(mesh):
-    ctx, loop = _start_loop(exp, model_cfg, mesh, start, checkpointer, writer, peak * jax.device_count())
+    ctx, loop = _start_loop(exp, model_cfg, mesh, start, checkpointer, writer, peak * jax.device_count(),
+                            kept_files)
     prefetcher = runstate.BatchPrefetcher(start.data_iter, ctx.batch_sharding)
     stack.callback(prefetcher.close)
     signals.training()
@@ -561,21 +587,18 @@ def _train(exp, model_cfg, workdir: str, start: _Start, checkpointer: Checkpoint
 
 
 def _start_loop(exp, model_cfg, mesh, start: _Start, checkpointer: Checkpointer, writer: MetricWriter,
-                peak_flops: float) -> tuple[_Context, _Loop]:
+                peak_flops: float, kept_files: tuple) -> tuple[_Context, _Loop]:
   """The state at step 0, or restored from the checkpoint the run resumes (model, optimizer, data position), and
   the step compiled for it."""
   model, optimizer = runstate.create(exp, model_cfg, mesh)
   step, data_state = 0, start.data_iter.get_state()
   restored = runstate.restore(
       checkpointer, model, optimizer, max_step=start.resume_step,
-      check_meta=lambda meta: check_resumable(meta["config"], start.record["resolved"], exp.train))
+      # _prepare checked the newest checkpoint; this checks an older one that restore falls back to.
+      check_meta=lambda meta: check_checkpoint(meta, start.record["resolved"], exp.train))
   if restored is not None:
     step, meta = restored
-    data_states = meta["data_state"]  # one JSON state per process
-    if len(data_states) != jax.process_count():
-      raise ValueError(f"the checkpoint at step {step} was written by {len(data_states)} processes; resume it "
-                       f"with that many (this run has {jax.process_count()})")
-    data_state = json.loads(data_states[jax.process_index()])
+    data_state = json.loads(meta["data_state"][jax.process_index()])  # one JSON state per process
     start.data_iter.set_state(data_state)
     print(f"resumed from checkpoint at step {step} in {checkpointer.directory}", flush=True)
   # From here on only `state` is current: the model's and optimizer's buffers are donated to the first step.
@@ -585,7 +608,8 @@ def _start_loop(exp, model_cfg, mesh, start: _Start, checkpointer: Checkpointer,
   ctx = _Context(exp=exp, resolved=start.record["resolved"], checkpointer=checkpointer, writer=writer,
                  progress=Progress(exp.train.num_steps, step), graphdef=graphdef, train_step=train_step,
                  batch_sharding=runstate.batch_sharding(mesh), tokens_per_step=exp.train.batch_size * exp.train.seq_len,
-                 flops_per_token=resolve_lib.train_flops_per_token(exp, model_cfg), peak_flops=peak_flops)
+                 flops_per_token=resolve_lib.train_flops_per_token(exp, model_cfg), peak_flops=peak_flops,
+                 kept_files=kept_files)
   loop = _Loop(step=step, state=state, data_state=data_state, saved_steps=set(checkpointer.all_steps()),
                interval_start=time.perf_counter())
   return ctx, loop
@@ -641,6 +665,8 @@ def _flush(ctx: _Context, loop: _Loop) -> None:
   """Fetch the pending metrics, write one record per step (`_write_records`), print the progress line."""
   if not loop.pending:
     return
+  for kept in ctx.kept_files:
+    kept.check()
   records = jax.device_get(loop.pending)
   loop.pending = []
   now = time.perf_counter()
