@@ -27,7 +27,7 @@ from moe_jax import fileio
 
 FILE, DIRECTORY = "file", "directory"
 
-# Every entry a run's workdir may hold, and its type. moe_jax.train writes the first six; `result.json` is the
+# Every entry a run's workdir may hold, and its type. moe_jax.train writes all but `result.json`, which is the
 # sweep's (moe_jax.sweep).
 ENTRIES: dict[str, str] = {
     "config.json": FILE,
@@ -37,6 +37,7 @@ ENTRIES: dict[str, str] = {
     "checkpoints": DIRECTORY,
     "tensorboard": DIRECTORY,
     "result.json": FILE,
+    "eval_set.json": FILE,
 }
 
 
