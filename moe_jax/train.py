@@ -17,6 +17,18 @@ The step never waits for the host: metrics stay on device and are fetched every 
 before every evaluation and save, so that no checkpoint is written before the losses leading to it were seen
 to be finite); the state buffers are donated; a background thread prepares the next global batches.
 
+Evaluation: `train.eval_batches` of the packed validation stream, or, with `train.eval_set_min_tokens`, the fixed
+evaluation set of moe_jax.evalset (its subset at every evaluation, the whole set at the last step, intervals over
+documents; docs/evaluation.md), whose fingerprint every checkpoint records.
+
+`train.init_from` starts a fresh run's parameters from the newest checkpoint of another moe_jax workdir (a run to
+fine-tune, or the workdir a checkpoint importer wrote), read only through `runstate.load`; the optimizer state is
+fresh and the step is 0. The model is the one this run's config describes: the config is not taken from the source
+(a run's config.json must say what it trained), so a model/moe field that changes a parameter's shape is refused
+naming it, and one that does not (say moe.capacity_factor or dropout) is allowed and printed. Once the run has
+checkpoints of its own, a resume restores those and ignores the source; changing `train.init_from` is refused like
+any other change of the run's identity.
+
 The model, optimizer, checkpoint tree and batches are made by moe_jax.runstate, as every other tool makes them.
 `train_and_evaluate` resolves the config once; from there on everything reads it typed (ExperimentConfig). The
 loop is `_start_loop` (build or restore), then `_run`, whose steps `_flush` metrics, `_evaluate` and `_save`
