@@ -64,7 +64,7 @@ def _coordination():
 
 def _say_ended(message: str) -> None:
   """Tell the other processes why this one ends ('' when it completed), so they name the cause, not a silence."""
-  state = _coordination() if _DISTRIBUTED.value and "jax" in sys.modules else None
+  state = _coordination() if "jax" in sys.modules else None  # flags may not be parsed yet: ask jax
   if state is not None and state.client is not None:
     try:
       state.client.key_value_set(f"{ENDED_KEYS}{state.process_id}", message or "-", allow_overwrite=True)
