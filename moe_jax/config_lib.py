@@ -378,10 +378,10 @@ class TrainConfig(Section):
                            "moved to checkpoints/superseded); 0 = the newest")
   allow_changes: bool = field(False, boolean(), "resume although schedule/optimizer or data fields differ from the "
                               "checkpoint's (changes are recorded in resume_log.jsonl)")
-  init_from: str = field("", Rule((str,), lambda v: v == v.strip(), lambda: "a workdir's path, or '' (no "
-                                   "surrounding spaces)"), "start the parameters from the newest checkpoint of this moe_jax workdir (read "
-                         "only; fresh optimizer state, step 0); a resume uses the run's own checkpoints; '' = a fresh "
-                         "initialisation")
+  init_from: str = field("", Rule((str,), lambda v: v == v.strip(), lambda: "a workdir's path, or ''"),
+                         "start the parameters from the newest checkpoint of this moe_jax workdir (read only; fresh "
+                         "optimizer state, step 0; the same parameter shapes); a resume uses the run's own "
+                         "checkpoints; '' = a fresh initialisation")
   startup_timeout_s: int = field(300, at_least(1), "seconds a multi-process run waits for all its processes to "
                                  "connect at start-up")
   peer_timeout_s: int = field(60, at_least(1), "seconds a multi-process run waits for a process that stopped "

@@ -492,9 +492,9 @@ def _param_shapes(model_cfg: config_lib.ModelConfig) -> dict[str, tuple]:
 def check_init_from(source: str, run: resolve_lib.Resolved,
                     model_cfg: config_lib.ModelConfig) -> dict[str, tuple[Any, Any]]:
   """The run in `source` (train.init_from) can start this one: a moe_jax workdir with a checkpoint whose model has
-  this model's parameters (every path, shape and dtype). ValueError naming the model/moe
-  fields that differ otherwise. Returns the model/moe fields that differ without changing a parameter (e.g.
-  moe.capacity_factor, dropout), which fine-tuning may change: path -> (source, this run)."""
+  this model's parameters (every path, shape and dtype); ValueError naming the model/moe fields that differ
+  otherwise. Returns the model/moe fields that differ without changing a parameter (e.g. moe.capacity_factor,
+  dropout), which fine-tuning may change: path -> (source, this run)."""
   source = os.path.abspath(os.path.expanduser(source))
   try:
     source_config = runstate.run_config(source)
@@ -529,7 +529,8 @@ class _Start:
 def _prepare(exp: config_lib.ExperimentConfig, checkpointer: Checkpointer | None, checkpoint_dir: str, tokenizer,
              record: dict, init_from: Callable[[], dict] | None = None) -> _Start:
   """Resume checks and data checks: everything that can refuse the run, before anything is written or built.
-  `checkpointer` is None when the workdir holds no checkpoint directory."""
+  `checkpointer` is None when the workdir holds no checkpoint directory; `init_from` (`check_init_from` of the run)
+  is called for a run that starts fresh, and returns the model/moe fields it may change."""
   train = exp.train
   steps = checkpointer.all_steps() if checkpointer else []
   wanted = train.resume_step
