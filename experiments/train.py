@@ -8,7 +8,9 @@ Multi-process (TPU pod, GPU cluster): add --distributed on every process; on a p
 process 0 writes metrics; checkpoints are written collectively. Start-up waits at most
 --config.train.startup_timeout_s for every process to connect, printing who it waits for. A process that stops
 responding later (killed, its machine gone) is noticed by the others within --config.train.peer_timeout_s: each
-stops with one line naming it (exit 1), instead of JAX's fatal abort with a thread dump (`_watch_peers`).
+stops with one line naming it (exit 1), instead of JAX's fatal abort with a thread dump (`_watch_peers`). Process
+0 hosts JAX's coordination service: when it is gone JAX aborts the others at once from C++, so with --distributed
+the trainer runs as a child of a small supervisor that turns that abort into one line, exit 1 (`_supervise`).
 
 Resumes automatically from the latest checkpoint in --workdir. Exit status: 0 done (or preempted and saved, or
 already finished), 1 non-finite loss or failed checkpoint, 2 invalid config or input (one line on stderr naming
@@ -45,6 +47,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 STARTUP_REPORT_EVERY_S = 10  # how often a waiting process says whom it waits for
 # Key-value directories of JAX's coordination service: each process's heartbeat counter, and why it ended.
 HEARTBEAT_KEYS, ENDED_KEYS = "moe_jax/heartbeat/", "moe_jax/ended/"
+SUPERVISED = "MOE_JAX_TRAIN_SUPERVISED"  # set for the trainer process a supervisor started (`_supervise`)
+JAX_ABORT = "Terminating process because the JAX distributed service detected fatal errors"  # jaxlib's LOG(FATAL)
 
 
 def _fail(message: str, status: int = 2) -> None:
@@ -165,9 +169,52 @@ def _initialize_distributed(jax, timeout_s: int, peer_timeout_s: int) -> None:
                    daemon=True, name="watch-peers").start()
 
 
+def _supervise() -> int:
+  """Run this command again as a child process (the trainer) and pass its stderr through, until JAX aborts it.
+
+  Why: when process 0, which hosts JAX's coordination service, is gone, JAX aborts every other process at once
+  from C++ (LOG(FATAL) "Terminating process because the JAX distributed service detected fatal errors", a
+  check-failure trace, SIGABRT and Python's thread dump), before any Python code of the process can run, and
+  jaxlib 0.10 takes no Python callback for it (`_watch_peers`). From outside, the abort is one recognisable line.
+  The supervisor stops passing stderr on at that line and ends with one line of its own naming the cause, exit
+  status 1; otherwise it exits with the trainer's status. The trainer runs in its own session, so Ctrl-C and
+  SIGTERM reach it once, forwarded by the supervisor, and it is killed if the supervisor dies (Linux
+  PR_SET_PDEATHSIG), so it never outlives it."""
+  import ctypes  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+
+  def die_with_the_supervisor():
+    try:
+      ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: a killed supervisor leaves the trainer to end by itself
+      pass
+
+  trainer = subprocess.Popen([sys.executable, *sys.argv], env={**os.environ, SUPERVISED: "1"},
+                             stderr=subprocess.PIPE, start_new_session=True, preexec_fn=die_with_the_supervisor)
+  for signum in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(signum, lambda signum, frame: trainer.send_signal(signum))
+  cause = None
+  for raw in trainer.stderr:
+    line = raw.decode("utf-8", errors="replace")
+    if cause is None and JAX_ABORT in line:
+      cause = line.partition("absl::Status:")[2].strip() or "no status given"
+    if cause is None:
+      sys.stderr.write(line)
+      sys.stderr.flush()
+  status = trainer.wait()
+  if cause is not None:
+    print(f"training stopped: JAX's coordination service ended this process ({cause}): process 0, which hosts it, "
+          "or another process is gone. Run the same command on every process to resume from the last checkpoint",
+          file=sys.stderr, flush=True)
+    return 1
+  return status if status >= 0 else 128 - status
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _DISTRIBUTED.value and os.environ.get(SUPERVISED) != "1":
+    sys.exit(_supervise())
   if not flags.FLAGS["verbosity"].present:  # orbax and tfds log every step at INFO; keep the progress readable
     logging.set_verbosity(logging.WARNING)
   for signum in (signal.SIGTERM, signal.SIGINT):
