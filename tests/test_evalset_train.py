@@ -32,18 +32,17 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(data_dir, tmp_path_factory):
-  """(a run of 4 steps resumed once at step 2, a copy of it at step 2, the data_dir, the TrainResult)."""
-  root = tmp_path_factory.mktemp("evalset_runs")
-  run, at_two = str(root / "run"), str(root / "at_two")
+def at_two(data_dir, tmp_path_factory):
+  """A run of 4 steps stopped at step 2 (after its first evaluation and checkpoint)."""
+  run = str(tmp_path_factory.mktemp("evalset_runs") / "at_two")
   train.train_and_evaluate(_config(data_dir), run, stop_at_step=2)
-  shutil.copytree(run, at_two)
-  result = train.train_and_evaluate(_config(data_dir), run)
-  return run, at_two, data_dir, result
+  return run
 
 
-def test_the_subset_is_scored_at_every_evaluation_and_the_whole_set_at_the_last_step(runs):
-  run, _, data_dir, result = runs
+def test_the_subset_is_scored_at_every_evaluation_and_the_whole_set_at_the_last_step(data_dir, at_two, tmp_path):
+  run = str(tmp_path / "run")
+  shutil.copytree(at_two, run)
+  result = train.train_and_evaluate(_config(data_dir), run)  # resumed at step 2
   evals = read_metrics(run).eval
   assert sorted(evals) == [2, 4]
   for step, record in evals.items():
@@ -70,8 +69,7 @@ def test_the_subset_is_scored_at_every_evaluation_and_the_whole_set_at_the_last_
   np.testing.assert_allclose(sums.sum() / full.num_tokens, final["full/cross_entropy"], rtol=1e-12)
 
 
-def test_a_resume_on_another_evaluation_set_is_refused_and_writes_nothing(runs, tmp_path, monkeypatch):
-  _, at_two, data_dir, _ = runs
+def test_a_resume_on_another_evaluation_set_is_refused_and_writes_nothing(data_dir, at_two, tmp_path, monkeypatch):
   run = str(tmp_path / "run")
   shutil.copytree(at_two, run)
   before = _snapshot(run)

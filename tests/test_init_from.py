@@ -34,6 +34,7 @@ def _fine_tune(data_dir, source, **train_fields):
   return config
 
 
+@pytest.mark.slow  # two training runs besides the source: over 20 s on 2 cores
 def test_a_run_started_from_another_runs_checkpoint_starts_at_its_loss_and_leaves_it_untouched(
     data_dir, source, tmp_path, capsys):
   before = _snapshot(source)
