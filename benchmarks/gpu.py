@@ -23,7 +23,6 @@ Parts, all in one JSON (--output, default benchmarks/results/gpu.json):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -38,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 import moe_layer as layer_benchmark  # noqa: E402  (benchmarks/moe_layer.py)
 
-from moe_jax import dispatch, experts, flops, models, parallel  # noqa: E402
+from moe_jax import dispatch, experts, fileio, flops, models, parallel  # noqa: E402
 from moe_jax.model import ModelConfig  # noqa: E402
 from moe_jax.moe_layer import MoeConfig  # noqa: E402
 
@@ -188,19 +187,18 @@ def main(argv=None) -> None:
   forbidden = sorted(name for name in sys.modules if name.split(".")[0] in FORBIDDEN)
   total = time.perf_counter() - start
   os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-  with open(args.output, "w") as f:
-    json.dump({
-        "benchmark": "gpu",
-        "tiny": args.tiny,
-        "machine": machine,
-        "peaks": peaks,
-        "layer": {"config": {k: v for k, v in vars(layer_args).items() if k not in ("sharded_worker", "output")},
-                  "rows": layer_rows},
-        "grouped_matmul_lowering": lowering,
-        "train_step": train,
-        "forbidden_modules_imported": forbidden,
-        "total_seconds": total,
-    }, f, indent=2)
+  fileio.write_json(args.output, {
+      "benchmark": "gpu",
+      "tiny": args.tiny,
+      "machine": machine,
+      "peaks": peaks,
+      "layer": {"config": {k: v for k, v in vars(layer_args).items() if k not in ("sharded_worker", "output")},
+                "rows": layer_rows},
+      "grouped_matmul_lowering": lowering,
+      "train_step": train,
+      "forbidden_modules_imported": forbidden,
+      "total_seconds": total,
+  }, indent=2)  # atomically: a stopped run never leaves half a result
   print(f"\n{total:.0f} s in all; wrote {args.output}")
 
 

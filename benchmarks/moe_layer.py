@@ -56,7 +56,7 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402  (benchmarks/ is not a package)
 
-from moe_jax import dispatch, experts, parallel, routing  # noqa: E402
+from moe_jax import dispatch, experts, fileio, parallel, routing  # noqa: E402
 from moe_jax.moe_layer import DTYPES, FeedForward, MoeConfig, MoeFeedForward  # noqa: E402
 
 DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "moe_layer.json")
@@ -340,15 +340,14 @@ def main(argv=None) -> None:
               f"{row['sharded_seconds']['min']:.3f}s, overhead {row['overhead']['min']:.2f}x")
 
   os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-  with open(args.output, "w") as f:
-    json.dump({
-        "benchmark": "moe_layer",
-        "config": {k: v for k, v in vars(args).items() if k not in ("sharded_worker", "output")},
-        "machine": machine,
-        "peaks": peaks,
-        "single_device": rows,
-        "sharded": sharded,
-    }, f, indent=2)
+  fileio.write_json(args.output, {
+      "benchmark": "moe_layer",
+      "config": {k: v for k, v in vars(args).items() if k not in ("sharded_worker", "output")},
+      "machine": machine,
+      "peaks": peaks,
+      "single_device": rows,
+      "sharded": sharded,
+  }, indent=2)  # atomically: a stopped run never leaves half a result
   print(f"\nwrote {args.output}")
 
 

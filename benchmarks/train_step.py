@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import platform
 import statistics
@@ -36,7 +35,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moe_jax import data as data_lib, flops, parallel, runstate, train
+from moe_jax import data as data_lib, fileio, flops, parallel, runstate, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUTPUT = os.path.join(REPO, "benchmarks", "results", "train_step.json")
@@ -197,8 +196,7 @@ def main(argv=None) -> dict:
   for name, values in ratios.items():
     print(f"  {name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in values.items()))
   os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-  with open(args.output, "w") as f:
-    json.dump(report, f, indent=2)
+  fileio.write_json(args.output, report, indent=2)  # atomically: a stopped run never leaves half a result
   print(f"wrote {args.output}")
   return report
 

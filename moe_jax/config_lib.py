@@ -467,6 +467,18 @@ class TrainConfig(Section):
   z_loss_weight: float = field(0.0, non_negative(), "beta: router z-loss weight (ST-MoE: 1e-3); 0 = off")
   eval_every: int = field(100, at_least(0), "evaluate every N steps and at the end; 0 = only at the end")
   eval_batches: int = field(8, at_least(1), "validation batches per evaluation")
+  # The fixed evaluation set of results/SCALING.md (moe_jax.evalset, docs/evaluation.md): every validation file,
+  # each capped, scored per file with an interval over files; replaces the eval_batches of the packed stream.
+  eval_set_min_tokens: int = field(0, at_least(0), "use the fixed evaluation set, refused below this many targets "
+                                   "(SCALING.md: 1000000); 0 = off, evaluate train.eval_batches of the packed "
+                                   "validation stream")
+  eval_file_cap_tokens: int = field(32768, at_least(1), "fixed evaluation set: most targets one validation file "
+                                    "contributes (a longer file enters as one fixed window)")
+  eval_subset_cap_tokens: int = field(0, at_least(0), "fixed evaluation set: score only the first N targets of each "
+                                      "file's window at every evaluation and the whole set at the last step "
+                                      "(SCALING.md: 640); 0 = the whole set every time")
+  eval_bootstrap_resamples: int = field(1000, at_least(1), "fixed evaluation set: bootstrap resamples over files "
+                                        "of each score's 95% interval")
   log_every: int = field(20, at_least(1), "progress line every N steps (metrics are written every step)")
   checkpoint_every: int = field(100, at_least(0), "save every N steps and at the end; 0 = only at the end")
   keep_checkpoints: int = field(2, at_least(1), "checkpoints kept on disk")
@@ -478,8 +490,14 @@ class TrainConfig(Section):
                            "moved to checkpoints/superseded); 0 = the newest")
   allow_changes: bool = field(False, boolean(), "resume although schedule/optimizer or data fields differ from the "
                               "checkpoint's (changes are recorded in resume_log.jsonl)")
+  init_from: str = field("", Rule((str,), lambda v: v == v.strip(), lambda: "a workdir's path, or ''"),
+                         "start the parameters from the newest checkpoint of this moe_jax workdir (read only; fresh "
+                         "optimizer state, step 0; the same parameter shapes); a resume uses the run's own "
+                         "checkpoints; '' = a fresh initialisation")
   startup_timeout_s: int = field(300, at_least(1), "seconds a multi-process run waits for all its processes to "
                                  "connect at start-up")
+  peer_timeout_s: int = field(60, at_least(1), "seconds a multi-process run waits for a process that stopped "
+                              "responding (killed, its machine gone) before every other process stops in one line")
 
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")  # the order of moe_jax.parallel's mesh axes

@@ -5,9 +5,9 @@ A record of `<workdir>/metrics.jsonl` is one JSON object per step and kind:
    "moe": [{"block": 1, "load_balancing_loss": ..., "dropped_token_fraction": ..., "expert_load": [...],
             "max_expert_load": ..., ...}, ...]}
 `moe` holds one entry per MoE block (`model.LmAux.blocks`), with the block index as a number: readers never
-parse metric names. Names are made in one place, here: `block_stats` (the per-block statistics) and
-`tensorboard_name` (the TensorBoard tags). `read_metrics` is the one reader, used by the sweep, the notebooks
-and the tests.
+parse metric names. Names are made in one place, here: `block_stats` (the per-block statistics), `eval_set_stats`
+(a score on the fixed evaluation set, with its intervals) and `tensorboard_name` (the TensorBoard tags).
+`read_metrics` is the one reader, used by the sweep, the notebooks and the tests.
 
 Damage. A process stopped mid-write (kill -9, a full disk) can leave a last line without its newline. The reader
 skips every line that is not a whole JSON record and reports it (`RunMetrics.damaged_lines`, and a warning on
@@ -52,6 +52,16 @@ def block_stats(aux: Any) -> dict[str, Any]:
   stats["max_expert_load"] = float(load.max())
   stats["mean_expert_load"] = float(load.mean())
   return stats
+
+
+def eval_set_stats(name: str, result: Any) -> dict[str, Any]:
+  """An eval record's fields for a score on a fixed evaluation set (`moe_jax.evalset.EvalResult`) under `name`
+  ('subset' or 'full'): the mean cross-entropy (nats per token) and bits per byte, each with its bootstrap
+  interval over documents [low, high], and the targets scored. E.g. 'full/cross_entropy'."""
+  return {f"{name}/cross_entropy": result.mean, f"{name}/cross_entropy_interval": list(result.interval.interval),
+          f"{name}/bits_per_byte": result.bits_per_byte,
+          f"{name}/bits_per_byte_interval": list(result.bits_per_byte_interval.interval),
+          f"{name}/tokens": int(result.tokens.sum())}
 
 
 def tensorboard_name(kind: str, key: str, block: int | None = None) -> str:

@@ -17,6 +17,18 @@ The step never waits for the host: metrics stay on device and are fetched every 
 before every evaluation and save, so that no checkpoint is written before the losses leading to it were seen
 to be finite); the state buffers are donated; a background thread prepares the next global batches.
 
+Evaluation: `train.eval_batches` of the packed validation stream, or, with `train.eval_set_min_tokens`, the fixed
+evaluation set of moe_jax.evalset (its subset at every evaluation, the whole set at the last step, intervals over
+documents; docs/evaluation.md), whose fingerprint every checkpoint records.
+
+`train.init_from` starts a fresh run's parameters from the newest checkpoint of another moe_jax workdir (a run to
+fine-tune, or the workdir a checkpoint importer wrote), read only through `runstate.load`; the optimizer state is
+fresh and the step is 0. The model is the one this run's config describes: the config is not taken from the source
+(a run's config.json must say what it trained), so a model/moe field that changes a parameter's shape is refused
+naming it, and one that does not (say moe.capacity_factor or dropout) is allowed and printed. Once the run has
+checkpoints of its own, a resume restores those and ignores the source; changing `train.init_from` is refused like
+any other change of the run's identity.
+
 The model, optimizer, checkpoint tree and batches are made by moe_jax.runstate, as every other tool makes them.
 `train_and_evaluate` resolves the config once; from there on everything reads it typed (ExperimentConfig). The
 loop is `_start_loop` (build or restore), then `_run`, whose steps `_flush` metrics, `_evaluate` and `_save`
@@ -42,11 +54,11 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moe_jax import config_lib, data as data_lib, fileio, flops, models, optim, parallel, runstate
+from moe_jax import config_lib, data as data_lib, evalset, fileio, flops, models, optim, parallel, runstate
 from moe_jax import workdir as workdir_lib
 from moe_jax import resolve as resolve_lib
 from moe_jax.checkpoint import SUPERSEDED_DIR, Checkpointer
-from moe_jax.metrics import MetricWriter, Progress
+from moe_jax.metrics import MetricWriter, Progress, eval_set_stats
 # moe_jax.registry looks the names of train.optimizer and train.schedule up in this module; they are moe_jax.optim's.
 
 
@@ -55,6 +67,7 @@ from moe_jax.metrics import MetricWriter, Progress
 RUNTIME_STREAMS = ("dropout",)
 
 EVAL_SEED = 0  # the validation order: fixed, so every run and seed is scored on the same documents
+EVAL_SET_FILE = "eval_set.json"  # the final score on the fixed evaluation set, per document, and the set's manifest
 
 
 class NonFiniteLossError(RuntimeError):
@@ -232,7 +245,8 @@ class _StopSignals:
 
 # Fields a checkpoint's run must share with the config that resumes it: they shape the state or the data.
 RESUME_INVARIANT_FIELDS = ("seed", "model", "moe", "data.dataset", "data.tokenizer", "data.objective",
-                           "data.num_sentinels", "train.batch_size", "train.seq_len", "train.optimizer")
+                           "data.num_sentinels", "train.batch_size", "train.seq_len", "train.optimizer",
+                           "train.init_from")
 # Fields that change the optimisation trajectory or the documents read: refused unless train.allow_changes.
 SCHEDULE_FIELDS = ("train.learning_rate", "train.warmup_steps", "train.schedule", "train.min_lr_ratio",
                    "train.weight_decay", "train.b1", "train.b2", "train.adafactor_decay_rate",
@@ -295,12 +309,33 @@ def check_resumable(saved: dict, current: dict, train: config_lib.TrainConfig) -
   return changes
 
 
-def _check_workdir(workdir: str) -> None:
-  """The workdir and every entry it holds are of the right type and writable (`workdir.check_workdir`), and the
-  workdir can be made and written."""
-  workdir_lib.check_workdir(workdir)
+def check_checkpoint(meta: dict, current: dict, train: config_lib.TrainConfig,
+                     eval_fingerprints: dict | None = None) -> dict[str, tuple[Any, Any]]:
+  """A checkpoint's metadata against the run resuming it: `check_resumable`; the number of processes that wrote
+  it (one data-iterator state each) equal to this run's; and, when both score on a fixed evaluation set, the same
+  set (`EvalSets.fingerprints`: the same text, or the run's evaluations would not compare). The changes resuming
+  accepts."""
+  data_states = meta["data_state"]
+  if len(data_states) != jax.process_count():
+    raise ValueError(f"the checkpoint at step {meta['step']} was written by {len(data_states)} processes; resume it "
+                     f"with that many (this run has {jax.process_count()})")
+  changes = check_resumable(meta["config"], current, train)
+  saved = meta.get("eval_set")
+  if saved and eval_fingerprints and saved != eval_fingerprints:
+    differing = "; ".join(f"{name}: checkpoint {str(saved.get(name))[:16]}, now {str(eval_fingerprints.get(name))[:16]}"
+                          for name in sorted(set(saved) | set(eval_fingerprints))
+                          if saved.get(name) != eval_fingerprints.get(name))
+    raise ValueError(f"the fixed evaluation set differs from the one the checkpoint at step {meta['step']} was scored "
+                     f"on ({differing}): its validation files, tokenizer, train.seq_len or train.eval_set_min_tokens, "
+                     "eval_file_cap_tokens, eval_subset_cap_tokens differ, or this machine's corpus does; resume with "
+                     "the same set, or use a new --workdir")
+  return changes
+
+
+def _check_writable(workdir: str) -> None:
+  """The (existing) workdir can be written from this process: a file is created and removed, so a file system
+  that refuses writes despite its permissions (read-only mount, quota) is named before anything else."""
   try:
-    os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write-test-{jax.process_index()}")
     with open(probe, "w") as f:
       f.write("ok")
@@ -394,6 +429,90 @@ def evaluate(model: nnx.Module, exp: config_lib.ExperimentConfig, sharding: Name
   return total / max(count, 1.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalSets:
+  """A run's fixed evaluation set (moe_jax.evalset, results/SCALING.md) and the subset scored at every evaluation
+  (None: the whole set every time)."""
+
+  full: evalset.EvalSet
+  subset: evalset.EvalSet | None
+
+  def fingerprints(self) -> dict[str, str | None]:
+    """What every checkpoint records and a resume must match."""
+    return {"full": self.full.fingerprint, "subset": self.subset.fingerprint if self.subset else None}
+
+  def record(self) -> dict[str, Any]:
+    """For config.json: each set's parameters and summary (documents, targets, bytes, fingerprint)."""
+    return {name: {**s.parameters, **s.summary()} for name, s in (("full", self.full), ("subset", self.subset)) if s}
+
+
+def eval_sets(exp: config_lib.ExperimentConfig) -> EvalSets | None:
+  """The fixed evaluation set of the run's validation split and its subset, by train.eval_set_min_tokens,
+  eval_file_cap_tokens and eval_subset_cap_tokens (None when train.eval_set_min_tokens is 0). ValueError naming
+  the field when the split holds too little text or the corpus has no files."""
+  train = exp.train
+  if not train.eval_set_min_tokens:
+    return None
+  try:
+    full = evalset.validation_eval_set(exp.data, seq_len=train.seq_len, cap_tokens=train.eval_file_cap_tokens,
+                                       min_tokens=train.eval_set_min_tokens)
+  except ValueError as error:
+    raise ValueError(f"train.eval_set_min_tokens={train.eval_set_min_tokens}: {error}") from None
+  subset = None
+  if train.eval_subset_cap_tokens:
+    subset = evalset.eval_subset(full, tokenizer=data_lib.get_tokenizer(exp.data),
+                                 cap_tokens=train.eval_subset_cap_tokens)
+  return EvalSets(full=full, subset=subset)
+
+
+def evaluate_set(model: nnx.Module, eval_set: evalset.EvalSet, exp: config_lib.ExperimentConfig,
+                 sharding: NamedSharding) -> evalset.EvalResult:
+  """Every row of `eval_set`, train.batch_size rows at a time (the training batch shape, so a capacity-limited MoE
+  routes groups of the size it trained with), each process feeding its share of every batch: per-document sums
+  and the bootstrap interval over documents (train.eval_bootstrap_resamples)."""
+  share = exp.train.batch_size // jax.process_count()
+  first = jax.process_index() * share  # this process's rows of a global batch: the order global_batch lays out
+
+  def place(batch: dict) -> dict:
+    return runstate.global_batch({key: value[first:first + share] for key, value in batch.items()}, sharding)
+
+  return evalset.evaluate_documents(evalset.token_cross_entropy_fn(model, place), eval_set,
+                                    batch_size=exp.train.batch_size, resamples=exp.train.eval_bootstrap_resamples)
+
+
+def _param_shapes(model_cfg: config_lib.ModelConfig) -> dict[str, tuple]:
+  """Parameter path -> (shape, dtype) of the model `model_cfg` builds, traced abstractly (nothing allocated or
+  compiled)."""
+  with runstate.placed_on(None):
+    model = nnx.eval_shape(lambda: models.build(model_cfg, rngs=nnx.Rngs(0)))
+  return {jax.tree_util.keystr(path): (leaf.shape, str(leaf.dtype))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))}
+
+
+def check_init_from(source: str, run: resolve_lib.Resolved,
+                    model_cfg: config_lib.ModelConfig) -> dict[str, tuple[Any, Any]]:
+  """The run in `source` (train.init_from) can start this one: a moe_jax workdir with a checkpoint whose model has
+  this model's parameters (every path, shape and dtype); ValueError naming the model/moe fields that differ
+  otherwise. Returns the model/moe fields that differ without changing a parameter (e.g. moe.capacity_factor,
+  dropout), which fine-tuning may change: path -> (source, this run)."""
+  source = os.path.abspath(os.path.expanduser(source))
+  try:
+    source_config = runstate.run_config(source)
+  except ValueError as error:
+    raise ValueError(f"train.init_from={source!r}: {error}") from None
+  if not os.path.isdir(os.path.join(source, "checkpoints")):
+    raise ValueError(f"train.init_from={source!r}: the run there has saved no checkpoint")
+  source_run = runstate.resolve_for_mesh(source_config, None)
+  differing = {path: change for path, change in config_changes(config_lib.to_dict(source_run.config),
+                                                               run.record()["resolved"]).items()
+               if _under(path, ("model", "moe"))}
+  if differing and _param_shapes(runstate.model_config(source_run)) != _param_shapes(model_cfg):
+    raise ValueError(f"train.init_from={source!r}: its model has other parameters than this run's; "
+                     + "; ".join(f"{p}: source {old!r}, config {new!r}" for p, (old, new) in differing.items())
+                     + ". Set those fields as the source's config.json has them")
+  return differing
+
+
 @dataclasses.dataclass
 class _Start:
   """What the checks before compilation found."""
@@ -403,17 +522,26 @@ class _Start:
   data_iter: Any
   record: dict  # config.json: the requested and resolved config and the decisions (resolve.Resolved.record)
   finished: bool = False  # the newest checkpoint is past train.num_steps
+  eval_sets: EvalSets | None = None  # the fixed evaluation set, when train.eval_set_min_tokens is set
+  init_from: str = ""  # a fresh run starts from this workdir's newest checkpoint (train.init_from)
 
 
-def _prepare(exp: config_lib.ExperimentConfig, checkpointer: Checkpointer, tokenizer, record: dict) -> _Start:
-  """Resume checks and data checks: everything that can refuse the run, before anything is written or built."""
+def _prepare(exp: config_lib.ExperimentConfig, checkpointer: Checkpointer | None, checkpoint_dir: str, tokenizer,
+             record: dict, init_from: Callable[[], dict] | None = None) -> _Start:
+  """Resume checks and data checks: everything that can refuse the run, before anything is written or built.
+  `checkpointer` is None when the workdir holds no checkpoint directory; `init_from` (`check_init_from` of the run)
+  is called for a run that starts fresh, and returns the model/moe fields it may change."""
   train = exp.train
-  steps = checkpointer.all_steps()
+  steps = checkpointer.all_steps() if checkpointer else []
   wanted = train.resume_step
   if wanted and wanted not in steps:
-    raise ValueError(f"train.resume_step={wanted} is not a checkpoint in {checkpointer.directory} "
+    raise ValueError(f"train.resume_step={wanted} is not a checkpoint in {checkpoint_dir} "
                      f"(it holds steps {steps or 'none'})")
   candidates = [s for s in steps if not wanted or s <= wanted]
+  sets = eval_sets(exp)
+  fingerprints = sets.fingerprints() if sets else None
+  if sets:
+    record = {**record, "eval_set": sets.record()}
   resume_step, changes = None, {}
   for step in reversed(candidates):  # the newest whose metadata reads; a corrupt one is dealt with at restore
     meta = checkpointer.read_meta(step)
@@ -421,14 +549,18 @@ def _prepare(exp: config_lib.ExperimentConfig, checkpointer: Checkpointer, token
       resume_step = step
       if step > train.num_steps:
         return _Start(resume_step=step, changes={}, data_iter=None, record=record, finished=True)
-      changes = check_resumable(meta["config"], record["resolved"], train)
+      changes = check_checkpoint(meta, record["resolved"], train, fingerprints)
       break
+  if resume_step is None and init_from is not None:
+    for path, (old, new) in init_from().items():
+      print(f"init_from: {path} is {new!r} here, {old!r} in the source (the parameters are the same)", flush=True)
   data_iter = runstate.train_batches(exp)
   state = data_iter.get_state()
   _check_has_tokens(data_iter, "train", 1, tokenizer.eos_id)
   data_iter.set_state(state)
   _check_has_tokens(evaluation_iterator(exp), "validation", train.eval_batches, tokenizer.eos_id)
-  return _Start(resume_step=resume_step, changes=changes, data_iter=data_iter, record=record)
+  return _Start(resume_step=resume_step, changes=changes, data_iter=data_iter, record=record, eval_sets=sets,
+                init_from=exp.train.init_from if resume_step is None else "")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -450,46 +582,60 @@ def train_and_evaluate(
     run = resolve_lib.resolve(config, jax.device_count(), log=is_lead)  # refuses bad fields before anything
     exp = run.typed
     workdir = workdir_lib.check_path_given(workdir)  # '' would mean the current directory
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
     with contextlib.ExitStack() as stack:
-      error = None
+      # Until lock.commit() nothing is written: a refusal leaves the workdir as it was (the lock undoes itself).
+      error, lock = None, None
       try:
-        _check_workdir(workdir)
+        workdir_lib.check_workdir(workdir)
         if is_lead:
-          stack.enter_context(workdir_lib.WorkdirLock(workdir))
-      except ValueError as e:
-        error = e
+          lock = stack.enter_context(workdir_lib.WorkdirLock(workdir))
+      except (ValueError, OSError) as e:
+        error = e if isinstance(e, ValueError) else ValueError(f"workdir: {workdir}: {fileio.describe(e)}")
       _agree(error)
-      checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=exp.train.keep_checkpoints)
-      stack.callback(checkpointer.close)
+      # An existing checkpoint directory is read as it is (orbax creates nothing there); a new one is made only
+      # once every check passed.
+      checkpointer = (Checkpointer(checkpoint_dir, keep=exp.train.keep_checkpoints)
+                      if os.path.isdir(checkpoint_dir) else None)
+      if checkpointer is not None:
+        stack.callback(checkpointer.close)
       tokenizer = data_lib.get_tokenizer(exp.data)
       model_cfg = runstate.model_config(run)
       start = None
       try:
-        _check_memory(exp, model_cfg, checkpointer.directory)
-        start = _prepare(exp, checkpointer, tokenizer, run.record())
+        _check_writable(workdir)
+        _check_memory(exp, model_cfg, checkpoint_dir)
+        init_from = None
+        if exp.train.init_from:
+          init_from = lambda: check_init_from(exp.train.init_from, run, model_cfg)  # noqa: E731
+        start = _prepare(exp, checkpointer, checkpoint_dir, tokenizer, run.record(), init_from)
       # FileNotFoundError: a TFDS dataset that is not prepared; EnvironmentFailure: a full or failing data_dir.
       except (ValueError, FileNotFoundError, fileio.EnvironmentFailure) as e:
         error = e
       _agree(error)
       if start.finished:
-        print(f"already finished: the checkpoint in {checkpointer.directory} is at step {start.resume_step}, past "
+        print(f"already finished: the checkpoint in {checkpoint_dir} is at step {start.resume_step}, past "
               f"train.num_steps={exp.train.num_steps}; nothing to do", flush=True)
         return TrainResult(status="already_finished", step=start.resume_step, eval_loss=None,
                            wall_time_s=time.perf_counter() - wall_start, workdir=workdir)
+      if lock is not None:
+        lock.commit()
+      if checkpointer is None:
+        checkpointer = Checkpointer(checkpoint_dir, keep=exp.train.keep_checkpoints)
+        stack.callback(checkpointer.close)
       stack.callback(start.data_iter.close)
-      status, loop = _train(exp, model_cfg, workdir, start, checkpointer, signals, stack, stop_at_step)
+      status, loop = _train(exp, model_cfg, workdir, start, checkpointer, signals, stack, stop_at_step, lock)
   return TrainResult(status=status, step=loop.step, eval_loss=loop.eval_loss,
                      wall_time_s=time.perf_counter() - wall_start, workdir=workdir)
 
 
-def _record_start(workdir: str, checkpointer: Checkpointer, start: _Start) -> None:
-  """Process 0 writes config.json (requested and resolved config, `resolve.Resolved.record`), the resume log and
-  warnings, once every check has passed."""
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(start.record, f, indent=2)
+def _record_start(workdir: str, checkpointer: Checkpointer, start: _Start) -> workdir_lib.KeptFile:
+  """Process 0 writes config.json (requested and resolved config, `resolve.Resolved.record`; kept as written until
+  the run ends), the resume log and warnings, once every check has passed."""
+  config_file = workdir_lib.KeptFile(os.path.join(workdir, "config.json"), json.dumps(start.record, indent=2))
   newer = [s for s in checkpointer.all_steps() if start.resume_step is not None and s > start.resume_step]
   if start.resume_step is None:
-    return
+    return config_file
   if start.changes or newer:
     with open(os.path.join(workdir, "resume_log.jsonl"), "a") as f:
       f.write(json.dumps({"time": time.time(), "resume_step": start.resume_step, "superseded_steps": newer,
@@ -499,6 +645,7 @@ def _record_start(workdir: str, checkpointer: Checkpointer, start: _Start) -> No
   if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
     print(f"WARNING: {workdir}/metrics.jsonl is missing although the workdir holds checkpoints up to step "
           f"{start.resume_step}: the metrics of earlier steps are lost; new ones go to a fresh file", flush=True)
+  return config_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -516,6 +663,11 @@ class _Context:
   tokens_per_step: int
   flops_per_token: float  # training FLOPs per token (resolve.train_flops_per_token)
   peak_flops: float  # FLOP/s of all devices together: the denominator of MFU
+  # The workdir's files the run relies on (process 0: the lock, config.json), checked at every metrics fetch:
+  # deleted or replaced mid-run they are restored with a warning, or the run stops in one line.
+  kept_files: tuple = ()
+  workdir: str = ""
+  eval_sets: EvalSets | None = None
 
 
 @dataclasses.dataclass
@@ -533,12 +685,12 @@ class _Loop:
 
 
 def _train(exp, model_cfg, workdir: str, start: _Start, checkpointer: Checkpointer, signals: _StopSignals,
-           stack: contextlib.ExitStack, stop_at_step: int | None) -> tuple[str, _Loop]:
+           stack: contextlib.ExitStack, stop_at_step: int | None,
+           lock: workdir_lib.WorkdirLock | None) -> tuple[str, _Loop]:
   """Once every check passed: record the start, build or restore the state, train to train.num_steps (or
   `stop_at_step`, or a stop signal), evaluate. (status, final loop state)."""
   is_lead = jax.process_index() == 0
-  if is_lead:
-    _record_start(workdir, checkpointer, start)
+  kept_files = (lock, _record_start(workdir, checkpointer, start)) if is_lead else ()
   if start.resume_step is not None:
     for newer in (s for s in checkpointer.all_steps() if s > start.resume_step):
       print(f"train.resume_step={start.resume_step}: checkpoint {newer} moved to "
@@ -549,35 +701,41 @@ def _train(exp, model_cfg, workdir: str, start: _Start, checkpointer: Checkpoint
   # Measured outside the mesh context: the matmul runs on one device, which a multi-device mesh would refuse.
   peak = exp.train.peak_tflops * 1e12 if exp.train.peak_tflops else measure_peak_flops()
   with parallel.mesh_context(mesh):
-    ctx, loop = _start_loop(exp, model_cfg, mesh, start, checkpointer, writer, peak * jax.device_count())
+    ctx, loop = _start_loop(exp, model_cfg, mesh, start, checkpointer, writer, peak * jax.device_count(),
+                            kept_files, workdir)
     prefetcher = runstate.BatchPrefetcher(start.data_iter, ctx.batch_sharding)
     stack.callback(prefetcher.close)
     signals.training()
     status = _run(ctx, loop, prefetcher, signals, stop_at_step)
-    if loop.eval_loss is None and status == "completed":  # resumed a finished run
-      loop.eval_loss = evaluate(_model(ctx, loop), exp, ctx.batch_sharding)
+    if loop.eval_loss is None and status == "completed":  # resumed a finished run: score it, write nothing
+      loop.eval_loss = _score(ctx, loop)[0]
     checkpointer.wait()
   return status, loop
 
 
 def _start_loop(exp, model_cfg, mesh, start: _Start, checkpointer: Checkpointer, writer: MetricWriter,
-                peak_flops: float) -> tuple[_Context, _Loop]:
+                peak_flops: float, kept_files: tuple, workdir: str) -> tuple[_Context, _Loop]:
   """The state at step 0, or restored from the checkpoint the run resumes (model, optimizer, data position), and
   the step compiled for it."""
   model, optimizer = runstate.create(exp, model_cfg, mesh)
   step, data_state = 0, start.data_iter.get_state()
   restored = runstate.restore(
       checkpointer, model, optimizer, max_step=start.resume_step,
-      check_meta=lambda meta: check_resumable(meta["config"], start.record["resolved"], exp.train))
+      # _prepare checked the newest checkpoint; this checks an older one that restore falls back to.
+      check_meta=lambda meta: check_checkpoint(meta, start.record["resolved"], exp.train,
+                                               start.eval_sets.fingerprints() if start.eval_sets else None))
   if restored is not None:
     step, meta = restored
-    data_states = meta["data_state"]  # one JSON state per process
-    if len(data_states) != jax.process_count():
-      raise ValueError(f"the checkpoint at step {step} was written by {len(data_states)} processes; resume it "
-                       f"with that many (this run has {jax.process_count()})")
-    data_state = json.loads(data_states[jax.process_index()])
+    data_state = json.loads(meta["data_state"][jax.process_index()])  # one JSON state per process
     start.data_iter.set_state(data_state)
     print(f"resumed from checkpoint at step {step} in {checkpointer.directory}", flush=True)
+  elif start.init_from:
+    # Read only (runstate.load never moves the source's files); the optimizer state stays fresh.
+    source = runstate.load(os.path.abspath(os.path.expanduser(start.init_from)), mesh=mesh)
+    nnx.update(model, runstate.checkpoint_tree(source.model, source.optimizer)["params"])
+    print(f"init_from: parameters of {start.init_from} at step {source.step}; fresh optimizer state, step 0",
+          flush=True)
+    del source
   # From here on only `state` is current: the model's and optimizer's buffers are donated to the first step.
   graphdef, state = nnx.split((model, optimizer))
   train_step = make_train_step(graphdef, exp.train, exp.seed, skip_nonfinite=exp.train.skip_nonfinite_batches > 0,
@@ -585,7 +743,8 @@ def _start_loop(exp, model_cfg, mesh, start: _Start, checkpointer: Checkpointer,
   ctx = _Context(exp=exp, resolved=start.record["resolved"], checkpointer=checkpointer, writer=writer,
                  progress=Progress(exp.train.num_steps, step), graphdef=graphdef, train_step=train_step,
                  batch_sharding=runstate.batch_sharding(mesh), tokens_per_step=exp.train.batch_size * exp.train.seq_len,
-                 flops_per_token=resolve_lib.train_flops_per_token(exp, model_cfg), peak_flops=peak_flops)
+                 flops_per_token=resolve_lib.train_flops_per_token(exp, model_cfg), peak_flops=peak_flops,
+                 kept_files=kept_files, workdir=workdir, eval_sets=start.eval_sets)
   loop = _Loop(step=step, state=state, data_state=data_state, saved_steps=set(checkpointer.all_steps()),
                interval_start=time.perf_counter())
   return ctx, loop
@@ -641,6 +800,8 @@ def _flush(ctx: _Context, loop: _Loop) -> None:
   """Fetch the pending metrics, write one record per step (`_write_records`), print the progress line."""
   if not loop.pending:
     return
+  for kept in ctx.kept_files:
+    kept.check()
   records = jax.device_get(loop.pending)
   loop.pending = []
   now = time.perf_counter()
@@ -681,10 +842,39 @@ def _write_records(ctx: _Context, loop: _Loop, records: list[dict], *, tokens_pe
           f"{ctx.checkpointer.directory}")
 
 
+def _score(ctx: _Context, loop: _Loop) -> tuple[float, dict, evalset.EvalResult | None]:
+  """(the evaluation loss, the eval record's values, the whole fixed set's result or None).
+
+  Without a fixed evaluation set: train.eval_batches of the validation stream. With one: its subset (the whole set
+  when there is none) at every evaluation, and the whole set at the last step (results/SCALING.md), each with its
+  interval over documents (`metrics.eval_set_stats`). 'cross_entropy' is the score of every evaluation (subset or
+  stream), the curve sweeps read; the loss returned is the whole set's at the last step."""
+  model = _model(ctx, loop)
+  sets = ctx.eval_sets
+  if sets is None:
+    loss = evaluate(model, ctx.exp, ctx.batch_sharding)
+    return loss, {"cross_entropy": loss}, None
+  values, full = {}, None
+  if sets.subset is not None:
+    subset = evaluate_set(model, sets.subset, ctx.exp, ctx.batch_sharding)
+    values.update(cross_entropy=subset.mean, **eval_set_stats("subset", subset))
+  if sets.subset is None or loop.step >= ctx.exp.train.num_steps:
+    full = evaluate_set(model, sets.full, ctx.exp, ctx.batch_sharding)
+    values.update(eval_set_stats("full", full))
+    values.setdefault("cross_entropy", full.mean)
+  return (full.mean if full is not None else values["cross_entropy"]), values, full
+
+
 def _evaluate(ctx: _Context, loop: _Loop) -> None:
-  loop.eval_loss = evaluate(_model(ctx, loop), ctx.exp, ctx.batch_sharding)
-  ctx.writer.write(loop.step, "eval", {"cross_entropy": loop.eval_loss})
-  print(f"step {loop.step:>6}  eval cross-entropy {loop.eval_loss:.4f}", flush=True)
+  loop.eval_loss, values, full = _score(ctx, loop)
+  ctx.writer.write(loop.step, "eval", values)
+  shown = "  ".join(f"{key} {values[key]:.4f}" for key in ("subset/cross_entropy", "full/cross_entropy")
+                    if key in values) or f"cross-entropy {loop.eval_loss:.4f}"
+  print(f"step {loop.step:>6}  eval {shown}", flush=True)
+  if full is not None and loop.step >= ctx.exp.train.num_steps and jax.process_index() == 0:
+    # Per-document sums: what the bootstrap over files of a study (SCALING.md) resamples across runs.
+    fileio.write_json(os.path.join(ctx.workdir, EVAL_SET_FILE),
+                      {"step": loop.step, "result": full.record(), "manifest": ctx.eval_sets.full.manifest()})
   loop.interval_start = time.perf_counter()  # evaluation time is not training time
 
 
@@ -694,6 +884,8 @@ def _save(ctx: _Context, loop: _Loop) -> None:
   if loop.step not in loop.saved_steps:
     meta = {"data_state": parallel.gather_strings(json.dumps(loop.data_state)), "step": loop.step,
             "config": ctx.resolved}
+    if ctx.eval_sets is not None:
+      meta["eval_set"] = ctx.eval_sets.fingerprints()
     ctx.checkpointer.save(loop.step, runstate.checkpoint_tree(*nnx.merge(ctx.graphdef, loop.state)), meta)
     loop.saved_steps.add(loop.step)
   loop.interval_start = time.perf_counter()  # saving time is not training time

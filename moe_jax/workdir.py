@@ -6,7 +6,12 @@ the current directory): an empty path, a workdir or entry of the wrong type, a s
 an entry that cannot be written. It writes nothing, so a run that refuses leaves the workdir as it was.
 
 `DirectoryLock` is the kernel lock that keeps two processes out of one directory (a run's workdir, a sweep's
-runs); it is released however its holder ends, so a killed process never leaves a stale lock.
+runs); it is released however its holder ends, so a killed process never leaves a stale lock. `WorkdirLock` is
+the trainer's: held while the run checks whether it may start, and undone if it may not (a run that refuses
+leaves its workdir as it was), then kept; `check()` notices it deleted or replaced mid-run.
+
+`KeptFile` is a file the run writes whole once and relies on until it ends (config.json): deleted, replaced or
+edited mid-run it is written again with a warning; turned into a directory it stops the run in one line.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ import socket
 import stat
 import time
 
+from moe_jax import fileio
+
 FILE, DIRECTORY = "file", "directory"
 
-# Every entry a run's workdir may hold, and its type. moe_jax.train writes the first six; `result.json` is the
+# Every entry a run's workdir may hold, and its type. moe_jax.train writes all but `result.json`, which is the
 # sweep's (moe_jax.sweep).
 ENTRIES: dict[str, str] = {
     "config.json": FILE,
@@ -30,6 +37,7 @@ ENTRIES: dict[str, str] = {
     "checkpoints": DIRECTORY,
     "tensorboard": DIRECTORY,
     "result.json": FILE,
+    "eval_set.json": FILE,
 }
 
 
@@ -123,30 +131,49 @@ class DirectoryLock:
   `what` names the locked thing in the refusal and `hint` says what to do, e.g. ("workdir /x", "wait for it to
   end or pass another --workdir"). The refusal is a ValueError: a second process on the same directory is a
   mistake in the command, not a failure of the machine.
+
+  A holder may remove the file (`WorkdirLock` does when its run refuses): a process that opened the old file just
+  before and then got its lock holds a lock on a file no longer at `path`, so the lock is taken again until the
+  file locked is the file at `path`.
   """
 
   def __init__(self, path: str, *, what: str, hint: str):
     self.path, self.what, self.hint = path, what, hint
     self._file = None
+    self._identity: FileIdentity | None = None
 
   def __enter__(self):
-    handle = open(self.path, "a+")
-    try:
-      fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      handle.seek(0)
-      holder = handle.read().strip() or "another process"
-      handle.close()
-      raise ValueError(f"{self.what} is in use by {holder}; {self.hint}") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on host {socket.gethostname()} since "
-                 f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
-    handle.flush()
-    self._file = handle
+    self._acquire()
     return self
 
+  def _acquire(self) -> None:
+    while True:
+      handle = open(self.path, "a+")
+      try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ValueError(f"{self.what} is in use by {holder}; {self.hint}") from None
+      identity = FileIdentity(self.path, handle)
+      if not identity.changed():
+        break
+      handle.close()  # removed (or replaced) between our open and our lock: lock the file at the path now
+    self._file, self._identity = handle, identity
+    self._write_holder()
+
+  def _write_holder(self) -> None:
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(f"pid {os.getpid()} on host {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+    self._file.flush()
+
   def __exit__(self, *exc):
+    self._release()
+
+  def _release(self) -> None:
     if self._file is not None:
       fcntl.flock(self._file, fcntl.LOCK_UN)
       self._file.close()
@@ -154,8 +181,111 @@ class DirectoryLock:
 
 
 class WorkdirLock(DirectoryLock):
-  """`<workdir>/lock`: one training run per workdir (the lock of `moe_jax.train`)."""
+  """`<workdir>/lock`: one training run per workdir (the lock of `moe_jax.train`).
+
+  The lock is taken before the run checks whether it may start (two starts at once must not both pass), which
+  creates the workdir if needed and writes the holder into `lock`. Until `commit()` (every check passed, the run
+  starts writing), leaving undoes both: `lock` gets back its previous bytes (or is removed if it was not there)
+  and a workdir the lock created is removed, so a run that refuses leaves the workdir byte for byte as it was.
+  """
 
   def __init__(self, workdir: str):
     super().__init__(os.path.join(workdir, "lock"), what=f"workdir {workdir}",
                      hint="wait for it to end or pass another --workdir")
+    self.workdir = workdir
+    self._committed = False
+    self._created_workdir = False
+    self._previous: bytes | None = None  # the bytes `lock` held before this run (None: it was not there)
+
+  def __enter__(self):
+    if not os.path.exists(self.workdir):
+      os.makedirs(self.workdir)
+      self._created_workdir = True
+    try:
+      with open(self.path, "rb") as f:
+        self._previous = f.read()
+    except FileNotFoundError:
+      self._previous = None
+    try:
+      self._acquire()
+    except BaseException:
+      self._remove_created_workdir()
+      raise
+    return self
+
+  def commit(self) -> None:
+    """Every check passed and the run starts writing: from now on `lock` keeps naming this run."""
+    self._committed = True
+
+  def check(self) -> None:
+    """Mid-run: `lock` is still the file this run locked. Deleted or replaced (a clean-up script, a user), a second
+    run in this workdir would no longer be refused: lock the file now at the path again, with a warning.
+    `fileio.EnvironmentFailure` (one line, exit 1) when that cannot be done: something other than a file there, or
+    another process took the new file first."""
+    if self._file is None or not self._identity.changed():
+      return
+    kind = _kind(self.path)
+    if kind not in (None, FILE):
+      raise fileio.EnvironmentFailure(f"workdir: {self.path} became {_describe(kind)} while the run held the lock; "
+                                      "stopping, since a second run in this workdir could no longer be refused")
+    self._release()
+    try:
+      self._acquire()
+    except ValueError as error:
+      raise fileio.EnvironmentFailure(f"workdir: {self.path} was deleted or replaced while the run held it, and "
+                                      f"then taken by another process ({error}); stopping so that two runs do not "
+                                      "write one workdir") from None
+    print(f"WARNING: {self.path} was deleted or replaced while the run held it; locked again (without it a second "
+          "run in this workdir would not be refused)", flush=True)
+
+  def __exit__(self, *exc):
+    if self._file is not None and not self._committed:
+      if self._previous is None:
+        os.remove(self.path)  # under the lock: a process that opened it meanwhile locks again (`_acquire`)
+      else:
+        os.ftruncate(self._file.fileno(), 0)  # opened to append: the bytes go to the start of the empty file
+        os.write(self._file.fileno(), self._previous)
+    self._release()
+    if not self._committed:
+      self._remove_created_workdir()
+
+  def _remove_created_workdir(self) -> None:
+    if self._created_workdir:
+      try:
+        os.rmdir(self.workdir)
+      except OSError:  # something else was put there meanwhile: not ours to remove
+        pass
+
+
+class KeptFile:
+  """A file a run writes whole (atomically) and relies on until it ends, e.g. config.json, which every tool reads
+  to open the run. `check()` compares the path with what was written (device, inode, size, modification time):
+  deleted, replaced or edited, it is written again with a warning; anything but a file there stops the run in one
+  line (`fileio.EnvironmentFailure`, exit 1)."""
+
+  def __init__(self, path: str, text: str):
+    self.path, self.text = path, text
+    self._stamp = None
+    self._write()
+
+  def _status(self) -> tuple[int, int, int, int] | None:
+    try:
+      status = os.stat(self.path)
+    except OSError:
+      return None
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
+
+  def _write(self) -> None:
+    fileio.write_text(self.path, self.text)
+    self._stamp = self._status()
+
+  def check(self) -> None:
+    kind = _kind(self.path)
+    if kind == FILE and self._status() == self._stamp:
+      return
+    if kind not in (None, FILE):
+      raise fileio.EnvironmentFailure(f"workdir: {self.path} became {_describe(kind)} during the run; move it away "
+                                      "and rerun (the run resumes from its last checkpoint)")
+    print(f"WARNING: {self.path} was {'deleted' if kind is None else 'replaced or edited'} during the run; written "
+          "again as the run recorded it", flush=True)
+    self._write()
