@@ -28,6 +28,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # harness (benchmarks/ is not a package)
+from moe_jax import fileio  # noqa: E402  (no jax: the baseline RSS stays the import's own)
+
 DEFAULT_OUTPUT = os.path.join(REPO, "benchmarks", "results", "interop_import.json")
 
 
@@ -83,8 +85,7 @@ def write_random_checkpoint(args, directory: str) -> dict:
       yield from zip(rule.tensors, rule.transform.to_tensors(value))
 
   shards.write_checkpoint(directory, tensors(), max_shard_bytes=args.shard_mb * 10**6)
-  with open(os.path.join(directory, shards.CONFIG), "w") as f:
-    json.dump(hf, f)
+  fileio.write_json(os.path.join(directory, shards.CONFIG), hf)
   return {"largest_parameter_bytes": largest}
 
 
@@ -137,8 +138,7 @@ def main(argv=None) -> dict:
         f"{over / 1e6:,.1f} MB = {over / measured['checkpoint_bytes']:.2f} x the checkpoint (bound: checkpoint + "
         f"largest parameter = {bound / 1e6:,.1f} MB, {'met' if over <= bound else 'NOT met'})")
   os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-  with open(args.output, "w") as f:
-    json.dump(report, f, indent=2)
+  fileio.write_json(args.output, report, indent=2)
   print(f"wrote {args.output}")
   return report
 
