@@ -479,10 +479,25 @@ def top_k_route(
     follow_up = jax.lax.stop_gradient(normalised) / second_expert_threshold > draw
     wanted = wanted.at[..., 1:].set(follow_up[..., 1:])
 
-  assignment = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32) * wanted[..., None]  # [G,S,K,E]
   order = _priority_order(gates[..., 0]) if batch_prioritized else None
-  slot, kept = token_choice_slots(expert_index, wanted, capacity, order)
+  return _token_choice_result(logits, probs, expert_index, weights, wanted, capacity, order)
 
+
+def _token_choice_result(
+    logits: jax.Array,  # [G, S, E]
+    probs: jax.Array,  # [G, S, E] float32: the probabilities the balancing loss and metrics read
+    expert_index: jax.Array,  # [G, S, K] int32
+    weights: jax.Array,  # [G, S, K] combine weight of each choice before capacity
+    wanted: jax.Array,  # [G, S, K] bool: the choices that claim a slot
+    capacity: int,
+    order: jax.Array | None = None,  # [G, S] claim order (batch priority); None: position order
+) -> RoutingResult:
+  """The RoutingResult of token-choice routing once each token's K choices and weights are made: slots claimed
+  in `order` up to `capacity`, weights of dropped choices zeroed, Switch's balancing loss (eq. 4) over the
+  wanted choices and the z-loss of `logits`."""
+  num_experts = logits.shape[-1]
+  assignment = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32) * wanted[..., None]  # [G,S,K,E]
+  slot, kept = token_choice_slots(expert_index, wanted, capacity, order)
   return RoutingResult(
       expert_index=expert_index,
       slot=slot,
@@ -576,22 +591,8 @@ def sparsemixer_route(
   second, second_weight = stage(jnp.where(jax.nn.one_hot(first, num_experts, dtype=bool), -jnp.inf, scores))
   expert_index = jnp.stack([first, second], axis=-1)  # [G, S, 2]
   weights = jnp.stack([first_weight, second_weight], axis=-1).astype(jnp.float32)
-  wanted = jnp.ones(expert_index.shape, bool)
-  slot, kept = token_choice_slots(expert_index, wanted, capacity)
   probs = jax.nn.softmax(scores, axis=-1).astype(jnp.float32)
-  assignment = jax.nn.one_hot(expert_index, num_experts, dtype=jnp.int32)  # [G, S, 2, E]
-  return RoutingResult(
-      expert_index=expert_index,
-      slot=slot,
-      combine_weight=jnp.where(kept, weights, 0.0),
-      kept=kept,
-      router_probs=probs,
-      load_balancing_loss=load_balancing_loss(probs, assignment),
-      router_z_loss=router_z_loss(logits),
-      metrics=_metrics(probs, expert_index, kept, wanted, capacity),
-      num_experts=num_experts,
-      capacity=capacity,
-  )
+  return _token_choice_result(logits, probs, expert_index, weights, jnp.ones(expert_index.shape, bool), capacity)
 
 
 # ----------------------------------------------------------------------------------------------------------
