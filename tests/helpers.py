@@ -1,6 +1,7 @@
-"""Helpers shared by the tests: a tiny config, the CLI command, losses read back from a run, and the parameter
-count of a built model."""
+"""Helpers shared by the tests: a tiny config, the CLI command, losses read back from a run, a run's workdir
+written without training, and the parameter count of a built model."""
 
+import json
 import math
 import os
 import sys
@@ -55,3 +56,21 @@ def built_param_count(cfg: config_lib.ModelConfig) -> int:
   with parallel.mesh_context(parallel.create_mesh(1, 1)):  # parameters carry logical axes
     model = nnx.eval_shape(lambda: TransformerLM(cfg, rngs=nnx.Rngs(0)))
   return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def write_run(workdir: str, config, step: int = 3):
+  """A run's workdir as training leaves it (config.json and one checkpoint at `step`) of a freshly created model
+  of `config`, without training; returns the model."""
+  from moe_jax import runstate
+  from moe_jax.checkpoint import Checkpointer
+
+  run = runstate.resolve_for_mesh(config, None)
+  os.makedirs(workdir)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(run.record(), f)
+  model, optimizer = runstate.create(run.typed, runstate.model_config(run), None)
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1)
+  checkpointer.save(step, runstate.checkpoint_tree(model, optimizer), {"step": step})
+  checkpointer.wait()
+  checkpointer.close()
+  return model

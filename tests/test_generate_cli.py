@@ -14,8 +14,7 @@ import optax
 import pytest
 
 from moe_jax import config_lib, models, runstate
-from moe_jax.checkpoint import Checkpointer
-from tests.helpers import REPO, cpu_env
+from tests.helpers import REPO, cpu_env, write_run
 
 
 def _config():
@@ -35,15 +34,7 @@ def _files(directory) -> dict[str, float]:
 def tiny_run(tmp_path_factory) -> str:
   """A workdir as training leaves it (config.json, one checkpoint at step 3) of a 2-block Switch LM."""
   workdir = str(tmp_path_factory.mktemp("cli") / "run")
-  run = runstate.resolve_for_mesh(_config(), None)
-  os.makedirs(workdir)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(run.record(), f)
-  model, optimizer = runstate.create(run.typed, runstate.model_config(run), None)
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1)
-  checkpointer.save(3, runstate.checkpoint_tree(model, optimizer), {"step": 3})
-  checkpointer.wait()
-  checkpointer.close()
+  write_run(workdir, _config())
   return workdir
 
 

@@ -2,7 +2,6 @@
 from its parameters; every router family records what it does; replaying a model's own trace gives its logits and
 another routing does not; removing an expert costs what its tokens lose; a run's checkpoint traces end to end."""
 
-import json
 import os
 import subprocess
 import sys
@@ -14,9 +13,8 @@ import pytest
 from flax import nnx
 
 from moe_jax import analysis, config_lib, evalset, models, routing, runstate, tracing
-from moe_jax.checkpoint import Checkpointer
 from moe_jax.data import tokenizers
-from tests.helpers import REPO, cpu_env
+from tests.helpers import REPO, cpu_env, write_run
 
 BYTES = tokenizers.ByteTokenizer()
 
@@ -168,20 +166,6 @@ def test_removing_an_expert_costs_nothing_when_it_takes_no_token_and_something_w
   assert np.all(np.abs(losses[0, used] - base) > 1e-6)
 
 
-def _write_run(workdir, config):
-  """A run's workdir with one checkpoint (step 3) of a freshly created model, as training leaves it."""
-  run = runstate.resolve_for_mesh(config, None)
-  os.makedirs(workdir)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(run.record(), f)
-  model, optimizer = runstate.create(run.typed, runstate.model_config(run), None)
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1)
-  checkpointer.save(3, runstate.checkpoint_tree(model, optimizer), {"step": 3})
-  checkpointer.wait()
-  checkpointer.close()
-  return model
-
-
 def _text_files(root):
   for path, text in (("pkg/mod.py", "def f(x):\n  return x + 1\n" * 3), ("tests/test_mod.py", "assert f(1) == 2\n"),
                      ("README.md", "# Title\nSome words, 42.\n")):
@@ -193,7 +177,7 @@ def _text_files(root):
 
 def test_a_runs_checkpoint_traces_end_to_end_from_its_files(tmp_path):
   workdir = str(tmp_path / "run")
-  _write_run(workdir, _config(**TOP2))
+  write_run(workdir, _config(**TOP2))
   run = runstate.load(workdir)
   texts = tracing.read_text_files(_text_files(str(tmp_path / "text")))
   assert sorted(texts) == ["README.md", "pkg/mod.py", "tests/test_mod.py"]
@@ -209,7 +193,7 @@ def test_a_runs_checkpoint_traces_end_to_end_from_its_files(tmp_path):
 @pytest.mark.slow  # a subprocess: JAX imported and the model compiled once more (~15 s on 2 cores)
 def test_the_trace_command_writes_a_trace_of_every_checkpoint(tmp_path):
   workdir = str(tmp_path / "run")
-  _write_run(workdir, _config("encoder_decoder"))
+  write_run(workdir, _config("encoder_decoder"))
   output = str(tmp_path / "trace-{step}.npz")
   result = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "trace.py"), f"--workdir={workdir}",
                            f"--text_glob={_text_files(str(tmp_path / 'text'))}", f"--output={output}", "--steps=all",
