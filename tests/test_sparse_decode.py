@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax import decode, dispatch, reference, routing
+from moe_jax import decode, dispatch, parallel, reference, routing
 from moe_jax import experts as experts_lib
 from moe_jax.moe_layer import MoeFeedForward
 from tests.test_decode import assert_cached_equals_full, build, lm_cfg, tokens_of
@@ -48,21 +48,43 @@ def test_expert_gather_equals_the_reference_moe(router):
   np.testing.assert_allclose(out, reference.moe(tokens, route, weights, activation=activation), atol=ATOL, rtol=0)
 
 
-def test_a_sparse_decode_layer_with_shared_experts_equals_the_reference():
+def sparse_layer(shared_d_ff: int = 0) -> MoeFeedForward:
+  """A top-2 layer of 8 SwiGLU experts as decoding runs it (dropless), reading only the chosen experts."""
   cfg = lm_cfg({"moe.router": "top_k", "moe.top_k.k": 2, "moe.num_experts": 8})
-  moe = decode.inference_moe_config(cfg.moe)  # dropless, as decoding runs it
-  layer = MoeFeedForward(D_MODEL, D_FF, moe, shared_d_ff=D_FF, activation="swiglu", rngs=nnx.Rngs(0))
+  layer = MoeFeedForward(D_MODEL, D_FF, decode.inference_moe_config(cfg.moe), shared_d_ff=shared_d_ff,
+                         activation="swiglu", rngs=nnx.Rngs(0))
   layer.sparse_decode = True
+  return layer
+
+
+def reference_output(layer: MoeFeedForward, x: jax.Array) -> jax.Array:  # [B, L, M] -> [B, L, M]
+  weights = experts_lib.ExpertWeights(wi_0=layer.wi_0[...], wo=layer.wo[...], wi_1=layer.wi_1[...])
+  out = reference.moe(x, layer.route(x), weights, activation="swiglu")
+  if layer.shared is not None:
+    shared = experts_lib.ExpertWeights(wi_0=layer.shared.wi_0[...][None], wo=layer.shared.wo[...][None],
+                                       wi_1=layer.shared.wi_1[...][None])
+    out = out + reference.expert_ffn(shared, 0, x, "swiglu")
+  return out
+
+
+def test_a_sparse_decode_layer_with_shared_experts_equals_the_reference():
+  layer = sparse_layer(shared_d_ff=D_FF)
   x = jax.random.normal(jax.random.key(2), (1, 1, D_MODEL))  # one token: N = 2 <= E / 2
   assert dispatch.use_expert_gather(2, 8, False)
-  out, _ = layer(x)
-  route = layer.route(x)
-  weights = experts_lib.ExpertWeights(wi_0=layer.wi_0[...], wo=layer.wo[...], wi_1=layer.wi_1[...])
-  shared = experts_lib.ExpertWeights(wi_0=layer.shared.wi_0[...][None], wo=layer.shared.wo[...][None],
-                                     wi_1=layer.shared.wi_1[...][None])
-  expected = (reference.moe(x, route, weights, activation="swiglu")
-              + reference.expert_ffn(shared, 0, x, "swiglu"))
-  np.testing.assert_allclose(out, expected, atol=ATOL, rtol=0)
+  np.testing.assert_allclose(layer(x)[0], reference_output(layer, x), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("expert_axis", [
+    1, pytest.param(4, marks=pytest.mark.slow),  # the split case in the Decoder: tests/test_decode.py's mesh test
+], ids=["experts_whole", "experts_split"])
+def test_under_a_mesh_a_sparse_decode_layer_equals_the_reference(expert_axis):
+  """Whole experts on every device: each device gathers its own rows' experts; experts split over 'expert': the
+  rule keeps the resolved backend (all-to-all of capacity buffers). Both equal the one-device reference."""
+  x = jax.random.normal(jax.random.key(3), (8, 1, D_MODEL))  # a decode step of 8 rows, one per device
+  with parallel.mesh_context(parallel.create_mesh(8 // expert_axis, expert_axis)):
+    layer = sparse_layer()
+    out = layer(x)[0]
+  np.testing.assert_allclose(out, reference_output(layer, x), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("overrides", [{"moe.num_experts": 8},
