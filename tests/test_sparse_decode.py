@@ -44,8 +44,17 @@ def test_expert_gather_equals_the_reference_moe(router):
   weights = make_weights(8, activation)
   if router == "top2_drops":
     assert not bool(jnp.all(route.kept))  # the case checks that dropped assignments give zero
-  out = dispatch.expert_gather_dispatch(tokens, route, experts_lib.StackedExperts(weights, activation))
-  np.testing.assert_allclose(out, reference.moe(tokens, route, weights, activation=activation), atol=ATOL, rtol=0)
+  cotangent = jax.random.normal(jax.random.key(4), tokens.shape)
+
+  def loss(fn, tokens, weights):  # forward and gradients (wrt tokens and expert weights) in one program
+    return jnp.sum(fn(tokens, weights) * cotangent)
+
+  gather = lambda t, w: dispatch.expert_gather_dispatch(t, route, experts_lib.StackedExperts(w, activation))
+  moe = lambda t, w: reference.moe(t, route, w, activation=activation)
+  # One compiled program for both (compile time dominates): outputs and gradients of each.
+  ours, theirs = jax.jit(lambda t, w: [(fn(t, w), jax.grad(loss, argnums=(1, 2))(fn, t, w)) for fn in (gather, moe)])(
+      tokens, weights)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=ATOL, rtol=0), ours, theirs)
 
 
 def sparse_layer(shared_d_ff: int = 0) -> MoeFeedForward:
