@@ -57,7 +57,8 @@ def inference_moe_config(moe):
 
 
 def inference_copy(model: nnx.Module) -> nnx.Module:
-  """`model` for inference, sharing its arrays: causal MoE layers dropless (`inference_moe_config`), no
+  """`model` for inference, sharing its arrays: causal MoE layers dropless (`inference_moe_config`) and reading only
+  the chosen experts' weights in small calls (`MoeFeedForward.sparse_decode`, `dispatch.use_expert_gather`), no
   rematerialisation, blocks unscanned. The model itself is left unchanged."""
   cfg = model.config
   if cfg.scan_layers:  # a cache per block: decode the blocks one by one
@@ -73,6 +74,7 @@ def inference_copy(model: nnx.Module) -> nnx.Module:
   for _, module in nnx.iter_modules(copy):
     if isinstance(module, MoeFeedForward) and module.causal:
       module.config = inference_moe_config(module.config)
+      module.sparse_decode = True
   return copy
 
 

@@ -24,6 +24,9 @@ Three layouts, one math:
   * `ragged_expert_ffn`  rows sorted by expert [N, M] with group sizes [E], through `jax.lax.ragged_dot`: a
                          native grouped matmul where the platform has one (GPU, TPU); elsewhere XLA may lower it
                          to a dense masked dot over all E groups (E times the work; see benchmarks/README.md).
+  * `gathered_expert_ffn` one row per (token, choice) [N, M] with its expert [N]: each row reads its expert's
+                         weight slices (dynamic slices on the expert axis), so the weights of experts no row chose
+                         are never read (decoding: N = B * K rows, `dispatch.expert_gather_dispatch`).
 """
 
 from __future__ import annotations
@@ -80,7 +83,8 @@ class Experts(Protocol):
 
   `__call__` takes padded capacity buffers, expert-major; `blocked` and `ragged` take rows sorted by expert
   and are called only by the dropless backends ('dropless' and 'ragged_dot'). `moe_jax.parallel.AllToAllExperts`
-  implements `__call__` across devices.
+  implements `__call__` across devices. `StackedExperts` (all experts on one device) also has `gathered`, which
+  only the decode-time `dispatch.expert_gather_dispatch` calls.
   """
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [E, T, M] -> [E, T, M]
@@ -343,6 +347,34 @@ def ragged_expert_ffn(
   return jax.lax.ragged_dot(h, cast(weights.wo), group_sizes)
 
 
+def gathered_expert_ffn(
+    weights: ExpertWeights,
+    x: jax.Array,  # [N, M] one row per (token, choice); N static and small (a decode step)
+    expert: jax.Array,  # [N] int32 the expert of each row
+    *,
+    activation: str,
+    dropout_rate: float = 0.0,
+    dropout_key: jax.Array | None = None,
+) -> jax.Array:  # [N, M]
+  """Row n through the FFN of expert[n], reading only that expert's weight slices: one dynamic slice of wi_0 / wi_1
+  / wo on the expert axis per row, unrolled over the N rows, so N x (2 or 3) x M x F weights are read whatever E is.
+  Per-row slices rather than one `jnp.take` of [N, M, F]: XLA counts (and on CPU reads) a gather's whole operand,
+  and both ran alike in a side-by-side measurement. Worth it when N is small against E (`dispatch.use_expert_gather`);
+  with many rows it reads an expert once per row, where a grouped matmul reads it once."""
+  _check(weights, activation, dropout_rate)
+  if x.ndim != 2 or expert.shape != x.shape[:1]:
+    raise ValueError(f"gathered expert inputs must be x [N, M] and expert [N]; got {x.shape} and {expert.shape}")
+
+  def row(n):  # [M] -> [M] through expert[n]
+    take = lambda w: None if w is None else jax.lax.dynamic_index_in_dim(w, expert[n], keepdims=False).astype(x.dtype)
+    pre = x[n] @ take(weights.wi_0)
+    linear = None if weights.wi_1 is None else x[n] @ take(weights.wi_1)
+    key = None if dropout_key is None else jax.random.fold_in(dropout_key, n)
+    return _hidden(pre, linear, activation, dropout_rate, key) @ take(weights.wo)
+
+  return jnp.stack([row(n) for n in range(x.shape[0])])
+
+
 @dataclasses.dataclass(frozen=True)
 class StackedExperts:
   """All E experts on this device: the `Experts` a backend calls when nothing is sharded."""
@@ -365,3 +397,6 @@ class StackedExperts:
 
   def ragged(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:  # [N, M], [E] -> [N, M]
     return ragged_expert_ffn(self.weights, x, group_sizes, **self._options())
+
+  def gathered(self, x: jax.Array, expert: jax.Array) -> jax.Array:  # [N, M], [N] -> [N, M]
+    return gathered_expert_ffn(self.weights, x, expert, **self._options())

@@ -174,6 +174,7 @@ def moe_block(
     distributed: bool,
     sequence_length: int,
     forced: dict[str, jax.Array] | None = None,
+    sparse_decode: bool = False,
 ) -> tuple[jax.Array, MoeAux]:  # [G, S, M]
   """Route, dispatch, run experts, combine: the whole MoE layer on arrays.
 
@@ -182,6 +183,8 @@ def moe_block(
   (every device holds the same number of groups, so that is the mean over all groups).
   `forced` (router replay, `ForcedRouting`): expert_index, slot, combine_weight, kept [G, S, K] that replace the
   router's decisions; its losses and metrics stay those of the router's own routing.
+  `sparse_decode` (set by `moe_jax.decode`): a call with few assignments reads only the chosen experts' weights
+  (`dispatch.expert_gather_dispatch`, where `dispatch.use_expert_gather` says so).
   """
   router_params, key = replicated
   jitter_key = policy_key = dropout_key = None
@@ -204,6 +207,8 @@ def moe_block(
     experts = parallel.AllToAllExperts(experts)
   if isinstance(route, routing.SoftRoutingResult):  # dense slot weights: one backend fits (config: dispatch)
     out = dispatch.soft_dispatch(groups, route, experts)
+  elif sparse_decode and dispatch.use_expert_gather(route.expert_index.size, route.num_experts, experts_across_devices):
+    out = dispatch.expert_gather_dispatch(groups, route, experts)
   else:
     backend = dispatch.resolve_backend(config.dispatch, jax.default_backend(), experts_across_devices)
     out = dispatch.get_backend(backend)(groups, route, experts)
@@ -323,6 +328,8 @@ class MoeFeedForward(nnx.Module):
     # 'routing', which `nnx.capture(..., nnx.Intermediate)` collects; a plain static flag, so training is untouched.
     self.capture_routing = False
     self.forced_routing: ForcedRouting | None = nnx.data(None)  # router replay: set by moe_jax.tracing for a call
+    # Decoding (moe_jax.decode): a static flag; when True, calls with few assignments read only the chosen experts.
+    self.sparse_decode = False
 
   def _router_specs(self) -> dict[str, routers.RouterParam]:
     return self.config.family.params(self.d_model, self.config.num_experts, self.config.router_options)
@@ -374,6 +381,7 @@ class MoeFeedForward(nnx.Module):
         distributed=mesh is not None,
         sequence_length=x.shape[1],
         forced=forced,
+        sparse_decode=self.sparse_decode,
     )
     if mesh is not None:
       if forced is not None:

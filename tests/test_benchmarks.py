@@ -53,3 +53,29 @@ def test_roofline_bandwidth_is_read_on_a_reused_buffer_and_beats_the_fresh_buffe
   peaks = harness.measure_peaks(matmul_size=64, copy_mib=64, repeats=3)
   assert peaks["memory_gbps"] > peaks["fresh_buffer_gbps"] > 0
   assert peaks["memory_read_gbps"] > peaks["fresh_buffer_gbps"]
+
+
+def test_decode_benchmark_records_the_moe_and_its_dense_twins_per_batch(tmp_path):
+  """Issue 32 item 6 at toy size: every batch has the three models' times, bytes and memory, the twins have the
+  MoE's active and total parameters (the router aside), and the gather path is taken exactly where the rule says."""
+  result = run_script([os.path.join(REPO, "benchmarks", "decode.py"), "--d_model", "16", "--num_heads", "2",
+                       "--presets", "toy:4:2:16", "--batches", "1,4", "--num_layers", "1", "--vocab", "32",
+                       "--context", "8", "--repeats", "1", "--peak_mib", "8"], tmp_path)
+  assert result["peaks"]["memory_gbps"] > 0
+  (preset,) = result["presets"]
+  params = preset["params"]
+  router = 16 * 4  # M * E
+  assert params["moe"]["active"] - router == params["dense_active"]["total"]
+  assert params["moe"]["total"] - router == params["dense_total"]["total"]
+  assert [row["batch"] for row in preset["rows"]] == [1, 4]
+  for row in preset["rows"]:
+    assert set(row["models"]) == {"moe", "dense_active", "dense_total"}
+    assert all(1 <= d <= 4 for d in row["distinct_experts_per_layer"])
+    assert row["expected_distinct_experts"] == pytest.approx(4 * (1 - (1 - 2 / 4) ** row["batch"]))
+    moe = row["models"]["moe"]
+    assert moe["weight_bytes"]["expert_gather"] == (row["batch"] == 1)  # 2 * B * K <= E only at B = 1
+    assert moe["weight_bytes"]["ideal"] <= moe["weight_bytes"]["read"]
+    for name, model in row["models"].items():
+      assert model["seconds"]["min"] > 0 and model["tokens_per_second"] > 0 and model["bandwidth_fraction"] > 0
+      assert model["memory_held"]["kv_cache"] >= model["model_stats"]["kv_cache"] > 0, name
+      assert model["memory_held"]["weights"] == pytest.approx(model["model_stats"]["weights"], rel=0.01), name
