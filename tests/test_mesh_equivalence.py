@@ -132,21 +132,28 @@ def _model_and_optimizer(mesh_shape, seed: int):
   return mesh, model, optimizer
 
 
-@pytest.mark.parametrize("target", [(1, 1, 2, 2), (1, 1, 1, 1)], ids=["4_devices", "1_device"])
-def test_checkpoint_saved_on_one_mesh_restores_exactly_on_another(tmp_path, target):
-  """Saved on 8 devices as (2, 2, 2, 1), restored on 4 devices (1, 1, 2, 2) or on one: orbax reads each array
-  into the target mesh's shardings (`runstate.checkpoint_tree`, the tree a run saves); every value is equal."""
+@pytest.fixture(scope="module")
+def saved_on_eight_devices(tmp_path_factory):
+  """(checkpointer, the saved tree) of a model and its AdamW state saved at step 1 on 8 devices as (2, 2, 2, 1);
+  both targets restore the one checkpoint (restoring writes nothing)."""
   _, model, optimizer = _model_and_optimizer((2, 2, 2, 1), seed=0)
   saved = runstate.checkpoint_tree(model, optimizer)
-  checkpointer = Checkpointer(str(tmp_path), keep=1, async_save=False)
+  checkpointer = Checkpointer(str(tmp_path_factory.mktemp("checkpoint")), keep=1, async_save=False)
   checkpointer.save(1, saved, {"step": 1})
   checkpointer.wait()
+  yield checkpointer, saved
+  checkpointer.close()
 
+
+@pytest.mark.parametrize("target", [(1, 1, 2, 2), (1, 1, 1, 1)], ids=["4_devices", "1_device"])
+def test_checkpoint_saved_on_one_mesh_restores_exactly_on_another(saved_on_eight_devices, target):
+  """Saved on 8 devices as (2, 2, 2, 1), restored on 4 devices (1, 1, 2, 2) or on one: orbax reads each array
+  into the target mesh's shardings (`runstate.checkpoint_tree`, the tree a run saves); every value is equal."""
+  checkpointer, saved = saved_on_eight_devices
   mesh, model, optimizer = _model_and_optimizer(target, seed=1)  # other values, the target's shardings
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           runstate.checkpoint_tree(model, optimizer))
   step, restored, _ = checkpointer.restore_latest(abstract)
-  checkpointer.close()
   assert step == 1
   chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(saved))
   for array, like in zip(jax.tree.leaves(restored), jax.tree.leaves(abstract)):

@@ -16,7 +16,10 @@ from tests.helpers import built_param_count
 D_MODEL, HEADS, HEAD_DIM, BATCH, LENGTH = 32, 4, 8, 2, 16
 
 
-@pytest.mark.parametrize("num_kv_heads", [1, 2, 4])
+# One grouped case (2 query heads per key/value head) in the default tier; multi-query (1) and plain multi-head
+# attention (4) run the same grouping code with other group sizes: slow tier.
+@pytest.mark.parametrize("num_kv_heads", [pytest.param(1, marks=pytest.mark.slow), 2,
+                                          pytest.param(4, marks=pytest.mark.slow)])
 def test_grouped_query_attention_equals_its_reference_forward_and_backward(num_kv_heads):
   with parallel.mesh_context(parallel.create_mesh(1, 1)):
     layer = layers.CausalSelfAttention(D_MODEL, HEADS, HEAD_DIM, num_kv_heads=num_kv_heads, init_scale=1.0,

@@ -1,6 +1,7 @@
 """End-to-end training: loss goes down on 1 and 8 devices, resume is exact, preemption and faults are safe."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,11 +23,22 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
 
 
-def test_loss_decreases_on_eight_devices_with_expert_parallelism(data_dir, tmp_path):
-  config = tiny_config(data_dir, steps=16)
-  result = train.train_and_evaluate(config, str(tmp_path))
-  losses = train_losses(str(tmp_path))
-  assert result.status == "completed" and result.step == 16
+STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def straight_run(data_dir, tmp_path_factory):
+  """(config, workdir, result) of one uninterrupted 16-step run on the 2 x 4 mesh, which several tests read:
+  each further run of the tiny config costs a start-up (data, checkpointer, evaluation) that says nothing new."""
+  config = tiny_config(data_dir, steps=STEPS)
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  return config, workdir, train.train_and_evaluate(config, workdir)
+
+
+def test_loss_decreases_on_eight_devices_with_expert_parallelism(straight_run):
+  _, workdir, result = straight_run
+  losses = train_losses(workdir)
+  assert result.status == "completed" and result.step == STEPS
   assert np.mean([losses[s] for s in (13, 14, 15, 16)]) < np.mean([losses[s] for s in (1, 2, 3, 4)]) - 0.5
   assert np.isfinite(result.eval_loss)
 
@@ -43,31 +55,31 @@ def test_cli_trains_on_one_device_with_decreasing_loss(data_dir, tmp_path):
   assert np.mean([losses[s] for s in (10, 11, 12)]) < np.mean([losses[s] for s in (1, 2, 3)])
 
 
-def test_resumed_run_reproduces_uninterrupted_losses_bitwise(data_dir, tmp_path):
-  config = tiny_config(data_dir, steps=8)
-  train.train_and_evaluate(config, str(tmp_path / "straight"))
+def test_resumed_run_reproduces_uninterrupted_losses_bitwise(straight_run, tmp_path):
+  config, straight_dir, straight = straight_run
   first = train.train_and_evaluate(config, str(tmp_path / "resumed"), stop_at_step=3)
   assert first.status == "stopped" and first.step == 3
   second = train.train_and_evaluate(config, str(tmp_path / "resumed"))
-  assert second.status == "completed" and second.step == 8
-  straight, resumed = train_losses(str(tmp_path / "straight")), train_losses(str(tmp_path / "resumed"))
-  chex.assert_trees_all_equal(straight, resumed)
-  assert second.eval_loss == pytest.approx(first.eval_loss if first.eval_loss else second.eval_loss)
+  assert second.status == "completed" and second.step == STEPS
+  chex.assert_trees_all_equal(train_losses(straight_dir), train_losses(str(tmp_path / "resumed")))
+  assert second.eval_loss == straight.eval_loss
 
 
-def test_resuming_a_workdir_with_a_different_model_is_refused(data_dir, tmp_path):
-  config = tiny_config(data_dir, steps=4)
-  train.train_and_evaluate(config, str(tmp_path), stop_at_step=2)
+def test_resuming_a_workdir_with_a_different_model_is_refused(straight_run, tmp_path):
+  config, straight_dir, _ = straight_run
+  workdir = tmp_path / "run"
+  shutil.copytree(straight_dir, workdir)  # the refusal must leave the shared run as it was; a copy shows it
+  config = config.copy_and_resolve_references()
   config.moe.num_experts = 4
+  before = sorted(os.listdir(workdir / "checkpoints"))
   with pytest.raises(ValueError, match="moe.num_experts: checkpoint 8, config 4"):
-    train.train_and_evaluate(config, str(tmp_path))
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # nothing was set aside as corrupt
+    train.train_and_evaluate(config, str(workdir))
+  assert sorted(os.listdir(workdir / "checkpoints")) == before  # nothing was set aside as corrupt
 
 
-def test_metrics_include_moe_load_and_throughput(data_dir, tmp_path):
-  config = tiny_config(data_dir, steps=2)
-  train.train_and_evaluate(config, str(tmp_path))
-  record = read_metrics(str(tmp_path)).train[1]
+def test_metrics_include_moe_load_and_throughput(straight_run):
+  _, workdir, _ = straight_run
+  record = read_metrics(workdir).train[1]
   for key in ("loss", "cross_entropy", "load_balancing_loss", "router_z_loss", "learning_rate", "grad_norm",
               "tokens_per_s", "mfu"):
     assert key in record, key
@@ -76,7 +88,7 @@ def test_metrics_include_moe_load_and_throughput(data_dir, tmp_path):
   for key in ("load_balancing_loss", "router_z_loss", "dropped_token_fraction", "max_expert_load",
               "mean_expert_load", "router_entropy", "mean_top_gate", "expert_load"):
     assert key in block, key
-  assert os.listdir(tmp_path / "tensorboard")
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
