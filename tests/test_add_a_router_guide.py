@@ -7,6 +7,8 @@ import re
 import sys
 import types
 
+import pytest
+
 from moe_jax import routers
 
 GUIDE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "add_a_router.md")
@@ -22,6 +24,7 @@ def test_the_guide_has_the_module_the_registration_the_use_and_the_tests():
   assert "FAMILY = family.RouterFamily(" in blocks[0] and "routers.register(FAMILY)" in blocks[1]
 
 
+@pytest.mark.slow  # ~40 s: the guide's router through the router test suite
 def test_the_guide_code_runs_and_its_router_passes_its_tests():
   module = types.ModuleType("add_a_router_guide")  # a real module: dataclasses resolve annotations through it
   sys.modules[module.__name__] = module

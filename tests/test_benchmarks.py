@@ -18,6 +18,7 @@ def run_script(args: list[str], tmp_path) -> dict:
   return json.loads(output.read_text())
 
 
+@pytest.mark.slow  # the benchmark script end to end in a subprocess: ~20 s on a core
 def test_layer_benchmark_records_every_variant_with_times_cost_and_bound(tmp_path):
   result = run_script([os.path.join(REPO, "benchmarks", "moe_layer.py"), "--tokens", "128", "--d_model", "16",
                        "--d_ff", "32", "--group_size", "64", "--experts", "4", "--repeats", "2",
@@ -55,6 +56,7 @@ def test_roofline_bandwidth_is_read_on_a_reused_buffer_and_beats_the_fresh_buffe
   assert peaks["memory_read_gbps"] > peaks["fresh_buffer_gbps"]
 
 
+@pytest.mark.slow  # the benchmark script end to end in a subprocess: ~30 s on a core
 def test_decode_benchmark_records_the_moe_and_its_dense_twins_per_batch(tmp_path):
   """Issue 32 item 6 at toy size: every batch has the three models' times, bytes and memory, the twins have the
   MoE's active and total parameters (the router aside), and the gather path is taken exactly where the rule says."""

@@ -43,6 +43,7 @@ def _run(script: str, *flags: str) -> subprocess.CompletedProcess:
                         text=True, env=cpu_env(1), cwd=REPO, timeout=300)
 
 
+@pytest.mark.slow  # ~35 s in a subprocess; the default tier keeps evalset's score equal to the trainer's cross-entropy and the command's refusal
 def test_evaluate_prints_the_models_own_loss_bits_per_byte_and_perplexity(tiny_run, tmp_path):
   text = "def f(x):\n  return x\n"
   (tmp_path / "a.txt").write_text(text)

@@ -60,6 +60,7 @@ def test_an_encoder_decoder_plans_with_its_span_corruption_batch():
   assert result["xla"]["temporaries"] > 0
 
 
+@pytest.mark.slow  # two CLI plans in subprocesses, ~26 s; the default tier keeps the in-process plans
 def test_cli_plans_less_temporary_memory_with_remat_and_refuses_a_bad_mesh(tmp_path):
   script = os.path.join(REPO, "experiments", "plan.py")
   args = [sys.executable, script, f"--config={REPO}/configs/lm.py:switch-cpu", "--config.model.num_layers=4",

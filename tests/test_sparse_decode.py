@@ -84,7 +84,8 @@ def test_a_sparse_decode_layer_with_shared_experts_equals_the_reference():
 
 
 @pytest.mark.parametrize("expert_axis", [
-    1, pytest.param(4, marks=pytest.mark.slow),  # the split case in the Decoder: tests/test_decode.py's mesh test
+    # ~30 s each; the Decoder under a mesh stays in the default tier (tests/test_decode.py's mesh test)
+    pytest.param(1, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow),
 ], ids=["experts_whole", "experts_split"])
 def test_under_a_mesh_a_sparse_decode_layer_equals_the_reference(expert_axis):
   """Whole experts on every device: each device gathers its own rows' experts; experts split over 'expert': the
