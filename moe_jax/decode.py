@@ -52,8 +52,10 @@ from moe_jax.moe_layer import MoeFeedForward
 
 def inference_moe_config(moe):
   """The MoE config a causal stack decodes with: dropless (no capacity, so no token is dropped), one routing group
-  per sequence (a one-token step cannot fill a group of several tokens; dropless routing is per token anyway)."""
-  return dataclasses.replace(moe, dropless=True, group_size=0)
+  per sequence (a one-token step cannot fill a group of several tokens; dropless routing is per token anyway). An
+  absolute capacity (moe.expert_capacity, HF Switch's) goes with the capacity: transformers' `generate` decodes
+  one token at a time, so its decoder never drops either."""
+  return dataclasses.replace(moe, dropless=True, group_size=0, expert_capacity=0)
 
 
 def inference_copy(model: nnx.Module) -> nnx.Module:

@@ -30,13 +30,10 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "interop"
 FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "dbrx", "phimoe", "switch", "llama", "qwen2", "qwen3",
             "olmo", "olmo2")
 TOLERANCE = 1e-4
-# Families whose architecture settings have not landed in moe_jax yet: their parity tests must fail (strict xfail).
-BLOCKED: dict[str, str] = {}
 
 
 def family_param(family):
-  marks = [pytest.mark.xfail(strict=True, reason=BLOCKED[family])] if family in BLOCKED else []
-  return pytest.param(family, marks=marks, id=family)
+  return pytest.param(family, id=family)
 
 
 ALL = [family_param(f) for f in FAMILIES]
