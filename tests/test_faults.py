@@ -326,6 +326,7 @@ ocp.CheckpointManager.save = _slow_save
 """
 
 
+@pytest.mark.slow  # a CLI run in a subprocess, ~13 s; the default tier keeps the SIGINT save (test_sigint_saves_...)
 def test_second_ctrl_c_exits_at_once_during_the_save(data_dir, tmp_path):
   out = tmp_path / "out.txt"
   with open(out, "w") as stdout:

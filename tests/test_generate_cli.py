@@ -99,6 +99,7 @@ def _greedy_reference(workdir, ids, new_tokens):
   return sequence[len(ids):]
 
 
+@pytest.mark.slow  # ~13 s in a subprocess; the default tier keeps the decoder's greedy equality in-process (tests/test_decode.py) and the command's refusal
 def test_generate_streams_the_greedy_continuation_of_the_full_forward_pass(tiny_run):
   prompt, new_tokens = "def f(", 8
   before = _files(tiny_run)
