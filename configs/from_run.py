@@ -8,9 +8,8 @@ the mesh is chosen again for this machine's devices).
   python experiments/upcycle.py --dense_workdir=/runs/llama --config=configs/from_run.py:/runs/llama \
       --config.moe.num_experts=8 --config.model.moe_layer_interval=1 --workdir=/runs/llama-moe
 
-The saved values are laid over `config_lib.default_config()`, so every field keeps its type for command-line
-overrides (a field saved as None too) and a field added since the run was saved takes its default; renamed fields
-move to their new paths (config_lib.migrate).
+Read as `moe_jax.runstate.run_config` reads a run's resolved config (`config_lib.saved_config`): renamed fields
+at their new paths, fields added since at their defaults, every field typed for command-line overrides.
 """
 
 import os
@@ -23,6 +22,4 @@ def get_config(workdir: str):
   if not os.path.isfile(record):
     raise ValueError(f"configs/from_run.py:{workdir}: {record} does not exist (the argument is a run's workdir)")
   requested = fileio.read_json(record)["requested"]
-  config = config_lib.default_config()
-  config.update(config_lib.migrate(requested))
-  return config
+  return config_lib.saved_config(requested)

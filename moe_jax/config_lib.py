@@ -783,22 +783,15 @@ def migrate(saved: Mapping[str, Any]) -> dict:
   return out
 
 
-def with_added_fields(saved: Mapping[str, Any]) -> dict:
-  """A saved config (plain data, already `migrate`d) with every field added to the schema since it was saved, at
-  its default. A new field's default is what the code computed before the field existed (e.g. model.norm_eps
-  1e-6, model.rope_theta 1e4), so the run's model is the same; `train.config_changes` reads a missing field the
-  same way."""
-
-  def fill(node: dict, defaults: dict) -> dict:
-    out = dict(node)
-    for name, default in defaults.items():
-      if name not in out:
-        out[name] = copy.deepcopy(default)
-      elif isinstance(default, dict) and isinstance(out[name], dict):
-        out[name] = fill(out[name], default)
-    return out
-
-  return fill(dict(saved), to_dict(default_config()))
+def saved_config(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """A config saved by an earlier run (config.json's "requested" or "resolved") as a ConfigDict of today's
+  schema: renamed fields at their new paths (`migrate`), laid over `default_config()`, so that a field added since
+  it was saved takes its default (what the code computed before the field existed, e.g. model.norm_eps 1e-6,
+  model.rope_theta 1e4; `train.config_changes` reads a missing field the same way) and every field keeps its type
+  for command-line overrides."""
+  config = default_config()
+  config.update(migrate(saved))
+  return config
 
 
 def dense_twin(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -198,7 +198,7 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
     raise ValueError(f"{record} does not exist: {workdir} is not the workdir of a training run")
   with open(record) as f:
     # Runs saved before a field was renamed, moved (config_lib.RENAMED) or added keep loading.
-    return ml_collections.ConfigDict(config_lib.with_added_fields(config_lib.migrate(json.load(f)["resolved"])))
+    return config_lib.saved_config(json.load(f)["resolved"])
 
 
 def load(workdir: str, *, mesh: Mesh | None = None, step: int | None = None) -> Loaded:
