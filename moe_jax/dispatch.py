@@ -19,8 +19,11 @@ so a dropped assignment contributes exactly zero (the layer's residual connectio
                         arXiv:2211.15841): no capacity, about N + E * tile rows of work on every platform.
   * `ragged_dot_dispatch` ('ragged_dot') the same sort, one row per kept assignment, run by `Experts.ragged`
                         (`jax.lax.ragged_dot`, MaxText's dropless path): native on GPU and TPU only.
-The two dropless backends honour `route.kept`, so they also match the others when the router dropped
-assignments. `resolve_backend` says which backend runs on a platform and mesh.
+  * 'tokamax'           the same, with `tokamax.ragged_dot` (Pallas grouped-matmul kernels: Mosaic GPU on Hopper,
+                        Triton on other GPUs, Mosaic TPU; XLA's ragged_dot elsewhere), an optional package
+                        (`pip install 'moe_jax[tokamax]'`, Python >= 3.11).
+The dropless backends honour `route.kept`, so they also match the others when the router dropped
+assignments. `resolve_backend` says which backend runs on a platform and mesh; `AUTO` is what 'auto' prefers.
 
 Decoding (`moe_jax.decode`) adds one more, chosen per call by the number of assignments, not by the config:
   * `expert_gather_dispatch` one row per (token, choice), run by `StackedExperts.gathered`: the chosen experts'
@@ -42,10 +45,12 @@ The ground truth of every backend is `moe_jax.reference.moe`: a loop over expert
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from absl import flags as absl_flags
 
 from moe_jax import experts as experts_lib
 from moe_jax import routing
@@ -217,6 +222,8 @@ def ragged_dot_dispatch(
     tokens: jax.Array,  # [G, S, M]
     route: routing.RoutingResult,
     experts: experts_lib.Experts,
+    *,
+    ragged_dot: experts_lib.RaggedDot = jax.lax.ragged_dot,  # the grouped matmul; tokamax_dispatch passes its own
 ) -> jax.Array:  # [G, S, M]
   """Kept assignments sorted by expert (dropped ones parked after the last group) and run by `Experts.ragged`
   (`jax.lax.ragged_dot`, native on GPU and TPU; MaxText's dropless path). Same contract as `dropless_dispatch`."""
@@ -225,9 +232,34 @@ def ragged_dot_dispatch(
   _, _, weights = _flatten(route)
   position, expert_rows, _ = _sorted_destinations(route)
   out = _move(
-      tokens.reshape(-1, d_model), position, position.size, lambda rows: experts.ragged(rows, expert_rows), weights
+      tokens.reshape(-1, d_model), position, position.size,
+      lambda rows: experts.ragged(rows, expert_rows, ragged_dot=ragged_dot), weights,
   )
   return out.reshape(tokens.shape)
+
+
+def tokamax_ragged_dot() -> experts_lib.RaggedDot:
+  """`tokamax.ragged_dot` (google/tokamax: the same signature as `jax.lax.ragged_dot`; it picks the first of its
+  Pallas kernels that supports the device and shapes, XLA's ragged_dot as the last resort), imported on use so that
+  the package stays optional."""
+  try:
+    import tokamax  # pylint: disable=import-outside-toplevel
+  except ImportError as error:
+    raise ImportError(f"dispatch='tokamax' needs the optional package tokamax: {OPTIONAL['tokamax']}") from error
+  # tokamax reads its options from absl flags and, where no program parsed them, parses sys.argv itself, which fails
+  # on any other program's arguments (pytest's, the benchmarks'): then its defaults are taken as they are.
+  if not absl_flags.FLAGS.is_parsed():
+    absl_flags.FLAGS.mark_as_parsed()
+  return tokamax.ragged_dot
+
+
+def tokamax_dispatch(
+    tokens: jax.Array,  # [G, S, M]
+    route: routing.RoutingResult,
+    experts: experts_lib.Experts,
+) -> jax.Array:  # [G, S, M]
+  """`ragged_dot_dispatch` with tokamax's grouped matmul (`tokamax_ragged_dot`)."""
+  return ragged_dot_dispatch(tokens, route, experts, ragged_dot=tokamax_ragged_dot())
 
 
 def expert_gather_dispatch(
@@ -286,15 +318,26 @@ BACKENDS: dict[str, Backend] = {
     "gather": gather_dispatch,
     "dropless": dropless_dispatch,
     "ragged_dot": ragged_dot_dispatch,
+    "tokamax": tokamax_dispatch,
 }
 # Backends that exchange variable-size row groups: across devices they would need jax.lax.ragged_all_to_all.
-RAGGED = ("dropless", "ragged_dot")
+RAGGED = ("dropless", "ragged_dot", "tokamax")
 # What a config may ask for (moe.dispatch): a backend, or 'auto' (the platform's dropless grouped matmul); the
 # choices that need dropless routing (no capacity to fill).
 CHOICES = ("auto", *BACKENDS)
 DROPLESS = ("auto", *RAGGED)
+# Backends that need a package outside moe_jax's requirements: backend -> how to install it.
+OPTIONAL = {"tokamax": "pip install 'moe_jax[tokamax]' (tokamax, Python >= 3.11)"}
 # Platforms where jax.lax.ragged_dot lowers to a native grouped matmul.
 NATIVE_RAGGED_DOT = ("gpu", "cuda", "rocm", "tpu")
+# What 'auto' runs on one device, per platform (`jax.default_backend()`), best first: the first whose package is
+# installed. On a GPU, tokamax's kernels are grouped matmuls by construction, while what XLA makes of ragged_dot
+# depends on its version (`benchmarks/hlo_check.py` reads the compiled program for either); on a TPU, XLA's
+# ragged_dot is itself a grouped-matmul kernel. Elsewhere the tiled grouped matmul: ragged_dot is a masked dense
+# dot over all experts there (benchmarks/README.md).
+AUTO = {"gpu": ("tokamax", "ragged_dot"), "cuda": ("tokamax", "ragged_dot"), "rocm": ("tokamax", "ragged_dot"),
+        "tpu": ("ragged_dot",)}
+AUTO_ELSEWHERE = ("dropless",)
 
 
 def get_backend(name: str) -> Backend:
@@ -303,19 +346,32 @@ def get_backend(name: str) -> Backend:
   return BACKENDS[name]
 
 
-def resolve_backend(requested: str, platform: str, distributed: bool) -> str:
-  """The backend that runs for a requested one: a pure decision, for the config resolution to log and record.
+def installed_optional() -> tuple[str, ...]:
+  """The `OPTIONAL` backends whose package is importable here (found, not imported)."""
+  return tuple(name for name in OPTIONAL if importlib.util.find_spec(name) is not None)
 
-  requested: a `BACKENDS` name, or 'auto' = the platform's dropless grouped matmul ('ragged_dot' where it is
-  native, `NATIVE_RAGGED_DOT`; the tiled 'dropless' elsewhere). platform: `jax.default_backend()`.
-  distributed: the experts are split over devices (an 'expert' mesh axis > 1). Then a ragged backend becomes
-  'gather', whose capacity buffers travel by all_to_all (XLA:CPU has no ragged_all_to_all); with dropless
-  routing (capacity C = S) it still drops nothing and computes the same outputs, on E * S rows per group.
+
+def resolve_backend(requested: str, platform: str, distributed: bool,
+                    installed: tuple[str, ...] | None = None) -> str:
+  """The backend that runs for a requested one: a pure decision given `installed`, for the config resolution to log
+  and record.
+
+  requested: a `BACKENDS` name, or 'auto' = the platform's best dropless grouped matmul (`AUTO`: tokamax's kernels,
+  then jax.lax.ragged_dot, on a GPU; ragged_dot on a TPU; the tiled 'dropless' elsewhere). platform:
+  `jax.default_backend()`. distributed: the experts are split over devices (an 'expert' mesh axis > 1). Then a
+  ragged backend becomes 'gather', whose capacity buffers travel by all_to_all (XLA:CPU has no ragged_all_to_all);
+  with dropless routing (capacity C = S) it still drops nothing and computes the same outputs, on E * S rows per
+  group. installed: the `OPTIONAL` backends available (default: `installed_optional()`); an optional backend that
+  would run but is not installed raises a ValueError that says how to install it, before anything compiles.
   """
   if requested != "auto" and requested not in BACKENDS:
     raise ValueError(f"dispatch={requested!r} must be 'auto' or one of {sorted(BACKENDS)}")
-  if requested == "auto":
-    requested = "ragged_dot" if platform in NATIVE_RAGGED_DOT else "dropless"
-  if distributed and requested in RAGGED:
+  if distributed and requested in RAGGED + ("auto",):
     return "gather"
+  installed = installed_optional() if installed is None else installed
+  if requested == "auto":
+    return next(name for name in AUTO.get(platform, AUTO_ELSEWHERE) + AUTO_ELSEWHERE
+                if name not in OPTIONAL or name in installed)
+  if requested in OPTIONAL and requested not in installed:
+    raise ValueError(f"dispatch={requested!r} needs an optional package that is not installed: {OPTIONAL[requested]}")
   return requested

@@ -48,6 +48,9 @@ ACTIVATIONS: dict[str, tuple[Callable[[jax.Array], jax.Array], bool]] = {
     "swiglu": (jax.nn.silu, True),
 }
 
+# A grouped matmul with jax.lax.ragged_dot's signature: (lhs [N, M], rhs [E, M, F], group_sizes [E]) -> [N, F].
+RaggedDot = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
 
 def validate_activation(activation: str) -> None:
   if activation not in ACTIVATIONS:
@@ -93,8 +96,8 @@ class Experts(Protocol):
   def blocked(self, x: jax.Array, layout: BlockLayout) -> jax.Array:  # [R, M] -> [R, M]
     ...
 
-  def ragged(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:  # [N, M], [E] -> [N, M]
-    ...
+  def ragged(self, x: jax.Array, group_sizes: jax.Array, ragged_dot: RaggedDot = jax.lax.ragged_dot) -> jax.Array:
+    ...  # [N, M], [E] -> [N, M]
 
 
 def _hidden(
@@ -333,18 +336,20 @@ def ragged_expert_ffn(
     activation: str,
     dropout_rate: float = 0.0,
     dropout_key: jax.Array | None = None,
+    ragged_dot: RaggedDot = jax.lax.ragged_dot,
 ) -> jax.Array:  # [N, M], zero beyond sum(group_sizes)
-  """The same FFN on rows grouped by expert, through `jax.lax.ragged_dot` (no capacity).
+  """The same FFN on rows grouped by expert, through a grouped matmul with `jax.lax.ragged_dot`'s signature (no
+  capacity): jax's own by default, or another implementation of it (`moe_jax.dispatch`'s 'tokamax' backend).
 
   Rows after the last group (sum(group_sizes) <= N) give zeros: the 'ragged_dot' backend parks dropped
   assignments there. See the module docstring for its cost where ragged_dot is not native.
   """
   _check(weights, activation, dropout_rate)
   cast = lambda w: None if w is None else w.astype(x.dtype)
-  pre = jax.lax.ragged_dot(x, cast(weights.wi_0), group_sizes)
-  linear = None if weights.wi_1 is None else jax.lax.ragged_dot(x, cast(weights.wi_1), group_sizes)
+  pre = ragged_dot(x, cast(weights.wi_0), group_sizes)
+  linear = None if weights.wi_1 is None else ragged_dot(x, cast(weights.wi_1), group_sizes)
   h = _hidden(pre, linear, activation, dropout_rate, dropout_key)
-  return jax.lax.ragged_dot(h, cast(weights.wo), group_sizes)
+  return ragged_dot(h, cast(weights.wo), group_sizes)
 
 
 def gathered_expert_ffn(
@@ -395,8 +400,8 @@ class StackedExperts:
   def blocked(self, x: jax.Array, layout: BlockLayout) -> jax.Array:  # [R, M] -> [R, M]
     return blocked_expert_ffn(self.weights, x, layout, **self._options())
 
-  def ragged(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:  # [N, M], [E] -> [N, M]
-    return ragged_expert_ffn(self.weights, x, group_sizes, **self._options())
+  def ragged(self, x: jax.Array, group_sizes: jax.Array, ragged_dot: RaggedDot = jax.lax.ragged_dot) -> jax.Array:
+    return ragged_expert_ffn(self.weights, x, group_sizes, ragged_dot=ragged_dot, **self._options())  # [N, M]
 
   def gathered(self, x: jax.Array, expert: jax.Array) -> jax.Array:  # [N, M], [N] -> [N, M]
     return gathered_expert_ffn(self.weights, x, expert, **self._options())

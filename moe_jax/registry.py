@@ -14,8 +14,8 @@ from __future__ import annotations
 
 # kind -> the valid names, in the implementing module's order.
 NAMES: dict[str, tuple[str, ...]] = {
-    "dispatch": ("auto", "einsum", "gather", "dropless", "ragged_dot"),
-    "dropless_dispatch": ("auto", "dropless", "ragged_dot"),  # the backends that need moe.dropless=True
+    "dispatch": ("auto", "einsum", "gather", "dropless", "ragged_dot", "tokamax"),
+    "dropless_dispatch": ("auto", "dropless", "ragged_dot", "tokamax"),  # the backends that need moe.dropless=True
     "activation": ("relu", "gelu", "geglu", "swiglu"),
     "dtype": ("float32", "bfloat16"),
     "norm": ("rmsnorm", "layernorm", "layernorm_nobias", "layernorm_noparam"),

@@ -4,7 +4,8 @@
   * a mesh axis of size 0    -> device_count / the other axes' sizes (and the mesh must cover the devices);
   * model.vocab_size = 0     -> the tokenizer's vocabulary (a smaller non-zero value is refused);
   * moe.dispatch             -> the backend that actually runs on this platform and mesh
-                                (`dispatch.resolve_backend`: 'auto' and ragged backends);
+                                (`dispatch.resolve_backend`: 'auto' and ragged backends; an optional backend
+                                whose package is missing is refused here, saying how to install it);
 and derives the facts a reader of a run wants next to them: tokens per routing group and the expert capacity
 in training and evaluation, as the router family declares it (none for Soft MoE). Each decision is a `Decision`
 (field, requested, resolved, why); `Resolved.record()` is what `config.json` stores: the requested config, the
@@ -99,7 +100,8 @@ def resolve(config: ml_collections.ConfigDict, device_count: int, *, platform: s
     if backend != moe.dispatch:
       why = (f"experts split over {typed.mesh.expert} devices: no ragged all-to-all, capacity buffers instead"
              if split and moe.dispatch in dispatch.RAGGED + ("auto",) and backend == "gather"
-             else f"the dropless grouped matmul for platform {platform!r}")
+             else f"the best dropless grouped matmul installed for platform {platform!r}, of "
+                  f"{dispatch.AUTO.get(platform, dispatch.AUTO_ELSEWHERE) + dispatch.AUTO_ELSEWHERE}")
       decide("moe.dispatch", backend, why)
       typed = config_lib.typed(resolved)
     derived = _moe_facts(typed)
