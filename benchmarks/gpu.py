@@ -1,5 +1,6 @@
-"""The GPU benchmark in one command (`benchmarks/gpu.sh`): bfloat16 MoE layer ratios per backend, a check of
-the grouped matmul's lowering, and one training step of a Switch LM against its dense twin.
+"""The layer and training-step part of the GPU benchmarks (`benchmarks/gpu.sh` runs it with the grouped-matmul
+lowering check, benchmarks/hlo_check.py, and the decode benchmark): bfloat16 MoE layer ratios per backend, and one
+training step of a Switch LM against its dense twin and a 64-expert MoE of the same active FLOPs.
 
   bash benchmarks/gpu.sh            # on one H100/H200: a few minutes including compilation
   python benchmarks/gpu.py --tiny   # the same program at toy sizes on CPU (tests/test_benchmarks.py)
@@ -10,21 +11,18 @@ from its dataclass configs and trains on synthetic tokens; the JSON records ever
 is not allowed on the GPU machine (there must be none).
 
 Parts, all in one JSON (--output, default benchmarks/results/gpu.json):
-  1. layer: `benchmarks/moe_layer.py`'s single-device run in bfloat16 at E = 8, 16, 64 for every backend and
-     the dense FFN (ratios of the same run, XLA cost, roofline at this device's measured peaks).
-  2. grouped_matmul_lowering: does `jax.lax.ragged_dot` compile to a grouped matmul here, or to a dense
-     fallback over all experts? Judged by XLA's FLOPs for the ragged FFN against its useful FLOPs (a dense
-     fallback does about E times the work); the compiled HLO's ragged opcodes and custom-call targets are
-     listed too.
-  3. train_step: seconds per step, tokens/s and MFU of a ~100M-parameter decoder LM, dense vs Switch (top-1,
-     8 experts every other block) with the capacity ('gather') and the platform's dropless backend.
+  1. layer: `benchmarks/moe_layer.py`'s single-device run in bfloat16 at E = 8, 16, 64 for every installed backend
+     and the dense FFN (ratios of the same run, XLA cost, roofline at this device's measured peaks).
+  2. train_step: seconds per step, tokens/s and MFU (against the matmul peak measured in the same run) of a
+     ~100M-parameter decoder LM: dense; Switch (top-1, 8 experts every other block) with the capacity ('gather')
+     and the platform's dropless backend ('auto', `dispatch.resolve_backend`); and top-1 over 64 experts of the same
+     width (the same active FLOPs per token, 8x the expert parameters) with the dropless backend.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 
@@ -37,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 import moe_layer as layer_benchmark  # noqa: E402  (benchmarks/moe_layer.py)
 
-from moe_jax import dispatch, experts, fileio, flops, models, parallel  # noqa: E402
+from moe_jax import dispatch, fileio, flops, models, parallel  # noqa: E402
 from moe_jax.model import ModelConfig  # noqa: E402
 from moe_jax.moe_layer import MoeConfig  # noqa: E402
 
@@ -51,44 +49,15 @@ SIZES = {
                "--experts", "8,16,64", "--repeats", "10", "--memory_limit_gb", "60", "--max_flop_ratio", "80"],
         model=dict(vocab_size=32768, d_model=768, num_heads=12, head_dim=64, d_ff=3072, num_layers=12,
                    max_seq_len=1024),
-        batch=(32, 1024), steps=10, lowering=(16384, 1024, 4096, 16), peaks=dict(matmul_size=8192, copy_mib=1024),
+        batch=(32, 1024), steps=10, peaks=dict(matmul_size=8192, copy_mib=1024),
     ),
     "tiny": dict(
         layer=["--tokens", "128", "--d_model", "16", "--d_ff", "32", "--group_size", "64", "--experts", "8",
                "--repeats", "1"],
         model=dict(vocab_size=64, d_model=16, num_heads=2, head_dim=8, d_ff=32, num_layers=2, max_seq_len=16),
-        batch=(2, 16), steps=1, lowering=(64, 16, 32, 4), peaks=dict(matmul_size=256, copy_mib=8),
+        batch=(2, 16), steps=1, peaks=dict(matmul_size=256, copy_mib=8),
     ),
 }
-
-
-def grouped_matmul_lowering(tokens: int, d_model: int, d_ff: int, num_experts: int) -> dict:
-  """XLA FLOPs of ragged_expert_ffn forward + backward on balanced groups vs the useful FLOPs."""
-  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
-  weights = experts.ExpertWeights(
-      wi_0=jax.random.normal(k1, (num_experts, d_model, d_ff), jnp.bfloat16),
-      wo=jax.random.normal(k2, (num_experts, d_ff, d_model), jnp.bfloat16),
-  )
-  x = jax.random.normal(k3, (tokens, d_model), jnp.bfloat16)
-  sizes = jnp.full((num_experts,), tokens // num_experts, jnp.int32)
-
-  def loss(x, weights):
-    return jnp.sum(experts.ragged_expert_ffn(weights, x, sizes, activation="gelu").astype(jnp.float32))
-
-  compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, weights).compile()
-  useful = 6 * 2 * tokens * d_model * d_ff / 1e9
-  xla = harness.cost(compiled)["gflop"]
-  text = compiled.as_text()
-  opcodes = set(re.findall(r"=\s*\S+\s+([a-z][\w-]*)\(", text))
-  return {
-      "shape": {"tokens": tokens, "d_model": d_model, "d_ff": d_ff, "experts": num_experts},
-      "useful_gflop": useful,
-      "xla_gflop": xla,
-      "work_ratio": xla / useful,
-      "ragged_opcodes": sorted(op for op in opcodes if "ragged" in op),
-      "custom_call_targets": sorted(set(re.findall(r'custom_call_target="([^"]+)"', text))),
-      "dense_fallback": bool(xla > 1.5 * useful),
-  }
 
 
 def _time_training(name: str, moe: MoeConfig | None, model_sizes: dict, inputs, targets, steps: int,
@@ -143,6 +112,7 @@ def train_step_comparison(model_sizes: dict, batch: tuple[int, int], steps: int,
       "dense": None,
       "switch_gather": MoeConfig(num_experts=8, capacity_factor=1.25, dispatch="gather"),
       f"switch_{auto}": MoeConfig(num_experts=8, dropless=True, dispatch=auto),
+      f"moe64_{auto}": MoeConfig(num_experts=64, dropless=True, dispatch=auto),  # same active FLOPs, top-1
   }
   tokens = jax.random.randint(jax.random.key(1), (batch_size, seq_len + 1), 0, model_sizes["vocab_size"])
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -173,11 +143,6 @@ def main(argv=None) -> None:
   print("\nMoE layer, bfloat16: forward+backward time / dense FFN time, ratio of minima (of medians), bound ratio b")
   print(layer_benchmark.format_table(layer_rows, layer_args.backends))
 
-  lowering = grouped_matmul_lowering(*sizes["lowering"])
-  print(f"\nragged_dot lowering: XLA does {lowering['work_ratio']:.1f}x the useful FLOPs -> "
-        f"{'DENSE FALLBACK' if lowering['dense_fallback'] else 'grouped matmul'}; ragged opcodes "
-        f"{lowering['ragged_opcodes']}, custom calls {lowering['custom_call_targets']}")
-
   train = train_step_comparison(sizes["model"], sizes["batch"], sizes["steps"], peaks)
   print("\ntraining step (median):")
   for name, result in train["variants"].items():
@@ -194,7 +159,6 @@ def main(argv=None) -> None:
       "peaks": peaks,
       "layer": {"config": {k: v for k, v in vars(layer_args).items() if k not in ("sharded_worker", "output")},
                 "rows": layer_rows},
-      "grouped_matmul_lowering": lowering,
       "train_step": train,
       "forbidden_modules_imported": forbidden,
       "total_seconds": total,

@@ -61,7 +61,7 @@ from moe_jax.moe_layer import DTYPES, FeedForward, MoeConfig, MoeFeedForward  # 
 
 DEFAULT_OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "moe_layer.json")
 BACKENDS = tuple(dispatch.BACKENDS)
-DROPLESS = ("dropless", "ragged_dot")
+INSTALLED = tuple(name for name in BACKENDS if name not in dispatch.OPTIONAL or name in dispatch.installed_optional())
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument("--d_model", type=int, default=512)
   parser.add_argument("--d_ff", type=int, default=2048)
   parser.add_argument("--experts", type=ints, default=[8, 32, 128, 256], help="comma-separated E values")
-  parser.add_argument("--backends", type=lambda s: s.split(","), default=list(BACKENDS))
+  parser.add_argument("--backends", type=lambda s: s.split(","), default=list(INSTALLED),
+                      help="comma-separated; default: every backend whose package is installed")
   parser.add_argument("--capacity_factor", type=float, default=1.25)
   parser.add_argument("--group_size", type=int, default=1024, help="tokens per routing group")
   parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
@@ -99,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def moe_config(args, backend: str, num_experts: int) -> MoeConfig:
   return MoeConfig(
-      num_experts=num_experts, capacity_factor=args.capacity_factor, dispatch=backend, dropless=backend in DROPLESS
+      num_experts=num_experts, capacity_factor=args.capacity_factor, dispatch=backend, dropless=backend in dispatch.RAGGED
   )
 
 
@@ -146,7 +147,7 @@ def expert_rows(args, backend: str | None, num_experts: int, router_kernel, x) -
     return tokens
   if backend in ("einsum", "gather"):
     return num_experts * groups * routing.compute_capacity(args.group_size, num_experts, args.capacity_factor)
-  if backend == "ragged_dot":
+  if backend in ("ragged_dot", "tokamax"):  # tokamax falls back to XLA's ragged_dot where it has no kernel
     return tokens if jax.default_backend() in dispatch.NATIVE_RAGGED_DOT else num_experts * tokens
 
   @jax.jit

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import pytest
 
 from tests.helpers import REPO, cpu_env
@@ -33,13 +34,24 @@ def test_layer_benchmark_records_every_variant_with_times_cost_and_bound(tmp_pat
   assert row["variants"]["dense"]["ratio_vs_dense"] == {"median": 1.0, "min": 1.0}
 
 
-@pytest.mark.slow  # compiles three small training steps: about a minute on two cores
-def test_gpu_benchmark_runs_tiny_on_cpu_without_the_training_stack(tmp_path):
-  result = run_script([os.path.join(REPO, "benchmarks", "gpu.py"), "--tiny"], tmp_path)
+@pytest.mark.slow  # the three GPU benchmarks at toy size in subprocesses: ~3 min on two cores
+def test_gpu_script_runs_tiny_on_cpu_and_writes_every_json(tmp_path):
+  """benchmarks/gpu.sh --tiny: the lowering check (on CPU 'auto' is the tiled backend, and ragged_dot a dense
+  fallback), the layer and training step without the training stack, and the decode benchmark."""
+  env = dict(cpu_env(1), PYTHON=sys.executable,
+             PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
+  subprocess.run(["bash", os.path.join(REPO, "benchmarks", "gpu.sh"), "--tiny", "--results", str(tmp_path)],
+                 check=True, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, timeout=1200)
+  check = json.loads((tmp_path / "gpu_hlo_check.json").read_text())
+  assert check["auto"] == "dropless" and check["backends"]["ragged_dot"]["verdict"] == "dense_fallback"
+  result = json.loads((tmp_path / "gpu.json").read_text())
   assert result["forbidden_modules_imported"] == []
-  assert {"dense", "switch_gather", "switch_dropless"} == set(result["train_step"]["variants"])
-  assert result["grouped_matmul_lowering"]["dense_fallback"]  # ragged_dot on CPU is a masked dense dot
+  assert {"dense", "switch_gather", "switch_dropless", "moe64_dropless"} == set(result["train_step"]["variants"])
+  moe64, switch = result["train_step"]["variants"]["moe64_dropless"], result["train_step"]["variants"]["switch_dropless"]
+  # the same active FLOPs: only the router (d_model x E, one MoE block at this size) grows
+  assert moe64["active_params"] == switch["active_params"] + 16 * (64 - 8)
   assert [row["experts"] for row in result["layer"]["rows"]] == [8]
+  assert [row["batch"] for row in json.loads((tmp_path / "gpu_decode.json").read_text())["presets"][0]["rows"]] == [1, 4]
 
 
 def test_roofline_bandwidth_is_read_on_a_reused_buffer_and_beats_the_fresh_buffer_figure():
@@ -81,3 +93,83 @@ def test_decode_benchmark_records_the_moe_and_its_dense_twins_per_batch(tmp_path
       assert model["seconds"]["min"] > 0 and model["tokens_per_second"] > 0 and model["bandwidth_fraction"] > 0
       assert model["memory_held"]["kv_cache"] >= model["model_stats"]["kv_cache"] > 0, name
       assert model["memory_held"]["weights"] == pytest.approx(model["model_stats"]["weights"], rel=0.01), name
+
+
+def _hlo_check():
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  try:
+    import hlo_check
+  finally:
+    sys.path.pop(0)
+  return hlo_check
+
+
+# HLO text as XLA prints a compiled module (`compiled.as_text()`): a masked dense dot over E = 4 experts of K = 8
+# (the lhs [16, E*K] as jax lowers ragged_dot on CPU), a native ragged-dot, a Pallas kernel, a cuBLAS GEMM over all
+# experts, and dots inside while loops of known and unknown trip count. Useful FLOPs of the one product: 2*16*8*6.
+USEFUL_GFLOP = 2 * 16 * 8 * 6 / 1e9
+DENSE_CPU = """HloModule jit_f, entry_computation_layout={(f32[16,8]{1,0}, f32[4,8,6]{2,1,0})->f32[16,6]{1,0}}
+
+%fused_computation (param_0: f32[16,32], param_1: f32[32,6]) -> f32[16,6] {
+  %param_0 = f32[16,32]{1,0} parameter(0)
+  %param_1 = f32[32,6]{1,0} parameter(1)
+  ROOT %dot.1 = f32[16,6]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main.2 (x.1: f32[16,8], w.1: f32[4,8,6]) -> f32[16,6] {
+  %masked = f32[16,32]{1,0} fusion(%x.1), kind=kLoop, calls=%masked_computation
+  %bitcast = f32[32,6]{1,0} bitcast(%w.1)
+  ROOT %ynn_fusion = f32[16,6]{1,0} fusion(%masked, %bitcast), kind=kCustom, calls=%fused_computation
+}
+"""
+RAGGED = """ENTRY %main (x: bf16[16,8], w: bf16[4,8,6], sizes: s32[4]) -> bf16[16,6] {
+  %x = bf16[16,8]{1,0} parameter(0)
+  ROOT %ragged-dot.1 = bf16[16,6]{1,0} ragged-dot(%x, %w, %sizes), lhs_contracting_dims={1}, rhs_contracting_dims={1}
+}
+"""
+KERNEL = """ENTRY %main (x: bf16[16,8], w: bf16[4,8,6], sizes: s32[4]) -> bf16[16,6] {
+  ROOT %custom-call.3 = bf16[16,6]{1,0} custom-call(%x, %w, %sizes), custom_call_target="mosaic_gpu_v2", api_version=API_VERSION_TYPED_FFI
+}
+"""
+CUBLAS = """ENTRY %main (x: bf16[16,32], w: bf16[32,6]) -> bf16[16,6] {
+  %gemm = (bf16[16,6]{1,0}, s8[4194304]{0}) custom-call(bf16[16,32]{1,0} %x, bf16[32,6]{1,0} %w), custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+  ROOT %out = bf16[16,6]{1,0} get-tuple-element(%gemm), index=0
+}
+"""
+LOOP = """%body (arg: (s32[], f32[16,6], (f32[16,8], f32[4,8,6]))) -> (s32[], f32[16,6], (f32[16,8], f32[4,8,6])) {
+  %x = f32[16,8]{1,0} get-tuple-element(%inner), index=0
+  %w = f32[8,6]{1,0} dynamic-slice(%weights, %i), dynamic_slice_sizes={1,8,6}
+  %dot.7 = f32[16,6]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%cond (arg: (s32[], f32[16,6], (f32[16,8], f32[4,8,6]))) -> pred[] {
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (x: f32[16,8], w: f32[4,8,6]) -> f32[16,6] {
+  %while.1 = (s32[], f32[16,6]{1,0}, (f32[16,8]{1,0}, f32[4,8,6]{2,1,0})) while(%tuple), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"4"}}
+  ROOT %out = f32[16,6]{1,0} get-tuple-element(%while.1), index=1
+}
+"""
+
+
+@pytest.mark.parametrize("name, text, expected, dense_gflop", [
+    ("masked dense dot (CPU)", DENSE_CPU, "dense_fallback", 4 * USEFUL_GFLOP),
+    ("native ragged-dot", RAGGED, "grouped", 0.0),
+    ("Pallas kernel", KERNEL, "grouped", 0.0),
+    ("cuBLAS GEMM over all experts", CUBLAS, "dense_fallback", 4 * USEFUL_GFLOP),
+    ("dense dot per expert in a loop of 4", LOOP, "dense_fallback", 4 * USEFUL_GFLOP),
+    ("the same loop, trip count unknown", LOOP.replace(', backend_config={"known_trip_count":{"n":"4"}}', ""),
+     "unknown", 0.0),
+])
+def test_hlo_check_tells_a_dense_fallback_from_a_grouped_matmul(name, text, expected, dense_gflop):
+  hlo_check = _hlo_check()
+  analysis = hlo_check.analyze(text)
+  assert analysis["dense_dot_gflop"] == pytest.approx(dense_gflop), name
+  assert hlo_check.verdict(analysis, USEFUL_GFLOP) == expected, name
+
+
+def test_hlo_check_reads_jax_ragged_dot_on_cpu_as_a_dense_fallback():
+  """The parser on a real compiled program: jax lowers ragged_dot on CPU to a masked dense dot over all experts."""
+  result = _hlo_check().check("ragged_dot", tokens=64, d_model=16, d_ff=32, num_experts=8, dtype=jnp.float32)
+  assert result["verdict"] == "dense_fallback" and result["work_ratio"] > 4, result
