@@ -115,9 +115,9 @@ def build(args, backend: str | None, num_experts: int):
   return nnx.split(layer, nnx.Param, ...)
 
 
-def compile_step(graph, params, rest, cotangent, x):
-  """Compiled value_and_grad of sum(layer(x) * cotangent) (+ the load-balancing loss of an MoE layer) wrt
-  (params, x), for the layer nnx.merge(graph, params, rest)."""
+def layer_loss(graph, rest, cotangent):
+  """loss(params, x) = sum(layer(x) * cotangent) (+ the load-balancing loss of an MoE layer), for the layer
+  nnx.merge(graph, params, rest)."""
 
   def loss(params, x):
     out = nnx.merge(graph, params, rest)(x, deterministic=False)
@@ -126,7 +126,12 @@ def compile_step(graph, params, rest, cotangent, x):
       return jnp.sum((out * cotangent).astype(jnp.float32)) + aux.load_balancing_loss
     return jnp.sum((out * cotangent).astype(jnp.float32))
 
-  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
+  return loss
+
+
+def compile_step(graph, params, rest, cotangent, x):
+  """Compiled value_and_grad of `layer_loss` wrt (params, x)."""
+  return jax.jit(jax.value_and_grad(layer_loss(graph, rest, cotangent), argnums=(0, 1))).lower(params, x).compile()
 
 
 def inputs(args):

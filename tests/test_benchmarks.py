@@ -173,3 +173,52 @@ def test_hlo_check_reads_jax_ragged_dot_on_cpu_as_a_dense_fallback():
   """The parser on a real compiled program: jax lowers ragged_dot on CPU to a masked dense dot over all experts."""
   result = _hlo_check().check("ragged_dot", tokens=64, d_model=16, d_ff=32, num_experts=8, dtype=jnp.float32)
   assert result["verdict"] == "dense_fallback" and result["work_ratio"] > 4, result
+
+
+def _profile_moe():
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  try:
+    import profile_moe
+  finally:
+    sys.path.pop(0)
+  return profile_moe
+
+
+def test_profile_categories_ops_by_what_their_fusion_runs_and_leaves_out_loops():
+  text = """%fused_scatter (p0: f32[8,4], p1: s32[3]) -> f32[8,4] {
+  ROOT %scatter.1 = f32[8,4]{1,0} scatter(%p0, %p1, %u), to_apply=%add
+}
+
+%body (arg: (s32[], f32[8,4])) -> (s32[], f32[8,4]) {
+  %dot.3 = f32[8,4]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(f)/dot_general"}
+}
+
+ENTRY %main (x: f32[8,4]) -> f32[8,4] {
+  %scatter_fusion = f32[8,4]{1,0} fusion(%x, %i), kind=kLoop, calls=%fused_scatter, metadata={op_name="jit(f)/scatter-add"}
+  %while.2 = (s32[], f32[8,4]{1,0}) while(%t), condition=%cond, body=%body
+  ROOT %add.5 = f32[8,4]{1,0} add(%scatter_fusion, %x)
+}
+"""
+  categories = _profile_moe().hlo_categories(text)
+  assert categories["scatter_fusion"] == ("scatter", "jit(f)/scatter-add")
+  assert categories["dot.3"] == ("matmul", "jit(f)/dot_general")
+  assert categories["add.5"][0] == "elementwise" and "while.2" not in categories
+
+
+@pytest.mark.slow  # compiles six toy layers twice (and once more per allocator): ~1 min on 2 cores
+def test_profile_records_faults_bytes_and_op_times_per_variant(tmp_path):
+  output = tmp_path / "profile.json"
+  _profile_moe().main(["--tokens", "128", "--d_model", "16", "--d_ff", "32", "--group_size", "64", "--experts", "8",
+                       "--repeats", "1", "--allocators", "glibc_no_mmap", "--allocator_experts", "8",
+                       "--allocator_variants", "dropless", "--output", str(output)])
+  result = json.loads(output.read_text())
+  (row,) = result["rows"]
+  assert set(row["variants"]) == set(_profile_moe().VARIANTS)
+  for name, variant in row["variants"].items():
+    assert variant["faults_per_call"]["minor"] >= 0 and variant["memory_bytes"]["argument"] > 0, name
+    assert variant["ops"]["total_seconds"] > 0 and variant["ops"]["by_category"]["matmul"] > 0, name
+  # bf16 weights: half the argument bytes of the float32 layer's weights (x and the router stay close to it)
+  assert row["variants"]["dropless_bf16"]["memory_bytes"]["argument"] < row["variants"]["dropless"]["memory_bytes"]["argument"]
+  assert row["variants"]["dropless_sgd_donated"]["memory_bytes"]["alias"] > 0  # the params' buffers reused
+  assert set(result["allocators"]) == {"default", "glibc_no_mmap"}
+  assert result["allocators"]["glibc_no_mmap"]["environment"]["GLIBC_TUNABLES"].startswith("glibc.malloc")
