@@ -222,3 +222,20 @@ def test_profile_records_faults_bytes_and_op_times_per_variant(tmp_path):
   assert row["variants"]["dropless_sgd_donated"]["memory_bytes"]["alias"] > 0  # the params' buffers reused
   assert set(result["allocators"]) == {"default", "glibc_no_mmap"}
   assert result["allocators"]["glibc_no_mmap"]["environment"]["GLIBC_TUNABLES"].startswith("glibc.malloc")
+
+
+def test_readme_generated_blocks_equal_what_the_committed_json_gives():
+  """benchmarks/README.md's tables and readings come from benchmarks/results/*.json (`benchmarks/report.py`): a
+  rerun that commits new JSON without regenerating the README fails here."""
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  try:
+    import report
+  finally:
+    sys.path.pop(0)
+  with open(report.README) as f:
+    text = f.read()
+  assert {name for _, name, _, _ in report.BLOCK.findall(text)} == set(report.BLOCKS)
+  assert report.render(text) == text, "run: python benchmarks/report.py"
+  # Only the generated blocks change: emptying one and rendering gives the README back.
+  emptied = report.BLOCK.sub(lambda m: m.group(1) + m.group(4), text)
+  assert emptied != text and report.render(emptied) == text
