@@ -1,7 +1,7 @@
 """Forward + backward time of the MoE layer per dispatch backend, against a dense FFN of equal FLOPs per token,
 with each variant's roofline on this machine.
 
-  python benchmarks/moe_layer.py                   # full default run (about ten minutes on 2 cores)
+  python benchmarks/moe_layer.py                   # full default run (about ten minutes on 2 quiet cores)
   python benchmarks/moe_layer.py --tokens 256 --d_model 32 --d_ff 64 --group_size 64 --experts 4,8 \
       --repeats 1 --sharded_experts "" --output /tmp/moe_layer.json    # smoke run (tests/test_benchmarks.py)
 
