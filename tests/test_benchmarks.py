@@ -8,6 +8,7 @@ import sys
 import jax.numpy as jnp
 import pytest
 
+from moe_jax import dispatch
 from tests.helpers import REPO, cpu_env
 
 
@@ -26,7 +27,7 @@ def test_layer_benchmark_records_every_variant_with_times_cost_and_bound(tmp_pat
                        "--sharded_experts", ""], tmp_path)
   assert result["machine"]["versions"]["jax"] and result["peaks"]["matmul_gflops"] > 0
   (row,) = result["single_device"]
-  assert set(row["variants"]) == {"dense", "einsum", "gather", "dropless", "ragged_dot"}
+  assert set(row["variants"]) == {"dense", "einsum", "gather", "dropless", "ragged_dot", *dispatch.installed_optional()}
   for name, variant in row["variants"].items():
     assert variant["seconds"]["min"] <= variant["seconds"]["median"] <= variant["seconds"]["max"], name
     assert variant["xla"]["gflop"] > 0 and variant["work"]["gbytes"] > 0, name
