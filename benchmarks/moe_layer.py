@@ -21,8 +21,8 @@ Roofline. The run first measures this machine's matmul throughput and memory ban
 For every variant it records XLA's cost analysis (FLOPs, bytes accessed; while-loop bodies counted once, so
 the tiled dropless backend's figures are far too low there) and a model of the work it cannot avoid:
   rows     rows through the expert FFN: tokens (dense), E*G*C capacity slots (einsum, gather), kept assignments
-           plus tile padding (dropless: counted on the benchmark's own routing), E * assignments (ragged_dot
-           where it is a masked dense dot, i.e. not on GPU/TPU);
+           plus tile padding (dropless: counted on the benchmark's own routing), E * assignments (ragged_dot,
+           tokamax where it is a masked dense dot, i.e. not on GPU/TPU);
   FLOPs    6 * rows * M * F * projections (forward + two backward products), + the einsum one-hot products;
   bytes    3 * expert params (weights read forward and backward, gradient written) + 2 * rows * F * inputs
            (hidden activations written and read back) + 4 * rows * M (FFN inputs and outputs, both passes);
