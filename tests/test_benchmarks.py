@@ -1,4 +1,5 @@
-"""The benchmarks run end to end at toy sizes and write the JSON they document. No timing is asserted."""
+"""The benchmarks run end to end at toy sizes and write the JSON they document (no timing is asserted); the HLO
+checker of the GPU path and the profile's op categories on HLO snippets; the README generated from the JSON."""
 
 import json
 import os
