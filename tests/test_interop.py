@@ -159,18 +159,39 @@ def test_export_then_import_is_the_identity(family, tmp_path):
   assert_same_params(model, again)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2"])
+@pytest.mark.parametrize("family", ALL)
 def test_transformers_loads_an_export(family, tmp_path):
+  """transformers' own class (AutoModelForCausalLM; Switch: AutoModelForSeq2SeqLM) loads the export, built from the
+  family's template alone, and computes the fixture's logits within the tolerance."""
   transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e "
                                      ".[interop-dev])")
   torch = pytest.importorskip("torch")
   config, model = imported(family)
-  interop.export_model(model, interop.transfer.typed_model(config), family, str(tmp_path))
+  model_type = interop.hf_config_to_moe(shards.read_config(str(FIXTURES / family)))[1].MODEL_TYPE
+  interop.export_model(model, interop.transfer.typed_model(config), model_type, str(tmp_path))
   ref = reference(family)
-  theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+  if "encoder_input_ids" in ref:
+    theirs = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+    inputs = {"input_ids": torch.as_tensor(ref["encoder_input_ids"]),
+              "decoder_input_ids": torch.as_tensor(ref["decoder_input_ids"])}
+  else:
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+    inputs = {"input_ids": torch.as_tensor(ref["input_ids"])}
   with torch.no_grad():
-    logits = theirs(torch.as_tensor(ref["input_ids"])).logits.numpy()
+    logits = theirs(**inputs).logits.numpy()
   assert np.abs(logits - ref["logits"]).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("family", [family_param("olmo2")])
+def test_exported_token_ids_lie_inside_the_vocabulary(family, tmp_path):
+  """An export without the imported config.json takes the family's template token ids (OLMo 2's pad 100277, eos
+  100257); past a smaller model's vocabulary they become None, since transformers refuses a padding index past
+  the embedding."""
+  config, model = imported(family)
+  interop.export_model(model, interop.transfer.typed_model(config), family, str(tmp_path))
+  hf = shards.read_config(str(tmp_path))
+  assert hf["vocab_size"] < 100257
+  assert (hf["pad_token_id"], hf["eos_token_id"]) == (None, None)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ TOKENIZER_DIR = "tokenizer"  # in a workdir: the imported model's tokenizer file
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes in all, the parameter just placed)
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 HOST_ALIGNMENT = 64  # bytes: the alignment at which XLA's CPU client uses a host buffer in place
 
 
@@ -76,13 +77,18 @@ def hf_config_from_moe(model_cfg: config_lib.ModelConfig, family: Any, base: dic
                        dtype: str = "float32") -> dict:
   """The config.json `transformers` reads for `model_cfg` as `family`: the family's template of non-architecture
   keys (token ids, initializer range, ...; those of `base`, the imported config.json, where given) with every
-  architecture key set from `model_cfg`."""
+  architecture key set from `model_cfg`; a token id outside the model's vocabulary becomes None."""
   hf = json.loads(json.dumps(family.TEMPLATE))
   for key, value in (base or {}).items():
     if key in hf and not isinstance(hf[key], dict):
       hf[key] = value
   hf.update(family.to_hf(model_cfg))
   hf.update(model_type=family.MODEL_TYPE, architectures=[family.ARCHITECTURE], dtype=dtype)
+  for key in TOKEN_ID_KEYS:  # a template's ids name its published tokenizer's tokens: drop those past this vocabulary
+    if isinstance(hf.get(key), list):
+      hf[key] = [i for i in hf[key] if 0 <= i < hf["vocab_size"]] or None
+    elif hf.get(key) is not None and not 0 <= hf[key] < hf["vocab_size"]:
+      hf[key] = None  # transformers refuses a padding index past the embedding (OLMo 2's nn.Embedding)
   return dict(sorted(hf.items()))
 
 
