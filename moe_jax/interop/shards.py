@@ -31,6 +31,11 @@ INDEX = "model.safetensors.index.json"
 # transformers' loader checks the format recorded in each file's metadata.
 FILE_METADATA = {"format": "pt"}
 DEFAULT_SHARD_BYTES = 5 * 2**30  # save_pretrained's default max_shard_size ("5GB")
+# safetensors dtype -> numpy (bfloat16: ml_dtypes', as safetensors' numpy reader returns it).
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I64": np.int64,
+          "U64": np.uint64, "I32": np.int32, "U32": np.uint32, "I16": np.int16, "U16": np.uint16, "I8": np.int8,
+          "U8": np.uint8, "BOOL": np.bool_}
+READ_BYTES = 16 * 2**20  # one read's buffer: what a transposing or casting read holds beside the parameter
 
 
 def read_config(directory: str) -> dict:
@@ -114,8 +119,9 @@ class CheckpointReader:
     entry = self._entries[name]
     if out.size != int(np.prod(entry.shape, dtype=np.int64)):
       raise ValueError(f"{name} {list(entry.shape)} does not fill an array of shape {list(out.shape)}")
-    buffer = np.empty(max(1, min(out.size, READ_BYTES // entry.dtype.itemsize)), entry.dtype)  # pages untouched
-    with open(entry.path, "rb", buffering=0) as f:                                       # until a read needs them
+    # np.empty: its pages take no memory until a read goes through it (never, when every block is direct).
+    buffer = np.empty(max(1, min(out.size, READ_BYTES // entry.dtype.itemsize)), entry.dtype)
+    with open(entry.path, "rb", buffering=0) as f:
       f.seek(entry.offset)
       _read_blocks(f, out.reshape(1) if out.ndim == 0 else out, buffer, f"{entry.path}: {name}")
 
@@ -189,13 +195,6 @@ def _read_blocks(f, out: np.ndarray, buffer: np.ndarray, what: str) -> None:
       done += count
     if not direct:
       block[...] = target.reshape(block.shape)
-
-
-# safetensors dtype -> numpy (bfloat16: ml_dtypes', as safetensors' numpy reader returns it).
-DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I64": np.int64,
-          "U64": np.uint64, "I32": np.int32, "U32": np.uint32, "I16": np.int16, "U16": np.uint16, "I8": np.int8,
-          "U8": np.uint8, "BOOL": np.bool_}
-READ_BYTES = 16 * 2**20  # one read's buffer: what a transposing or casting read holds beside the parameter
 
 
 def shard_name(index: int, count: int) -> str:
