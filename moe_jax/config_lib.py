@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from moe_jax import registry, routers
 from moe_jax.routers import family as family_lib
-from moe_jax.schema import (Rule, Section, at_least, boolean, choice, config_fields, field, finite, in_range,
-                            non_negative, one_of, positive, text)
+from moe_jax.schema import (Rule, Section, at_least, boolean, choice, config_fields, field, finite, float_at_least,
+                            in_range, non_negative, one_of, positive, text)
 
 if TYPE_CHECKING:
   import ml_collections
@@ -420,8 +420,7 @@ class DataConfig(Section):
                          "or T5 span corruption (encoder-decoder; train.seq_len = encoder input length)")
   noise_density: float = field(0.15, in_range(0, 1, closed_low=False), "span corruption: share of tokens masked "
                                "(T5: 0.15)")
-  mean_noise_span_length: float = field(3.0, Rule((int, float), lambda v: math.isfinite(v) and v >= 1,
-                                                  lambda: ">= 1"), "span corruption: mean masked span length (T5: 3)")
+  mean_noise_span_length: float = field(3.0, float_at_least(1), "span corruption: mean masked span length (T5: 3)")
   num_sentinels: int = field(100, at_least(1), "span corruption: sentinel ids appended after the tokenizer's "
                              "vocabulary (T5's extra_ids: 100)")
 
