@@ -786,11 +786,34 @@ def saved_config(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """A config saved by an earlier run (config.json's "requested" or "resolved") as a ConfigDict of today's
   schema: renamed fields at their new paths (`migrate`), laid over `default_config()`, so that a field added since
   it was saved takes its default (what the code computed before the field existed, e.g. model.norm_eps 1e-6,
-  model.rope_theta 1e4; `train.config_changes` reads a missing field the same way) and every field keeps its type
+  model.rope_theta 1e4; `config_changes` reads a missing field the same way) and every field keeps its type
   for command-line overrides."""
   config = default_config()
   config.update(migrate(saved))
   return config
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_leaves(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+  """Every leaf field that differs between a checkpoint's config and `current`, both as JSON dicts
+  (`to_dict`): path -> (old, new).
+
+  A field the checkpoint's config lacks (added to the schema since) and that `current` leaves at its default is no
+  change: the checkpoint's run computed what the default computes (e.g. model.remat='none', mesh.fsdp=1).
+  """
+  old, new = _leaves(migrate(saved)), _leaves(current)
+  defaults = _leaves(to_dict(default_config()))
+  return {path: (old.get(path), new.get(path)) for path in sorted(set(old) | set(new))
+          if old.get(path) != new.get(path) and not (path not in old and new.get(path) == defaults.get(path))}
 
 
 def dense_twin(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
