@@ -216,7 +216,10 @@ class _Full:
   def write(self, text):
     if '"step": 3,' in text: raise OSError(errno.ENOSPC, "No space left on device")
     return self._handle.write(text)
-metrics.open = lambda path, mode="r", *a, **k: (_Full if "a" in mode else lambda h: h)(builtins.open(path, mode, *a, **k))
+def _open(path, mode="r", *args, **kwargs):
+  handle = builtins.open(path, mode, *args, **kwargs)
+  return _Full(handle) if "a" in mode else handle
+metrics.open = _open
 """,
     "tensorboard": """
 import builtins, errno

@@ -438,6 +438,7 @@ def test_an_unusable_data_dir_is_refused_naming_the_field_and_a_full_one_is_an_e
 
 
 def _wrong_type(path: str, wanted: str, case: str) -> str:
+  os.makedirs(os.path.dirname(path), exist_ok=True)  # a nested entry's folder (checkpoints/corrupt)
   if case == "wrong type":
     if wanted == workdir.FILE:
       os.mkdir(path)
@@ -451,12 +452,44 @@ def _wrong_type(path: str, wanted: str, case: str) -> str:
   return "is a dangling symlink"
 
 
+# Every path a workdir holds: its entries, nested ones included, and a saved checkpoint step's directory.
+EVERY_PATH = {**workdir.ENTRIES, "checkpoints/2": workdir.DIRECTORY}
+
+
+def test_the_workdir_entries_name_the_folders_the_checkpointer_and_an_import_write():
+  from moe_jax import checkpoint
+  from moe_jax.interop import transfer
+
+  assert {f"checkpoints/{checkpoint.CORRUPT_DIR}", f"checkpoints/{checkpoint.SUPERSEDED_DIR}",
+          transfer.TOKENIZER_DIR} <= set(workdir.ENTRIES)
+
+
 @pytest.mark.parametrize("case", ["wrong type", "symlink loop", "dangling symlink"])
-@pytest.mark.parametrize("entry", sorted(workdir.ENTRIES))
+@pytest.mark.parametrize("entry", sorted(EVERY_PATH))
 def test_every_workdir_entry_that_cannot_be_used_is_refused_naming_its_path(tmp_path, entry, case):
-  expected = _wrong_type(str(tmp_path / entry), workdir.ENTRIES[entry], case)
+  expected = _wrong_type(str(tmp_path / entry), EVERY_PATH[entry], case)
   with pytest.raises(ValueError, match=f"^workdir: {tmp_path}/{entry} {expected}"):
     workdir.check_workdir(str(tmp_path))
+
+
+@pytest.mark.parametrize("entry", sorted(set(EVERY_PATH) - set(workdir.READ_ONLY_ENTRIES)))
+def test_every_workdir_entry_the_run_writes_is_refused_when_it_cannot_be_written(tmp_path, monkeypatch, entry):
+  path = str(tmp_path / entry)
+  os.makedirs(path if EVERY_PATH[entry] == workdir.DIRECTORY else os.path.dirname(path), exist_ok=True)
+  if EVERY_PATH[entry] == workdir.FILE:
+    open(path, "w").close()
+  access = os.access
+  monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and not (p == path and mode & os.W_OK))
+  with pytest.raises(ValueError, match=f"^workdir: {path} is not writable"):  # root may write anything: patched
+    workdir.check_workdir(str(tmp_path))
+
+
+def test_a_read_only_tokenizer_of_an_imported_run_is_fine(tmp_path, monkeypatch):
+  os.mkdir(tmp_path / "tokenizer")
+  access = os.access
+  monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and not (p.endswith("tokenizer") and
+                                                                              mode & os.W_OK))
+  assert workdir.check_workdir(str(tmp_path)) == str(tmp_path)
 
 
 @pytest.mark.parametrize("case", ["wrong type", "symlink loop", "dangling symlink"])
@@ -497,6 +530,19 @@ def test_the_trainer_refuses_a_workdir_entry_of_the_wrong_type_before_building_a
   with pytest.raises(ValueError, match=f"^workdir: {wrong} is "):
     train.train_and_evaluate(tiny_config(str(tmp_path / "data")), str(run_dir))
   assert sorted(os.listdir(run_dir)) == [entry]  # refused before the lock or anything else was written
+
+
+def test_the_train_command_refuses_a_nested_workdir_entry_of_the_wrong_type_in_one_line_with_status_2(tmp_path):
+  quarantine = tmp_path / "run" / "checkpoints" / "corrupt"
+  quarantine.parent.mkdir(parents=True)
+  quarantine.write_text("not a directory")
+  run = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "train.py"),
+                        f"--config={REPO}/configs/lm.py:switch-cpu", f"--workdir={tmp_path / 'run'}"],
+                       capture_output=True, text=True, timeout=120, env=cpu_env(1))
+  assert run.returncode == 2, run.stderr[-3000:]
+  assert _error_lines(run.stderr) == [f"invalid configuration or input: workdir: {quarantine} is a file, not a "
+                                      "directory; move it away or use another --workdir"], run.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path / "run")) == ["checkpoints"]
 
 
 # ----------------------------------------------------------------------------------------------------------
