@@ -405,6 +405,50 @@ def test_a_damaged_prepared_data_set_is_detected_and_prepared_again(tmp_path, ca
   assert "damaged" not in capsys.readouterr().err  # prepared again and recorded: intact from now on
 
 
+def test_an_edited_corpus_file_is_a_new_data_set_prepared_again_with_the_new_text(tmp_path):
+  corpus = _corpus(tmp_path / "corpus")
+  before = builders.text_dir_config(corpus, "**/*.txt", 0.3)
+  builder = builders.prepare(builders.TextDirBuilder, before, str(tmp_path / "tfds"))
+  old_texts = {r["text"] for split in ("train", "validation") for r in builder.as_data_source(split=split)}
+  with open(os.path.join(corpus, "doc07.txt"), "r+") as f:  # edited in place, same size: only its content says
+    f.write("DOCUMENT")
+  after = builders.text_dir_config(corpus, "**/*.txt", 0.3)
+  assert after.name != before.name  # the config name fingerprints every file's sha256
+  builder = builders.prepare(builders.TextDirBuilder, after, str(tmp_path / "tfds"))
+  new_texts = {r["text"] for split in ("train", "validation") for r in builder.as_data_source(split=split)}
+  edited = ("DOCUMENT" + ("document 7 " * 40)[8:]).encode()
+  assert new_texts - old_texts == {edited} and len(new_texts) == len(old_texts)
+
+
+# The trainer's data_dir a file (bad input: exit 2) or full while preparing (the machine: exit 1).
+DATA_DIR_FULL = """
+import errno
+from moe_jax.data import builders
+def _disk_full(self, *args, **kwargs):
+  raise OSError(errno.ENOSPC, "No space left on device")
+builders.TextDirBuilder.download_and_prepare = _disk_full
+"""
+
+
+@pytest.mark.parametrize("case, status", [("a file", 2), ("full", 1)])
+def test_the_train_command_stops_on_an_unusable_or_full_data_dir_in_one_line_naming_it(tmp_path, case, status):
+  (tmp_path / "a-file").write_text("")
+  data_dir = tmp_path / "a-file" / "tfds" if case == "a file" else tmp_path / "tfds"
+  args = [os.path.join(REPO, "experiments", "train.py"), f"--config={REPO}/configs/lm.py:switch-cpu",
+          f"--workdir={tmp_path / 'run'}", "--config.data.dataset=text_dir",
+          f"--config.data.text_dir={_corpus(tmp_path / 'corpus')}", f"--config.data.data_dir={data_dir}"]
+  patch = DATA_DIR_FULL if case == "full" else ""
+  code = f"import runpy, sys\n{patch}\nsys.argv = {args!r}\nrunpy.run_path({args[0]!r}, run_name='__main__')"
+  run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=dict(cpu_env(1), PYTHONPATH=REPO))
+  assert run.returncode == status, run.stderr[-3000:]
+  errors = _error_lines(run.stderr)
+  assert len(errors) == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+  assert f"data.data_dir='{data_dir}'" in errors[0]
+  expected = "cannot be used for preparing" if case == "a file" else "No space left on device while preparing"
+  assert expected in errors[0]
+
+
 def test_an_unusable_data_dir_is_refused_naming_the_field_and_a_full_one_is_an_environment_failure(
     tmp_path, monkeypatch):
   files = builders.text_dir_config(_corpus(tmp_path / "corpus"), "**/*.txt", 0.3)
