@@ -31,7 +31,7 @@ def data_dir(tmp_path_factory):
 
 def _dense_config(data_dir: str):
   config = tiny_config(data_dir, steps=4, mesh=(0, 1))  # mesh.data: every device there is
-  config.model.moe_layer_interval = 0
+  config.model.update(moe_layer_interval=0, activation="swiglu")  # a Llama: experiments/convert.py exports it
   config.train.log_every = 1
   return config
 
@@ -94,3 +94,24 @@ def test_upcycle_refuses_an_empty_workdir_in_one_line_with_status_2(tmp_path):
   assert os.listdir(tmp_path) == []
   with pytest.raises(ValueError, match="^--dense_workdir='' is empty"):  # the CLI prints it as above
     upcycle.upcycle_checkpoint("", lm.get_config("switch-cpu"), str(tmp_path / "moe"))
+
+
+# Each tool that opens another run, as its command line: (flags, the exit status expected). A dense run has no
+# router to trace: the tracer loads the checkpoint, then refuses (status 2), so it read the run all the same.
+READERS = {
+    "plan": (lambda run, out: ["plan.py", f"--config={REPO}/configs/from_run.py:{run}", "--mesh=1,1,1,1"], 0),
+    "trace": (lambda run, out: ["trace.py", f"--workdir={run}", f"--output={out}/trace.npz", "--max_tokens=256"], 2),
+    "convert": (lambda run, out: ["convert.py", f"--from={run}", f"--to=hf:{out}/hf", "--family=llama"], 0),
+    "evaluate": (lambda run, out: ["evaluate.py", f"--workdir={run}", f"--text_glob={REPO}/docs/faults.md"], 0),
+}
+
+
+@pytest.mark.slow  # a subprocess per tool, ~10-20 s each on 2 cores
+@pytest.mark.parametrize("tool", list(READERS))
+def test_a_tool_that_reads_a_run_leaves_its_workdir_byte_for_byte_as_it_was(dense_run, tmp_path, tool):
+  flags, status = READERS[tool]
+  before = _snapshot(dense_run)
+  script, *args = flags(dense_run, tmp_path)
+  run = _tool(script, *args)
+  assert run.returncode == status, run.stderr[-3000:]
+  assert _snapshot(dense_run) == before
