@@ -198,11 +198,12 @@ def _as_section(cls: type[Section], value: Section | Mapping[str, Any]) -> Secti
   return cls(**values)
 
 
-# A tuple of numbers > 0 (a list too: config.json holds JSON arrays; ModelConfig keeps a tuple).
+# A tuple of numbers > 0 (a list too: config.json holds JSON arrays; ModelConfig keeps a tuple), each as
+# `positive()` checks one: in float32, where the rotary frequencies are computed.
 _POSITIVE_TUPLE = Rule(
     (tuple, list),
-    lambda v: all(isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) and f > 0 for f in v),
-    lambda: "a tuple of finite numbers > 0")
+    lambda v: all(isinstance(f, (int, float)) and not isinstance(f, bool) and positive().ok(f) for f in v),
+    lambda: f"a tuple of numbers each {positive().allowed()}")
 
 # The rotary-scaling fields each model.rope_scaling reads; the others must keep their defaults.
 _ROPE_SCALING_READS = {

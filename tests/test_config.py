@@ -104,6 +104,9 @@ INVALID = {
                                             r"data.validation_fraction=1e-50 must be in \(0, 0.5\] in float32"),
     "span length infinite in float32": (_set("data.mean_noise_span_length", 1e300),
                                         r"data.mean_noise_span_length=1e\+300 must be >= 1 and at most float32's"),
+    "rotary factor infinite in float32": (_set("model.rope_short_factor", (1.0, 1e300)),
+                                          r"model.rope_short_factor=\(1.0, 1e\+300\) must be a tuple of numbers each "
+                                          r"> 0 and in float32's normal range"),
     "dropout of 1": (_set("model.dropout", 1.0), r"model.dropout=1.0 must be in \[0, 1\)"),
     "odd head dimension": (_set("model.head_dim", 7), "model.head_dim"),
     "unknown norm": (_set("model.norm", "batchnorm"), "model.norm='batchnorm' must be one of"),
