@@ -430,7 +430,8 @@ builders.TextDirBuilder.download_and_prepare = _disk_full
 """
 
 
-@pytest.mark.parametrize("case, status", [("a file", 2), ("full", 1)])
+# Each a subprocess (~6 s); the full data_dir in the slow tier: the default tier checks it in-process (below).
+@pytest.mark.parametrize("case, status", [("a file", 2), pytest.param("full", 1, marks=pytest.mark.slow)])
 def test_the_train_command_stops_on_an_unusable_or_full_data_dir_in_one_line_naming_it(tmp_path, case, status):
   (tmp_path / "a-file").write_text("")
   data_dir = tmp_path / "a-file" / "tfds" if case == "a file" else tmp_path / "tfds"
