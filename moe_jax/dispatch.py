@@ -24,8 +24,8 @@ assignments. `resolve_backend` says which backend runs on a platform and mesh.
 
 Decoding (`moe_jax.decode`) adds one more, chosen per call by the number of assignments, not by the config:
   * `expert_gather_dispatch` one row per (token, choice), run by `StackedExperts.gathered`: the chosen experts'
-                        weight slices read on the expert axis (a dynamic slice per row), so the weights of experts
-                        no token chose are never read. It reads N expert slices, the other backends up to all E:
+                        weights read in row tiles on the expert axis (`experts.gathered_expert_ffn`), so the
+                        weights of experts no token chose are never read. It reads N expert slices, the other backends up to all E:
                         `use_expert_gather` takes it while 2 * N <= E (N = T*K; a batch-1..few decode step), on one
                         device only (an expert-split mesh keeps the resolved backend).
 
@@ -253,11 +253,11 @@ def use_expert_gather(num_assignments: int, num_experts: int, experts_across_dev
   are at most E / 2, and only when every expert is on this device (`StackedExperts`; across an 'expert' mesh axis
   the experts are reached by all-to-all of capacity buffers, so the resolved backend runs).
 
-  Why E / 2: the per-row slices are copied before their matmul and a repeated expert is read once per row, so the
-  gather pays off only well below N = E. Side by side in one process (CPU, 2 cores loaded by other jobs, float32
+  Why E / 2: a repeated expert is read once per row, so the gather pays off only well below N = E. Side by side in one process (CPU, 2 cores loaded by other jobs, float32
   SwiGLU, one layer): M=512 F=1024 E=8 N=2: 1.3-1.9 ms against 3.2-5.9 ms for gather/einsum/dropless; M=F=256
   E=64 N=8: 0.4-1.3 ms against 3.6-5.0 ms; N=32, E=64: 4.8 ms against 5-10 ms; but N=E (8 of 8, 64 of 64): 42-44
-  ms against 7-10 ms (the gathered copy then exceeds the weights)."""
+  ms against 7-10 ms (each row's slice was then copied whole before its matmul; `experts.gathered_expert_ffn` now
+  reads row tiles, see there)."""
   return not experts_across_devices and 2 * num_assignments <= num_experts
 
 

@@ -57,6 +57,23 @@ def test_expert_gather_equals_the_reference_moe(router):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=ATOL, rtol=0), ours, theirs)
 
 
+@pytest.mark.parametrize("tile_rows", [5, 8, 256], ids=["tiles_and_rest", "whole_tiles", "one_tile"])
+def test_gathered_experts_read_in_tiles_equal_the_reference(tile_rows):
+  """`experts.gathered_expert_ffn` reads each row's expert in tiles of `tile_rows` rows (M=16, F=24: with 5, three
+  tiles and a rest of 1 on M, four and a rest of 4 on F; with 8, two and three whole tiles; with 256, one tile):
+  outputs and gradients equal the reference's per-row expert FFN, a repeated expert included."""
+  weights = make_weights(8, "swiglu")
+  x = jax.random.normal(jax.random.key(5), (4, D_MODEL))  # [N, M]
+  expert = jnp.asarray([3, 0, 3, 7], jnp.int32)
+  cotangent = jax.random.normal(jax.random.key(6), x.shape)
+  gathered = lambda x, w: experts_lib.gathered_expert_ffn(w, x, expert, activation="swiglu", tile_rows=tile_rows)
+  rows = lambda x, w: reference.expert_rows(w, x, expert, activation="swiglu")
+  loss = lambda fn, x, w: jnp.sum(fn(x, w) * cotangent)
+  ours, theirs = jax.jit(lambda x, w: [(fn(x, w), jax.grad(loss, argnums=(1, 2))(fn, x, w)) for fn in (gathered, rows)])(
+      x, weights)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=ATOL, rtol=0), ours, theirs)
+
+
 def sparse_layer(shared_d_ff: int = 0) -> MoeFeedForward:
   """A top-2 layer of 8 SwiGLU experts as decoding runs it (dropless), reading only the chosen experts."""
   cfg = lm_cfg({"moe.router": "top_k", "moe.top_k.k": 2, "moe.num_experts": 8})
