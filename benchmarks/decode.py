@@ -16,7 +16,7 @@ interleaved in one run (`harness.time_interleaved`, so load from other processes
   seconds (min / median), ratios of the MoE against each twin (of minima), tokens/s = B / min seconds;
   weight bytes read per step: every non-expert weight once (the embedding table whole: an upper estimate) plus the
     expert weights the MoE path reads, B * K expert slices per layer when `dispatch.use_expert_gather` takes the
-    gather path (2 * B * K <= E), all E experts otherwise (the grouped matmuls walk every expert), and the ideal
+    gather path (B * K <= E), all E experts otherwise (the grouped matmuls walk every expert), and the ideal
     (`distinct` experts only);
   distinct experts touched per layer at that step (from the routing of the step's tokens, `tracing.capture_routing`
     on the sequences so far, which the cached step reproduces), against the expected E * (1 - (1 - K/E)^B) of
@@ -376,8 +376,9 @@ def reading(result: dict) -> str:
         f"{k} of {e} experts each, so a layer reads E (1 - (1 - K/E)^B) distinct experts in expectation: "
         + ", ".join(f"{r['expected_distinct_experts']:.1f} at B = {r['batch']}" for r in rows[:4])
         + f", and at least 90% of all {e} from B = {woken[0] if woken else 'beyond ' + str(rows[-1]['batch'])} on "
-        f"(measured per layer as in the table). Only while 2 B K <= E (B = {_batches(gather)}) does the layer read "
-        f"the chosen experts alone (`dispatch.expert_gather_dispatch`); above, the grouped matmul reads all {e} experts, "
+        f"(measured per layer as in the table). Only at B = {_batches(gather)} (where `dispatch.use_expert_gather` "
+        f"took the gather path) does the layer read the chosen experts alone; above, the grouped matmul reads all {e} "
+        f"experts, "
         f"the bytes of the equal-total twin. How far the steps are bound by reading weights: the equal-total twin's "
         f"time over the equal-active one's is {_twin_ratio(rows[0]):.2f} at B = {rows[0]['batch']} and "
         f"{_twin_ratio(rows[-1]):.2f} at B = {rows[-1]['batch']}, against the ratio of their parameters, "

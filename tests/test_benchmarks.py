@@ -92,7 +92,7 @@ def test_decode_benchmark_records_the_moe_and_its_dense_twins_per_batch(tmp_path
     assert all(1 <= d <= 4 for d in row["distinct_experts_per_layer"])
     assert row["expected_distinct_experts"] == pytest.approx(4 * (1 - (1 - 2 / 4) ** row["batch"]))
     moe = row["models"]["moe"]
-    assert moe["weight_bytes"]["expert_gather"] == (row["batch"] == 1)  # 2 * B * K <= E only at B = 1
+    assert moe["weight_bytes"]["expert_gather"] == (row["batch"] == 1)  # B * K <= E only at B = 1
     assert moe["weight_bytes"]["ideal"] <= moe["weight_bytes"]["read"]
     for name, model in row["models"].items():
       assert model["seconds"]["min"] > 0 and model["tokens_per_second"] > 0 and model["bandwidth_fraction"] > 0
