@@ -196,9 +196,10 @@ def first_token(new_tokens: int, repeats: int) -> dict:
   name, workdir = MAKE_RUN
   config = lm.get_config(name)
   if os.path.isdir(os.path.join(workdir, "checkpoints")):
-    model, source = runstate.load(workdir).model, workdir
+    model, source = runstate.load(workdir).model, os.path.relpath(workdir, ROOT)
   else:
-    model, source = runstate.build(config), f"configs/lm.py:{name}, random weights (no {os.path.relpath(workdir, ROOT)})"
+    source = f"configs/lm.py:{name}, random weights (no {os.path.relpath(workdir, ROOT)})"
+    model = runstate.build(config)
   eos = pipeline.get_tokenizer(config.data).eos_id
   decoder = decode.Decoder(model, batch_size=1, max_length=new_tokens)  # EOS + new_tokens - 1 fed back
   prompt = np.full((1, 1), eos, np.int32)

@@ -25,7 +25,8 @@ assignments. `resolve_backend` says which backend runs on a platform and mesh.
 Decoding (`moe_jax.decode`) adds one more, chosen per call by the number of assignments, not by the config:
   * `expert_gather_dispatch` one row per (token, choice), run by `StackedExperts.gathered`: the chosen experts'
                         weights read in row tiles on the expert axis (`experts.gathered_expert_ffn`), so the
-                        weights of experts no token chose are never read. It reads N expert slices, the other backends up to all E:
+                        weights of experts no token chose are never read. It reads N expert slices, the other
+                        backends up to all E:
                         `use_expert_gather` takes it while N <= E (N = T*K; a decode step of a few rows), on one
                         device only (an expert-split mesh keeps the resolved backend).
 

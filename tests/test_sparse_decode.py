@@ -69,8 +69,8 @@ def test_gathered_experts_read_in_tiles_equal_the_reference(tile_rows):
   gathered = lambda x, w: experts_lib.gathered_expert_ffn(w, x, expert, activation="swiglu", tile_rows=tile_rows)
   rows = lambda x, w: reference.expert_rows(w, x, expert, activation="swiglu")
   loss = lambda fn, x, w: jnp.sum(fn(x, w) * cotangent)
-  ours, theirs = jax.jit(lambda x, w: [(fn(x, w), jax.grad(loss, argnums=(1, 2))(fn, x, w)) for fn in (gathered, rows)])(
-      x, weights)
+  both = lambda x, w: [(fn(x, w), jax.grad(loss, argnums=(1, 2))(fn, x, w)) for fn in (gathered, rows)]
+  ours, theirs = jax.jit(both)(x, weights)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=ATOL, rtol=0), ours, theirs)
 
 
