@@ -35,9 +35,10 @@ FIGURES_ON_REAL_RESULTS = {
                 "scaling-cpu_capacity_tradeoff"],
     "ablations": [],  # only for the ablation sweeps present; none need be
     "routers": [],  # only once results/routers-cpu/ exists
+    "decode": ["decode_cost_per_token"],  # reads benchmarks/results/decode.json only
 }
 ROUTER_FIGURES = ["routers-cpu_eval_vs_tokens", "routers-cpu_drop_rate", "routers-cpu_expert_load"]
-NOTEBOOKS_TESTED = ["scaling", "routing", "ablations", "routers"]
+NOTEBOOKS_TESTED = ["scaling", "routing", "ablations", "routers", "decode"]
 
 
 def execute(name: str, figures: pathlib.Path, monkeypatch, results: pathlib.Path | None = None) -> set[str]:
