@@ -113,14 +113,15 @@ def check_trace(trace: Trace) -> None:
 
 
 def write_trace(path: str | os.PathLike, trace: Trace) -> None:
-  """`trace` as one uncompressed .npz at `path`, written atomically (`fileio.atomic_write`): the arrays under their
-  field names, the names and meta as one JSON string `header`."""
+  """`trace` as one compressed .npz at `path` (deflate: a trace of a small model is mostly repeated expert ids and
+  flags, so it shrinks several-fold and can be committed), written atomically (`fileio.atomic_write`): the arrays
+  under their field names, the names and meta as one JSON string `header`."""
   check_trace(trace)
   header = {"version": TRACE_VERSION, "document_names": list(trace.document_names),
             "label_names": list(trace.label_names), "meta": dict(trace.meta)}
   arrays = {name: np.asarray(getattr(trace, name), dtype) for name, dtype in _ARRAYS.items()}
   with fileio.atomic_write(path, "wb") as f:
-    np.savez(f, header=np.asarray(json.dumps(header)), **arrays)
+    np.savez_compressed(f, header=np.asarray(json.dumps(header)), **arrays)
 
 
 def read_trace(path: str | os.PathLike) -> Trace:
