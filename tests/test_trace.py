@@ -304,10 +304,12 @@ def _constructed_trace(step, rng):
       entropy=np.full(index.shape[:2], 1.0, np.float32), blocks=np.array([1, 3], np.int32),
       document_names=("a.py", "test/test_a.py", "README.md"), document_labels=np.array([0, 1, 2], np.int8),
       label_names=analysis.SOURCE_LABELS, meta={"num_experts": 4, "routers": ["top_k"] * 2, "choices": [2, 2],
-                                                "tokenizer": "byte", "step": step})
+                                                "tokenizer": "byte", "step": step,
+                                                "seq_len": 32, "batch_size": 3})
 
 
-@pytest.mark.slow  # a Jupyter kernel and matplotlib (~20 s on 2 busy cores)
+@pytest.mark.slow  # a Jupyter kernel and matplotlib (~20 s on 2 busy cores); tests/test_notebooks.py runs it on the
+# committed traces in the default tier
 def test_the_routing_analysis_notebook_draws_every_figure_from_a_runs_traces(tmp_path, monkeypatch):
   nbformat = pytest.importorskip("nbformat")
   from nbclient import NotebookClient
@@ -317,6 +319,12 @@ def test_the_routing_analysis_notebook_draws_every_figure_from_a_runs_traces(tmp
   traces.mkdir()
   for step in (4, 8):
     analysis.write_trace(traces / f"trace-{step}.npz", _constructed_trace(step % 8, rng))
+  losses = 1.0 + rng.random((2, 4))  # an ablation sweep's losses [NB, E] for the ranking's figure
+  (traces / "ablations.json").write_text(json.dumps({
+      "step": 8, "tokens": 96, "documents": 3, "base_loss": 1.0, "blocks": [1, 3],
+      "removals": {removal: {"losses": losses.tolist(), "ranking": [
+          vars(e) for e in analysis.rank_ablations(1.0, losses + i, [1, 3])]} for i, removal in
+          enumerate(tracing.REMOVALS)}}))
   monkeypatch.setenv("MOE_JAX_TRACES", str(traces))
   monkeypatch.setenv("MOE_JAX_FIGURES_DIR", str(tmp_path / "figures"))
   notebook = nbformat.read(os.path.join(REPO, "notebooks", "routing_analysis.ipynb"), as_version=4)
@@ -324,4 +332,6 @@ def test_the_routing_analysis_notebook_draws_every_figure_from_a_runs_traces(tmp
   NotebookClient(notebook, timeout=120, kernel_name="python3",
                  resources={"metadata": {"path": os.path.join(REPO, "notebooks")}}).execute()
   assert {p.stem for p in (tmp_path / "figures").glob("*.png")} == {
-      f"routing_analysis_{name}" for name in ("load", "saturation", "coactivation", "source", "byte_class")}
+      f"routing_analysis_{name}" for name in ("load", "saturation", "coactivation", "source", "byte_class",
+                                              "ablation")}
+  assert "Expert ablation (step 8, n = 96 tokens" in (tmp_path / "figures" / "routing_analysis_reading.md").read_text()
