@@ -16,7 +16,8 @@ expert choice record).
 
 --ablations also writes, for the last step traced, the evaluation loss with each expert of each MoE block removed,
 both ways (`tracing.REMOVALS`: its tokens keep only their other choices or the residual, or go to their next
-choice), on the first --ablation_tokens tokens of the same text, ranked (`analysis.rank_ablations`), as JSON.
+choice), on the first --ablation_tokens tokens of the same text, ranked (`analysis.rank_ablations`), each loss
+increase with its 95% bootstrap interval over documents (`analysis.ablation_intervals`), as JSON.
 """
 
 import os
@@ -87,12 +88,17 @@ def ablations(run, texts: dict, meta: dict) -> dict:
             "documents": len(set(eval_set.document[:rows].reshape(-1).tolist()) - {-1}),
             "eval_set": eval_set.fingerprint, "removals": {}}
   for removal in tracing.REMOVALS:
-    base, losses, blocks = tracing.ablation_losses(run.model, eval_set, batch_size=_BATCH_SIZE.value,
-                                                   max_tokens=_ABLATION_TOKENS.value, removal=removal)
-    record["base_loss"], record["blocks"] = base, blocks.tolist()
+    nats, ablated, tokens, blocks = tracing.ablation_nats(run.model, eval_set, batch_size=_BATCH_SIZE.value,
+                                                          max_tokens=_ABLATION_TOKENS.value, removal=removal)
+    base, losses = nats.sum() / tokens.sum(), ablated.sum(axis=-1) / tokens.sum()
+    low, high = analysis.ablation_intervals(nats, ablated, tokens)
+    position = {block: i for i, block in enumerate(blocks.tolist())}
+    record["base_loss"], record["blocks"] = float(base), blocks.tolist()
     record["removals"][removal] = {
         "losses": losses.tolist(),
-        "ranking": [vars(entry) for entry in analysis.rank_ablations(base, losses, blocks.tolist())]}
+        "ranking": [{**vars(entry), "delta_low": low[position[entry.block], entry.expert],
+                     "delta_high": high[position[entry.block], entry.expert]}
+                    for entry in analysis.rank_ablations(base, losses, blocks.tolist())]}
   return record
 
 

@@ -334,13 +334,25 @@ def next_choice(route: routing.RoutingResult, expert: int) -> dict[str, np.ndarr
 
 def ablation_losses(model: nnx.Module, eval_set: evalset.EvalSet, *, batch_size: int,
                     max_tokens: int | None = None, removal: str = "residual") -> tuple[float, np.ndarray, np.ndarray]:
-  """(loss, losses [NB, E], blocks [NB]) on the rows of `eval_set` (the first max_tokens' worth): the mean target
-  cross-entropy (nats per token) of the model, and with expert e of MoE block blocks[b] removed, every other block
-  routing itself. `removal` (`REMOVALS`): "residual" (`without_expert`: its tokens keep their other choices, or
-  only the residual) or "next_choice" (`next_choice`: they go to their next most probable expert, capacity
-  re-claimed). Rank them with `analysis.rank_ablations`. A block's own input does not depend on its experts, so
-  forcing its unablated routing changed for one expert is exactly what removing the expert does to it. Not for
-  Soft MoE blocks (`replay`); "next_choice" not for expert choice either (its experts choose)."""
+  """(loss, losses [NB, E], blocks [NB]): `ablation_nats` as mean target cross-entropies (nats per token) over every
+  evaluated target, the model's and with expert e of MoE block blocks[b] removed. Rank them with
+  `analysis.rank_ablations`."""
+  nats, ablated, tokens, blocks = ablation_nats(model, eval_set, batch_size=batch_size, max_tokens=max_tokens,
+                                                removal=removal)
+  return float(nats.sum() / tokens.sum()), ablated.sum(axis=-1) / tokens.sum(), blocks
+
+
+def ablation_nats(model: nnx.Module, eval_set: evalset.EvalSet, *, batch_size: int, max_tokens: int | None = None,
+                  removal: str = "residual") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """(nats [D], ablated [NB, E, D], tokens [D], blocks [NB]) on the rows of `eval_set` (the first max_tokens'
+  worth): the target cross-entropy summed over each document's evaluated targets (D = len(eval_set.names); 0 for a
+  document not reached) for the model and with expert e of MoE block blocks[b] removed, every other block routing
+  itself, and each document's evaluated targets; per document so that `analysis.ablation_intervals` can resample
+  documents. `removal` (`REMOVALS`): "residual" (`without_expert`: its tokens keep their other choices, or only the
+  residual) or "next_choice" (`next_choice`: they go to their next most probable expert, capacity re-claimed). A
+  block's own input does not depend on its experts, so forcing its unablated routing changed for one expert is
+  exactly what removing the expert does to it. Not for Soft MoE blocks (`replay`); "next_choice" not for expert
+  choice either (its experts choose)."""
   if removal not in REMOVALS:
     raise ValueError(f"removal={removal!r} must be one of {REMOVALS}")
   seq_len = eval_set.inputs.shape[1]
@@ -353,26 +365,35 @@ def ablation_losses(model: nnx.Module, eval_set: evalset.EvalSet, *, batch_size:
                          f"moe.router={layer.config.router!r}, batch_prioritized={layer.config.batch_prioritized}")
   num_experts = next(iter(layers.values())).config.num_experts
   blocks = sorted(layers)
-  nats, ablated, weight = 0.0, np.zeros((len(blocks), num_experts)), 0.0
-  for batch in _batches(eval_set, batch_size, rows):
+  num_documents = len(eval_set.names)
+  nats, tokens = np.zeros(num_documents), np.zeros(num_documents)
+  ablated = np.zeros((len(blocks), num_experts, num_documents))
+  for start, batch in zip(range(0, rows, batch_size), _batches(eval_set, batch_size, rows)):
+    document = np.full(batch["weights"].shape, -1)  # [B, L]: the document of each target; -1 where it weighs 0
+    window = eval_set.document[start:start + batch_size]
+    document[:len(window)] = window
+    document = np.where(batch["weights"] > 0, document, -1)
     inputs = jnp.asarray(batch["inputs"])
     _, routes = capture_routing(model, inputs)
     own = {b: {name: np.asarray(getattr(routes[b], name)).reshape(-1, routes[b].expert_index.shape[-1])
                for name in REPLAYED} for b in blocks}
-    nats += _nats(_forward(model, *_batch_args(model, inputs))[0], batch)
+    nats += _document_nats(_forward(model, *_batch_args(model, inputs))[0], batch, document, num_documents)
     for i, b in enumerate(blocks):
       for e in range(num_experts):
         if removal == "residual":
           forced = without_expert(own[b], e)
         else:
           forced = {name: a.reshape(own[b][name].shape) for name, a in next_choice(routes[b], e).items()}
-        ablated[i, e] += _nats(replay(model, inputs, {b: forced})[0], batch)
-    weight += float(batch["weights"].sum())
-  return nats / weight, ablated / weight, np.asarray(blocks)
+        ablated[i, e] += _document_nats(replay(model, inputs, {b: forced})[0], batch, document, num_documents)
+    tokens += np.bincount(document[document >= 0], minlength=num_documents)
+  return nats, ablated, tokens, np.asarray(blocks)
 
 
-def _nats(logits: jax.Array, batch: Mapping[str, np.ndarray]) -> float:
-  """Sum over the batch of the weighted target cross-entropies (nats)."""
+def _document_nats(logits: jax.Array, batch: Mapping[str, np.ndarray], document: np.ndarray,
+                   num_documents: int) -> np.ndarray:
+  """float64 [D]: each document's target cross-entropies (nats) summed over the batch; document int [B, L], -1
+  on targets that weigh nothing."""
   logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
-  target = jnp.take_along_axis(logp, jnp.asarray(batch["targets"])[..., None], axis=-1)[..., 0]
-  return float(-jnp.sum(target * jnp.asarray(batch["weights"])))
+  target = np.asarray(jnp.take_along_axis(logp, jnp.asarray(batch["targets"])[..., None], axis=-1)[..., 0])
+  scored = document >= 0
+  return np.bincount(document[scored], weights=-target[scored].astype(np.float64), minlength=num_documents)

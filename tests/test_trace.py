@@ -159,6 +159,9 @@ def test_removing_an_expert_costs_nothing_when_it_takes_no_token_and_something_w
   base, losses, blocks = tracing.ablation_losses(model, eval_set, batch_size=4)
   expected = evalset.evaluate_documents(evalset.token_cross_entropy_fn(model), eval_set, batch_size=4)
   assert base == pytest.approx(expected.mean, rel=1e-5)
+  nats, ablated, tokens, _ = tracing.ablation_nats(model, eval_set, batch_size=4)
+  np.testing.assert_allclose(nats, expected.per_document, rtol=1e-5)  # per document, as the evaluation sums them
+  np.testing.assert_allclose(ablated.sum(-1) / tokens.sum(), losses, rtol=1e-12)
   trace = tracing.trace_eval_set(model, eval_set, batch_size=4, document_labels=["code"] * 3)
   load = analysis.expert_load(trace.expert_index, trace.selected, trace.kept, 4)
   used = load.kept_share[0] > 0
