@@ -94,6 +94,19 @@ def test_notebook_runs_on_committed_results(name, tmp_path, monkeypatch):
     assert table in (ROOT / "results" / "README.md").read_text(), "results/README.md holds a stale scaling table"
 
 
+ROUTING_FIGURES = {f"routing_analysis_{name}" for name in
+                   ("load", "saturation", "coactivation", "source", "byte_class", "ablation")}
+
+
+def test_routing_analysis_runs_on_the_committed_traces_and_the_reading_is_current(tmp_path, monkeypatch):
+  """The committed traces of results/routing/ (no training: ~2 MB of files read); results/README.md pastes the
+  notebook's reading verbatim."""
+  monkeypatch.delenv("MOE_JAX_TRACES", raising=False)
+  assert ROUTING_FIGURES <= execute("routing_analysis", tmp_path, monkeypatch)
+  reading = (tmp_path / "routing_analysis_reading.md").read_text().strip()
+  assert reading in (ROOT / "results" / "README.md").read_text(), "results/README.md holds a stale routing reading"
+
+
 def test_missing_sweep_names_the_command_to_run(tmp_path, monkeypatch):
   monkeypatch.setenv("MOE_JAX_RESULTS_DIR", str(tmp_path))
   with pytest.raises(FileNotFoundError, match=r"python experiments/sweep.py --sweep=configs/sweeps/scaling.py:cpu"):
