@@ -209,7 +209,8 @@ def test_resolve_computes_capacity_from_the_one_convention():
 
 def test_config_json_records_requested_and_resolved_values(tmp_path):
   config = tiny_config(str(tmp_path / "tfds"), steps=1, mesh=(0, 4))
-  train.train_and_evaluate(config, str(tmp_path))
+  # config.json is written once every check passed, before the first step: stopping at step 0 compiles no step.
+  assert train.train_and_evaluate(config, str(tmp_path), stop_at_step=0).status == "stopped"
   record = json.load(open(tmp_path / "config.json"))
   assert record["requested"]["mesh"]["data"] == 0
   assert record["resolved"]["mesh"]["data"] == 2
