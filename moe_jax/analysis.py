@@ -113,14 +113,15 @@ def check_trace(trace: Trace) -> None:
 
 
 def write_trace(path: str | os.PathLike, trace: Trace) -> None:
-  """`trace` as one uncompressed .npz at `path`, written atomically (`fileio.atomic_write`): the arrays under their
-  field names, the names and meta as one JSON string `header`."""
+  """`trace` as one compressed .npz at `path` (deflate: a trace of a small model is mostly repeated expert ids and
+  flags, so it shrinks several-fold and can be committed), written atomically (`fileio.atomic_write`): the arrays
+  under their field names, the names and meta as one JSON string `header`."""
   check_trace(trace)
   header = {"version": TRACE_VERSION, "document_names": list(trace.document_names),
             "label_names": list(trace.label_names), "meta": dict(trace.meta)}
   arrays = {name: np.asarray(getattr(trace, name), dtype) for name, dtype in _ARRAYS.items()}
   with fileio.atomic_write(path, "wb") as f:
-    np.savez(f, header=np.asarray(json.dumps(header)), **arrays)
+    np.savez_compressed(f, header=np.asarray(json.dumps(header)), **arrays)
 
 
 def read_trace(path: str | os.PathLike) -> Trace:
@@ -393,3 +394,23 @@ def rank_ablations(base_loss: float, losses: np.ndarray, blocks: Sequence[int]) 
   entries = [AblationEntry(int(blocks[b]), e, float(losses[b, e]), float(losses[b, e] - base_loss))
              for b in range(losses.shape[0]) for e in range(losses.shape[1])]
   return sorted(entries, key=lambda entry: -entry.delta)
+
+
+def ablation_intervals(nats: np.ndarray, ablated: np.ndarray, tokens: np.ndarray, *,
+                       resamples: int = stats.DEFAULT_RESAMPLES, seed: int = stats.BOOTSTRAP_SEED,
+                       confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+  """(low, high) [NB, E]: percentile bootstrap interval over documents of each removal's loss increase (ablated
+  minus unablated nats per token), from per-document sums (`tracing.ablation_nats`): nats [D] and ablated
+  [NB, E, D] cross-entropies summed over each document's targets, tokens [D] its targets (documents with none are
+  skipped). Paired: a resample takes a document's ablated and unablated nats together, and every (b, e) uses the
+  same resamples (`stats.document_bootstrap`, fixed seed)."""
+  nats, ablated, tokens = np.asarray(nats), np.asarray(ablated), np.asarray(tokens)
+  if ablated.ndim != 3 or ablated.shape[-1] != nats.shape[0] or tokens.shape != nats.shape:
+    raise ValueError(f"ablated must be [NB, E, D={nats.shape[0]}] and tokens [D]; got {ablated.shape}, {tokens.shape}")
+  present = tokens > 0
+  low, high = np.zeros(ablated.shape[:2]), np.zeros(ablated.shape[:2])
+  for b, e in np.ndindex(*ablated.shape[:2]):
+    interval = stats.document_bootstrap((ablated[b, e] - nats)[present], tokens[present], resamples=resamples,
+                                        seed=seed, confidence=confidence)
+    low[b, e], high[b, e] = interval.low, interval.high
+  return low, high

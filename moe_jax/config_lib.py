@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 from moe_jax import registry, routers
 from moe_jax.routers import family as family_lib
-from moe_jax.schema import (Rule, Section, at_least, boolean, choice, config_fields, field, finite, in_range,
-                            non_negative, one_of, positive, text)
+from moe_jax.schema import (Rule, Section, at_least, boolean, choice, config_fields, field, finite, float_at_least,
+                            in_range, non_negative, one_of, positive, text)
 
 if TYPE_CHECKING:
   import ml_collections
@@ -198,11 +198,12 @@ def _as_section(cls: type[Section], value: Section | Mapping[str, Any]) -> Secti
   return cls(**values)
 
 
-# A tuple of numbers > 0 (a list too: config.json holds JSON arrays; ModelConfig keeps a tuple).
+# A tuple of numbers > 0 (a list too: config.json holds JSON arrays; ModelConfig keeps a tuple), each as
+# `positive()` checks one: in float32, where the rotary frequencies are computed.
 _POSITIVE_TUPLE = Rule(
     (tuple, list),
-    lambda v: all(isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) and f > 0 for f in v),
-    lambda: "a tuple of finite numbers > 0")
+    lambda v: all(isinstance(f, (int, float)) and not isinstance(f, bool) and positive().ok(f) for f in v),
+    lambda: f"a tuple of numbers each {positive().allowed()}")
 
 # The rotary-scaling fields each model.rope_scaling reads; the others must keep their defaults.
 _ROPE_SCALING_READS = {
@@ -420,8 +421,7 @@ class DataConfig(Section):
                          "or T5 span corruption (encoder-decoder; train.seq_len = encoder input length)")
   noise_density: float = field(0.15, in_range(0, 1, closed_low=False), "span corruption: share of tokens masked "
                                "(T5: 0.15)")
-  mean_noise_span_length: float = field(3.0, Rule((int, float), lambda v: math.isfinite(v) and v >= 1,
-                                                  lambda: ">= 1"), "span corruption: mean masked span length (T5: 3)")
+  mean_noise_span_length: float = field(3.0, float_at_least(1), "span corruption: mean masked span length (T5: 3)")
   num_sentinels: int = field(100, at_least(1), "span corruption: sentinel ids appended after the tokenizer's "
                              "vocabulary (T5's extra_ids: 100)")
 
@@ -787,11 +787,34 @@ def saved_config(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """A config saved by an earlier run (config.json's "requested" or "resolved") as a ConfigDict of today's
   schema: renamed fields at their new paths (`migrate`), laid over `default_config()`, so that a field added since
   it was saved takes its default (what the code computed before the field existed, e.g. model.norm_eps 1e-6,
-  model.rope_theta 1e4; `train.config_changes` reads a missing field the same way) and every field keeps its type
+  model.rope_theta 1e4; `config_changes` reads a missing field the same way) and every field keeps its type
   for command-line overrides."""
   config = default_config()
   config.update(migrate(saved))
   return config
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_leaves(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+  """Every leaf field that differs between a checkpoint's config and `current`, both as JSON dicts
+  (`to_dict`): path -> (old, new).
+
+  A field the checkpoint's config lacks (added to the schema since) and that `current` leaves at its default is no
+  change: the checkpoint's run computed what the default computes (e.g. model.remat='none', mesh.fsdp=1).
+  """
+  old, new = _leaves(migrate(saved)), _leaves(current)
+  defaults = _leaves(to_dict(default_config()))
+  return {path: (old.get(path), new.get(path)) for path in sorted(set(old) | set(new))
+          if old.get(path) != new.get(path) and not (path not in old and new.get(path) == defaults.get(path))}
 
 
 def dense_twin(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

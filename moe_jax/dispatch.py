@@ -27,9 +27,10 @@ assignments. `resolve_backend` says which backend runs on a platform and mesh; `
 
 Decoding (`moe_jax.decode`) adds one more, chosen per call by the number of assignments, not by the config:
   * `expert_gather_dispatch` one row per (token, choice), run by `StackedExperts.gathered`: the chosen experts'
-                        weight slices read on the expert axis (a dynamic slice per row), so the weights of experts
-                        no token chose are never read. It reads N expert slices, the other backends up to all E:
-                        `use_expert_gather` takes it while 2 * N <= E (N = T*K; a batch-1..few decode step), on one
+                        weights read in row tiles on the expert axis (`experts.gathered_expert_ffn`), so the
+                        weights of experts no token chose are never read. It reads N expert slices, the other
+                        backends up to all E:
+                        `use_expert_gather` takes it while N <= E (N = T*K; a decode step of a few rows), on one
                         device only (an expert-split mesh keeps the resolved backend).
 
 Soft MoE (`routing.soft_moe_route`) has no indices to move: its slots are weighted sums of every token, so it has
@@ -282,15 +283,17 @@ def expert_gather_dispatch(
 
 def use_expert_gather(num_assignments: int, num_experts: int, experts_across_devices: bool) -> bool:
   """Whether a decode-time call gathers expert weights (`expert_gather_dispatch`): when its N = T*K assignments
-  are at most E / 2, and only when every expert is on this device (`StackedExperts`; across an 'expert' mesh axis
+  are at most E, and only when every expert is on this device (`StackedExperts`; across an 'expert' mesh axis
   the experts are reached by all-to-all of capacity buffers, so the resolved backend runs).
 
-  Why E / 2: the per-row slices are copied before their matmul and a repeated expert is read once per row, so the
-  gather pays off only well below N = E. Side by side in one process (CPU, 2 cores loaded by other jobs, float32
-  SwiGLU, one layer): M=512 F=1024 E=8 N=2: 1.3-1.9 ms against 3.2-5.9 ms for gather/einsum/dropless; M=F=256
-  E=64 N=8: 0.4-1.3 ms against 3.6-5.0 ms; N=32, E=64: 4.8 ms against 5-10 ms; but N=E (8 of 8, 64 of 64): 42-44
-  ms against 7-10 ms (the gathered copy then exceeds the weights)."""
-  return not experts_across_devices and 2 * num_assignments <= num_experts
+  Why N <= E: the gather reads one expert's weights per assignment (a repeated expert once per row), so it never
+  reads more than the E experts that the other backends read. Side by side in one process (CPU, 2 cores loaded by
+  other jobs, float32 GeLU, one layer, d_model 1024, medians of 25 interleaved calls; gather / dropless / capacity
+  gather): E=8 F=3584 K=2: N=4 36 / 128 / 144 ms, N=8 89 / 173 / 160 ms, N=16 124 / 213 / 206 ms; E=64 F=512 K=8:
+  N=32 59 / 120 / 196 ms, N=64 101 / 125 / 213 ms, but N=128 230 / 139 / 276 ms. (Before
+  `experts.gathered_expert_ffn` read row tiles, each row's slice was copied whole before its matmul and the gather
+  lost from N = E / 2 on.)"""
+  return not experts_across_devices and num_assignments <= num_experts
 
 
 def soft_dispatch(

@@ -82,9 +82,12 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, METRICS_FILE)
     self._jsonl = self._open()
-    from tensorboardX import SummaryWriter  # heavy import, only where used
-
-    self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    try:
+      self._tensorboard = _EventFile(os.path.join(workdir, "tensorboard"))
+    except OSError as error:
+      self._jsonl.close()
+      raise fileio.EnvironmentFailure(f"metrics: cannot write {workdir}/tensorboard: {fileio.describe(error)}",
+                                      error.errno) from None
 
   def _open(self):
     """The file in append mode, after ending a torn last line; remembers which file it is (device, inode)."""
@@ -129,17 +132,53 @@ class MetricWriter:
                                       error.errno) from None
     tags = [(tensorboard_name(kind, k), v) for k, v in record.items() if k not in ("step", "kind", "time", "moe")]
     tags += [(tensorboard_name(kind, k, block), v) for block, stats in blocks.items() for k, v in stats.items()]
-    for tag, value in tags:
-      if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        self._tensorboard.add_scalar(tag, value, step)
+    try:
+      for tag, value in tags:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+          self._tensorboard.add_scalar(tag, value, step)
+    except OSError as error:
+      raise fileio.EnvironmentFailure(f"metrics: cannot write {self._tensorboard.directory}: "
+                                      f"{fileio.describe(error)}", error.errno) from None
 
   def close(self) -> None:
-    if self.enabled:
+    """Closes both files. A failure to write their last buffered records is one `EnvironmentFailure`, unless the
+    run is already stopping on an error (a full disk reported at a write): that error is the one to report."""
+    if not self.enabled:
+      return
+    failed = None
+    for handle, path in ((self._jsonl, self.path), (self._tensorboard, self._tensorboard.directory)):
       try:
-        self._jsonl.close()
-      except OSError:  # the failed write was reported already; closing must not raise a second error
-        pass
-      self._tensorboard.close()
+        handle.close()
+      except OSError as error:
+        failed = failed or fileio.EnvironmentFailure(f"metrics: cannot write {path}: {fileio.describe(error)}",
+                                                     error.errno)
+    if failed is not None and sys.exc_info()[0] is None:  # called from an ExitStack unwinding an error: keep it
+      raise failed
+
+
+class _EventFile:
+  """Scalars appended to one TensorBoard event file (tensorboardX's format), written in the caller's thread.
+
+  tensorboardX's SummaryWriter writes from a background thread: a write that fails there (a full disk) ends that
+  thread with a traceback, the run goes on without a word, and once its queue of 10 events is full the next
+  `add_scalar` blocks for ever. Written here, a failed write raises in the trainer, which reports it in one line.
+  """
+
+  def __init__(self, directory: str):
+    from tensorboardX import summary  # heavy imports, only where used
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto import event_pb2
+
+    self.directory = directory
+    os.makedirs(directory, exist_ok=True)
+    self._scalar, self._event = summary.scalar, event_pb2.Event
+    self._file = EventsWriter(os.path.join(directory, "events"))
+
+  def add_scalar(self, tag: str, value: float, step: int) -> None:
+    self._file.write_event(self._event(wall_time=time.time(), step=step, summary=self._scalar(tag, value)))
+
+  def close(self) -> None:
+    self._file.close()
 
 
 @dataclasses.dataclass

@@ -373,25 +373,29 @@ class MoeFeedForward(nnx.Module):
     weights = _weights(self, expert_axis=True)
     mesh = parallel.moe_mesh()
     forced = None if self.forced_routing is None else self.forced_routing.get_value()
-    block = functools.partial(
+    layer_block = functools.partial(
         moe_block,
         config=self.config,
         activation=self.activation,
         deterministic=deterministic,
         distributed=mesh is not None,
         sequence_length=x.shape[1],
-        forced=forced,
         sparse_decode=self.sparse_decode,
     )
+
+    # The forced routing [G, S, K] travels with the token ids [G, S]: under a mesh both are split along G as the
+    # groups are, so each device replays the routing of its own groups (slots are positions within a group).
+    def block(groups, replicated, weights, per_group):
+      token_ids, forced = per_group
+      return layer_block(groups, replicated, weights, token_ids, forced=forced)
+
     if mesh is not None:
-      if forced is not None:
-        raise ValueError("router replay (forced_routing) runs on one device, without a mesh")
       parallel.validate_expert_parallelism(self.config.num_experts, mesh)
       parallel.validate_group_sharding(groups.shape[0], mesh)
       block = parallel.shard_moe_block(block, weights)
     specs = self._router_specs()
     router_params = {name: getattr(self, name)[...] for name in specs}
-    out, aux = block(groups, (router_params, key), weights, token_ids)
+    out, aux = block(groups, (router_params, key), weights, (token_ids, forced))
     if not deterministic:
       for name, spec in specs.items():
         if spec.update is not None:

@@ -201,12 +201,31 @@ def run_config(workdir: str) -> ml_collections.ConfigDict:
     return config_lib.saved_config(json.load(f)["resolved"])
 
 
+def _check_recorded_config(workdir: str, config: ml_collections.ConfigDict, meta: dict) -> None:
+  """ValueError naming config.json and each model/moe field where it disagrees with the config the checkpoint of
+  `meta` was saved with (config.json edited by hand): the model built from config.json would not have the
+  checkpoint's shapes, and its arrays would fail to restore as if the checkpoint were corrupt. A checkpoint that
+  recorded no config (one written by hand, as some tests do; the trainer, upcycling and imports all record it) is
+  not checked."""
+  if "config" not in meta:
+    return
+  changes = config_lib.config_changes(meta["config"], config_lib.to_dict(config))
+  differing = {path: change for path, change in changes.items() if path.split(".")[0] in ("model", "moe")}
+  if differing:
+    raise ValueError(
+        f"{os.path.join(workdir, 'config.json')} disagrees with the config its checkpoint at step {meta['step']} was "
+        "saved with (was it edited?): "
+        + "; ".join(f"{path}: config.json {new!r}, checkpoint {old!r}" for path, (old, new) in differing.items())
+        + ". Nothing was changed; rerunning the run's own command writes config.json again")
+
+
 def load(workdir: str, *, mesh: Mesh | None = None, step: int | None = None) -> Loaded:
   """The model and optimizer of the training run in `workdir` at checkpoint `step` (None: the newest that
   restores) on `mesh` (default: the enclosing mesh context's, else one device), whatever mesh the run used.
 
   Read-only: nothing in `workdir` is created, moved or changed, so another run's workdir (a running one
-  included) is safe to open. ValueError naming the path or the step when there is nothing to restore.
+  included) is safe to open. ValueError naming the path or the step when there is nothing to restore, and naming
+  config.json's fields when they disagree with the checkpoint's recorded config (an edited config.json).
   """
   config = run_config(workdir)
   directory = os.path.join(workdir, "checkpoints")
@@ -220,7 +239,8 @@ def load(workdir: str, *, mesh: Mesh | None = None, step: int | None = None) -> 
     if step is not None and step not in steps:
       raise ValueError(f"step={step} is not a checkpoint in {directory} (it holds steps {steps or 'none'})")
     model, optimizer = create(run.typed, model_config(run), mesh)
-    restored = restore(checkpointer, model, optimizer, max_step=step)
+    restored = restore(checkpointer, model, optimizer, max_step=step,
+                       check_meta=lambda meta: _check_recorded_config(workdir, config, meta))
   finally:
     checkpointer.close()
   if restored is None or (step is not None and restored[0] != step):

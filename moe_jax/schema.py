@@ -48,12 +48,26 @@ def _zero_or_normal_in_float32(v: float) -> bool:
   return v == 0 or abs(v) >= _F32_TINY
 
 
+def _in_float32(v: float) -> float:
+  """`v` as float32 holds it (rounded to the nearest float32, subnormals flushed to 0 as XLA's kernels do)."""
+  rounded = float(np.float32(v))
+  return rounded if abs(rounded) >= _F32_TINY else 0.0
+
+
 def in_range(low: float, high: float, *, closed_low: bool = True, closed_high: bool = False) -> Rule:
+  """A number in the interval, both as given and in float32, where it is used: Adam's b2=0.999999999 is < 1 in
+  Python but 1.0 in float32 (and 1 - b2 = 0 makes the first update NaN)."""
   def ok(v):
     return (low <= v if closed_low else low < v) and (v <= high if closed_high else v < high)
 
-  text = f"in {'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'}"
-  return Rule((int, float), lambda v: math.isfinite(v) and ok(v), lambda: text)
+  text = f"in {'[' if closed_low else '('}{low:g}, {high:g}{']' if closed_high else ')'} in float32"
+  return Rule((int, float), lambda v: math.isfinite(v) and ok(v) and ok(_in_float32(v)), lambda: text)
+
+
+def float_at_least(low: float) -> Rule:
+  """A number >= low that float32 holds finite (1e300 is inf there); rounding keeps it >= a float32 `low`."""
+  return Rule((int, float), lambda v: _finite_in_float32(v) and v >= low,
+              lambda: f">= {low:g} and at most float32's largest {_F32_MAX:.3g}")
 
 
 def positive() -> Rule:

@@ -254,7 +254,8 @@ def replay(model: nnx.Module, inputs: jax.Array, forced: Mapping[int, Mapping[st
   `forced[b]` says instead of as its router would: expert_index, slot, combine_weight, kept [B * L, K] (K the
   layer's choices, `choices_of`; tokens in the order of the flattened batch), e.g. `forced_from_trace`; the other
   blocks route themselves. Forcing a block's own routing changes nothing (the trace of a model replays to the same
-  logits); forcing another model's compares two models on identical routing. One device only (no mesh); Soft MoE
+  logits); forcing another model's compares two models on identical routing. Under a mesh each device replays the
+  routing of its own routing groups (`MoeFeedForward` splits the forced arrays along G with the groups). Soft MoE
   has no discrete routing to force (ValueError)."""
   layers = moe_layers(model)
   try:
@@ -289,6 +290,11 @@ def forced_from_trace(trace: analysis.Trace, tokens: slice) -> dict[int, dict[st
   return forced
 
 
+# How `ablation_losses` removes an expert: its tokens keep only their other choices ("residual": only the residual
+# where it was their one choice), or go to their next choice ("next_choice").
+REMOVALS = ("residual", "next_choice")
+
+
 def without_expert(forced: Mapping[str, np.ndarray], expert: int) -> dict[str, np.ndarray]:
   """One block's forced routing with `expert` removed: its assignments dropped (kept False, weight 0), so its
   tokens keep their other choices, or only the residual when it was their only one."""
@@ -296,34 +302,98 @@ def without_expert(forced: Mapping[str, np.ndarray], expert: int) -> dict[str, n
   return {**forced, "kept": kept, "combine_weight": np.where(kept, forced["combine_weight"], 0.0)}
 
 
+def next_choice(route: routing.RoutingResult, expert: int) -> dict[str, np.ndarray]:
+  """One block's routing [G, S, K] with `expert` removed and its tokens sent to their next choice: a choice of
+  `expert` becomes the token's most probable expert (`router_probs`) among those it did not choose, the choices
+  are re-ordered by probability and the capacity slots re-claimed in the router's order
+  (`routing.token_choice_slots`: first choices before second ones, tokens by position), so the other experts'
+  tokens may now be dropped. Each kept choice weighs its router probability: this is the router's own routing
+  with `expert`'s logit at -inf, except that the probabilities are not renormalised over the E - 1 others (the
+  remaining experts keep the weights the trained model gives them). Only for routers whose combine weight is the
+  router probability, in position order (Switch, top-k without renormalisation or scaling): ValueError otherwise.
+  expert_index, slot, combine_weight, kept [G, S, K] out (`replay`'s fields, before flattening)."""
+  probs = np.asarray(route.router_probs, np.float32)  # [G, S, E]
+  index = np.asarray(route.expert_index)  # [G, S, K]
+  kept = np.asarray(route.kept)
+  weight = np.take_along_axis(probs, index, axis=-1)  # [G, S, K]
+  if not np.allclose(np.asarray(route.combine_weight)[kept], weight[kept], rtol=1e-5, atol=1e-7):
+    raise ValueError("next-choice ablation needs combine weights equal to the router probabilities (Switch, top-k "
+                     "without renormalisation): this router's are not")
+  taken = np.any(index[..., None] == np.arange(probs.shape[-1]), axis=-2)  # [G, S, E]
+  taken[..., expert] = True
+  successor = np.argmax(np.where(taken, -np.inf, probs), axis=-1)  # [G, S] best expert not chosen
+  index = np.where(index == expert, successor[..., None], index)
+  weight = np.take_along_axis(probs, index, axis=-1)
+  order = np.argsort(-weight, axis=-1, kind="stable")  # choices by probability, as the router orders them
+  index, weight = np.take_along_axis(index, order, axis=-1), np.take_along_axis(weight, order, axis=-1)
+  slot, kept = routing.token_choice_slots(jnp.asarray(index, jnp.int32), jnp.ones(index.shape, bool), route.capacity)
+  kept = np.asarray(kept)
+  return {"expert_index": index, "slot": np.asarray(slot), "combine_weight": np.where(kept, weight, 0.0),
+          "kept": kept}
+
+
 def ablation_losses(model: nnx.Module, eval_set: evalset.EvalSet, *, batch_size: int,
-                    max_tokens: int | None = None) -> tuple[float, np.ndarray, np.ndarray]:
-  """(loss, losses [NB, E], blocks [NB]) on the rows of `eval_set` (the first max_tokens' worth): the mean target
-  cross-entropy (nats per token) of the model, and with expert e of MoE block blocks[b] removed (`without_expert`:
-  its tokens go to their other choices or the residual only), every other block routing itself. Rank them with
-  `analysis.rank_ablations`. A block's own input does not depend on its experts, so forcing its unablated routing
-  minus one expert is exactly what removing the expert does to it. Not for Soft MoE blocks (`replay`)."""
+                    max_tokens: int | None = None, removal: str = "residual") -> tuple[float, np.ndarray, np.ndarray]:
+  """(loss, losses [NB, E], blocks [NB]): `ablation_nats` as mean target cross-entropies (nats per token) over every
+  evaluated target, the model's and with expert e of MoE block blocks[b] removed. Rank them with
+  `analysis.rank_ablations`."""
+  nats, ablated, tokens, blocks = ablation_nats(model, eval_set, batch_size=batch_size, max_tokens=max_tokens,
+                                                removal=removal)
+  return float(nats.sum() / tokens.sum()), ablated.sum(axis=-1) / tokens.sum(), blocks
+
+
+def ablation_nats(model: nnx.Module, eval_set: evalset.EvalSet, *, batch_size: int, max_tokens: int | None = None,
+                  removal: str = "residual") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """(nats [D], ablated [NB, E, D], tokens [D], blocks [NB]) on the rows of `eval_set` (the first max_tokens'
+  worth): the target cross-entropy summed over each document's evaluated targets (D = len(eval_set.names); 0 for a
+  document not reached) for the model and with expert e of MoE block blocks[b] removed, every other block routing
+  itself, and each document's evaluated targets; per document so that `analysis.ablation_intervals` can resample
+  documents. `removal` (`REMOVALS`): "residual" (`without_expert`: its tokens keep their other choices, or only the
+  residual) or "next_choice" (`next_choice`: they go to their next most probable expert, capacity re-claimed). A
+  block's own input does not depend on its experts, so forcing its unablated routing changed for one expert is
+  exactly what removing the expert does to it. Not for Soft MoE blocks (`replay`); "next_choice" not for expert
+  choice either (its experts choose)."""
+  if removal not in REMOVALS:
+    raise ValueError(f"removal={removal!r} must be one of {REMOVALS}")
   seq_len = eval_set.inputs.shape[1]
   rows = rows_to_trace(max_tokens, seq_len, len(eval_set.inputs))
   layers = moe_layers(model)
+  if removal == "next_choice":
+    for block, layer in layers.items():
+      if layer.config.router in ("expert_choice", "soft_moe") or layer.config.batch_prioritized:
+        raise ValueError(f"block {block}: next-choice ablation needs token-choice routing in position order; "
+                         f"moe.router={layer.config.router!r}, batch_prioritized={layer.config.batch_prioritized}")
   num_experts = next(iter(layers.values())).config.num_experts
   blocks = sorted(layers)
-  nats, ablated, weight = 0.0, np.zeros((len(blocks), num_experts)), 0.0
-  for batch in _batches(eval_set, batch_size, rows):
+  num_documents = len(eval_set.names)
+  nats, tokens = np.zeros(num_documents), np.zeros(num_documents)
+  ablated = np.zeros((len(blocks), num_experts, num_documents))
+  for start, batch in zip(range(0, rows, batch_size), _batches(eval_set, batch_size, rows)):
+    document = np.full(batch["weights"].shape, -1)  # [B, L]: the document of each target; -1 where it weighs 0
+    window = eval_set.document[start:start + batch_size]
+    document[:len(window)] = window
+    document = np.where(batch["weights"] > 0, document, -1)
     inputs = jnp.asarray(batch["inputs"])
     _, routes = capture_routing(model, inputs)
     own = {b: {name: np.asarray(getattr(routes[b], name)).reshape(-1, routes[b].expert_index.shape[-1])
                for name in REPLAYED} for b in blocks}
-    nats += _nats(_forward(model, *_batch_args(model, inputs))[0], batch)
+    nats += _document_nats(_forward(model, *_batch_args(model, inputs))[0], batch, document, num_documents)
     for i, b in enumerate(blocks):
       for e in range(num_experts):
-        ablated[i, e] += _nats(replay(model, inputs, {b: without_expert(own[b], e)})[0], batch)
-    weight += float(batch["weights"].sum())
-  return nats / weight, ablated / weight, np.asarray(blocks)
+        if removal == "residual":
+          forced = without_expert(own[b], e)
+        else:
+          forced = {name: a.reshape(own[b][name].shape) for name, a in next_choice(routes[b], e).items()}
+        ablated[i, e] += _document_nats(replay(model, inputs, {b: forced})[0], batch, document, num_documents)
+    tokens += np.bincount(document[document >= 0], minlength=num_documents)
+  return nats, ablated, tokens, np.asarray(blocks)
 
 
-def _nats(logits: jax.Array, batch: Mapping[str, np.ndarray]) -> float:
-  """Sum over the batch of the weighted target cross-entropies (nats)."""
+def _document_nats(logits: jax.Array, batch: Mapping[str, np.ndarray], document: np.ndarray,
+                   num_documents: int) -> np.ndarray:
+  """float64 [D]: each document's target cross-entropies (nats) summed over the batch; document int [B, L], -1
+  on targets that weigh nothing."""
   logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
-  target = jnp.take_along_axis(logp, jnp.asarray(batch["targets"])[..., None], axis=-1)[..., 0]
-  return float(-jnp.sum(target * jnp.asarray(batch["weights"])))
+  target = np.asarray(jnp.take_along_axis(logp, jnp.asarray(batch["targets"])[..., None], axis=-1)[..., 0])
+  scored = document >= 0
+  return np.bincount(document[scored], weights=-target[scored].astype(np.float64), minlength=num_documents)

@@ -257,31 +257,8 @@ DATA_FIELDS = ("data.text_dir", "data.text_glob", "data.validation_fraction", "d
 SCHEDULES_OVER_NUM_STEPS = ("cosine", "linear")
 
 
-def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_leaves(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def _under(path: str, prefixes: tuple[str, ...]) -> bool:
   return any(path == p or path.startswith(p + ".") for p in prefixes)
-
-
-def config_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
-  """Every leaf field that differs between a checkpoint's config and `current`, both as JSON dicts
-  (`config_lib.to_dict`): path -> (old, new).
-
-  A field the checkpoint's config lacks (added to the schema since) and that `current` leaves at its default is no
-  change: the checkpoint's run computed what the default computes (e.g. model.remat='none', mesh.fsdp=1).
-  """
-  old, new = _leaves(config_lib.migrate(saved)), _leaves(current)
-  defaults = _leaves(config_lib.to_dict(config_lib.default_config()))
-  return {path: (old.get(path), new.get(path)) for path in sorted(set(old) | set(new))
-          if old.get(path) != new.get(path) and not (path not in old and new.get(path) == defaults.get(path))}
 
 
 def check_resumable(saved: dict, current: dict, train: config_lib.TrainConfig) -> dict[str, tuple[Any, Any]]:
@@ -292,7 +269,7 @@ def check_resumable(saved: dict, current: dict, train: config_lib.TrainConfig) -
   hyper-parameters and the documents read (and num_steps under a schedule that depends on it) may change only
   with train.allow_changes=True. Everything else (logging, evaluation, checkpoint cadence, mesh) may change.
   """
-  changes = config_changes(saved, current)
+  changes = config_lib.config_changes(saved, current)
   fixed = [p for p in changes if _under(p, RESUME_INVARIANT_FIELDS)]
   if fixed:
     raise ValueError("the workdir holds a checkpoint of a different run (use a new --workdir or the same config): "
@@ -503,9 +480,8 @@ def check_init_from(source: str, run: resolve_lib.Resolved,
   if not os.path.isdir(os.path.join(source, "checkpoints")):
     raise ValueError(f"train.init_from={source!r}: the run there has saved no checkpoint")
   source_run = runstate.resolve_for_mesh(source_config, None)
-  differing = {path: change for path, change in config_changes(config_lib.to_dict(source_run.config),
-                                                               run.record()["resolved"]).items()
-               if _under(path, ("model", "moe"))}
+  changes = config_lib.config_changes(config_lib.to_dict(source_run.config), run.record()["resolved"])
+  differing = {path: change for path, change in changes.items() if _under(path, ("model", "moe"))}
   if differing and _param_shapes(runstate.model_config(source_run)) != _param_shapes(model_cfg):
     raise ValueError(f"train.init_from={source!r}: its model has other parameters than this run's; "
                      + "; ".join(f"{p}: source {old!r}, config {new!r}" for p, (old, new) in differing.items())

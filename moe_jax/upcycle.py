@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax import config_lib, parallel, runstate
+from moe_jax import workdir as workdir_lib
 from moe_jax import resolve as resolve_lib
 from moe_jax.checkpoint import Checkpointer
 
@@ -86,8 +87,12 @@ def upcycle_checkpoint(dense_workdir: str, config, workdir: str) -> int:
   Both models live on the mesh the MoE run trains on (`config`'s, as training builds it). The dense run's widths
   must be `config`'s with every FFN dense (`upcycle` refuses anything else); its optimizer state is not carried
   over (Komatsuzaki et al. reset it too: the expert copies and the new routers start their own moments). The
-  dense run's workdir is only read.
+  dense run's workdir is only read (`runstate.load`): a config.json that disagrees with its checkpoints is named,
+  and no checkpoint of the dense run is moved. ValueError for an empty path (an unset shell variable would
+  otherwise mean the current directory) or a workdir entry of the wrong type.
   """
+  dense_workdir = workdir_lib.check_path_given(dense_workdir, "--dense_workdir")
+  workdir = workdir_lib.check_workdir(workdir)
   dense_config = runstate.run_config(dense_workdir)
   if dense_config.model.moe_layer_interval:
     raise ValueError(f"upcycle: the run in {dense_workdir} already has MoE blocks (model.moe_layer_interval="

@@ -28,17 +28,24 @@ from moe_jax import fileio
 FILE, DIRECTORY = "file", "directory"
 
 # Every entry a run's workdir may hold, and its type. moe_jax.train writes all but `result.json`, which is the
-# sweep's (moe_jax.sweep).
+# sweep's (moe_jax.sweep), and `tokenizer`, an imported run's (moe_jax.interop.transfer.TOKENIZER_DIR), which it
+# only reads. The checkpointer (moe_jax.checkpoint) moves steps into `checkpoints/corrupt` and `superseded`, and
+# each saved step is a directory `checkpoints/<step>` (`CHECKPOINT_STEPS`).
 ENTRIES: dict[str, str] = {
     "config.json": FILE,
     "lock": FILE,
     "metrics.jsonl": FILE,
     "resume_log.jsonl": FILE,
     "checkpoints": DIRECTORY,
+    "checkpoints/corrupt": DIRECTORY,
+    "checkpoints/superseded": DIRECTORY,
     "tensorboard": DIRECTORY,
     "result.json": FILE,
     "eval_set.json": FILE,
+    "tokenizer": DIRECTORY,
 }
+READ_ONLY_ENTRIES = ("tokenizer",)  # read by the run, never written: it may be read-only
+CHECKPOINT_STEPS = "checkpoints"  # its entries named by a number are saved steps: directories
 
 
 def check_path_given(workdir: str | None, flag: str = "--workdir") -> str:
@@ -87,7 +94,12 @@ def check_workdir(workdir: str, entries: dict[str, str] | None = None) -> str:
     raise ValueError(f"workdir: {workdir} is {_describe(kind)}, not a directory")
   if not os.access(workdir, os.W_OK | os.X_OK):
     raise ValueError(f"workdir: {workdir} is not writable")
-  for name, wanted in (ENTRIES if entries is None else entries).items():
+  entries = dict(ENTRIES if entries is None else entries)
+  if CHECKPOINT_STEPS in entries and _kind(os.path.join(workdir, CHECKPOINT_STEPS)) == DIRECTORY:
+    steps = os.path.join(workdir, CHECKPOINT_STEPS)
+    entries.update({os.path.join(CHECKPOINT_STEPS, name): DIRECTORY for name in sorted(os.listdir(steps))
+                    if name.isdigit()})
+  for name, wanted in entries.items():
     path = os.path.join(workdir, name)
     kind = _kind(path)
     if kind is None:
@@ -95,7 +107,7 @@ def check_workdir(workdir: str, entries: dict[str, str] | None = None) -> str:
     if kind != wanted:
       raise ValueError(f"workdir: {path} is {_describe(kind)}, not a {wanted}; move it away or use another "
                        "--workdir")
-    if not os.access(path, os.W_OK | (os.X_OK if wanted == DIRECTORY else 0)):
+    if name not in READ_ONLY_ENTRIES and not os.access(path, os.W_OK | (os.X_OK if wanted == DIRECTORY else 0)):
       raise ValueError(f"workdir: {path} is not writable")
   return workdir
 

@@ -134,6 +134,18 @@ def _trace(n=6):
       meta={"num_experts": 3, "routers": ["top_k"]})
 
 
+def test_an_ablation_costing_every_document_alike_has_a_point_interval_and_one_costing_one_document_does_not():
+  tokens = np.full(4, 10.0)  # D = 4 documents of 10 targets
+  nats = np.array([3.0, 5.0, 7.0, 9.0])
+  ablated = np.stack([nats + 0.5 * tokens, nats + np.array([4.0, 0, 0, 0]), nats])[None]  # [NB = 1, E = 3, D]
+  low, high = analysis.ablation_intervals(nats, ablated, tokens)
+  np.testing.assert_allclose([low[0, 0], high[0, 0]], [0.5, 0.5])  # +0.5 nats per token in every document
+  assert low[0, 1] == 0.0 and 0.1 < high[0, 1] <= 0.4  # mean +0.1, all of it from document 0 (out of ~32% resamples)
+  np.testing.assert_allclose([low[0, 2], high[0, 2]], [0.0, 0.0])
+  with pytest.raises(ValueError, match="ablated must be"):
+    analysis.ablation_intervals(nats, ablated[0], tokens)
+
+
 def test_a_trace_reads_back_as_written(tmp_path):
   trace = _trace()
   analysis.write_trace(tmp_path / "t.npz", trace)

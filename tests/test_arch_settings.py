@@ -181,7 +181,7 @@ def test_rope_factor_tuples_survive_config_json_and_assignment():
     (dict(rope_scaling_factor=4.0), "model.rope_scaling_factor=4.0 is not read with model.rope_scaling='none'"),
     (dict(LONGROPE, rope_low_freq_factor=2.0), "model.rope_low_freq_factor=2.0 is not read with "
      "model.rope_scaling='longrope'"),
-    (dict(rope_short_factor=(0.0,)), r"model.rope_short_factor=\(0.0,\) must be a tuple of finite numbers > 0"),
+    (dict(rope_short_factor=(0.0,)), r"model.rope_short_factor=\(0.0,\) must be a tuple of numbers each > 0"),
     (dict(architecture="encoder_decoder", positions="relative", rope_theta=1e6),
      "model.rope_theta=1000000.0 is not read with model.positions='relative'"),
     (dict(architecture="encoder_decoder", norm_position="post"), "model.norm_position='post' is for "

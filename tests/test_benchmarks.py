@@ -56,6 +56,19 @@ def test_gpu_script_runs_tiny_on_cpu_and_writes_every_json(tmp_path):
   assert [row["batch"] for row in json.loads((tmp_path / "gpu_decode.json").read_text())["presets"][0]["rows"]] == [1, 4]
 
 
+def test_the_readme_decode_reading_is_the_one_generated_from_the_committed_json():
+  """benchmarks/README.md's decode reading is `reading(decode.json)` verbatim: regenerated with the JSON
+  (`python benchmarks/decode.py --report_only`), never edited by hand."""
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  try:
+    import decode as decode_benchmark  # benchmarks/decode.py (this path first; moe_jax.decode is not `decode`)
+  finally:
+    sys.path.pop(0)
+  result = json.loads(open(decode_benchmark.DEFAULT_OUTPUT).read())
+  readme = open(decode_benchmark.README).read()
+  assert f"{decode_benchmark.README_BEGIN}\n{decode_benchmark.reading(result)}{decode_benchmark.README_END}" in readme
+
+
 def test_roofline_bandwidth_is_read_on_a_reused_buffer_and_beats_the_fresh_buffer_figure():
   """Issue 34: the roofline's bandwidth must not be the cost of first-touching fresh pages. The in-place pass
   keeps its buffer (donation), and in the same run it moves bytes faster than the pass that writes a new buffer
@@ -76,8 +89,12 @@ def test_decode_benchmark_records_the_moe_and_its_dense_twins_per_batch(tmp_path
   MoE's active and total parameters (the router aside), and the gather path is taken exactly where the rule says."""
   result = run_script([os.path.join(REPO, "benchmarks", "decode.py"), "--d_model", "16", "--num_heads", "2",
                        "--presets", "toy:4:2:16", "--batches", "1,4", "--num_layers", "1", "--vocab", "32",
-                       "--context", "8", "--repeats", "1", "--peak_mib", "8"], tmp_path)
+                       "--context", "8", "--repeats", "1", "--peak_mib", "8", "--first_token_new_tokens", "4",
+                       "--first_token_repeats", "1"], tmp_path)
   assert result["peaks"]["memory_gbps"] > 0
+  first = result["first_token"]  # `make run`'s model: prefill + first token, then all 4
+  assert first["new_tokens"] == 4 and 0 < first["seconds"]["min"] <= first["all_tokens_seconds"]["min"]
+  assert (tmp_path / "result.png").stat().st_size > 0  # the figure beside the JSON; the README is left alone
   (preset,) = result["presets"]
   params = preset["params"]
   router = 16 * 4  # M * E
@@ -89,7 +106,7 @@ def test_decode_benchmark_records_the_moe_and_its_dense_twins_per_batch(tmp_path
     assert all(1 <= d <= 4 for d in row["distinct_experts_per_layer"])
     assert row["expected_distinct_experts"] == pytest.approx(4 * (1 - (1 - 2 / 4) ** row["batch"]))
     moe = row["models"]["moe"]
-    assert moe["weight_bytes"]["expert_gather"] == (row["batch"] == 1)  # 2 * B * K <= E only at B = 1
+    assert moe["weight_bytes"]["expert_gather"] == (row["batch"] == 1)  # B * K <= E only at B = 1
     assert moe["weight_bytes"]["ideal"] <= moe["weight_bytes"]["read"]
     for name, model in row["models"].items():
       assert model["seconds"]["min"] > 0 and model["tokens_per_second"] > 0 and model["bandwidth_fraction"] > 0

@@ -94,6 +94,19 @@ INVALID = {
                                           r"train.learning_rate=1e\+300 must be > 0 and in float32's normal range"),
     "learning rate zero in float32": (_set("train.learning_rate", 1e-300),
                                       r"train.learning_rate=1e-300 must be > 0 and in float32's normal range"),
+    # Below 1 in Python, 1.0 in float32: Adam's bias correction divides by 1 - b^t = 0 (NaN at the first update).
+    "adam b2 equal to 1 in float32": (_set("train.b2", 0.999999999),
+                                      r"train.b2=0.999999999 must be in \[0, 1\) in float32"),
+    "adam b1 equal to 1 in float32": (_set("train.b1", 0.99999999999),
+                                      r"train.b1=0.99999999999 must be in \[0, 1\) in float32"),
+    # Above 0 in Python, 0 in float32 (below its smallest normal number, flushed to zero).
+    "validation fraction zero in float32": (_set("data.validation_fraction", 1e-50),
+                                            r"data.validation_fraction=1e-50 must be in \(0, 0.5\] in float32"),
+    "span length infinite in float32": (_set("data.mean_noise_span_length", 1e300),
+                                        r"data.mean_noise_span_length=1e\+300 must be >= 1 and at most float32's"),
+    "rotary factor infinite in float32": (_set("model.rope_short_factor", (1.0, 1e300)),
+                                          r"model.rope_short_factor=\(1.0, 1e\+300\) must be a tuple of numbers each "
+                                          r"> 0 and in float32's normal range"),
     "dropout of 1": (_set("model.dropout", 1.0), r"model.dropout=1.0 must be in \[0, 1\)"),
     "odd head dimension": (_set("model.head_dim", 7), "model.head_dim"),
     "unknown norm": (_set("model.norm", "batchnorm"), "model.norm='batchnorm' must be one of"),
@@ -196,7 +209,8 @@ def test_resolve_computes_capacity_from_the_one_convention():
 
 def test_config_json_records_requested_and_resolved_values(tmp_path):
   config = tiny_config(str(tmp_path / "tfds"), steps=1, mesh=(0, 4))
-  train.train_and_evaluate(config, str(tmp_path))
+  # config.json is written once every check passed, before the first step: stopping at step 0 compiles no step.
+  assert train.train_and_evaluate(config, str(tmp_path), stop_at_step=0).status == "stopped"
   record = json.load(open(tmp_path / "config.json"))
   assert record["requested"]["mesh"]["data"] == 0
   assert record["resolved"]["mesh"]["data"] == 2

@@ -10,7 +10,7 @@ import ml_collections
 import pytest
 
 from configs.sweeps import ablations, common, routers
-from moe_jax import config_lib, train
+from moe_jax import config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMMARIES = sorted(glob.glob(os.path.join(REPO, "results", "*", "summary.json")))
@@ -96,9 +96,9 @@ def test_a_checkpoint_config_of_the_old_schema_resumes_as_the_same_run():
   config.moe.router = "top_k"
   config.moe.top_k.k = 2
   saved = _old_schema(config_lib.to_dict(config))
-  assert train.config_changes(saved, config_lib.to_dict(config)) == {}
+  assert config_lib.config_changes(saved, config_lib.to_dict(config)) == {}
   config.moe.top_k.k = 1
-  assert train.config_changes(saved, config_lib.to_dict(config)) == {"moe.top_k.k": (2, 1)}
+  assert config_lib.config_changes(saved, config_lib.to_dict(config)) == {"moe.top_k.k": (2, 1)}
 
 
 def test_a_run_saved_before_fields_were_added_reads_them_at_their_defaults(tmp_path):

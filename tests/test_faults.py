@@ -8,6 +8,7 @@ with a hard timeout, so a regression fails instead of hanging CI. A refusal must
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -52,9 +53,14 @@ def _wait_for(predicate, timeout_s: float = 240) -> None:
     time.sleep(0.05)
 
 
+# A tqdm progress bar's line (tfds preparing the corpus): its elapsed time '[00:01', or the cursor moves of a bar.
+_PROGRESS_BAR = re.compile(r"\[\d+:\d\d|\x1b\[A")
+
+
 def _error_lines(stderr: str) -> list[str]:
-  """stderr without absl's log lines (tfds warns about custom data configurations)."""
-  return [line for line in stderr.strip().splitlines() if line and not (line[0] in "IWE" and line[1:5].isdigit())]
+  """stderr without absl's log lines (tfds warns about custom data configurations) and progress bars."""
+  return [line for line in stderr.strip().splitlines()
+          if line.strip() and not (line[0] in "IWE" and line[1:5].isdigit()) and not _PROGRESS_BAR.search(line)]
 
 
 def _forbid_building_the_model(monkeypatch):
@@ -189,11 +195,57 @@ def test_disk_full_during_an_async_save_exits_nonzero_naming_the_path_and_keeps_
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   _, stderr = process.communicate(timeout=180)  # it used to hang for ever at exit in orbax's save threads
   assert process.returncode == 1, stderr[-3000:]
-  assert f"{workdir}/checkpoints" in _error_lines(stderr)[-1] and "No space left" in _error_lines(stderr)[-1]
+  errors = _error_lines(stderr)
+  assert len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]  # one line, not one traceback per thread
+  assert f"{workdir}/checkpoints" in errors[0] and "No space left" in errors[0]
   assert _checkpoint_steps(workdir) == [2]
   resumed = subprocess.run(_cli(workdir, data_dir, 8), env=ONE_DEVICE, capture_output=True, text=True, timeout=300)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from checkpoint at step 2" in resumed.stdout
+
+
+# The metrics writer's file (metrics.jsonl from the record of step 3) or TensorBoard's event file (from its first
+# scalar, after the file's header record) raises ENOSPC: what a full disk does to the writes between checkpoints.
+METRICS_DISK_FULL = {
+    "metrics.jsonl": """
+import builtins, errno
+from moe_jax import metrics
+class _Full:
+  def __init__(self, handle): self._handle = handle
+  def __getattr__(self, name): return getattr(self._handle, name)
+  def write(self, text):
+    if '"step": 3,' in text: raise OSError(errno.ENOSPC, "No space left on device")
+    return self._handle.write(text)
+def _open(path, mode="r", *args, **kwargs):
+  handle = builtins.open(path, mode, *args, **kwargs)
+  return _Full(handle) if "a" in mode else handle
+metrics.open = _open
+""",
+    "tensorboard": """
+import builtins, errno
+from tensorboardX import record_writer
+class _Full:
+  def __init__(self, handle): self._handle, self._writes = handle, 0
+  def __getattr__(self, name): return getattr(self._handle, name)
+  def write(self, data):
+    self._writes += 1
+    if self._writes > 4: raise OSError(errno.ENOSPC, "No space left on device")
+    return self._handle.write(data)
+record_writer.open_file = lambda path: _Full(builtins.open(path, "wb"))
+""",
+}
+
+
+@pytest.mark.slow  # a training process per case: ~15 s each on 2 cores
+@pytest.mark.parametrize("written", list(METRICS_DISK_FULL))
+def test_a_full_disk_while_writing_metrics_stops_the_run_in_one_line_with_status_1(data_dir, tmp_path, written):
+  workdir = tmp_path / "run"
+  process = _run_patched(METRICS_DISK_FULL[written], _cli(workdir, data_dir, 6, train__log_every=1),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  _, stderr = process.communicate(timeout=180)  # tensorboardX's writer thread used to die and its queue block
+  assert process.returncode == 1, stderr[-3000:]
+  assert "Traceback" not in stderr and _error_lines(stderr) == [
+      f"training stopped: metrics: cannot write {workdir}/{written}: No space left on device"], stderr[-3000:]
 
 
 def test_checkpoint_directory_that_is_a_file_is_refused_before_compiling(data_dir, tmp_path, monkeypatch):

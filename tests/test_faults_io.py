@@ -405,6 +405,51 @@ def test_a_damaged_prepared_data_set_is_detected_and_prepared_again(tmp_path, ca
   assert "damaged" not in capsys.readouterr().err  # prepared again and recorded: intact from now on
 
 
+def test_an_edited_corpus_file_is_a_new_data_set_prepared_again_with_the_new_text(tmp_path):
+  corpus = _corpus(tmp_path / "corpus")
+  before = builders.text_dir_config(corpus, "**/*.txt", 0.3)
+  builder = builders.prepare(builders.TextDirBuilder, before, str(tmp_path / "tfds"))
+  old_texts = {r["text"] for split in ("train", "validation") for r in builder.as_data_source(split=split)}
+  with open(os.path.join(corpus, "doc07.txt"), "r+") as f:  # edited in place, same size: only its content says
+    f.write("DOCUMENT")
+  after = builders.text_dir_config(corpus, "**/*.txt", 0.3)
+  assert after.name != before.name  # the config name fingerprints every file's sha256
+  builder = builders.prepare(builders.TextDirBuilder, after, str(tmp_path / "tfds"))
+  new_texts = {r["text"] for split in ("train", "validation") for r in builder.as_data_source(split=split)}
+  edited = ("DOCUMENT" + ("document 7 " * 40)[8:]).encode()
+  assert new_texts - old_texts == {edited} and len(new_texts) == len(old_texts)
+
+
+# The trainer's data_dir a file (bad input: exit 2) or full while preparing (the machine: exit 1).
+DATA_DIR_FULL = """
+import errno
+from moe_jax.data import builders
+def _disk_full(self, *args, **kwargs):
+  raise OSError(errno.ENOSPC, "No space left on device")
+builders.TextDirBuilder.download_and_prepare = _disk_full
+"""
+
+
+# Each a subprocess (~6 s); the full data_dir in the slow tier: the default tier checks it in-process (below).
+@pytest.mark.parametrize("case, status", [("a file", 2), pytest.param("full", 1, marks=pytest.mark.slow)])
+def test_the_train_command_stops_on_an_unusable_or_full_data_dir_in_one_line_naming_it(tmp_path, case, status):
+  (tmp_path / "a-file").write_text("")
+  data_dir = tmp_path / "a-file" / "tfds" if case == "a file" else tmp_path / "tfds"
+  args = [os.path.join(REPO, "experiments", "train.py"), f"--config={REPO}/configs/lm.py:switch-cpu",
+          f"--workdir={tmp_path / 'run'}", "--config.data.dataset=text_dir",
+          f"--config.data.text_dir={_corpus(tmp_path / 'corpus')}", f"--config.data.data_dir={data_dir}"]
+  patch = DATA_DIR_FULL if case == "full" else ""
+  code = f"import runpy, sys\n{patch}\nsys.argv = {args!r}\nrunpy.run_path({args[0]!r}, run_name='__main__')"
+  run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=dict(cpu_env(1), PYTHONPATH=REPO))
+  assert run.returncode == status, run.stderr[-3000:]
+  errors = _error_lines(run.stderr)
+  assert len(errors) == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+  assert f"data.data_dir='{data_dir}'" in errors[0]
+  expected = "cannot be used for preparing" if case == "a file" else "No space left on device while preparing"
+  assert expected in errors[0]
+
+
 def test_an_unusable_data_dir_is_refused_naming_the_field_and_a_full_one_is_an_environment_failure(
     tmp_path, monkeypatch):
   files = builders.text_dir_config(_corpus(tmp_path / "corpus"), "**/*.txt", 0.3)
@@ -438,6 +483,7 @@ def test_an_unusable_data_dir_is_refused_naming_the_field_and_a_full_one_is_an_e
 
 
 def _wrong_type(path: str, wanted: str, case: str) -> str:
+  os.makedirs(os.path.dirname(path), exist_ok=True)  # a nested entry's folder (checkpoints/corrupt)
   if case == "wrong type":
     if wanted == workdir.FILE:
       os.mkdir(path)
@@ -451,12 +497,44 @@ def _wrong_type(path: str, wanted: str, case: str) -> str:
   return "is a dangling symlink"
 
 
+# Every path a workdir holds: its entries, nested ones included, and a saved checkpoint step's directory.
+EVERY_PATH = {**workdir.ENTRIES, "checkpoints/2": workdir.DIRECTORY}
+
+
+def test_the_workdir_entries_name_the_folders_the_checkpointer_and_an_import_write():
+  from moe_jax import checkpoint
+  from moe_jax.interop import transfer
+
+  assert {f"checkpoints/{checkpoint.CORRUPT_DIR}", f"checkpoints/{checkpoint.SUPERSEDED_DIR}",
+          transfer.TOKENIZER_DIR} <= set(workdir.ENTRIES)
+
+
 @pytest.mark.parametrize("case", ["wrong type", "symlink loop", "dangling symlink"])
-@pytest.mark.parametrize("entry", sorted(workdir.ENTRIES))
+@pytest.mark.parametrize("entry", sorted(EVERY_PATH))
 def test_every_workdir_entry_that_cannot_be_used_is_refused_naming_its_path(tmp_path, entry, case):
-  expected = _wrong_type(str(tmp_path / entry), workdir.ENTRIES[entry], case)
+  expected = _wrong_type(str(tmp_path / entry), EVERY_PATH[entry], case)
   with pytest.raises(ValueError, match=f"^workdir: {tmp_path}/{entry} {expected}"):
     workdir.check_workdir(str(tmp_path))
+
+
+@pytest.mark.parametrize("entry", sorted(set(EVERY_PATH) - set(workdir.READ_ONLY_ENTRIES)))
+def test_every_workdir_entry_the_run_writes_is_refused_when_it_cannot_be_written(tmp_path, monkeypatch, entry):
+  path = str(tmp_path / entry)
+  os.makedirs(path if EVERY_PATH[entry] == workdir.DIRECTORY else os.path.dirname(path), exist_ok=True)
+  if EVERY_PATH[entry] == workdir.FILE:
+    open(path, "w").close()
+  access = os.access
+  monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and not (p == path and mode & os.W_OK))
+  with pytest.raises(ValueError, match=f"^workdir: {path} is not writable"):  # root may write anything: patched
+    workdir.check_workdir(str(tmp_path))
+
+
+def test_a_read_only_tokenizer_of_an_imported_run_is_fine(tmp_path, monkeypatch):
+  os.mkdir(tmp_path / "tokenizer")
+  access = os.access
+  monkeypatch.setattr(os, "access", lambda p, mode: access(p, mode) and not (p.endswith("tokenizer") and
+                                                                              mode & os.W_OK))
+  assert workdir.check_workdir(str(tmp_path)) == str(tmp_path)
 
 
 @pytest.mark.parametrize("case", ["wrong type", "symlink loop", "dangling symlink"])
@@ -497,6 +575,19 @@ def test_the_trainer_refuses_a_workdir_entry_of_the_wrong_type_before_building_a
   with pytest.raises(ValueError, match=f"^workdir: {wrong} is "):
     train.train_and_evaluate(tiny_config(str(tmp_path / "data")), str(run_dir))
   assert sorted(os.listdir(run_dir)) == [entry]  # refused before the lock or anything else was written
+
+
+def test_the_train_command_refuses_a_nested_workdir_entry_of_the_wrong_type_in_one_line_with_status_2(tmp_path):
+  quarantine = tmp_path / "run" / "checkpoints" / "corrupt"
+  quarantine.parent.mkdir(parents=True)
+  quarantine.write_text("not a directory")
+  run = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "train.py"),
+                        f"--config={REPO}/configs/lm.py:switch-cpu", f"--workdir={tmp_path / 'run'}"],
+                       capture_output=True, text=True, timeout=120, env=cpu_env(1))
+  assert run.returncode == 2, run.stderr[-3000:]
+  assert _error_lines(run.stderr) == [f"invalid configuration or input: workdir: {quarantine} is a file, not a "
+                                      "directory; move it away or use another --workdir"], run.stderr[-3000:]
+  assert sorted(os.listdir(tmp_path / "run")) == ["checkpoints"]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -207,3 +207,31 @@ def test_a_run_file_turned_into_a_directory_mid_run_stops_the_run_in_one_line(da
   with pytest.raises(fileio.EnvironmentFailure, match=f"^workdir: {run}/{entry} became a directory") as error:
     train.train_and_evaluate(config, run)
   assert "\n" not in str(error.value)
+
+
+def test_metrics_jsonl_deleted_or_replaced_mid_run_is_written_again_with_a_warning_and_no_later_record_is_lost(
+    data_dir, tmp_path, monkeypatch, capsys):
+  run = str(tmp_path / "run")
+  path = os.path.join(run, "metrics.jsonl")
+  config = tiny_config(data_dir, steps=4)
+  config.train.log_every = 1
+  replaced = []
+
+  def fault(step):
+    if step == 2:
+      os.remove(path)
+    if step == 4:
+      replaced.append(open(path).read())  # what the writer wrote after the deletion
+      with open(os.path.join(run, "other.jsonl"), "w"):
+        pass
+      os.replace(os.path.join(run, "other.jsonl"), path)
+
+  _between_steps(monkeypatch, 2, fault)
+  assert train.train_and_evaluate(config, run).status == "completed"
+  out = capsys.readouterr().out
+  assert out.count(f"WARNING: {path} was deleted or replaced while the run wrote it; later records go to the file "
+                   "now at that path") == 2
+  after_deletion = [json.loads(line)["step"] for line in replaced[0].splitlines() if '"kind": "train"' in line]
+  after_replacement = sorted(train_losses(run))
+  assert set(after_deletion) | set(after_replacement) >= {2, 3, 4}  # every record written after step 1 is kept
+  assert after_replacement and min(after_replacement) > max(after_deletion)

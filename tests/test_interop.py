@@ -159,18 +159,39 @@ def test_export_then_import_is_the_identity(family, tmp_path):
   assert_same_params(model, again)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2"])
+@pytest.mark.parametrize("family", ALL)
 def test_transformers_loads_an_export(family, tmp_path):
+  """transformers' own class (AutoModelForCausalLM; Switch: AutoModelForSeq2SeqLM) loads the export, built from the
+  family's template alone, and computes the fixture's logits within the tolerance."""
   transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e "
                                      ".[interop-dev])")
   torch = pytest.importorskip("torch")
   config, model = imported(family)
-  interop.export_model(model, interop.transfer.typed_model(config), family, str(tmp_path))
+  model_type = interop.hf_config_to_moe(shards.read_config(str(FIXTURES / family)))[1].MODEL_TYPE
+  interop.export_model(model, interop.transfer.typed_model(config), model_type, str(tmp_path))
   ref = reference(family)
-  theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+  if "encoder_input_ids" in ref:
+    theirs = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+    inputs = {"input_ids": torch.as_tensor(ref["encoder_input_ids"]),
+              "decoder_input_ids": torch.as_tensor(ref["decoder_input_ids"])}
+  else:
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32)
+    inputs = {"input_ids": torch.as_tensor(ref["input_ids"])}
   with torch.no_grad():
-    logits = theirs(torch.as_tensor(ref["input_ids"])).logits.numpy()
+    logits = theirs(**inputs).logits.numpy()
   assert np.abs(logits - ref["logits"]).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("family", [family_param("olmo2")])
+def test_exported_token_ids_lie_inside_the_vocabulary(family, tmp_path):
+  """An export without the imported config.json takes the family's template token ids (OLMo 2's pad 100277, eos
+  100257); past a smaller model's vocabulary they become None, since transformers refuses a padding index past
+  the embedding."""
+  config, model = imported(family)
+  interop.export_model(model, interop.transfer.typed_model(config), family, str(tmp_path))
+  hf = shards.read_config(str(tmp_path))
+  assert hf["vocab_size"] < 100257
+  assert (hf["pad_token_id"], hf["eos_token_id"]) == (None, None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -405,7 +426,8 @@ def test_import_benchmark_reports_memory_and_throughput(family, tmp_path):
 def test_layout_transforms_are_exact_and_invert():
   """Each transform is the spec's map (docs/interop_fixtures.md: q_proj.T.reshape(M, H, D) then the k and v heads;
   o_proj.T.reshape(H, D, M); experts stacked transposed; DBRX's w1 reshape(E, F, M).transpose(0, 2, 1) and w2
-  reshape(E, F, M)), and its inverse gives back the very tensors."""
+  reshape(E, F, M)): the tensors written into their `views` of an empty parameter (views of it, as import needs)
+  make the parameter, and `to_tensors` gives back the very tensors."""
   from moe_jax.interop import layout
 
   rng = np.random.default_rng(0)
@@ -418,18 +440,59 @@ def test_layout_transforms_are_exact_and_invert():
        np.concatenate([q[:, 0], kk[:, 0], v[:, 0]]).reshape(h + 2 * k, d)),
       (layout.heads_out(h, d), [q.T], q.reshape(h, d, m)),
       (layout.TRANSPOSED, [q], q.T),
+      (layout.SAME, [q], q),
       (layout.experts(e), [x[:f] for x in (q, kk, v)], np.stack([x[:f].T for x in (q, kk, v)])),
-      (layout.fused_experts(e, transpose=True), [q[:e * 2]],
+      (layout.fused_experts(transpose=True), [q[:e * 2]],
        q[:e * 2].reshape(e, 2, m).transpose(0, 2, 1)),
-      (layout.fused_experts(e, transpose=False), [q[:e * 2]], q[:e * 2].reshape(e, 2, m)),
+      (layout.fused_experts(transpose=False), [q[:e * 2]], q[:e * 2].reshape(e, 2, m)),
   ]
   for transform, tensors, expected in cases:
-    param = transform.to_param(tensors)
+    param = np.full(expected.shape, np.nan, np.float32)
+    views = transform.views(param)
+    assert len(views) == len(tensors)
+    for view, tensor in zip(views, tensors):
+      assert np.shares_memory(view, param) and view.size == tensor.size
+      view[...] = tensor.reshape(view.shape)  # the tensor's C order, as read_into fills it
     np.testing.assert_array_equal(param, expected)
     back = transform.to_tensors(param)
     assert len(back) == len(tensors)
     for a, b in zip(back, tensors):
       assert a.shape == b.shape and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("family", [family_param("mixtral"), family_param("dbrx")])
+def test_reader_reads_what_safetensors_reads(family, tmp_path, monkeypatch):
+  """CheckpointReader (plain file reads at the header's offsets) against safetensors' own reader: every tensor of
+  the fixture, in float32 and in bfloat16, read whole and read into a transposed float32 view a few elements at a
+  time (READ_BYTES shrunk to 8 elements, so reads split rows and rows split into reads)."""
+  import ml_dtypes
+  from safetensors import safe_open
+
+  source = copy_fixture(family, tmp_path / family)
+  rewrite(source, lambda t: t.update({f"{n}.bf16": v.astype(ml_dtypes.bfloat16) for n, v in list(t.items())}))
+  monkeypatch.setattr(shards, "READ_BYTES", 32)
+  reader = shards.CheckpointReader(str(source))
+  with safe_open(str(source / shards.SINGLE), framework="numpy") as handle:
+    for name in sorted(reader.names):
+      expected = handle.get_tensor(name)
+      got = reader.read(name)
+      assert got.dtype == expected.dtype and got.shape == expected.shape, name
+      np.testing.assert_array_equal(got.view(np.uint8), expected.view(np.uint8), err_msg=name)
+      into = np.full(expected.shape[::-1], np.nan, np.float32)
+      reader.read_into(name, into.T)
+      np.testing.assert_array_equal(into.T, expected.astype(np.float32), err_msg=name)
+
+
+def test_reader_refuses_a_damaged_shard(tmp_path):
+  """A shard cut short, or one whose header is not safetensors, is a ValueError naming the file, on opening."""
+  path = copy_fixture("mixtral", tmp_path / "mixtral") / shards.SINGLE
+  data = path.read_bytes()
+  path.write_bytes(data[:-4])
+  with pytest.raises(ValueError, match=rf"{path}: tensor .* has the bytes .* of a data section of"):
+    shards.CheckpointReader(str(path.parent))
+  path.write_bytes(b"\x10" + b"\x00" * 7 + b"not json at all!" + data[24:])
+  with pytest.raises(ValueError, match=rf"{path} is not a safetensors file \(its header is not JSON"):
+    shards.CheckpointReader(str(path.parent))
 
 
 @pytest.mark.parametrize("family", [family_param("llama")])

@@ -52,8 +52,7 @@ def run(kind: str, mesh_shape: tuple[int, int, int, int], optimizer: str = "adam
   """(losses [STEPS], grad norms [STEPS], gradients at initialisation, parameters after STEPS) as numpy."""
   config = config_for(kind, optimizer)
   model_cfg = config_lib.model_config(config, VOCAB)
-  data, fsdp, expert, tensor = mesh_shape
-  mesh = parallel.create_mesh(data, expert, fsdp=fsdp, tensor=tensor)
+  mesh = mesh_of(mesh_shape)
   with parallel.mesh_context(mesh):
     model = nnx.jit(lambda: TransformerLM(model_cfg, rngs=nnx.Rngs(params=0, dropout=1)))()
     optimizer_ = nnx.Optimizer(model, optim.make_optimizer(config.train), wrt=nnx.Param)
@@ -111,7 +110,8 @@ def test_fsdp_and_tensor_axes_split_parameters_and_optimizer_state():
   config = config_for("switch")
   model_cfg = config_lib.model_config(config, VOCAB)
   with parallel.mesh_context(parallel.create_mesh(1, 2, fsdp=2, tensor=2)):
-    model = nnx.jit(lambda: TransformerLM(model_cfg, rngs=nnx.Rngs(0)))()
+    # run()'s initialisation on this mesh: the same program, loaded from the compilation cache after it.
+    model = nnx.jit(lambda: TransformerLM(model_cfg, rngs=nnx.Rngs(params=0, dropout=1)))()
     optimizer = nnx.Optimizer(model, optim.make_optimizer(config.train), wrt=nnx.Param)
   expert = model.blocks[1].ffn.wi_0[...]
   moment = optimizer.opt_state[1][0].mu["blocks"][1]["ffn"]["wi_0"][...]
@@ -121,22 +121,19 @@ def test_fsdp_and_tensor_axes_split_parameters_and_optimizer_state():
   assert tuple(model.blocks[0].attention.qkv[...].sharding.spec)[:2] == ("fsdp", "tensor")
 
 
-def _model_and_optimizer(mesh_shape, seed: int):
-  """A Switch model and its AdamW state created on `mesh_shape` (data, fsdp, expert, tensor)."""
-  config = config_for("switch")
+def mesh_of(mesh_shape):
   data, fsdp, expert, tensor = mesh_shape
-  mesh = parallel.create_mesh(data, expert, fsdp=fsdp, tensor=tensor)
-  with parallel.mesh_context(mesh):
-    model = nnx.jit(lambda: TransformerLM(config_lib.model_config(config, VOCAB), rngs=nnx.Rngs(seed)))()
-    optimizer = nnx.Optimizer(model, optim.make_optimizer(config.train), wrt=nnx.Param)
-  return mesh, model, optimizer
+  return parallel.create_mesh(data, expert, fsdp=fsdp, tensor=tensor)
 
 
 @pytest.fixture(scope="module")
 def saved_on_eight_devices(tmp_path_factory):
-  """(checkpointer, the saved tree) of a model and its AdamW state saved at step 1 on 8 devices as (2, 2, 2, 1);
-  both targets restore the one checkpoint (restoring writes nothing)."""
-  _, model, optimizer = _model_and_optimizer((2, 2, 2, 1), seed=0)
+  """(checkpointer, the saved tree) of a Switch model and its AdamW state saved at step 1 on 8 devices as
+  (2, 2, 2, 1); both targets restore the one checkpoint (restoring writes nothing)."""
+  config = config_for("switch")
+  with parallel.mesh_context(mesh_of((2, 2, 2, 1))):
+    model = nnx.jit(lambda: TransformerLM(config_lib.model_config(config, VOCAB), rngs=nnx.Rngs(0)))()
+    optimizer = nnx.Optimizer(model, optim.make_optimizer(config.train), wrt=nnx.Param)
   saved = runstate.checkpoint_tree(model, optimizer)
   checkpointer = Checkpointer(str(tmp_path_factory.mktemp("checkpoint")), keep=1, async_save=False)
   checkpointer.save(1, saved, {"step": 1})
@@ -148,11 +145,15 @@ def saved_on_eight_devices(tmp_path_factory):
 @pytest.mark.parametrize("target", [(1, 1, 2, 2), (1, 1, 1, 1)], ids=["4_devices", "1_device"])
 def test_checkpoint_saved_on_one_mesh_restores_exactly_on_another(saved_on_eight_devices, target):
   """Saved on 8 devices as (2, 2, 2, 1), restored on 4 devices (1, 1, 2, 2) or on one: orbax reads each array
-  into the target mesh's shardings (`runstate.checkpoint_tree`, the tree a run saves); every value is equal."""
+  into the target mesh's shardings (`runstate.checkpoint_tree`, the tree a run saves); every value is equal.
+  The target is abstract (`runstate.abstract`: each leaf's shape, dtype and sharding on the target mesh, as a
+  run's model and optimizer have them there): a restore needs no values to read into."""
   checkpointer, saved = saved_on_eight_devices
-  mesh, model, optimizer = _model_and_optimizer(target, seed=1)  # other values, the target's shardings
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                          runstate.checkpoint_tree(model, optimizer))
+  mesh = mesh_of(target)
+  config = config_for("switch")
+  model, optimizer = nnx.merge(*runstate.abstract(config_lib.typed(config), config_lib.model_config(config, VOCAB),
+                                                  mesh))
+  abstract = runstate.checkpoint_tree(model, optimizer)
   step, restored, _ = checkpointer.restore_latest(abstract)
   assert step == 1
   chex.assert_trees_all_equal(jax.device_get(restored), jax.device_get(saved))

@@ -35,9 +35,10 @@ FIGURES_ON_REAL_RESULTS = {
                 "scaling-cpu_capacity_tradeoff"],
     "ablations": [],  # only for the ablation sweeps present; none need be
     "routers": [],  # only once results/routers-cpu/ exists
+    "decode": ["decode_cost_per_token"],  # reads benchmarks/results/decode.json only
 }
 ROUTER_FIGURES = ["routers-cpu_eval_vs_tokens", "routers-cpu_drop_rate", "routers-cpu_expert_load"]
-NOTEBOOKS_TESTED = ["scaling", "routing", "ablations", "routers"]
+NOTEBOOKS_TESTED = ["scaling", "routing", "ablations", "routers", "decode"]
 
 
 def execute(name: str, figures: pathlib.Path, monkeypatch, results: pathlib.Path | None = None) -> set[str]:
@@ -91,6 +92,19 @@ def test_notebook_runs_on_committed_results(name, tmp_path, monkeypatch):
   if name == "scaling":  # results/README.md pastes the notebook's table
     table = (tmp_path / "scaling-cpu_table.md").read_text().strip()
     assert table in (ROOT / "results" / "README.md").read_text(), "results/README.md holds a stale scaling table"
+
+
+ROUTING_FIGURES = {f"routing_analysis_{name}" for name in
+                   ("load", "saturation", "coactivation", "source", "byte_class", "ablation")}
+
+
+def test_routing_analysis_runs_on_the_committed_traces_and_the_reading_is_current(tmp_path, monkeypatch):
+  """The committed traces of results/routing/ (no training: ~2 MB of files read); results/README.md pastes the
+  notebook's reading verbatim."""
+  monkeypatch.delenv("MOE_JAX_TRACES", raising=False)
+  assert ROUTING_FIGURES <= execute("routing_analysis", tmp_path, monkeypatch)
+  reading = (tmp_path / "routing_analysis_reading.md").read_text().strip()
+  assert reading in (ROOT / "results" / "README.md").read_text(), "results/README.md holds a stale routing reading"
 
 
 def test_missing_sweep_names_the_command_to_run(tmp_path, monkeypatch):

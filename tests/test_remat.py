@@ -72,6 +72,6 @@ def test_a_field_missing_from_an_older_checkpoint_config_is_no_change_at_its_def
   config = config_lib.default_config()
   saved = config_lib.to_dict(config)
   del saved["model"]["remat"]
-  assert train.config_changes(saved, config_lib.to_dict(config)) == {}
+  assert config_lib.config_changes(saved, config_lib.to_dict(config)) == {}
   config.model.remat = "full"
-  assert train.config_changes(saved, config_lib.to_dict(config)) == {"model.remat": (None, "full")}
+  assert config_lib.config_changes(saved, config_lib.to_dict(config)) == {"model.remat": (None, "full")}

@@ -33,19 +33,39 @@ def loss_fn(model):
   return train.lm_loss(model, batch(), deterministic=False, aux_loss_weight=1e-2, z_loss_weight=1e-3)
 
 
-def models(mesh, **kwargs):
-  """An unscanned model and a scanned one holding the same parameters (converted)."""
-  with parallel.mesh_context(mesh):
+@functools.cache
+def one_device_models(remat: str = "none", interval: int = PERIOD):
+  """An unscanned model and a scanned one holding the same parameters (converted), on one device. Initialised
+  once per module under jit (an eager initialisation takes ~20 s per model, one on the 8-device mesh ~10 s):
+  the tests place them on their meshes (`on_mesh`) or only read them, never change them."""
+  kwargs = dict(remat=remat, interval=interval)
+  with parallel.mesh_context(parallel.create_mesh(1, 1)):
     flat = nnx.jit(lambda: TransformerLM(model_config(False, **kwargs), rngs=nnx.Rngs(0)))()
     scanned = nnx.jit(lambda: TransformerLM(model_config(True, **kwargs), rngs=nnx.Rngs(1)))()
-  period = kwargs.get("interval", PERIOD) or 1
+  period = interval or 1
   state = nnx.state(scanned, nnx.Param)
-  converted = blocks_to_scanned(nnx.to_pure_dict(nnx.state(flat, nnx.Param)), LAYERS, period)
-  # Copies: the unstacked leaves (embeddings, final norm) would otherwise be the same buffers in both models,
-  # and a training step donates its input state.
-  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.copy, converted))
+  nnx.replace_by_pure_dict(state, blocks_to_scanned(nnx.to_pure_dict(nnx.state(flat, nnx.Param)), LAYERS, period))
   nnx.update(scanned, state)
   return flat, scanned, period
+
+
+def on_mesh(model: TransformerLM, mesh) -> TransformerLM:
+  """A copy of `model` on `mesh`, every parameter in the sharding its logical axes give there (as
+  `runstate.create` places a model it initialised). Copies (may_alias=False): the two models share their
+  unstacked leaves (embeddings, final norm), the cached ones must stay intact, and a training step donates its
+  input state."""
+  with parallel.mesh_context(mesh):
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: TransformerLM(model.config, rngs=nnx.Rngs(0))))
+    shardings = nnx.get_named_sharding(abstract, mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  shardings = jax.tree.map(lambda s: s if isinstance(s, jax.sharding.NamedSharding) else replicated, shardings)
+  return nnx.merge(graphdef, jax.device_put(nnx.state(model), shardings, may_alias=False))
+
+
+def models(mesh, **kwargs):
+  """The unscanned and scanned models of `one_device_models(**kwargs)` placed on `mesh`, and the period."""
+  flat, scanned, period = one_device_models(**kwargs)
+  return on_mesh(flat, mesh), on_mesh(scanned, mesh), period
 
 
 # The default tier keeps the four-axis mesh (its single-device reference is the unscanned model on that mesh);
@@ -96,30 +116,24 @@ def test_training_steps_of_the_scanned_model_equal_the_unscanned_ones():
 def test_checkpoint_trees_convert_both_ways():
   """The tree a run checkpoints (params and AdamW state, whose moments nest parameter trees) of the unscanned
   model -> scanned -> unscanned is the same tree, and the scanned one has the scanned model's structure."""
-  mesh = parallel.create_mesh(1, 1)
-  with parallel.mesh_context(mesh):
-    flat = TransformerLM(model_config(False), rngs=nnx.Rngs(0))
-    scanned = TransformerLM(model_config(True), rngs=nnx.Rngs(0))
-    tx = optim.make_optimizer(config_lib.default_config().train)
+  tx = optim.make_optimizer(config_lib.default_config().train)
+  with parallel.mesh_context(parallel.create_mesh(1, 1)):
     trees = [nnx.to_pure_dict(nnx.state(nnx.Optimizer(m, tx, wrt=nnx.Param))) | {"params": nnx.to_pure_dict(
-        nnx.state(m, nnx.Param))} for m in (flat, scanned)]
+        nnx.state(m, nnx.Param))} for m in one_device_models()[:2]]
   converted = blocks_to_scanned(trees[0], LAYERS, PERIOD)
   assert jax.tree.structure(converted) == jax.tree.structure(trees[1])
   chex.assert_trees_all_equal_shapes(converted, trees[1])
   chex.assert_trees_all_equal(scanned_to_blocks(converted, LAYERS, PERIOD), trees[0])
 
 
-@functools.cache
-def compiled_hlo(scan: bool) -> str:
-  with parallel.mesh_context(parallel.create_mesh(1, 1)):
-    model = TransformerLM(model_config(scan), rngs=nnx.Rngs(0))
-    return nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True)).lower(model).compile().as_text()
-
-
 def test_scanned_step_compiles_one_loop_body_instead_of_a_copy_per_block():
   """4 blocks as 2 repetitions of [dense, MoE]: the scanned program holds a while loop, and its matmuls are
-  those of one pattern (half the unscanned program's), not one copy per block."""
-  scanned, flat = compiled_hlo(True), compiled_hlo(False)
+  those of one pattern (half the unscanned program's), not one copy per block. The programs of the four-axis
+  mesh case above (loaded from the compilation cache when it ran first)."""
+  mesh = parallel.create_mesh(1, 2, fsdp=2, tensor=2)
+  step = nnx.jit(nnx.value_and_grad(loss_fn, has_aux=True))
+  with parallel.mesh_context(mesh):
+    flat, scanned = (step.lower(m).compile().as_text() for m in models(mesh)[:2])
   assert " while(" in scanned
   dots, flat_dots = scanned.count(" dot("), flat.count(" dot(")
   assert dots < 0.75 * flat_dots, (dots, flat_dots)

@@ -2,6 +2,7 @@
 from its parameters; every router family records what it does; replaying a model's own trace gives its logits and
 another routing does not; removing an expert costs what its tokens lose; a run's checkpoint traces end to end."""
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax import analysis, config_lib, evalset, models, routing, runstate, tracing
+from moe_jax import analysis, config_lib, evalset, models, parallel, routing, runstate, tracing
 from moe_jax.data import tokenizers
 from tests.helpers import REPO, cpu_env, write_run
 
@@ -158,12 +159,93 @@ def test_removing_an_expert_costs_nothing_when_it_takes_no_token_and_something_w
   base, losses, blocks = tracing.ablation_losses(model, eval_set, batch_size=4)
   expected = evalset.evaluate_documents(evalset.token_cross_entropy_fn(model), eval_set, batch_size=4)
   assert base == pytest.approx(expected.mean, rel=1e-5)
+  nats, ablated, tokens, _ = tracing.ablation_nats(model, eval_set, batch_size=4)
+  np.testing.assert_allclose(nats, expected.per_document, rtol=1e-5)  # per document, as the evaluation sums them
+  np.testing.assert_allclose(ablated.sum(-1) / tokens.sum(), losses, rtol=1e-12)
   trace = tracing.trace_eval_set(model, eval_set, batch_size=4, document_labels=["code"] * 3)
   load = analysis.expert_load(trace.expert_index, trace.selected, trace.kept, 4)
   used = load.kept_share[0] > 0
   assert blocks.tolist() == [1] and used.any()
   np.testing.assert_allclose(losses[0, ~used], base, rtol=1e-6)
   assert np.all(np.abs(losses[0, used] - base) > 1e-6)
+
+
+def test_next_choice_sends_a_removed_experts_tokens_to_their_next_expert_and_reclaims_capacity():
+  """Four tokens, three experts, capacity 2, Switch: tokens 0, 1, 3 chose expert 0 (token 3 dropped), token 2 expert 1.
+  Without expert 0: token 0 -> 1 (slot 0), token 1 -> 2 (slot 0), token 2 stays at 1 (slot 1), token 3 -> 1 (slot 2:
+  dropped), each weighted by its router probability."""
+  probs = np.array([[[0.6, 0.3, 0.1], [0.5, 0.1, 0.4], [0.2, 0.7, 0.1], [0.7, 0.2, 0.1]]], np.float32)
+  route = routing.switch_route(jnp.log(jnp.asarray(probs)), expert_capacity=2)
+  np.testing.assert_array_equal(np.asarray(route.kept)[0, :, 0], [True, True, True, False])
+  moved = tracing.next_choice(route, 0)
+  np.testing.assert_array_equal(moved["expert_index"][0, :, 0], [1, 2, 1, 1])
+  np.testing.assert_array_equal(moved["kept"][0, :, 0], [True, True, True, False])
+  np.testing.assert_array_equal(moved["slot"][0, :3, 0], [0, 0, 1])
+  np.testing.assert_allclose(moved["combine_weight"][0, :, 0], [0.3, 0.4, 0.7, 0.0], rtol=1e-6)
+  unused = tracing.next_choice(route, 2)  # nobody chose expert 2: nothing changes
+  for name in ("expert_index", "kept", "combine_weight"):
+    np.testing.assert_allclose(unused[name], np.asarray(getattr(route, name)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_next_choice_routes_as_the_router_does_with_the_experts_logit_at_minus_infinity(k):
+  logits = jax.random.normal(jax.random.key(4), (3, 16, 5))
+  route = routing.top_k_route(logits, k=k, capacity_factor=1.0)
+  for expert in range(5):
+    moved = tracing.next_choice(route, expert)
+    masked = routing.top_k_route(logits.at[..., expert].set(-jnp.inf), k=k, capacity_factor=1.0)
+    np.testing.assert_array_equal(moved["expert_index"], np.asarray(masked.expert_index))
+    np.testing.assert_array_equal(moved["kept"], np.asarray(masked.kept))
+    np.testing.assert_array_equal(np.where(moved["kept"], moved["slot"], 0), np.asarray(masked.slot))
+    unnormalised = np.take_along_axis(np.asarray(route.router_probs), moved["expert_index"], -1)
+    np.testing.assert_allclose(moved["combine_weight"], np.where(moved["kept"], unnormalised, 0.0), rtol=1e-6)
+
+
+def test_next_choice_refuses_weights_that_are_not_the_router_probabilities():
+  logits = jax.random.normal(jax.random.key(5), (1, 8, 4))
+  with pytest.raises(ValueError, match="combine weights equal to the router probabilities"):
+    tracing.next_choice(routing.top_k_route(logits, k=2, capacity_factor=2.0, renormalize=True), 0)
+
+
+def test_sending_an_experts_tokens_to_their_next_choice_costs_nothing_when_it_takes_none(top2):
+  eval_set = _eval_set()
+  base, residual, _ = tracing.ablation_losses(top2, eval_set, batch_size=4)
+  _, moved, _ = tracing.ablation_losses(top2, eval_set, batch_size=4, removal="next_choice")
+  trace = tracing.trace_eval_set(top2, eval_set, batch_size=4, document_labels=["code"] * 3)
+  used = analysis.expert_load(trace.expert_index, trace.selected, trace.kept, 4).selected_share[0] > 0
+  assert used.any()
+  np.testing.assert_allclose(moved[0, ~used], base, rtol=1e-6)
+  assert np.all(np.abs(moved[0, used] - residual[0, used]) > 1e-6)  # another expert took the tokens
+  with pytest.raises(ValueError, match="removal='both' must be one of"):
+    tracing.ablation_losses(top2, eval_set, batch_size=4, removal="both")
+
+
+# Experts split over 'expert' (all-to-all) in the slow tier: one more 8-device compile (~50 s on 2 busy cores).
+@pytest.mark.parametrize("expert_axis", [1, pytest.param(4, marks=pytest.mark.slow)], ids=["data8", "data2_expert4"])
+def test_under_an_8_device_mesh_replaying_a_models_own_routing_gives_its_logits(expert_axis):
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+  config = _config(**TOP2)
+  tokens = _tokens(batch=8)  # 8 routing groups (one per row): one per device
+  with parallel.mesh_context(parallel.create_mesh(8 // expert_axis, expert_axis)):
+    model = models.build(config_lib.model_config(config, vocab_size=BYTES.vocab_size + 100), rngs=nnx.Rngs(0))
+    plain, _ = tracing.replay(model, tokens, {})
+    blocks, record = tracing.routing_record(model, tokens)
+    forced = {b: {"expert_index": record["expert_index"][:, i], "slot": record["slot"][:, i],
+                  "combine_weight": record["gate"][:, i], "kept": record["kept"][:, i]}
+              for i, b in enumerate(blocks.tolist())}
+    replayed, _ = tracing.replay(model, tokens, forced)
+    moved = {b: {**f, "expert_index": (f["expert_index"] + 1) % 4} for b, f in forced.items()}
+    other, _ = tracing.replay(model, tokens, moved)
+  np.testing.assert_allclose(np.asarray(replayed), np.asarray(plain), rtol=1e-5, atol=1e-6)
+  assert float(jnp.max(jnp.abs(other - plain))) > 1e-3
+
+
+def test_a_scanned_model_is_refused_with_the_conversion_to_use():
+  config = _config(**TOP2)
+  config.model.scan_layers = True
+  with pytest.raises(ValueError, match="scan_layers=True: trace the unscanned model"):
+    tracing.routing_record(_model(config), _tokens())
 
 
 def _text_files(root):
@@ -197,10 +279,17 @@ def test_the_trace_command_writes_a_trace_of_every_checkpoint(tmp_path):
   output = str(tmp_path / "trace-{step}.npz")
   result = subprocess.run([sys.executable, os.path.join(REPO, "experiments", "trace.py"), f"--workdir={workdir}",
                            f"--text_glob={_text_files(str(tmp_path / 'text'))}", f"--output={output}", "--steps=all",
-                           "--max_tokens=64"], capture_output=True, text=True, env=cpu_env(1), timeout=300)
+                           "--max_tokens=64", f"--ablations={tmp_path / 'ablations.json'}", "--ablation_tokens=32"],
+                          capture_output=True, text=True, env=cpu_env(1), timeout=300)
   assert result.returncode == 0, result.stderr
   trace = analysis.read_trace(output.format(step=3))
   assert trace.blocks.tolist() == [1, 3] and len(trace.token_ids) == 64  # encoder block 1, decoder block 1
+  record = json.loads((tmp_path / "ablations.json").read_text())
+  assert record["step"] == 3 and record["blocks"] == [1, 3] and set(record["removals"]) == set(tracing.REMOVALS)
+  for removal in record["removals"].values():
+    assert np.shape(removal["losses"]) == (2, 4) and len(removal["ranking"]) == 8
+    deltas = [entry["delta"] for entry in removal["ranking"]]
+    assert deltas == sorted(deltas, reverse=True)
 
 
 def _constructed_trace(step, rng):
@@ -219,10 +308,12 @@ def _constructed_trace(step, rng):
       entropy=np.full(index.shape[:2], 1.0, np.float32), blocks=np.array([1, 3], np.int32),
       document_names=("a.py", "test/test_a.py", "README.md"), document_labels=np.array([0, 1, 2], np.int8),
       label_names=analysis.SOURCE_LABELS, meta={"num_experts": 4, "routers": ["top_k"] * 2, "choices": [2, 2],
-                                                "tokenizer": "byte", "step": step})
+                                                "tokenizer": "byte", "step": step,
+                                                "seq_len": 32, "batch_size": 3})
 
 
-@pytest.mark.slow  # a Jupyter kernel and matplotlib (~20 s on 2 busy cores)
+@pytest.mark.slow  # a Jupyter kernel and matplotlib (~20 s on 2 busy cores); tests/test_notebooks.py runs it on the
+# committed traces in the default tier
 def test_the_routing_analysis_notebook_draws_every_figure_from_a_runs_traces(tmp_path, monkeypatch):
   nbformat = pytest.importorskip("nbformat")
   from nbclient import NotebookClient
@@ -232,6 +323,12 @@ def test_the_routing_analysis_notebook_draws_every_figure_from_a_runs_traces(tmp
   traces.mkdir()
   for step in (4, 8):
     analysis.write_trace(traces / f"trace-{step}.npz", _constructed_trace(step % 8, rng))
+  losses = 1.0 + rng.random((2, 4))  # an ablation sweep's losses [NB, E] for the ranking's figure
+  (traces / "ablations.json").write_text(json.dumps({
+      "step": 8, "tokens": 96, "documents": 3, "base_loss": 1.0, "blocks": [1, 3],
+      "removals": {removal: {"losses": losses.tolist(), "ranking": [
+          vars(e) for e in analysis.rank_ablations(1.0, losses + i, [1, 3])]} for i, removal in
+          enumerate(tracing.REMOVALS)}}))
   monkeypatch.setenv("MOE_JAX_TRACES", str(traces))
   monkeypatch.setenv("MOE_JAX_FIGURES_DIR", str(tmp_path / "figures"))
   notebook = nbformat.read(os.path.join(REPO, "notebooks", "routing_analysis.ipynb"), as_version=4)
@@ -239,4 +336,6 @@ def test_the_routing_analysis_notebook_draws_every_figure_from_a_runs_traces(tmp
   NotebookClient(notebook, timeout=120, kernel_name="python3",
                  resources={"metadata": {"path": os.path.join(REPO, "notebooks")}}).execute()
   assert {p.stem for p in (tmp_path / "figures").glob("*.png")} == {
-      f"routing_analysis_{name}" for name in ("load", "saturation", "coactivation", "source", "byte_class")}
+      f"routing_analysis_{name}" for name in ("load", "saturation", "coactivation", "source", "byte_class",
+                                              "ablation")}
+  assert "Expert ablation (step 8, n = 96 tokens" in (tmp_path / "figures" / "routing_analysis_reading.md").read_text()

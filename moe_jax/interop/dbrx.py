@@ -73,7 +73,7 @@ def to_hf(cfg):
 
 
 def rules(cfg):
-  heads, kv, d, count = cfg.num_heads, cfg.kv_heads, cfg.head_dim, cfg.moe.num_experts
+  heads, kv, d = cfg.num_heads, cfg.kv_heads, cfg.head_dim
   out = [rule(("embed", "embedding"), "transformer.wte.weight")]
   for i in range(cfg.num_layers):
     block, prefix = ("blocks", i), f"transformer.blocks.{i}."
@@ -84,9 +84,9 @@ def rules(cfg):
             rule(block + ("attention", "out"), prefix + "norm_attn_norm.attn.out_proj.weight",
                  layout.heads_out(heads, d)),
             rule(block + ("ffn", "router"), prefix + "ffn.router.layer.weight", layout.TRANSPOSED),
-            rule(block + ("ffn", "wi_0"), prefix + "ffn.experts.mlp.w1", layout.fused_experts(count, transpose=True)),
-            rule(block + ("ffn", "wi_1"), prefix + "ffn.experts.mlp.v1", layout.fused_experts(count, transpose=True)),
-            rule(block + ("ffn", "wo"), prefix + "ffn.experts.mlp.w2", layout.fused_experts(count, transpose=False))]
+            rule(block + ("ffn", "wi_0"), prefix + "ffn.experts.mlp.w1", layout.fused_experts(transpose=True)),
+            rule(block + ("ffn", "wi_1"), prefix + "ffn.experts.mlp.v1", layout.fused_experts(transpose=True)),
+            rule(block + ("ffn", "wo"), prefix + "ffn.experts.mlp.w2", layout.fused_experts(transpose=False))]
   out += decoder.norm_rules(("final_norm",), "transformer.norm_f", cfg.norm)
   out.append(rule(("unembed",), "lm_head.weight", layout.TRANSPOSED))
   return out

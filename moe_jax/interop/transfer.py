@@ -4,11 +4,15 @@
   interop.import_to_workdir("/models/Mixtral-8x7B", "/runs/mixtral")  # a run's workdir: runstate.load reads it
   interop.export_workdir("/runs/mixtral-ft", "/models/mixtral-ft")    # back to config.json + safetensors
 
-Import streams the checkpoint one parameter at a time: the tensors a parameter is made of are read from their
-shard (`shards.CheckpointReader`, which keeps no file mapped), converted (`layout`; a layer's experts one expert at
-a time into the stacked parameter), and placed straight into the parameter's sharding on the mesh
-(`jax.make_array_from_callback`: each device's block is cut from the host array), so the host holds at most one
-parameter beside the model itself; no parameter is ever initialised randomly first, and nothing is compiled (the
+Import streams the checkpoint one parameter at a time, tensor by tensor: each parameter starts as an empty host
+array in its final layout, each of its tensors is read from its shard straight into its view of that array
+(`layout.Transform.views`: the transpose, the heads, the expert; `shards.CheckpointReader.read_into`: plain file
+reads, no mapping, at most a 16 MiB buffer when the view is strided or the dtype changes), and the array is
+placed on the parameter's sharding on the mesh (`jax.make_array_from_callback`: each device's block cut from it)
+and dropped. So the host holds the parameters placed so far, one parameter being filled and one read buffer: on
+one CPU device, where the placed model is itself host memory and the filled array becomes the device buffer
+without a copy, a checkpoint of N bytes imports in N bytes plus that buffer (benchmarks/interop_import.py);
+on accelerators, one parameter. No parameter is ever initialised randomly first, and nothing is compiled (the
 model's shapes and shardings come from `nnx.eval_shape`). Every tensor of the checkpoint must be used and every
 parameter filled: an unknown or missing tensor name, or a shape that does not fit, is a ValueError naming it,
 raised before anything is read.
@@ -21,7 +25,6 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Sequence
 from typing import Any, Callable
 
 import jax
@@ -40,6 +43,8 @@ TOKENIZER_DIR = "tokenizer"  # in a workdir: the imported model's tokenizer file
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 EXPORT_DTYPES = {"float32": np.float32, "bfloat16": jax.numpy.bfloat16, "float16": np.float16}
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes in all, the parameter just placed)
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+HOST_ALIGNMENT = 64  # bytes: the alignment at which XLA's CPU client uses a host buffer in place
 
 
 @dataclasses.dataclass
@@ -72,13 +77,18 @@ def hf_config_from_moe(model_cfg: config_lib.ModelConfig, family: Any, base: dic
                        dtype: str = "float32") -> dict:
   """The config.json `transformers` reads for `model_cfg` as `family`: the family's template of non-architecture
   keys (token ids, initializer range, ...; those of `base`, the imported config.json, where given) with every
-  architecture key set from `model_cfg`."""
+  architecture key set from `model_cfg`; a token id outside the model's vocabulary becomes None."""
   hf = json.loads(json.dumps(family.TEMPLATE))
   for key, value in (base or {}).items():
     if key in hf and not isinstance(hf[key], dict):
       hf[key] = value
   hf.update(family.to_hf(model_cfg))
   hf.update(model_type=family.MODEL_TYPE, architectures=[family.ARCHITECTURE], dtype=dtype)
+  for key in TOKEN_ID_KEYS:  # a template's ids name its published tokenizer's tokens: drop those past this vocabulary
+    if isinstance(hf.get(key), list):
+      hf[key] = [i for i in hf[key] if 0 <= i < hf["vocab_size"]] or None
+    elif hf.get(key) is not None and not 0 <= hf[key] < hf["vocab_size"]:
+      hf[key] = None  # transformers refuses a padding index past the embedding (OLMo 2's nn.Embedding)
   return dict(sorted(hf.items()))
 
 
@@ -144,17 +154,24 @@ def check_coverage(rules: list[layout.Rule], params: set, names: frozenset[str],
                      + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else ""))
 
 
-class _Reads(Sequence):
-  """A rule's tensors read on access, never kept (for a streaming transform, `layout.Transform.streams`)."""
+def _empty_host(shape: tuple[int, ...], dtype) -> np.ndarray:
+  """np.empty with its data 64-byte aligned: jax's CPU backend adopts such a host array as a device buffer without
+  copying it (an unaligned one it copies), so on CPU a parameter read into it is placed at no extra memory."""
+  dtype = np.dtype(dtype)
+  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  raw = np.empty(nbytes + HOST_ALIGNMENT, np.uint8)
+  start = -raw.ctypes.data % HOST_ALIGNMENT
+  return raw[start:start + nbytes].view(dtype).reshape(shape)
 
-  def __init__(self, names: tuple[str, ...], read: Callable[[str], np.ndarray]):
-    self._names, self._read = names, read
 
-  def __len__(self) -> int:
-    return len(self._names)
-
-  def __getitem__(self, index):
-    return self._read(self._names[index])
+def _place(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+  """`value` on `sharding`, each device's block cut from it. With one device, the block is `value` itself (on CPU
+  adopted without a copy, `_empty_host`). With several, each device gets its own copy: handed `value` itself,
+  jax's CPU backend makes every replica of a replicated parameter the same host memory (checked with jax 0.10.2),
+  an aliasing between devices that nothing else in moe_jax creates and no test covers."""
+  if len(sharding.device_set) == 1:
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+  return jax.make_array_from_callback(value.shape, sharding, lambda index: np.array(value[index]))
 
 
 def load_model(path: str, config: ml_collections.ConfigDict, family: Any, *, mesh: Mesh | None = None,
@@ -165,8 +182,7 @@ def load_model(path: str, config: ml_collections.ConfigDict, family: Any, *, mes
   model_cfg = typed_model(config)
   graphdef, params, abstract, rest = _abstract_model(model_cfg, mesh, config.seed)
   rules = family.rules(model_cfg)
-  values = {}
-  dtypes = set()
+  values, dtypes = {}, set()
   reader = shards.CheckpointReader(path)
   check_coverage(rules, set(abstract), reader.names, frozenset(getattr(family, "ALIASES", ())), family.MODEL_TYPE)
   for r in rules:  # every shape before any tensor is read
@@ -177,21 +193,15 @@ def load_model(path: str, config: ml_collections.ConfigDict, family: Any, *, mes
                        + f" do not make moe_jax's {r.name} {list(abstract[r.param].shape)} (that needs "
                        + ", ".join(map(str, map(list, wanted))) + ")")
   total, done = reader.nbytes(), 0
-  values, dtypes = {}, set()
-
-  def read(name):
-    nonlocal done
-    tensor = reader.read(name)
-    dtypes.add(str(tensor.dtype))
-    done += tensor.nbytes
-    return tensor
-
   for r in rules:
     target = abstract[r.param]
-    tensors = _Reads(r.tensors, read) if r.transform.streams else [read(name) for name in r.tensors]
-    value = np.asarray(r.transform.to_param(tensors), dtype=target.dtype)
-    values[r.param] = jax.make_array_from_callback(target.shape, target.sharding, lambda index: value[index])
-    del tensors, value
+    value = _empty_host(target.shape, target.dtype)
+    for name, view in zip(r.tensors, r.transform.views(value)):
+      reader.read_into(name, view)
+      dtypes.add(str(reader.dtype(name)))
+      done += reader.nbytes(name)
+    values[r.param] = _place(value, target.sharding)
+    del value  # the device array's (the same memory on one CPU device)
     if progress is not None:
       progress(done, total, r.name)
   flat = [(path, variable.replace(values[path])) for path, variable in nnx.to_flat_state(params)]
