@@ -1,6 +1,7 @@
 """The benchmarks run end to end at toy sizes and write the JSON they document (no timing is asserted); the HLO
 checker of the GPU path and the profile's op categories on HLO snippets; the README generated from the JSON."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -11,6 +12,16 @@ import pytest
 
 from moe_jax import dispatch
 from tests.helpers import REPO, cpu_env
+
+
+def _benchmark_script(name: str):
+  """A script of benchmarks/ imported as a module (that folder first on the path: benchmarks/decode.py, not
+  moe_jax.decode)."""
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  try:
+    return importlib.import_module(name)
+  finally:
+    sys.path.pop(0)
 
 
 def run_script(args: list[str], tmp_path) -> dict:
@@ -59,11 +70,7 @@ def test_gpu_script_runs_tiny_on_cpu_and_writes_every_json(tmp_path):
 def test_the_readme_decode_reading_is_the_one_generated_from_the_committed_json():
   """benchmarks/README.md's decode reading is `reading(decode.json)` verbatim: regenerated with the JSON
   (`python benchmarks/decode.py --report_only`), never edited by hand."""
-  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-  try:
-    import decode as decode_benchmark  # benchmarks/decode.py (this path first; moe_jax.decode is not `decode`)
-  finally:
-    sys.path.pop(0)
+  decode_benchmark = _benchmark_script("decode")
   result = json.loads(open(decode_benchmark.DEFAULT_OUTPUT).read())
   readme = open(decode_benchmark.README).read()
   assert f"{decode_benchmark.README_BEGIN}\n{decode_benchmark.reading(result)}{decode_benchmark.README_END}" in readme
@@ -73,11 +80,7 @@ def test_roofline_bandwidth_is_read_on_a_reused_buffer_and_beats_the_fresh_buffe
   """Issue 34: the roofline's bandwidth must not be the cost of first-touching fresh pages. The in-place pass
   keeps its buffer (donation), and in the same run it moves bytes faster than the pass that writes a new buffer
   each call (measured 10x apart on 2 cores, loaded or not); no absolute figure is asserted."""
-  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-  try:
-    import harness
-  finally:
-    sys.path.pop(0)
+  harness = _benchmark_script("harness")
   peaks = harness.measure_peaks(matmul_size=64, copy_mib=64, repeats=3)
   assert peaks["memory_gbps"] > peaks["fresh_buffer_gbps"] > 0
   assert peaks["memory_read_gbps"] > peaks["fresh_buffer_gbps"]
@@ -114,13 +117,6 @@ def test_decode_benchmark_records_the_moe_and_its_dense_twins_per_batch(tmp_path
       assert model["memory_held"]["weights"] == pytest.approx(model["model_stats"]["weights"], rel=0.01), name
 
 
-def _hlo_check():
-  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-  try:
-    import hlo_check
-  finally:
-    sys.path.pop(0)
-  return hlo_check
 
 
 # HLO text as XLA prints a compiled module (`compiled.as_text()`): a masked dense dot over E = 4 experts of K = 8
@@ -182,7 +178,7 @@ ENTRY %main (x: f32[16,8], w: f32[4,8,6]) -> f32[16,6] {
      "unknown", 0.0),
 ])
 def test_hlo_check_tells_a_dense_fallback_from_a_grouped_matmul(name, text, expected, dense_gflop):
-  hlo_check = _hlo_check()
+  hlo_check = _benchmark_script("hlo_check")
   analysis = hlo_check.analyze(text)
   assert analysis["dense_dot_gflop"] == pytest.approx(dense_gflop), name
   assert hlo_check.verdict(analysis, USEFUL_GFLOP) == expected, name
@@ -190,17 +186,9 @@ def test_hlo_check_tells_a_dense_fallback_from_a_grouped_matmul(name, text, expe
 
 def test_hlo_check_reads_jax_ragged_dot_on_cpu_as_a_dense_fallback():
   """The parser on a real compiled program: jax lowers ragged_dot on CPU to a masked dense dot over all experts."""
-  result = _hlo_check().check("ragged_dot", tokens=64, d_model=16, d_ff=32, num_experts=8, dtype=jnp.float32)
+  result = _benchmark_script("hlo_check").check("ragged_dot", tokens=64, d_model=16, d_ff=32, num_experts=8,
+                                                dtype=jnp.float32)
   assert result["verdict"] == "dense_fallback" and result["work_ratio"] > 4, result
-
-
-def _profile_moe():
-  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-  try:
-    import profile_moe
-  finally:
-    sys.path.pop(0)
-  return profile_moe
 
 
 def test_profile_categories_ops_by_what_their_fusion_runs_and_leaves_out_loops():
@@ -218,7 +206,7 @@ ENTRY %main (x: f32[8,4]) -> f32[8,4] {
   ROOT %add.5 = f32[8,4]{1,0} add(%scatter_fusion, %x)
 }
 """
-  categories = _profile_moe().hlo_categories(text)
+  categories = _benchmark_script("profile_moe").hlo_categories(text)
   assert categories["scatter_fusion"] == ("scatter", "jit(f)/scatter-add")
   assert categories["dot.3"] == ("matmul", "jit(f)/dot_general")
   assert categories["add.5"][0] == "elementwise" and "while.2" not in categories
@@ -227,12 +215,13 @@ ENTRY %main (x: f32[8,4]) -> f32[8,4] {
 @pytest.mark.slow  # compiles six toy layers twice (and once more per allocator): ~1 min on 2 cores
 def test_profile_records_faults_bytes_and_op_times_per_variant(tmp_path):
   output = tmp_path / "profile.json"
-  _profile_moe().main(["--tokens", "128", "--d_model", "16", "--d_ff", "32", "--group_size", "64", "--experts", "8",
-                       "--repeats", "1", "--allocators", "glibc_no_mmap", "--allocator_experts", "8",
-                       "--allocator_variants", "dropless", "--output", str(output)])
+  profile_moe = _benchmark_script("profile_moe")
+  profile_moe.main(["--tokens", "128", "--d_model", "16", "--d_ff", "32", "--group_size", "64", "--experts", "8",
+                    "--repeats", "1", "--allocators", "glibc_no_mmap", "--allocator_experts", "8",
+                    "--allocator_variants", "dropless", "--output", str(output)])
   result = json.loads(output.read_text())
   (row,) = result["rows"]
-  assert set(row["variants"]) == set(_profile_moe().VARIANTS)
+  assert set(row["variants"]) == set(profile_moe.VARIANTS)
   for name, variant in row["variants"].items():
     assert variant["faults_per_call"]["minor"] >= 0 and variant["memory_bytes"]["argument"] > 0, name
     assert variant["ops"]["total_seconds"] > 0 and variant["ops"]["by_category"]["matmul"] > 0, name
@@ -246,11 +235,7 @@ def test_profile_records_faults_bytes_and_op_times_per_variant(tmp_path):
 def test_readme_generated_blocks_equal_what_the_committed_json_gives():
   """benchmarks/README.md's tables and readings come from benchmarks/results/*.json (`benchmarks/report.py`): a
   rerun that commits new JSON without regenerating the README fails here."""
-  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-  try:
-    import report
-  finally:
-    sys.path.pop(0)
+  report = _benchmark_script("report")
   with open(report.README) as f:
     text = f.read()
   assert {name for _, name, _, _ in report.BLOCK.findall(text)} == set(report.BLOCKS)
