@@ -60,11 +60,13 @@ def test_gpu_script_runs_tiny_on_cpu_and_writes_every_json(tmp_path):
   result = json.loads((tmp_path / "gpu.json").read_text())
   assert result["forbidden_modules_imported"] == []
   assert {"dense", "switch_gather", "switch_dropless", "moe64_dropless"} == set(result["train_step"]["variants"])
-  moe64, switch = result["train_step"]["variants"]["moe64_dropless"], result["train_step"]["variants"]["switch_dropless"]
+  variants = result["train_step"]["variants"]
+  moe64, switch = variants["moe64_dropless"], variants["switch_dropless"]
   # the same active FLOPs: only the router (d_model x E, one MoE block at this size) grows
   assert moe64["active_params"] == switch["active_params"] + 16 * (64 - 8)
   assert [row["experts"] for row in result["layer"]["rows"]] == [8]
-  assert [row["batch"] for row in json.loads((tmp_path / "gpu_decode.json").read_text())["presets"][0]["rows"]] == [1, 4]
+  decode = json.loads((tmp_path / "gpu_decode.json").read_text())
+  assert [row["batch"] for row in decode["presets"][0]["rows"]] == [1, 4]
 
 
 def test_the_readme_decode_reading_is_the_one_generated_from_the_committed_json():
