@@ -23,6 +23,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402  (benchmarks/ is not a package)
 
+from moe_jax import fileio  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 README = os.path.join(HERE, "README.md")
 RESULTS = os.path.join(HERE, "results")
@@ -244,8 +246,7 @@ def main(argv=None) -> int:
       return 1
     return 0
   if rendered != text:
-    with open(args.readme, "w") as f:
-      f.write(rendered)
+    fileio.write_text(args.readme, rendered)
   print(f"{args.readme}: {len(BLOCK.findall(text))} generated blocks, {'rewritten' if rendered != text else 'unchanged'}")
   return 0
 

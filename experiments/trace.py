@@ -27,8 +27,6 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import json  # noqa: E402
-
 import tqdm  # noqa: E402
 
 from moe_jax import analysis, checkpoint, evalset, fileio, runstate, tracing  # noqa: E402
@@ -129,8 +127,7 @@ def main(argv):
       print(f"wrote {output}: {len(trace.token_ids)} tokens, {len(trace.document_names)} documents, MoE blocks "
             f"{trace.blocks.tolist()}, step {run.step}")
     if _ABLATIONS.value:
-      with fileio.atomic_write(_ABLATIONS.value) as f:
-        json.dump(ablations(run, texts, meta), f, indent=1)
+      fileio.write_json(_ABLATIONS.value, ablations(run, texts, meta), indent=1)
       print(f"wrote {_ABLATIONS.value}: expert ablations of step {run.step}")
   except ValueError as error:
     print(f"cannot trace: {error}", file=sys.stderr)
