@@ -13,7 +13,7 @@ TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 $(if $(LOCK),,MOE
 # Both tiers run on TEST_WORKERS processes (pytest-xdist; 0 runs in this one). Whole files go to one worker
 # (loadfile), so that a file's module-scoped fixtures and cached compiles are made once (default tier on 2 cores:
 # loadfile 817 s and 969 s, worksteal 987 s at 1014 tests; runs vary too much to call the difference; loadfile 740 s
-# at 1254 tests after the slow-tier moves of 2026-12-07).
+# at 1254 tests after the slow-tier moves of 2026-12-07; 656 s at 1345 tests later that day).
 TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
