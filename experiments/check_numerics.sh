@@ -42,15 +42,15 @@ root=$(mktemp -d /tmp/moe_jax_check.XXXXXX)
 compare_steps=0 whole=yes
 for run in ${runs//,/ }; do
   last=$(num_steps "$run") || exit 2
-  until=$steps
-  [ "$steps" = full ] && until=$last
-  if [ "$until" -gt "$last" ]; then
+  stop=$steps
+  [ "$steps" = full ] && stop=$last
+  if [ "$stop" -gt "$last" ]; then
     echo "STEPS=$steps: run $run has $last steps" >&2; exit 2
   fi
-  compare_steps=$(( until > compare_steps ? until : compare_steps ))
+  compare_steps=$(( stop > compare_steps ? stop : compare_steps ))
   experiments/study.sh "$sweep" "$core" "$run" "$root" > "$root/$run.log" 2>&1 &
   pid=$!
-  if [ "$until" -eq "$last" ]; then  # the whole run: never stopped, so its final evaluation is the study's
+  if [ "$stop" -eq "$last" ]; then  # the whole run: never stopped, so its final evaluation is the study's
     if ! wait "$pid"; then
       echo "$run failed:" >&2; tail -n 20 "$root/$run.log" >&2; exit 2
     fi
@@ -58,9 +58,9 @@ for run in ${runs//,/ }; do
   fi
   whole=no
   # One process logs every step, records start {"step": s, "kind": ...}; a run that dies first ends the check.
-  until grep -qs "\"step\": $until, \"kind\": \"train\"" "$root"/*/"$run"/metrics.jsonl; do
+  until grep -qs "\"step\": $stop, \"kind\": \"train\"" "$root"/*/"$run"/metrics.jsonl; do
     if ! kill -0 "$pid" 2>/dev/null; then
-      echo "$run stopped before step $until:" >&2; tail -n 20 "$root/$run.log" >&2; exit 2
+      echo "$run stopped before step $stop:" >&2; tail -n 20 "$root/$run.log" >&2; exit 2
     fi
     sleep 2
   done
