@@ -10,17 +10,21 @@ commit of the code that trained it ("+dirty" when the checkout had uncommitted c
 it for a copy without .git, e.g. `git archive` of a commit), and the summary its median tokens/s.
 
 --compare_steps=N answers "does this machine, or this commit, compute what the committed runs computed?": it
-compares the --only runs' training records up to step N under --workdir_root with the committed curves,
-bitwise, and writes <results_root>/<sweep>/numerics_check.json (exit status 1 on any difference).
-experiments/check_numerics.sh trains the runs for it.
+compares every committed value of the --only runs up to step N (training records, evaluations and, once N is a
+run's last step, its final evaluation) with the same value under --workdir_root, and writes each difference as
+measured (absolute, relative), where bitwise equality ends, the largest differences, the final evaluation's
+difference, per step the largest difference, the machine and every installed package's version to
+<results_root>/<sweep>/numerics_check_N.json, and every compared value to numerics_check_N.rows.jsonl
+(--check_name names them otherwise). Exit status 1 on any difference. With --tolerate_differences, only on a
+committed value the run did not log: for a check whose differences are the measurement (check_numerics.sh passes
+it for whole runs, where low-bit differences across machines are expected after some steps and their size is
+what is reported). experiments/check_numerics.sh trains the runs for it.
 
 Faults end in one line on stderr: exit status 2 for bad input (a run refused for its config is reported as it
 happens, the other runs go on, and the sweep exits 2 at the end), 1 when the machine failed (a full disk).
 """
 
-import importlib.metadata
 import os
-import platform
 import sys
 import time
 
@@ -41,8 +45,14 @@ _ONLY = flags.DEFINE_list("only", [], "Run only these runs (names from the sweep
 _PRINT = flags.DEFINE_bool("print_commands", False, "Print one command per run instead of running.")
 _AGGREGATE_ONLY = flags.DEFINE_bool("aggregate_only", False, "Only rebuild the summaries from the workdirs.")
 _COMPARE_STEPS = flags.DEFINE_integer(
-    "compare_steps", 0, "Compare the --only runs under --workdir_root up to this step with the committed curves.",
-    lower_bound=0)
+    "compare_steps", 0, "Compare the --only runs under --workdir_root up to this step with the committed results "
+    "(their final evaluation too when it is their last step).", lower_bound=0)
+_CHECK_NAME = flags.DEFINE_string(
+    "check_name", "", "File name (without .json) of the --compare_steps report; default numerics_check_<steps>.")
+_TOLERATE = flags.DEFINE_bool(
+    "tolerate_differences", False, "--compare_steps: exit 0 when values differ (the differences are the "
+    "measurement, e.g. a whole run on another machine), 1 only when a committed value was not logged; without it "
+    "any difference exits 1.")
 flags.mark_flag_as_required("sweep")
 
 
@@ -90,35 +100,35 @@ def run(sweep) -> None:
 
 
 def compare(sweep) -> None:
-  """--compare_steps: print and write the exact comparison with the committed curves; exit 1 on a difference."""
+  """--compare_steps: write every compared value and what the comparison measured; print a short report; exit 1
+  on a difference (with --tolerate_differences: only on a value not measured)."""
   if not _ONLY.value:
     raise app.UsageError("--compare_steps needs --only=RUN[,RUN...]")
-  rows = sweep_lib.compare_with_committed(sweep, tuple(_ONLY.value), _WORKDIR_ROOT.value, _RESULTS_ROOT.value,
+  runs = tuple(_ONLY.value)
+  out, rows_out = sweep_lib.numerics_check_paths(_RESULTS_ROOT.value, sweep.name, _COMPARE_STEPS.value,
+                                                 _CHECK_NAME.value)
+  rows = sweep_lib.compare_with_committed(sweep, runs, _WORKDIR_ROOT.value, _RESULTS_ROOT.value,
                                           _COMPARE_STEPS.value)
-  for row in rows:
-    print(f"  {row['run']:<16} step {row['step']:>4} {row['key']:<14} committed {row['committed']!r:<20} "
-          f"here {row['measured']!r:<20} {'equal' if row['equal'] else 'DIFFERENT'}")
   trained_by = {}
-  for name in _ONLY.value:  # the code that trained the check runs (e.g. the pinned tree of study.sh), not this one
+  for name in runs:  # the code that trained the check runs (e.g. the pinned tree of study.sh), not this one
     result = sweep_lib.read_result(os.path.join(_WORKDIR_ROOT.value, sweep.name, name))
     if result is not None:
       trained_by[name] = result.get("commit")
-  check = {"sweep": sweep.name, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": _cpu_model(),
-           "cpu_count": os.cpu_count(), "jax": importlib.metadata.version("jax"), "trained_by": trained_by,
-           "all_equal": all(r["equal"] for r in rows), "rows": rows}
-  out = os.path.join(_RESULTS_ROOT.value, sweep.name, "numerics_check.json")
-  fileio.write_json(out, check, indent=1)
-  print(f"{sum(r['equal'] for r in rows)} of {len(rows)} values equal -> {out}")
-  if not check["all_equal"]:
+  measured = sweep_lib.numerics_check(rows, runs)
+  check = {"sweep": sweep.name, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "compare_steps": _COMPARE_STEPS.value, "runs": list(runs), "trained_by": trained_by,
+           "machine": sweep_lib.machine_record(), "rows_file": os.path.basename(rows_out), **measured}
+  fileio.write_text(rows_out, sweep_lib.rows_jsonl_text(rows))
+  fileio.write_text(out, sweep_lib.check_json_text(check))
+  if len(rows) <= 50:  # a short check: every value; a long one: the report below, every row in the file
+    for row in rows:
+      print(f"  {row['run']:<16} step {row['step']:>4} {row['kind']:<5} {row['key']:<14} "
+            f"committed {row['committed']!r:<20} here {row['measured']!r:<20} "
+            f"{'equal' if row['equal'] else 'DIFFERENT'}")
+  print("\n".join(f"{sweep.name}: {line}" for line in sweep_lib.numerics_check_lines(measured)))
+  print(f"-> {out}, {rows_out}")
+  if measured["statistics"]["not_measured"] or (not measured["all_equal"] and not _TOLERATE.value):
     sys.exit(1)
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

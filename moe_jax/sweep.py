@@ -12,6 +12,9 @@ results/<sweep>/
                               ("routing": [{"block": 1, "dropped_token_fraction": [...], ...}, ...]) its
                               routing metrics at the same steps, and its per-expert vectors at the last
                               training record ("at_end": {"step": s, "expert_selection": [E], ...})
+  numerics_check_<steps>.json a committed run trained again and compared value by value with what is committed
+                              (`compare_with_committed`): every difference as measured, the machine and the
+                              installed packages (experiments/check_numerics.sh)
 
 Faults (docs/faults.md). Every result file is written atomically (`moe_jax.fileio`), so a full disk or a kill
 leaves the previous version. A second sweep over the same runs is refused (a lock per run under
@@ -27,6 +30,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import platform
 import shlex
 import subprocess
 import sys
@@ -36,7 +40,7 @@ from typing import Any, Callable
 import ml_collections
 import numpy as np
 
-from moe_jax import config_lib, fileio, flops, resolve
+from moe_jax import config_lib, environment, fileio, flops, resolve
 from moe_jax import metrics as metrics_lib
 from moe_jax.workdir import DirectoryLock, check_workdir
 
@@ -332,36 +336,268 @@ def _committed(sweep: ml_collections.ConfigDict, results_root: str) -> tuple[dic
   return rows, curves
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Numerics check: a committed run trained again (experiments/check_numerics.sh), compared value by value.
+
+NUMERICS_CHECK = "numerics_check"  # results/<sweep>/numerics_check_<steps>.json; numerics_check.json: the 11-step
+                                   # check of 2026-12-04, committed before the file name said its steps
+COMMITTED_RUNS = "runs"  # results/<sweep>/runs/<run>/: a sweep that commits its runs' own metrics.jsonl, result.json
+# Values of a record that measure the machine's speed or the clock, not what it computed: never compared.
+WALL_CLOCK_KEYS = ("time", "tokens_per_s", "mfu")
+KIND_ORDER = ("train", "eval", "final")  # a step's training record, then its evaluation, then the run's result
+
+
+def flat_values(record: dict) -> dict[str, float]:
+  """A metrics record's numbers by one flat key each: 'loss'; an MoE block's statistic 'block1/router_entropy';
+  an element of a vector 'block1/expert_load[3]', 'full/cross_entropy_interval[0]'. Booleans, strings and the
+  `WALL_CLOCK_KEYS` are left out. The committed curves and a run's records meet in this one key space."""
+  flat: dict[str, float] = {}
+
+  def add(key: str, value: Any) -> None:
+    if isinstance(value, list):
+      for i, element in enumerate(value):
+        add(f"{key}[{i}]", element)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+      flat[key] = value
+
+  for key, value in record.items():
+    if key in ("step", "kind", *WALL_CLOCK_KEYS):
+      continue
+    if key == "moe":
+      for entry in value:
+        for stat, stat_value in entry.items():
+          if stat != "block":
+            add(f"block{entry['block']}/{stat}", stat_value)
+    else:
+      add(key, value)
+  return flat
+
+
+def _curve_records(curve: dict) -> dict[str, dict[int, dict[str, float]]]:
+  """{'train': {step: flat values}, 'eval': {...}} of one run's curves.json entry (every CURVE_STRIDE-th training
+  record, its per-expert vectors at the last one, every evaluation), in `flat_values` keys."""
+  train: dict[int, dict[str, float]] = {}
+  for i, step in enumerate(curve["train_steps"]):
+    train[step] = {key: curve[field][i] for key, field in (("loss", "train_loss"), ("cross_entropy", "cross_entropy"),
+                                                           ("load_balancing_loss", "load_balancing_loss"))
+                   if field in curve}
+  for entry in curve.get("routing", []):
+    for metric in ROUTING_KEYS:
+      for step, value in zip(curve["train_steps"], entry.get(metric, [])):
+        train[step][f"block{entry['block']}/{metric}"] = value
+    if "at_end" in entry:
+      at_end = {key: value for key, value in entry["at_end"].items() if key != "step"}
+      train.setdefault(entry["at_end"]["step"], {}).update(flat_values({"moe": [{"block": entry["block"], **at_end}]}))
+  return {"train": train, "eval": {step: {"cross_entropy": loss} for step, loss in curve.get("eval", [])}}
+
+
+def _committed_records(results_root: str, sweep_name: str, name: str, curve: dict | None):
+  """(records by kind as in `_curve_records`, the committed result.json or None) of one run: every record of
+  its committed metrics.jsonl where the sweep commits one (results/<sweep>/runs/<run>/), else its curves."""
+  run_dir = os.path.join(results_root, sweep_name, COMMITTED_RUNS, name)
+  if os.path.exists(os.path.join(run_dir, metrics_lib.METRICS_FILE)):
+    committed = metrics_lib.read_metrics(run_dir)
+    records = {kind: {step: flat_values(record) for step, record in getattr(committed, kind).items()}
+               for kind in ("train", "eval")}
+    return records, read_result(run_dir)
+  if curve is None:
+    raise ValueError(f"run {name!r} has no committed curves in {os.path.join(results_root, sweep_name)}")
+  return _curve_records(curve), None
+
+
+def difference(committed: float, measured: float | None) -> dict[str, Any]:
+  """`equal`: bitwise (NaN equals NaN: the same bits were computed); `abs_diff` |measured - committed| and
+  `rel_diff` abs_diff / |committed| where both are finite (rel_diff None when committed is 0 and they differ);
+  both None when the value was not measured."""
+  if measured is None:
+    return {"equal": False, "abs_diff": None, "rel_diff": None}
+  equal = committed == measured or (committed != committed and measured != measured)
+  if equal:
+    return {"equal": True, "abs_diff": 0.0, "rel_diff": 0.0}
+  if not (np.isfinite(committed) and np.isfinite(measured)):
+    return {"equal": False, "abs_diff": None, "rel_diff": None}
+  abs_diff = abs(float(measured) - float(committed))
+  return {"equal": False, "abs_diff": abs_diff, "rel_diff": abs_diff / abs(committed) if committed else None}
+
+
 def compare_with_committed(
     sweep: ml_collections.ConfigDict, runs: tuple[str, ...], workdir_root: str, results_root: str, max_step: int,
 ) -> list[dict]:
-  """The training loss and cross-entropy of `runs` as trained again under `workdir_root`, step by step up to
-  `max_step`, against the sweep's committed curves in `results_root`: one row per (run, step, key) with
-  `equal` true only when the two float values are identical.
+  """Every committed value of `runs` up to `max_step` against the same value as trained again under
+  `workdir_root`: one row {run, kind, step, key, committed, measured, equal, abs_diff, rel_diff} per value
+  (`difference`), ordered by run, step, kind ('train', 'eval', 'final') and key.
+
+  Committed values: every record of results/<sweep>/runs/<run>/metrics.jsonl where the sweep commits it, else
+  curves.json (training loss, cross-entropy, load-balancing loss and routing statistics every CURVE_STRIDE-th
+  step, the per-expert vectors at the last step, every evaluation). Once `max_step` reaches the committed run's
+  last step, its final evaluation too, as summary.json records it ('final_eval_loss', the last eval record's
+  cross-entropy) and, where committed, its result.json ('eval_loss'); then the run trained again must have
+  finished there. A committed value the run did not log is a row with `measured` None, never skipped.
 
   Bitwise equality is the claim being checked: another machine, or a later refactor, computes exactly what a
-  committed (pinned) run computed, so runs of one study split across machines or commits are one study.
+  committed (pinned) run computed, so runs of one study split across machines or commits are one study. Where it
+  fails, the differences are the measurement (`difference_statistics`).
   """
-  _, committed = _committed(sweep, results_root)
+  summary_rows, curves = _committed(sweep, results_root)
   rows = []
   for name in runs:
-    if name not in committed:
-      raise ValueError(f"run {name!r} has no committed curves in {os.path.join(results_root, sweep.name)}")
+    records, committed_result = _committed_records(results_root, sweep.name, name, curves.get(name))
     workdir = run_workdir(workdir_root, sweep, _run(sweep, name))
     if not os.path.exists(os.path.join(workdir, metrics_lib.METRICS_FILE)):
       raise ValueError(f"run {name!r} has no {metrics_lib.METRICS_FILE} in {workdir}: train it there first "
                        "(experiments/check_numerics.sh)")
-    train = metrics_lib.read_metrics(workdir).train
-    curve = committed[name]
-    steps = [(i, step) for i, step in enumerate(curve["train_steps"]) if step <= max_step and step in train]
-    if not steps:
+    measured = metrics_lib.read_metrics(workdir)
+    committed_steps = [step for step in sorted(records["train"]) if step <= max_step]
+    if not any(step in measured.train for step in committed_steps):
       raise ValueError(f"run {name!r}: no training step <= {max_step} both committed and logged under "
-                       f"{workdir_root}; committed steps start {curve['train_steps'][:3]}")
-    for i, step in steps:
-      for key, values in (("loss", curve["train_loss"]), ("cross_entropy", curve["cross_entropy"])):
-        rows.append({"run": name, "step": step, "key": key, "committed": values[i], "measured": train[step][key],
-                     "equal": values[i] == train[step][key]})
+                       f"{workdir_root}; committed steps start {sorted(records['train'])[:3]}")
+    found = []
+    for kind in ("train", "eval"):
+      logged = getattr(measured, kind)
+      for step, values in records[kind].items():
+        if step <= max_step:
+          here = flat_values(logged.get(step, {}))
+          found += [(name, kind, step, key, value, here.get(key)) for key, value in values.items()]
+    found += _final_values(name, summary_rows.get(name), committed_result, workdir, measured, max_step)
+    found.sort(key=lambda f: (f[2], KIND_ORDER.index(f[1])))  # stable: a record's keys keep their order
+    rows += [{"run": run, "kind": kind, "step": step, "key": key, "committed": value, "measured": here,
+              **difference(value, here)} for run, kind, step, key, value, here in found]
   return rows
+
+
+def _final_values(name: str, row: dict | None, committed_result: dict | None, workdir: str,
+                  measured: metrics_lib.RunMetrics, max_step: int) -> list[tuple]:
+  """(run, 'final', step, key, committed, measured) for the committed run's final evaluation, as summary.json
+  ('final_eval_loss') and its committed result.json ('eval_loss') record it, once `max_step` reaches the step
+  they were recorded at; ValueError when the run trained again did not finish there."""
+  finals = []
+  if row is not None and row.get("status") == "completed":
+    finals.append(("final_eval_loss", row["steps"], row["final_eval_loss"]))
+  if (committed_result or {}).get("status") == "completed" and committed_result.get("eval_loss") is not None:
+    finals.append(("eval_loss", committed_result["step"], committed_result["eval_loss"]))
+  finals = [final for final in finals if final[1] <= max_step]
+  if not finals:
+    return []
+  last = max(step for _, step, _ in finals)
+  result = read_result(workdir) or {}
+  if result.get("status") != "completed" or result.get("step") != last:
+    raise ValueError(f"run {name!r}: comparing up to step {max_step} includes its final evaluation at step {last}, "
+                     f"but its {RESULT_FILE} in {workdir} says {result.get('status')!r} at step "
+                     f"{result.get('step')}: let it finish (experiments/check_numerics.sh with STEPS full)")
+  evals = measured.series("cross_entropy", kind="eval")
+  here = {"final_eval_loss": evals[max(evals)] if evals else None, "eval_loss": result.get("eval_loss")}
+  return [(name, "final", step, key, value, here[key]) for key, step, value in finals]
+
+
+def difference_statistics(rows: list[dict]) -> dict[str, Any]:
+  """What a comparison measured: how many values, how many bitwise equal, how many not measured; the last step
+  up to which every value (of every run) was equal and the first step with a difference (with its first row);
+  the largest absolute and relative differences with their rows (None where nothing differs)."""
+  differing = [row for row in rows if not row["equal"]]
+  first = min(differing, key=lambda row: row["step"], default=None)  # the first row of the earliest step
+  steps = sorted({row["step"] for row in rows})
+  through = [step for step in steps if first is None or step < first["step"]]
+  sized = [row for row in differing if row["abs_diff"] is not None]
+  relative = [row for row in sized if row["rel_diff"] is not None]
+  return {
+      "values": len(rows), "bitwise_equal": len(rows) - len(differing),
+      "not_measured": sum(row["measured"] is None for row in rows),
+      "last_step": steps[-1] if steps else None, "equal_through_step": through[-1] if through else None,
+      "first_differing_step": first["step"] if first else None, "first_difference": first,
+      "largest_abs_difference": max(sized, key=lambda row: row["abs_diff"], default=None),
+      "largest_rel_difference": max(relative, key=lambda row: row["rel_diff"], default=None),
+  }
+
+
+def per_step(rows: list[dict]) -> list[dict[str, Any]]:
+  """One entry per (run, step): values compared, bitwise equal, the largest absolute and relative differences
+  and the key of the largest absolute one: how a difference, once it appears, grows over training."""
+  entries: dict[tuple[str, int], dict[str, Any]] = {}
+  for row in rows:
+    entry = entries.setdefault((row["run"], row["step"]), {"run": row["run"], "step": row["step"], "values": 0,
+                                                           "bitwise_equal": 0, "max_abs_diff": 0.0,
+                                                           "max_abs_key": None, "max_rel_diff": 0.0})
+    entry["values"] += 1
+    entry["bitwise_equal"] += row["equal"]
+    if row["abs_diff"] is not None and row["abs_diff"] > entry["max_abs_diff"]:
+      entry["max_abs_diff"], entry["max_abs_key"] = row["abs_diff"], row["key"]
+    if row["rel_diff"] is not None:
+      entry["max_rel_diff"] = max(entry["max_rel_diff"], row["rel_diff"])
+  return list(entries.values())
+
+
+def numerics_check(rows: list[dict], runs: tuple[str, ...]) -> dict[str, Any]:
+  """The measured part of a check file: `all_equal`, `difference_statistics` over all rows and per run, the
+  final evaluation's rows and statistics apart (empty when the comparison stopped before the last step), and
+  `per_step`. The rows themselves go to a file of their own (`numerics_check_paths`): a whole run has 10^4-10^5."""
+  final = [row for row in rows if row["kind"] == "final"]
+  return {"all_equal": all(row["equal"] for row in rows), "statistics": difference_statistics(rows),
+          "per_run": {name: difference_statistics([row for row in rows if row["run"] == name]) for name in runs},
+          "final_evaluation": {"rows": final, "statistics": difference_statistics(final)},
+          "per_step": per_step(rows)}
+
+
+def numerics_check_lines(check: dict[str, Any]) -> list[str]:
+  """A short report of `numerics_check`: counts, where equality ends, the largest differences, the final
+  evaluation."""
+
+  def where(row: dict) -> str:
+    return (f"{row['run']} step {row['step']} {row['kind']} {row['key']}: committed {row['committed']!r}, "
+            f"here {row['measured']!r}")
+
+  def size(row: dict) -> str:
+    return "not measured" if row["abs_diff"] is None else f"abs {row['abs_diff']:.3g}, rel " + (
+        "-" if row["rel_diff"] is None else f"{row['rel_diff']:.3g}")
+
+  stats = check["statistics"]
+  lines = [f"{stats['bitwise_equal']} of {stats['values']} values bitwise equal ({stats['not_measured']} not "
+           f"measured), steps up to {stats['last_step']}; equal through step {stats['equal_through_step']}"]
+  if stats["first_difference"]:
+    first = stats["first_difference"]
+    lines.append(f"first difference at step {first['step']}: {where(first)} ({size(first)})")
+  for label in ("abs", "rel"):
+    row = stats[f"largest_{label}_difference"]
+    if row:
+      lines.append(f"largest {label} difference: {size(row)} at {where(row)}")
+  for row in check["final_evaluation"]["rows"]:
+    lines.append(f"final evaluation {where(row)} ({'bitwise equal' if row['equal'] else size(row)})")
+  return lines
+
+
+def numerics_check_paths(results_root: str, sweep_name: str, steps: int, name: str = "") -> tuple[str, str]:
+  """(report, rows): results/<sweep>/<name>.json and <name>.rows.jsonl (one compared value a line), by default
+  name = numerics_check_<steps>: a check never overwrites one of other steps, nor the committed
+  numerics_check.json. `name` (e.g. for a second machine) is a plain file name."""
+  name = name or f"{NUMERICS_CHECK}_{steps}"
+  if name.startswith(".") or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+    raise ValueError(f"--check_name={name!r}: a file name of letters, digits, '-', '_' and '.' (no folder)")
+  if name == NUMERICS_CHECK:
+    raise ValueError(f"--check_name={name!r} is the committed 11-step check of 2026-12-04: choose another name")
+  base = os.path.join(results_root, sweep_name, name)
+  return f"{base}.json", f"{base}.rows.jsonl"
+
+
+def machine_record() -> dict[str, Any]:
+  """Where a check ran: the CPU model, its core count and the cores this process may use, with
+  `environment.describe()` (Python, platform, every installed package's version)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    cpu = platform.processor() or platform.machine()
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+  return {"cpu": cpu, "cpu_count": os.cpu_count(), "cores_allowed": cores, **environment.describe()}
+
+
+def check_json_text(check: dict[str, Any]) -> str:
+  """The check file's JSON: indented, except one line per entry of `per_step` (a whole run has hundreds)."""
+  header = json.dumps({key: value for key, value in check.items() if key != "per_step"}, indent=1)
+  entries = ",\n".join(f"  {json.dumps(entry)}" for entry in check.get("per_step", []))
+  return f"{header[:-2]},\n \"per_step\": [\n{entries}\n ]\n}}\n"
+
+
+def rows_jsonl_text(rows: list[dict]) -> str:
+  return "".join(json.dumps(row) + "\n" for row in rows)
 
 
 def _run(sweep: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
