@@ -140,10 +140,12 @@ def read_runs(runs_dir: str | os.PathLike, *, step: int | None = None,
   runs = {}
   for path in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
     run = read_run(path)
-    if run.completed and (step is not None and run.step != step
-                          or fingerprint is not None and run.fingerprint != fingerprint):
-      raise ValueError(f"{path}/eval_set.json: scored at step {run.step} on set {run.fingerprint[:16]}; the "
-                       f"study's number is step {step} on {(fingerprint or run.fingerprint)[:16]}")
+    if run.completed and step is not None and run.step != step:
+      raise ValueError(f"{path}/eval_set.json: scored at step {run.step}; the study's number is the score at step "
+                       f"{step}")
+    if run.completed and fingerprint is not None and run.fingerprint != fingerprint:
+      raise ValueError(f"{path}/eval_set.json: scored on evaluation set {run.fingerprint[:16]}; the study's is "
+                       f"{fingerprint[:16]}")
     runs[run.name] = run
   return runs
 
