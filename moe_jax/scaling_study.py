@@ -255,8 +255,8 @@ def primary_test(runs: Mapping[str, Run], **bootstrap) -> PrimaryTest:
 
 
 def log2_slope(experts: Sequence[int], cross_entropy: Sequence[float]) -> float:
-  """Least-squares slope of CE against log2 E (nats per doubling of the experts): sum((x - x̄)(y - ȳ)) / sum((x - x̄)^2)
-  with x = log2 E. Over E = 2, 8, 32 it equals (CE(32) - CE(2)) / 4 (SCALING.md)."""
+  """Least-squares slope of CE against log2 E (nats per doubling of the experts), with x = log2 E and y = CE:
+  sum((x - mean x)(y - mean y)) / sum((x - mean x)^2). Over E = 2, 8, 32 it equals (CE(32) - CE(2)) / 4 (SCALING.md)."""
   x, y = np.log2(np.asarray(experts, np.float64)), np.asarray(cross_entropy, np.float64)
   if x.shape != y.shape or len(np.unique(x)) < 2:
     raise ValueError(f"a slope needs CE at two or more distinct E of one length, got E = {list(experts)} and "

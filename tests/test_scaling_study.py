@@ -5,18 +5,20 @@ import json
 import math
 import pathlib
 
+import nbformat
 import numpy as np
 import pytest
 import scipy.stats
 
+from configs.sweeps import expert_scaling
 from moe_jax import scaling_study as study
-from tests.test_notebooks import execute
+from tests.test_notebooks import NOTEBOOKS, execute
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DIAGNOSIS_RUNS = ROOT / "results" / "expert-scaling-diagnosis" / "runs"
 FILES = ("a.py", "b/c.py", "d.py", "e.py", "f/g.py", "h.py")
 BYTES = np.array([100, 250, 40, 600, 75, 320], np.float64)  # [D]
-FINGERPRINT = "6" * 64
+FINGERPRINT = expert_scaling.EVAL_SET["full"]["fingerprint"]
 EVAL_STEPS = tuple(range(245, study.STEPS + 1, 245))  # the subset's evaluations, the last at 2450
 TRAIN_STEPS = (1, 1000, 2446, 2447, 2448, 2449, 2450)
 BLOCKS = (1, 3)
@@ -250,3 +252,54 @@ def test_no_committed_run_is_zero_of_eight_and_an_analysis_without_numbers(tmp_p
   assert analysis["primary"]["t"]["mean"] is None and analysis["primary"]["files_bootstrap"] is None
   assert analysis["secondary"]["b_vs_dense"] == {} and analysis["secondary"]["a_slopes"] == {}
   json.dumps(analysis, allow_nan=False)  # strict JSON: no NaN anywhere
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The notebook: none, some or all of the confirmatory runs committed.
+
+
+def test_notebook_is_stored_without_outputs():
+  notebook = nbformat.read(NOTEBOOKS / "expert_scaling.ipynb", as_version=4)
+  nbformat.validate(notebook)
+  assert all(not cell.outputs and cell.execution_count is None for cell in notebook.cells if cell.cell_type == "code")
+
+
+def test_notebook_runs_on_the_committed_results_with_or_without_confirmatory_runs(tmp_path, monkeypatch):
+  figures = execute("expert_scaling", tmp_path, monkeypatch)
+  confirmatory = study.read_runs(ROOT / study.RUNS_DIR)
+  if DIAGNOSIS_RUNS.is_dir():
+    assert "expert_scaling_diagnosis" in figures
+    assert "| switch-e32-centre | Switch E=32 | 200 |" in (tmp_path / "expert_scaling_diagnosis.md").read_text()
+  assert ("expert_scaling_loss_vs_experts" in figures) == bool(confirmatory)
+  assert (tmp_path / "expert_scaling_table.md").exists() == bool(confirmatory)
+
+
+def primary_row(figures: pathlib.Path) -> str:
+  return (figures / "expert_scaling_primary.md").read_text().strip().splitlines()[-1]
+
+
+def test_notebook_shows_k_of_8_then_the_verdict_beside_table_7(tmp_path, monkeypatch):
+  runs = tmp_path / "results" / "expert-scaling" / "runs"
+  _, e8 = primary_runs(runs, study.PRIMARY_SEEDS[:3], lambda s: 1.45)
+  dense = [write_run(runs, study.DENSE, s, 1.56) for s in (20, 21)]
+  write_run(runs, 2, 20, 1.53)
+  figures = execute("expert_scaling", tmp_path / "figures", monkeypatch, results=tmp_path / "results")
+  assert {"expert_scaling_loss_vs_experts", "expert_scaling_primary"} <= figures
+  assert "expert_scaling_diagnosis" not in figures  # none committed in this results folder
+  assert "3 of 8, no verdict" in primary_row(tmp_path / "figures")
+  table = (tmp_path / "figures" / "expert_scaling_table.md").read_text()
+  d8 = [delta(e8[i], dense[i]) for i in range(2)]
+  gain = -np.mean(d8) / np.mean([n.sum() / BYTES.sum() for n in dense])
+  e8_row = next(line for line in table.splitlines() if line.startswith("| Switch E=8 |"))
+  assert f"{np.mean(d8):+.4f} (n = 2)" in e8_row and f"{100 * gain:+.2f}%" in e8_row and "(not reported)" in e8_row
+  e32_row = next(line for line in table.splitlines() if line.startswith("| Switch E=32 |"))
+  assert "-1.474 | +0.162 | +9.90%" in e32_row  # Table 7: 32 experts against T5-Base's -1.636
+  assert next(line for line in table.splitlines() if line.startswith("| Switch E=64 |")).count("(not run)") == 6
+
+  primary_runs(runs, study.PRIMARY_SEEDS[3:], lambda s: 1.45)  # the other five pairs are committed
+  execute("expert_scaling", tmp_path / "figures", monkeypatch, results=tmp_path / "results")
+  arms = study.by_arm(study.read_runs(runs))
+  deltas = [arms[(32, s)].cross_entropy - arms[(8, s)].cross_entropy for s in study.PRIMARY_SEEDS]
+  mean, low, high = t_interval(deltas)
+  row = primary_row(tmp_path / "figures")
+  assert f"| 8 of 8 | {mean:+.4f} | {low:+.4f} .. {high:+.4f} |" in row and row.endswith("| more experts better |")
