@@ -110,8 +110,9 @@ def read_run(path: str | os.PathLike) -> Run:
   if status not in ("completed", "diverged"):
     raise ValueError(f"{path / sweep_lib.RESULT_FILE} says status {status!r}: commit a run once it has finished")
   experts = config["moe"]["num_experts"] if config["model"]["moe_layer_interval"] else DENSE
+  router_only = ("capacity_factor", "aux_loss_weight")  # meaningless for the dense arm, which has no router
   settings = {key: config[section][field] for key, (section, field) in SETTINGS.items()
-              if experts or section != "moe" and key != "aux_loss_weight"}
+              if experts or key not in router_only}
   step, fingerprint, files, nats, weights = None, None, (), np.zeros(0), np.zeros(0)
   if status == "completed":
     scored = fileio.read_json(path / "eval_set.json")
@@ -239,13 +240,14 @@ def primary_status(delta: Comparison, planned: int) -> str:
   test). A diverged run leaves its pair without a number, so the rule has none to apply: no verdict either."""
   if delta.diverged:
     return (f"{delta.n} of {planned}, no verdict (diverged: seed{'s' * (len(delta.diverged) > 1)} "
-            f"{', '.join(map(str, delta.diverged))}; a deviation to report)")
+            f"{', '.join(map(str, delta.diverged))}, a result to report; the rule has no number for its pair)")
   if delta.n < planned:
     return f"{delta.n} of {planned}, no verdict"
   return delta.t.verdict(*VERDICTS)
 
 
 def primary_test(runs: Mapping[str, Run], **bootstrap) -> PrimaryTest:
+  """The primary test over whatever pairs are committed (`bootstrap`: `compare`'s resamples and seed)."""
   delta = compare(runs, *PRIMARY, PRIMARY_SEEDS, **bootstrap)
   return PrimaryTest(delta=delta, planned=len(PRIMARY_SEEDS), status=primary_status(delta, len(PRIMARY_SEEDS)))
 

@@ -245,6 +245,20 @@ def test_secondary_statistics_equal_numpy_and_report_their_n(tmp_path):
                         "cpu": "AMD EPYC"}
 
 
+def test_the_committed_analysis_is_current():
+  """results/expert-scaling/analysis.json, once written (`python -m moe_jax.scaling_study`), holds what the committed
+  runs give now: it is regenerated with every committed run."""
+  path = ROOT / study.ANALYSIS_FILE
+  if not path.exists():
+    pytest.skip("no analysis.json yet: it is written once the first confirmatory run is committed")
+  committed = json.loads(path.read_text())
+  runs = study.read_runs(ROOT / study.RUNS_DIR, step=study.STEPS, fingerprint=FINGERPRINT)
+  primary = study.primary_test(runs)
+  assert sorted(committed["runs"]) == sorted(runs), "stale analysis.json: python -m moe_jax.scaling_study"
+  assert committed["primary"]["status"] == primary.status
+  assert committed["primary"]["t"]["values"] == pytest.approx(list(primary.delta.t.differences), rel=1e-9)
+
+
 def test_no_committed_run_is_zero_of_eight_and_an_analysis_without_numbers(tmp_path):
   runs = study.read_runs(tmp_path / "absent")
   analysis = study.analyse(runs, {})
