@@ -57,6 +57,7 @@ PRIMARY = (32, 8)                     # Delta = CE(E = 32) - CE(E = 8)
 SWITCH_EXPERTS = (2, 8, 32, 128)      # E = 128 only if freeze 1 includes it
 DENSE = 0                             # the expert count this module gives the dense arm
 STEPS = 2450                          # the step of every confirmatory run's whole-set score
+TOKENS_PER_STEP = 32 * 128            # batch x sequence length: 2450 steps are 10,035,200 fresh tokens
 BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = stats.BOOTSTRAP_SEED  # fixed: every reader gets the same interval
 VERDICTS = ("more experts better", "more experts worse")  # interval below 0, above 0

@@ -298,7 +298,7 @@ def test_notebook_shows_k_of_8_then_the_verdict_beside_table_7(tmp_path, monkeyp
   dense = [write_run(runs, study.DENSE, s, 1.56) for s in (20, 21)]
   write_run(runs, 2, 20, 1.53)
   figures = execute("expert_scaling", tmp_path / "figures", monkeypatch, results=tmp_path / "results")
-  assert {"expert_scaling_loss_vs_experts", "expert_scaling_primary"} <= figures
+  assert {"expert_scaling_loss_vs_experts", "expert_scaling_primary", "expert_scaling_subset_curves"} <= figures
   assert "expert_scaling_diagnosis" not in figures  # none committed in this results folder
   assert "3 of 8, no verdict" in primary_row(tmp_path / "figures")
   table = (tmp_path / "figures" / "expert_scaling_table.md").read_text()
