@@ -301,6 +301,8 @@ def test_notebook_shows_k_of_8_then_the_verdict_beside_table_7(tmp_path, monkeyp
   assert {"expert_scaling_loss_vs_experts", "expert_scaling_primary", "expert_scaling_subset_curves"} <= figures
   assert "expert_scaling_diagnosis" not in figures  # none committed in this results folder
   assert "3 of 8, no verdict" in primary_row(tmp_path / "figures")
+  reading = (tmp_path / "figures" / "expert_scaling_reading.md").read_text()
+  assert "over 3 seed pairs" in reading and "3 of 8, no verdict" in reading
   table = (tmp_path / "figures" / "expert_scaling_table.md").read_text()
   d8 = [delta(e8[i], dense[i]) for i in range(2)]
   gain = -np.mean(d8) / np.mean([n.sum() / BYTES.sum() for n in dense])
@@ -317,3 +319,6 @@ def test_notebook_shows_k_of_8_then_the_verdict_beside_table_7(tmp_path, monkeyp
   mean, low, high = t_interval(deltas)
   row = primary_row(tmp_path / "figures")
   assert f"| 8 of 8 | {mean:+.4f} | {low:+.4f} .. {high:+.4f} |" in row and row.endswith("| more experts better |")
+  reading = (tmp_path / "figures" / "expert_scaling_reading.md").read_text()
+  assert f"{mean:+.4f} nats/byte, 95% t-interval over 8 seed pairs {low:+.4f} .. {high:+.4f}" in reading
+  assert "More experts better: the t-interval lies below 0" in reading
