@@ -6,10 +6,11 @@ model.max_seq_len) · Li encoder input length · K key/value heads · D head dim
 
 How. `Decoder(model, batch_size=B, max_length=T)` makes an inference copy of the model (sharing its arrays) and
 attaches a `layers.KVCache` to each attention layer: causal self-attention caches K heads of keys and values
-[B, T, K, D] (a grouped-query layer caches H / K times less than it has query heads), and the encoder-decoder's
-cross-attention the encoder output's [B, Li, K, D], computed once by the prefill. Every call goes through the
-model's own forward code (`Attention.project` / `attend`, the blocks, the head), so cached decoding computes what
-the full-sequence forward pass computes, position by position (tests/test_decode.py, float32 to 1e-5).
+of T positions per row (a grouped-query layer caches H / K times less than it has query heads; stored [B·K, D,
+T], the layout the attention's matmuls read without a copy), and the encoder-decoder's cross-attention the
+encoder output's Li positions, computed once by the prefill. Every call goes through the model's own forward
+code (`Attention.project` / `attend`, the blocks, the head), so cached decoding computes what the full-sequence
+forward pass computes, position by position (tests/test_decode.py, float32 to 1e-5).
 
 Prompts are right-padded: row b holds its `lengths[b]` tokens first, then anything (the pad id). The prefill
 runs the padded prompts in one causal pass (a real token never reads the padding after it), takes the logits at
@@ -26,10 +27,10 @@ other rows of the batch take its slots) and equal the full forward pass of a dro
 once over the whole input, routed as in the full forward pass (its routers, e.g. expert choice, are non-causal).
 Under a mesh (`parallel.mesh_context`), build or load the model and decode inside the same context: experts
 stay split over 'expert', and the batch (the MoE layers' routing groups) over the token axes, so B must be a
-multiple of their devices; a cache lies as the activations it holds (rows with the batch, key/value heads over
-'tensor'). Scanned models (`model.scan_layers`) decode through their unscanned layout
-(`model.scanned_to_blocks`); the rotary frequencies of a long-context scaling that depends on the sequence length
-(LongRoPE) are those of the cache's length T.
+multiple of their devices; a cache's rows lie with the batch (each row's heads together, replicated over
+'tensor'). Scanned models (`model.scan_layers`) decode through their unscanned layout (`model.scanned_to_blocks`);
+the rotary frequencies of a long-context scaling that depends on the sequence length (LongRoPE) are those of
+the cache's length T.
 """
 
 from __future__ import annotations
@@ -80,13 +81,13 @@ def inference_copy(model: nnx.Module) -> nnx.Module:
   return copy
 
 
-def _cache_sharding(mesh, num_kv_heads: int) -> NamedSharding | None:
-  """Where a cache [B, T, K, D] lies on `mesh` (None: no mesh): rows over the token axes as the batch, key/value
-  heads over 'tensor' as the attention's heads when they divide evenly."""
+def _cache_sharding(mesh) -> NamedSharding | None:
+  """Where a cache [B·K, D, T] lies on `mesh` (None: no mesh): rows over the token axes as the batch, each
+  sequence's K heads together (`layers.KVCache` merges heads with rows for the matmuls' sake; one axis cannot be
+  split over the batch's devices and 'tensor' both, so under a 'tensor' axis the cache is replicated over it)."""
   if mesh is None:
     return None
-  heads = "heads" if num_kv_heads % mesh.shape["tensor"] == 0 else None
-  return NamedSharding(mesh, parallel.logical_to_spec(("batch", "length", heads, "kv")))
+  return NamedSharding(mesh, parallel.logical_to_spec(("batch", "kv", "length")))
 
 
 def _set_lengths(model: nnx.Module, lengths: jax.Array) -> None:
@@ -174,7 +175,7 @@ class Decoder:
       if isinstance(module, layers.Attention) and (module.causal or module.cross):  # not the encoder's
         length = encoder_length if module.cross else max_length
         module.cache = layers.KVCache(batch_size, length, module.num_kv_heads, module.out.shape[1], dtype=module.dtype,
-                                      sharding=_cache_sharding(mesh, module.num_kv_heads))
+                                      sharding=_cache_sharding(mesh))
     self.graphdef, self._empty_cache, self.params = nnx.split(copy, nnx.Cache, ...)
 
   def prefill(self, prompts, lengths, *, encoder_inputs=None) -> tuple[jax.Array, DecodeState]:
