@@ -27,10 +27,10 @@ other rows of the batch take its slots) and equal the full forward pass of a dro
 once over the whole input, routed as in the full forward pass (its routers, e.g. expert choice, are non-causal).
 Under a mesh (`parallel.mesh_context`), build or load the model and decode inside the same context: experts
 stay split over 'expert', and the batch (the MoE layers' routing groups) over the token axes, so B must be a
-multiple of their devices; a cache's rows lie with the batch (each row's heads together, replicated over
-'tensor'). Scanned models (`model.scan_layers`) decode through their unscanned layout (`model.scanned_to_blocks`);
-the rotary frequencies of a long-context scaling that depends on the sequence length (LongRoPE) are those of
-the cache's length T.
+multiple of their devices; a cache's rows lie with the batch, its heads over 'tensor' where they divide. Scanned
+models (`model.scan_layers`) decode through their unscanned layout (`model.scanned_to_blocks`); the rotary
+frequencies of a long-context scaling that depends on the sequence length (LongRoPE) are those of the cache's
+length T.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from moe_jax import layers, models, parallel, sampling
 from moe_jax.encdec import EncoderDecoder
@@ -81,13 +82,14 @@ def inference_copy(model: nnx.Module) -> nnx.Module:
   return copy
 
 
-def _cache_sharding(mesh) -> NamedSharding | None:
-  """Where a cache [B·K, D, T] lies on `mesh` (None: no mesh): rows over the token axes as the batch, each
-  sequence's K heads together (`layers.KVCache` merges heads with rows for the matmuls' sake; one axis cannot be
-  split over the batch's devices and 'tensor' both, so under a 'tensor' axis the cache is replicated over it)."""
+def _cache_sharding(mesh, num_kv_heads: int) -> tuple[NamedSharding | None, NamedSharding | None]:
+  """Where a cache [B·K, D, T] and its lengths [B] lie on `mesh` (None: no mesh): lengths over the token axes as
+  the batch; the cache's rows b·K + k over the token axes, then 'tensor' when it divides K (with one sequence per
+  token device, its key/value heads split over 'tensor' as the attention's heads)."""
   if mesh is None:
-    return None
-  return NamedSharding(mesh, parallel.logical_to_spec(("batch", "kv", "length")))
+    return None, None
+  rows = parallel.TOKEN_AXES + (("tensor",) if num_kv_heads % mesh.shape["tensor"] == 0 else ())
+  return NamedSharding(mesh, P(rows, None, None)), NamedSharding(mesh, parallel.logical_to_spec(("batch",)))
 
 
 def _set_lengths(model: nnx.Module, lengths: jax.Array) -> None:
@@ -174,8 +176,9 @@ class Decoder:
     for _, module in nnx.iter_modules(copy):
       if isinstance(module, layers.Attention) and (module.causal or module.cross):  # not the encoder's
         length = encoder_length if module.cross else max_length
+        sharding, length_sharding = _cache_sharding(mesh, module.num_kv_heads)
         module.cache = layers.KVCache(batch_size, length, module.num_kv_heads, module.out.shape[1], dtype=module.dtype,
-                                      sharding=_cache_sharding(mesh))
+                                      sharding=sharding, length_sharding=length_sharding)
     self.graphdef, self._empty_cache, self.params = nnx.split(copy, nnx.Cache, ...)
 
   def prefill(self, prompts, lengths, *, encoder_inputs=None) -> tuple[jax.Array, DecodeState]:

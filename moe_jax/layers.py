@@ -15,7 +15,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from moe_jax.init import switch_init
 
@@ -214,14 +213,14 @@ class KVCache(nnx.Module):
   cache reaches the matmuls as written (unless B·K = 1: one sequence, multi-query attention)."""
 
   def __init__(self, batch: int, length: int, num_kv_heads: int, head_dim: int, *, dtype: jnp.dtype,
-               sharding: jax.sharding.NamedSharding | None = None):
-    """`sharding`: of key and value [B·K, D, T] on a mesh (`length` [B] takes the sharding of its first axis),
-    None: the default device."""
+               sharding: jax.sharding.NamedSharding | None = None,
+               length_sharding: jax.sharding.NamedSharding | None = None):
+    """`sharding`: of key and value [B·K, D, T] on a mesh, `length_sharding` of `length` [B]; None: the default
+    device."""
     shape = (batch * num_kv_heads, head_dim, length)
-    rows = None if sharding is None else jax.sharding.NamedSharding(sharding.mesh, P(sharding.spec[0]))
     self.key = nnx.Cache(jax.device_put(jnp.zeros(shape, dtype), sharding))
     self.value = nnx.Cache(jax.device_put(jnp.zeros(shape, dtype), sharding))
-    self.length = nnx.Cache(jax.device_put(jnp.zeros((batch,), jnp.int32), rows))
+    self.length = nnx.Cache(jax.device_put(jnp.zeros((batch,), jnp.int32), length_sharding))
 
   @property
   def max_length(self) -> int:

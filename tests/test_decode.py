@@ -99,12 +99,12 @@ def test_cached_decoding_equals_the_full_forward_on_the_8_device_mesh():
 
 @pytest.mark.slow  # two more meshes' programs
 def test_cached_decoding_equals_the_full_forward_with_heads_split_and_for_the_encoder_decoder_on_a_mesh():
-  with parallel.mesh_context(parallel.create_mesh(2, 2, tensor=2)):  # key/value heads over 'tensor'
+  with parallel.mesh_context(parallel.create_mesh(2, 2, tensor=2)):  # key/value heads (and caches) over 'tensor'
     model = build(lm_cfg(TOP2_GQA))
     decoder = decode.Decoder(model, batch_size=4, max_length=LENGTH)
     cache = decoder.prefill(tokens_of(4, 2), [1, 2, 2, 1])[1].cache
-    key = jax.tree.leaves(cache)[0]  # [B·K, D, T]: each device its row's 2 heads, replicated over 'tensor'
-    assert key.sharding.shard_shape(key.shape) == (2, 8, LENGTH)
+    key = jax.tree.leaves(cache)[0]  # [B·K, D, T]: a row's 2 heads split over 'tensor'
+    assert key.sharding.shard_shape(key.shape) == (1, 8, LENGTH)
     assert_cached_equals_full(model, tokens_of(4, LENGTH), lengths=[1, 2, 3, 4])
   with parallel.mesh_context(parallel.create_mesh(2, 4)):
     model = build(encdec_cfg(num_kv_heads=2))
