@@ -6,10 +6,11 @@ model.max_seq_len) · Li encoder input length · K key/value heads · D head dim
 
 How. `Decoder(model, batch_size=B, max_length=T)` makes an inference copy of the model (sharing its arrays) and
 attaches a `layers.KVCache` to each attention layer: causal self-attention caches K heads of keys and values
-[B, T, K, D] (a grouped-query layer caches H / K times less than it has query heads), and the encoder-decoder's
-cross-attention the encoder output's [B, Li, K, D], computed once by the prefill. Every call goes through the
-model's own forward code (`Attention.project` / `attend`, the blocks, the head), so cached decoding computes what
-the full-sequence forward pass computes, position by position (tests/test_decode.py, float32 to 1e-5).
+of T positions per row (a grouped-query layer caches H / K times less than it has query heads; stored [B·K, D,
+T], the layout the attention's matmuls read without a copy), and the encoder-decoder's cross-attention the
+encoder output's Li positions, computed once by the prefill. Every call goes through the model's own forward
+code (`Attention.project` / `attend`, the blocks, the head), so cached decoding computes what the full-sequence
+forward pass computes, position by position (tests/test_decode.py, float32 to 1e-5).
 
 Prompts are right-padded: row b holds its `lengths[b]` tokens first, then anything (the pad id). The prefill
 runs the padded prompts in one causal pass (a real token never reads the padding after it), takes the logits at
@@ -26,10 +27,10 @@ other rows of the batch take its slots) and equal the full forward pass of a dro
 once over the whole input, routed as in the full forward pass (its routers, e.g. expert choice, are non-causal).
 Under a mesh (`parallel.mesh_context`), build or load the model and decode inside the same context: experts
 stay split over 'expert', and the batch (the MoE layers' routing groups) over the token axes, so B must be a
-multiple of their devices; a cache lies as the activations it holds (rows with the batch, key/value heads over
-'tensor'). Scanned models (`model.scan_layers`) decode through their unscanned layout
-(`model.scanned_to_blocks`); the rotary frequencies of a long-context scaling that depends on the sequence length
-(LongRoPE) are those of the cache's length T.
+multiple of their devices; a cache's rows lie with the batch, its heads over 'tensor' where they divide. Scanned
+models (`model.scan_layers`) decode through their unscanned layout (`model.scanned_to_blocks`); the rotary
+frequencies of a long-context scaling that depends on the sequence length (LongRoPE) are those of the cache's
+length T.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from moe_jax import layers, models, parallel, sampling
 from moe_jax.encdec import EncoderDecoder
@@ -80,13 +82,14 @@ def inference_copy(model: nnx.Module) -> nnx.Module:
   return copy
 
 
-def _cache_sharding(mesh, num_kv_heads: int) -> NamedSharding | None:
-  """Where a cache [B, T, K, D] lies on `mesh` (None: no mesh): rows over the token axes as the batch, key/value
-  heads over 'tensor' as the attention's heads when they divide evenly."""
+def _cache_sharding(mesh, num_kv_heads: int) -> tuple[NamedSharding | None, NamedSharding | None]:
+  """Where a cache [B·K, D, T] and its lengths [B] lie on `mesh` (None: no mesh): lengths over the token axes as
+  the batch; the cache's rows b·K + k over the token axes, then 'tensor' when it divides K (with one sequence per
+  token device, its key/value heads split over 'tensor' as the attention's heads)."""
   if mesh is None:
-    return None
-  heads = "heads" if num_kv_heads % mesh.shape["tensor"] == 0 else None
-  return NamedSharding(mesh, parallel.logical_to_spec(("batch", "length", heads, "kv")))
+    return None, None
+  rows = parallel.TOKEN_AXES + (("tensor",) if num_kv_heads % mesh.shape["tensor"] == 0 else ())
+  return NamedSharding(mesh, P(rows, None, None)), NamedSharding(mesh, parallel.logical_to_spec(("batch",)))
 
 
 def _set_lengths(model: nnx.Module, lengths: jax.Array) -> None:
@@ -173,8 +176,9 @@ class Decoder:
     for _, module in nnx.iter_modules(copy):
       if isinstance(module, layers.Attention) and (module.causal or module.cross):  # not the encoder's
         length = encoder_length if module.cross else max_length
+        sharding, length_sharding = _cache_sharding(mesh, module.num_kv_heads)
         module.cache = layers.KVCache(batch_size, length, module.num_kv_heads, module.out.shape[1], dtype=module.dtype,
-                                      sharding=_cache_sharding(mesh, module.num_kv_heads))
+                                      sharding=sharding, length_sharding=length_sharding)
     self.graphdef, self._empty_cache, self.params = nnx.split(copy, nnx.Cache, ...)
 
   def prefill(self, prompts, lengths, *, encoder_inputs=None) -> tuple[jax.Array, DecodeState]:

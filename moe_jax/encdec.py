@@ -154,7 +154,7 @@ class EncoderDecoder(nnx.Module):
       if cache is None:
         bias = self.decoder_position_bias(length, length)
       else:  # each row's queries at its own positions, over the whole cache
-        bias = self.decoder_position_bias(length, cache.key.shape[1], query_positions=cache.positions(length))
+        bias = self.decoder_position_bias(length, cache.max_length, query_positions=cache.positions(length))
     auxes = {}
     for index, block in enumerate(self.decoder):
       y, aux = block(y, bias=bias, mask=None, encoded=encoded, cross_mask=padding, token_ids=decoder_inputs,

@@ -15,7 +15,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
 from moe_jax.init import switch_init
 
@@ -196,21 +195,37 @@ class RelativePositionBias(nnx.Module):
 
 class KVCache(nnx.Module):
   """The keys and values one attention layer has seen, for decoding a token at a time (Pope et al. 2022,
-  "Efficiently Scaling Transformer Inference", Sec. 2): `key`, `value` [B, T, K, D] (K key/value heads only: a
-  grouped-query layer caches H / K times less than its query heads) and `length` [B] int32, each sequence's
-  tokens written so far, i.e. the position of its next token. Self-attention writes each new token at its
-  position and reads positions 0 .. its own; cross-attention holds the encoder output's keys and values [B, Li,
-  K, D], written once (`length` unused). `nnx.Cache` variables: never parameters, never checkpointed.
-  moe_jax.decode attaches one to each attention layer of an inference copy of the model (`Attention.cache`)."""
+  "Efficiently Scaling Transformer Inference", Sec. 2): `key`, `value` [B·K, D, T] (K key/value heads only: a
+  grouped-query layer caches H / K times less than its query heads; row b·K + k is head k of sequence b) and
+  `length` [B] int32, each sequence's tokens written so far, i.e. the position of its next token.
+  Self-attention writes each new token at its position and reads positions 0 .. its own; cross-attention holds
+  the encoder output's keys and values (T = Li), written once (`length` unused). Callers see keys and values as
+  attention takes them, [B, T, K, D] (`write`, `read`, `store`). `nnx.Cache` variables: never parameters, never
+  checkpointed. moe_jax.decode attaches one to each attention layer of an inference copy of the model
+  (`Attention.cache`).
+
+  Why this layout (the optimised HLO of `moe_jax.decode`'s step; tests/test_decode.py checks that the cache is
+  never copied): XLA:CPU hands a batched matmul row-major operands, batch axes first, and takes the cache in both
+  of attention's matmuls as (B, K) batches of D x T matrices (q.k contracts D; the values' product is computed
+  transposed, contracting T). A cache [B, T, K, D] was transposed whole before each matmul, every step. Heads
+  merged with rows: with [B, K, D, T] at B = 1 the matmuls read the cache through a reshape that drops the
+  unit batch axis, and XLA duplicated the in-place write into a second, copied buffer for them; merged, the
+  cache reaches the matmuls as written (unless B·K = 1: one sequence, multi-query attention)."""
 
   def __init__(self, batch: int, length: int, num_kv_heads: int, head_dim: int, *, dtype: jnp.dtype,
-               sharding: jax.sharding.NamedSharding | None = None):
-    """`sharding`: of key and value on a mesh (`length` takes its batch axis's), None: the default device."""
-    shape = (batch, length, num_kv_heads, head_dim)
-    rows = None if sharding is None else jax.sharding.NamedSharding(sharding.mesh, P(sharding.spec[0]))
+               sharding: jax.sharding.NamedSharding | None = None,
+               length_sharding: jax.sharding.NamedSharding | None = None):
+    """`sharding`: of key and value [B·K, D, T] on a mesh, `length_sharding` of `length` [B]; None: the default
+    device."""
+    shape = (batch * num_kv_heads, head_dim, length)
     self.key = nnx.Cache(jax.device_put(jnp.zeros(shape, dtype), sharding))
     self.value = nnx.Cache(jax.device_put(jnp.zeros(shape, dtype), sharding))
-    self.length = nnx.Cache(jax.device_put(jnp.zeros((batch,), jnp.int32), rows))
+    self.length = nnx.Cache(jax.device_put(jnp.zeros((batch,), jnp.int32), length_sharding))
+
+  @property
+  def max_length(self) -> int:
+    """T, the positions the cache holds."""
+    return self.key.shape[2]
 
   def positions(self, num_tokens: int) -> jax.Array:  # [B, Lq] int32
     """The absolute positions of the next `num_tokens` tokens of each sequence."""
@@ -218,16 +233,32 @@ class KVCache(nnx.Module):
 
   def write(self, positions: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Stores k, v [B, Lq, K, D] at `positions` [B, Lq] (each sequence at its own) and advances `length`; the
-    whole cache [B, T, K, D] after the write. Positions must be < T (moe_jax.decode never passes the end)."""
-    rows = jnp.arange(k.shape[0])[:, None]  # [B, 1]
-    self.key[...] = self.key[...].at[rows, positions].set(k.astype(self.key.dtype))
-    self.value[...] = self.value[...].at[rows, positions].set(v.astype(self.value.dtype))
+    whole cache after the write, [B, T, K, D] (`read`). Positions must be < T (moe_jax.decode never passes the
+    end)."""
+    batch, _, num_kv_heads, _ = k.shape
+    rows = jnp.arange(batch)[:, None, None] * num_kv_heads + jnp.arange(num_kv_heads)  # [B, 1, K]: b·K + k
+    # Index arrays split by a slice index the result's leading axes (numpy's rule): the update is [B, Lq, K, D].
+    self.key[...] = self.key[...].at[rows, :, positions[:, :, None]].set(k.astype(self.key.dtype))
+    self.value[...] = self.value[...].at[rows, :, positions[:, :, None]].set(v.astype(self.value.dtype))
     self.length[...] = positions[:, -1] + 1
-    return self.key[...], self.value[...]
+    return self.read()
+
+  def read(self) -> tuple[jax.Array, jax.Array]:  # ([B, T, K, D], [B, T, K, D])
+    """The cached keys and values, as attention takes them (a reshape and a transpose XLA folds into its
+    matmuls)."""
+    batch = self.length.shape[0]
+    as_attended = lambda cache: cache.reshape(batch, -1, *cache.shape[1:]).transpose(0, 3, 1, 2)
+    return as_attended(self.key[...]), as_attended(self.value[...])
+
+  def store(self, k: jax.Array, v: jax.Array) -> None:
+    """Replaces the whole cache by k, v [B, T, K, D] (cross-attention: the encoder output's, once)."""
+    as_cached = lambda x: x.transpose(0, 2, 3, 1).reshape(self.key.shape)
+    self.key[...] = as_cached(k).astype(self.key.dtype)
+    self.value[...] = as_cached(v).astype(self.value.dtype)
 
   def visible(self, positions: jax.Array) -> jax.Array:  # [B, Lq] -> [B, 1, Lq, T] bool
     """Causal attention over the cache: each query reads the keys at positions up to its own."""
-    keys = jnp.arange(self.key.shape[1])
+    keys = jnp.arange(self.max_length)
     return (keys[None, None, :] <= positions[:, :, None])[:, None]
 
 
@@ -367,7 +398,10 @@ class Attention(nnx.Module):
     # K heads shared by groups of H / K query heads; `mask` and `is_causal` combine.
     attended = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal,
                                             scale=None if self.scale_logits else 1.0)  # [B, Lq, H, D]
-    y = jnp.einsum("blhd,hdm->blm", attended, self.out[...].astype(self.dtype))
+    # The output projection [B, Lq, M], contracting (H, D) in the order `out` [H, D, M] stores them:
+    # jnp.einsum("blhd,hdm->blm") lists them (D, H), and XLA:CPU then copied `out` into [D, H, M] order before
+    # the matmul, every call (tests/test_decode.py checks the decode step's HLO).
+    y = jax.lax.dot_general(attended, self.out[...].astype(self.dtype), (((2, 3), (0, 1)), ((), ())))
     if self.bias == "qkvo":
       y = y + self.out_bias[...].astype(self.dtype)
     return self.dropout(y, deterministic=deterministic)
@@ -390,11 +424,11 @@ class Attention(nnx.Module):
         raise ValueError("cross-attention needs a context (or, when decoding, its cached keys and values)")
       q = jnp.einsum("blm,mhd->blhd", x.astype(self.dtype), self.q[...].astype(self.dtype))  # [B, Lq, H, D]
       if context is None:
-        k, v = self.cache.key[...], self.cache.value[...]
+        k, v = self.cache.read()
       else:
         k, v = self.project_context(context)
         if self.cache is not None:
-          self.cache.key[...], self.cache.value[...] = k, v
+          self.cache.store(k, v)
       return self.attend(q, k, v, bias=bias, mask=mask, is_causal=False, deterministic=deterministic)
     if context is not None:
       raise ValueError("self-attention takes no context")
@@ -403,7 +437,7 @@ class Attention(nnx.Module):
       q, k, v = self.project(x, positions, x.shape[1])
       return self.attend(q, k, v, bias=bias, mask=mask, is_causal=self.causal, deterministic=deterministic)
     positions = self.cache.positions(x.shape[1])  # [B, Lq]
-    q, k, v = self.project(x, positions, self.cache.key.shape[1])
+    q, k, v = self.project(x, positions, self.cache.max_length)
     k, v = self.cache.write(positions, k, v)  # [B, T, K, D]
     visible = self.cache.visible(positions)  # [B, 1, Lq, T]: each query's keys so far
     mask = visible if mask is None else visible & mask

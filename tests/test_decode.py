@@ -2,7 +2,12 @@
 logits of the full-sequence forward pass (float32, 1e-5) for dense, Switch (top-1), top-k, shared-expert,
 grouped-query and scanned decoder LMs and for the encoder-decoder (T5 relative bias, cross-attention cache), on one
 device and on the 8-device CPU mesh; greedy generation is the argmax of the full forward pass re-run; stop tokens
-end rows; capacity-limited MoE layers decode dropless; bad input is refused."""
+end rows; capacity-limited MoE layers decode dropless; bad input is refused; the compiled step copies neither a KV
+cache nor an attention output projection (issue 32)."""
+
+import copy
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -98,8 +103,8 @@ def test_cached_decoding_equals_the_full_forward_with_heads_split_and_for_the_en
     model = build(lm_cfg(TOP2_GQA))
     decoder = decode.Decoder(model, batch_size=4, max_length=LENGTH)
     cache = decoder.prefill(tokens_of(4, 2), [1, 2, 2, 1])[1].cache
-    key = jax.tree.leaves(cache)[0]  # [B, T, K, D]
-    assert key.sharding.shard_shape(key.shape) == (1, LENGTH, 1, 8)
+    key = jax.tree.leaves(cache)[0]  # [B·K, D, T]: a row's 2 heads split over 'tensor'
+    assert key.sharding.shard_shape(key.shape) == (1, 8, LENGTH)
     assert_cached_equals_full(model, tokens_of(4, LENGTH), lengths=[1, 2, 3, 4])
   with parallel.mesh_context(parallel.create_mesh(2, 4)):
     model = build(encdec_cfg(num_kv_heads=2))
@@ -200,3 +205,69 @@ def test_bad_prompts_are_refused():
     decoder.prefill(np.ones((2, 3)), [0, 3])
   with pytest.raises(ValueError, match="max_new_tokens=6 exceed"):
     next(decoder.generate(np.ones((2, 4)), [4, 4], max_new_tokens=6))
+
+
+def copies_as_large_as(hlo: str, shape: tuple[int, ...]) -> list[str]:
+  """The copy and transpose instructions of an optimised HLO module (fused computations included) whose result
+  holds as many elements as an array of `shape`: a copy of such an array whole, in whatever layout or reshape
+  (callers pick sizes that no other intermediate of the program shares)."""
+  size = math.prod(shape)
+  found = []
+  for line in hlo.splitlines():
+    match = re.search(r"= \w+\[([\d,]*)\]\S* (copy|transpose)\(", line)
+    if match and math.prod(int(d) for d in match.group(1).split(",") if d) == size:
+      found.append(line.strip())
+  return found
+
+
+def test_the_copy_finder_sees_the_copies_the_decode_step_was_rid_of():
+  """The two per-step copies of issue 32 in isolation, as the decode step had them: a contraction over (H, D)
+  that jnp.einsum lists as (D, H) copies the output projection [H, D, M]; attention over a cache [B, T, K, D]
+  transposes it whole."""
+  out = jax.ShapeDtypeStruct((4, 8, 32), jnp.float32)  # [H, D, M]
+  attended = jax.ShapeDtypeStruct((1, 1, 4, 8), jnp.float32)  # [B, Lq, H, D]
+  hlo = jax.jit(lambda a, w: jnp.einsum("blhd,hdm->blm", a, w)).lower(attended, out).compile().as_text()
+  assert copies_as_large_as(hlo, out.shape)
+  cache = jax.ShapeDtypeStruct((1, 12, 2, 8), jnp.float32)  # [B, T, K, D]
+  hlo = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v)).lower(attended, cache, cache).compile()
+  assert copies_as_large_as(hlo.as_text(), cache.shape)
+
+
+def step_hlo(decoder: decode.Decoder, state: decode.DecodeState) -> str:
+  """The optimised HLO of `decoder.step` from `state` as `Decoder.step` runs it: weights and cache arguments (closed
+  over, the weights would be constants, and XLA may fold a copy of a constant away), the cache donated."""
+  tokens = np.ones(decoder.batch_size, np.int32)
+
+  def step(params, cache, padding):
+    traced = copy.copy(decoder)
+    traced.params = params
+    logits, after = traced.step(decode.DecodeState(cache, padding, state.lengths), tokens)
+    return logits, after.cache
+
+  return jax.jit(step, donate_argnums=1).lower(decoder.params, state.cache, state.padding).compile().as_text()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_decode_step_copies_neither_a_kv_cache_nor_an_output_projection(batch):
+  """Issue 32: a decode step reads every weight and cache once; XLA:CPU used to copy each attention layer's
+  output projection and transpose its whole key and value caches before the matmuls, every step. Sizes: the
+  cache B x K x D x T = B x 2 x 8 x 12 and `out` H x D x M = 4 x 8 x 32 elements, shared by no other
+  intermediate (top-2 MoE blocks, grouped-query attention)."""
+  model = build(lm_cfg(TOP2_GQA))
+  decoder = decode.Decoder(model, batch_size=batch, max_length=12)
+  state = decoder.prefill(tokens_of(batch, 2), np.full(batch, 2))[1]
+  hlo = step_hlo(decoder, state)
+  assert copies_as_large_as(hlo, (batch, 2, 8, 12)) == []
+  assert copies_as_large_as(hlo, model.blocks[0].attention.out.shape) == []
+
+
+def test_the_encoder_decoder_step_copies_no_kv_cache():
+  """As above for T5: the decoder's self-attention caches [B, K, D, T] and the cross-attention caches of the
+  encoder output (T = Li = 7 positions) are read where they lie."""
+  model = build(encdec_cfg(num_kv_heads=2))
+  decoder = decode.Decoder(model, batch_size=2, max_length=12, encoder_length=7)
+  state = decoder.prefill(tokens_of(2, 1), [1, 1], encoder_inputs=tokens_of(2, 7, seed=3))[1]
+  hlo = step_hlo(decoder, state)
+  assert copies_as_large_as(hlo, (2, 2, 8, 12)) == []
+  assert copies_as_large_as(hlo, (2, 2, 8, 7)) == []
+  assert copies_as_large_as(hlo, model.decoder[0].attention.out.shape) == []
