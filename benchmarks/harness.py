@@ -13,6 +13,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy")
 
@@ -86,7 +87,13 @@ def measure_peaks(dtype=jnp.float32, *, matmul_size: int = 2048, copy_mib: int =
   - `fresh_buffer_gbps`: the same elementwise pass into a new output buffer each call, as a step that allocates
     its results does. On a CPU the allocator hands back fresh pages that the kernel maps on first touch, so this
     measures page faults as much as memory ("allocation / first touch"; 1.1-1.5 GB/s against about 15 GB/s
-    reused on the 2-core machine of issue 34). It is recorded beside the others, never used as the roofline.
+    reused on the 2-core machine of issue 34). It is recorded beside the others, never used as the roofline;
+  - `numpy_copy_gbps`: `np.copyto` between two preallocated host arrays of the same size (read + written), the
+    reference outside XLA that issue 34 holds `memory_gbps` against (within 20 %). A copy into another buffer
+    moves more than the bytes counted: each destination line is read before it is written (write-allocate),
+    three transfers per two counted, where a pass over one buffer reads a line and writes it back;
+  - `numpy_in_place_gbps`: numpy's own pass over one buffer (`np.multiply(x, 2, out=x)`), the same access
+    pattern as `memory_gbps` outside XLA.
   """
   k1, k2 = jax.random.split(jax.random.key(0))
   a = jax.random.normal(k1, (matmul_size, matmul_size), dtype)
@@ -98,18 +105,22 @@ def measure_peaks(dtype=jnp.float32, *, matmul_size: int = 2048, copy_mib: int =
   read = jax.jit(jnp.sum).lower(big).compile()
   in_place = jax.jit(lambda x: x * 2, donate_argnums=0).lower(big).compile()
   reused = [jnp.ones(shape, dtype)]  # the one buffer every in-place call consumes and returns
+  source, target = np.ones(shape, dtype), np.zeros(shape, dtype)  # both touched before timing: no first faults
 
   def scale_in_place():
     reused[0] = in_place(reused[0])
     return reused[0]
 
   times = time_interleaved({"matmul": lambda: matmul(a, b), "in_place": scale_in_place, "read": lambda: read(big),
-                            "fresh": lambda: fresh(big)}, repeats)
+                            "fresh": lambda: fresh(big), "numpy_copy": lambda: np.copyto(target, source),
+                            "numpy_in_place": lambda: np.multiply(source, 2, out=source)}, repeats)
   return {
       "matmul_gflops": 2 * matmul_size**3 / min(times["matmul"]) / 1e9,
       "memory_gbps": 2 * big.nbytes / min(times["in_place"]) / 1e9,
       "memory_read_gbps": big.nbytes / min(times["read"]) / 1e9,
       "fresh_buffer_gbps": 2 * big.nbytes / min(times["fresh"]) / 1e9,
+      "numpy_copy_gbps": 2 * source.nbytes / min(times["numpy_copy"]) / 1e9,
+      "numpy_in_place_gbps": 2 * source.nbytes / min(times["numpy_in_place"]) / 1e9,
       "matmul_size": matmul_size,
       "copy_mib": copy_mib,
       "dtype": jnp.dtype(dtype).name,

@@ -55,7 +55,22 @@ def _peaks_line(peaks: dict) -> str:
   return (line + f"; memory bandwidth {peaks['memory_gbps']:.1f} GB/s read + write on a reused (donated) buffer (the "
           f"roofline's), {peaks['memory_read_gbps']:.1f} GB/s read-only; a fresh output buffer each call "
           f"(allocation / first touch) {peaks['fresh_buffer_gbps']:.2f} GB/s, "
-          f"{peaks['memory_gbps'] / peaks['fresh_buffer_gbps']:.1f}x slower than the reused one")
+          f"{peaks['memory_gbps'] / peaks['fresh_buffer_gbps']:.1f}x slower than the reused one"
+          + _numpy_copy(peaks))
+
+
+def _numpy_copy(peaks: dict) -> str:
+  """Issue 34's check of the harness: its bandwidth within 20 % of a numpy copy's, measured in the same run."""
+  if "numpy_copy_gbps" not in peaks:
+    return ""
+  ratio = peaks["memory_gbps"] / peaks["numpy_copy_gbps"]
+  verdict = "within" if abs(ratio - 1) <= 0.2 else "not within"
+  line = (f"; a numpy copy (`np.copyto`, read + write) {peaks['numpy_copy_gbps']:.1f} GB/s: the harness's figure is "
+          f"{ratio:.2f}x it, {verdict} issue 34's 20 %")
+  if "numpy_in_place_gbps" in peaks:
+    line += (f"; numpy's pass over one buffer (`np.multiply(x, 2, out=x)`, the harness's access pattern) "
+             f"{peaks['numpy_in_place_gbps']:.1f} GB/s, {peaks['memory_gbps'] / peaks['numpy_in_place_gbps']:.2f}x")
+  return line
 
 
 def _ratio(variant: dict) -> str:
