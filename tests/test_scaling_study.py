@@ -283,7 +283,9 @@ def test_notebook_runs_on_the_committed_results_with_or_without_confirmatory_run
   confirmatory = study.read_runs(ROOT / study.RUNS_DIR)
   if DIAGNOSIS_RUNS.is_dir():
     assert "expert_scaling_diagnosis" in figures
-    assert "| switch-e32-centre | Switch E=32 | 200 |" in (tmp_path / "expert_scaling_diagnosis.md").read_text()
+    table = (tmp_path / "expert_scaling_diagnosis.md").read_text()
+    assert "| switch-e32-centre | Switch E=32 | 200 |" in table
+    assert table.strip() in (ROOT / "results" / "README.md").read_text(), "results/README.md: stale diagnosis table"
   assert ("expert_scaling_loss_vs_experts" in figures) == bool(confirmatory)
   assert (tmp_path / "expert_scaling_table.md").exists() == bool(confirmatory)
 
